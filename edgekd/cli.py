@@ -1,0 +1,172 @@
+"""The `edgekd` command: a thin layer that parses arguments, calls the Python API and prints with rich."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from edgekd.errors import EdgeKDError
+
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+
+
+class RichReporter:
+    """Progress bars per job with loss and images/s, and a line per finished job."""
+
+    def __init__(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console,
+                                 transient=True)
+        self.tasks = {}
+        self.started = {}
+
+    def __enter__(self):
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+
+    def start(self, job, total_steps):
+        if job in self.tasks:
+            self.progress.update(self.tasks[job], total=total_steps, completed=0)
+            return
+        self.started[job] = time.perf_counter()
+        self.tasks[job] = self.progress.add_task(job.label, total=total_steps, status="")
+
+    def advance(self, job, completed, loss, images_per_s):
+        status = "" if loss is None else f"loss {loss:.3f}  {images_per_s:,.0f} img/s"
+        self.progress.update(self.tasks[job], completed=completed, status=status)
+
+    def finish(self, job, metrics, skipped):
+        if job in self.tasks:
+            self.progress.remove_task(self.tasks.pop(job))
+        if skipped:
+            console.print(f"[dim]skip {job.label}: finished earlier[/dim]")
+        elif job.role == "teacher_cache":
+            console.print(f"[green]done[/green] {job.label}: {metrics['teacher_forwards']:,} teacher outputs "
+                          f"cached in {metrics['fill_s']:.1f} s ({metrics['bytes'] / 2**20:.1f} MiB)")
+        else:
+            console.print(f"[green]done[/green] {job.label}: test {metrics['test_acc'] * 100:.2f}%  "
+                          f"val {metrics['val_acc'] * 100:.2f}%  {metrics['wall_s']:.1f} s")
+
+
+def distill_table(summaries) -> Table:
+    table = Table(title="Knowledge distillation: test accuracy (%), students as mean ± std over seeds")
+    for col in ("dataset", "variant", "teacher", "scratch", "method", "KD student", "KD gain (pts)",
+                "agreement", "seeds"):
+        table.add_column(col, justify="left" if col in ("dataset", "variant", "method") else "right")
+    for s in summaries:
+        teacher = f"{s.teacher_acc * 100:.2f}" if s.teacher_acc is not None else "-"
+        scratch = s.scratch.fmt() if s.scratch else "-"
+        for m in s.methods or [None]:
+            gain = m.gain.fmt(signed=True) if m and m.gain else "-"
+            style = "red" if m and m.gain and m.gain.mean < 0 else "green"
+            table.add_row(s.dataset, s.variant, f"{teacher}\n[dim]{s.teacher_model}[/dim]",
+                          f"{scratch}\n[dim]{s.student_model}[/dim]", m.method if m else "-",
+                          m.accuracy.fmt() if m else "-", f"[{style}]{gain}[/{style}]",
+                          m.agreement.fmt() if m and m.agreement else "-", str(m.accuracy.n if m else 0))
+        if s.cache_s is not None:
+            table.add_row("", "", "", "", "[dim]teacher cache[/dim]", f"[dim]built in {s.cache_s:.1f} s[/dim]",
+                          "", "", "")
+    return table
+
+
+def cmd_distill(args) -> int:
+    from edgekd.config import load_profile
+    from edgekd.distill.study import run_study
+    from edgekd.distill.summary import summarize
+
+    overrides = list(args.set or [])
+    if args.data_dir:
+        overrides += [f"datasets.{name}.data_dir={args.data_dir!r}" for name in _dataset_names(args.profile)]
+    if args.download:
+        overrides += [f"datasets.{name}.download=true" for name in _dataset_names(args.profile)]
+    profile = load_profile(args.profile, overrides)
+    start = time.perf_counter()
+    with RichReporter() as reporter:
+        records = run_study(profile, Path(args.out), reporter, force=args.force)
+    console.print(distill_table(summarize(records)))
+    console.print(f"[dim]{len(records)} runs in {Path(args.out) / profile.study.name}, "
+                  f"{time.perf_counter() - start:.0f} s; summary.json written there[/dim]")
+    return 0
+
+
+def _dataset_names(profile_path: str) -> list[str]:
+    from edgekd.config import load_profile
+
+    return list(load_profile(profile_path).datasets)
+
+
+def cmd_datasets(args) -> int:
+    from edgekd.config import DatasetConfig
+    from edgekd.data.sources import SOURCES
+
+    table = Table(title="Data sources")
+    for col in ("name", "what", "looks in"):
+        table.add_column(col)
+    for name, source in SOURCES.items():
+        cfg = DatasetConfig(source=name, data_dir=args.data_dir or "")
+        paths = source.search_paths(cfg)
+        table.add_row(name, source.description, "\n".join(str(p) for p in paths) or "data_dir / --data-dir")
+    console.print(table)
+    return 0
+
+
+def cmd_env(args) -> int:
+    from edgekd.envinfo import environment
+
+    info = environment()
+    table = Table(title="edgekd environment", show_header=False)
+    for key, value in info.items():
+        if key == "packages":
+            value = ", ".join(f"{k} {v}" for k, v in value.items() if v)
+        table.add_row(key, str(value))
+    console.print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgekd", description="Does knowledge distillation pay off on my "
+                                     "dataset, on my edge device?")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("distill", help="train teacher, scratch and KD students over seeds; report the KD gain")
+    p.add_argument("profile", help="study profile (TOML), e.g. profiles/quickstart.toml")
+    p.add_argument("--out", default="runs", help="runs directory (default: runs)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a profile key, e.g. student.epochs=3")
+    p.add_argument("--force", action="store_true", help="rerun finished runs")
+    p.add_argument("--data-dir", help="where dataset files live (overrides the profile)")
+    p.add_argument("--download", action="store_true", help="let torchvision download missing datasets")
+    p.set_defaults(func=cmd_distill)
+    p = sub.add_parser("datasets", help="list data sources and where each looks for its files")
+    p.add_argument("--data-dir", help="show where a data directory would be searched")
+    p.set_defaults(func=cmd_datasets)
+    p = sub.add_parser("env", help="versions, device and threads")
+    p.set_defaults(func=cmd_env)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except EdgeKDError as exc:
+        err_console.print(f"[bold red]edgekd: error:[/bold red] {exc}", soft_wrap=True, highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        err_console.print("edgekd: interrupted; run the same command again to continue where it stopped")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

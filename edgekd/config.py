@@ -1,0 +1,195 @@
+"""Profiles: TOML study definitions read into typed dataclasses.
+
+Unknown keys and wrong types are rejected with the key's dotted name, `--set a.b=v` overrides any key,
+and the resolved profile is plain data (`to_dict`) saved beside every run.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgekd.errors import EdgeKDError
+
+
+@dataclass
+class DatasetConfig:
+    source: str = ""  # data-source name; empty means the dataset's table key (`[datasets.digits]`)
+    image_size: int = 0  # 0 keeps the native size; otherwise every image is resized to a square of this side
+    channels: int = 0  # 0 keeps the native channels; 1 or 3 converts (imagefolder data comes in mixed modes)
+    val_fraction: float = 0.1  # carved from training data, stratified: checkpoints are chosen here, never on test
+    train_limit: int = 0  # 0 = all; a stratified cap that keeps CPU studies inside their time budget
+    test_limit: int = 0  # 0 = all; a stratified cap on the reported test split
+    data_dir: str = ""  # where files live; empty means $EDGEKD_DATA, then the source's default places
+    download: bool = False  # torchvision downloads only when asked: tests and benchmarks never download
+    hflip: bool = True  # off where a mirror image is another class (digits, text)
+    crop_padding: int = 2  # random-crop padding; views per image = (2p+1)^2 x (2 if hflip)
+    classes: int = 10  # synthetic source only
+    samples_per_class: int = 60  # synthetic source only
+
+
+@dataclass
+class TrainConfig:
+    model: str = "resnet18"  # any timm model name
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 0.05
+    weight_decay: float = 5e-4
+    momentum: float = 0.9  # sgd only
+    warmup_epochs: float = 1.0  # linear warmup, then cosine decay to zero
+    label_smoothing: float = 0.0
+    # Drop the stem's max-pool: ImageNet stems shrink 28x28 inputs to 7x7 before the first stage, which costs
+    # Fashion-MNIST accuracy; without the pool the first stage sees 14x14.
+    small_input: bool = True
+    pretrained: bool = False  # timm's pretrained weights, where they are already in the local cache
+    checkpoint: str = ""  # teacher only: a local .safetensors or weights-only .pth instead of training
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16; auto measures the candidates on the device
+    channels_last: str = "auto"  # auto | on | off; auto measures, as precision
+
+
+@dataclass
+class StudyConfig:
+    name: str = "study"
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # students; KD gain is paired by seed
+    teacher_seed: int = 0  # one teacher per dataset variant serves every student seed
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    eval_batch_size: int = 512
+    # Teacher outputs per (sample, augmentation view), computed once and shared by every student (FKD).
+    teacher_cache: bool = True
+    cache_topk: int = 0  # 0 = dense logits; k > 0 keeps the top-k logits per view where classes are many
+    threads: int = 0  # 0 = torch's default
+
+
+def _default_methods() -> dict[str, dict[str, dict[str, float]]]:
+    return {"kd": {"ce": {"weight": 0.1}, "kd": {"weight": 0.9, "temperature": 4.0}}}
+
+
+@dataclass
+class Profile:
+    study: StudyConfig = field(default_factory=StudyConfig)
+    datasets: dict[str, DatasetConfig] = field(default_factory=lambda: {"digits": DatasetConfig()})
+    teacher: TrainConfig = field(default_factory=TrainConfig)
+    student: TrainConfig = field(default_factory=lambda: TrainConfig(model="mobilenetv3_small_100"))
+    # method name -> loss name -> {weight, loss parameters}; each method is one KD student per seed.
+    methods: dict[str, dict[str, dict[str, float]]] = field(default_factory=_default_methods)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class ProfileError(EdgeKDError):
+    pass
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; return it converted (dataclass tables become instances)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ProfileError(f"profile key '{key}' must be a table, got {type(value).__name__}")
+        return _build(tp, value, key)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ProfileError(f"profile key '{key}' must be a table, got {type(value).__name__}")
+        _, vt = typing.get_args(tp)
+        return {k: _convert(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if origin is list:
+        if not isinstance(value, list):
+            raise ProfileError(f"profile key '{key}' must be a list, got {type(value).__name__}")
+        (it,) = typing.get_args(tp)
+        return [_convert(v, it, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _convert(value, option, key)
+            except ProfileError:
+                continue
+        raise ProfileError(f"profile key '{key}' has the wrong type: got {value!r}, expected {tp}")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
+        raise ProfileError(
+            f"profile key '{key}' must be {_type_name(tp)}, got {value!r} ({type(value).__name__})"
+        )
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            dotted = f"{prefix}.{key}" if prefix else key
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(names)}"
+            raise ProfileError(f"unknown profile key '{dotted}': {hint}")
+    kwargs = {k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def parse_override(assignment: str) -> tuple[list[str], Any]:
+    """`student.epochs=3` -> (['student', 'epochs'], 3); values are TOML, bare words are strings."""
+    if "=" not in assignment:
+        raise ProfileError(f"--set {assignment!r} needs the form key=value, e.g. --set student.epochs=3")
+    key, raw = assignment.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = copy.deepcopy(data)
+    for assignment in overrides:
+        path, value = parse_override(assignment)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ProfileError(f"--set {assignment!r}: '{part}' is not a table")
+        node[path[-1]] = value
+    return data
+
+
+def profile_from_dict(data: dict[str, Any]) -> Profile:
+    profile = _build(Profile, data, "")
+    # A table that names its datasets replaces the default, rather than merging with `digits`.
+    for name, ds in profile.datasets.items():
+        ds.source = ds.source or name
+    for name, train in (("teacher", profile.teacher), ("student", profile.student)):
+        if train.optimizer not in ("sgd", "adamw"):
+            raise ProfileError(f"profile key '{name}.optimizer' must be 'sgd' or 'adamw', got {train.optimizer!r}")
+        if train.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ProfileError(f"profile key '{name}.precision' must be auto, fp32, bf16 or fp16")
+        if train.channels_last not in ("auto", "on", "off"):
+            raise ProfileError(f"profile key '{name}.channels_last' must be auto, on or off")
+        if train.epochs < 1 or train.batch_size < 1:
+            raise ProfileError(f"profile keys '{name}.epochs' and '{name}.batch_size' must be at least 1")
+    if not profile.study.seeds:
+        raise ProfileError("profile key 'study.seeds' is empty: give at least one seed, e.g. seeds = [0]")
+    return profile
+
+
+def load_profile(path: str | Path, overrides: list[str] | None = None) -> Profile:
+    path = Path(path)
+    if not path.is_file():
+        raise ProfileError(f"profile {str(path)!r} not found: pass a TOML file such as profiles/quickstart.toml")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ProfileError(f"profile {str(path)!r} is not valid TOML ({exc}): fix the syntax there") from None
+    data.setdefault("study", {}).setdefault("name", path.stem)
+    return profile_from_dict(apply_overrides(data, overrides or []))

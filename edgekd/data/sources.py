@@ -1,0 +1,196 @@
+"""Data sources, one registry: each loads its own train and test splits as uint8 tensors at native size.
+
+Nothing downloads unless the profile or CLI asks (`download = true` / `--download`): tests and benchmarks run
+on files already on disk (scikit-learn's digits, Debian's Fashion-MNIST).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgekd.config import DatasetConfig
+from edgekd.data.idx import find_idx, read_idx
+from edgekd.data.types import ImageSet, RawDataset
+from edgekd.errors import EdgeKDError
+from edgekd.registry import Registry
+
+log = logging.getLogger("edgekd.data")
+
+
+@dataclass
+class Source:
+    description: str
+
+    def search_paths(self, cfg: DatasetConfig) -> list[Path]:
+        return []
+
+    def load(self, cfg: DatasetConfig) -> RawDataset:
+        raise EdgeKDError(f"data source {cfg.source!r} cannot load")
+
+
+SOURCES: Registry[Source] = Registry("data source")
+
+
+def _user_dirs(cfg: DatasetConfig, subdir: str) -> list[Path]:
+    dirs = []
+    if cfg.data_dir:
+        dirs.append(Path(cfg.data_dir).expanduser())
+    if os.environ.get("EDGEKD_DATA"):
+        root = Path(os.environ["EDGEKD_DATA"]).expanduser()
+        dirs += [root / subdir, root]
+    return dirs
+
+
+def _from_numpy(images: np.ndarray, labels, channels_last: bool) -> ImageSet:
+    x = torch.from_numpy(np.require(images, requirements=["C", "W"]))
+    if x.ndim == 3:
+        x = x.unsqueeze(1)
+    elif channels_last:
+        x = x.permute(0, 3, 1, 2).contiguous()
+    return ImageSet(x.to(torch.uint8), torch.as_tensor(np.asarray(labels), dtype=torch.int64))
+
+
+def _stratified_holdout(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (kept, held out), `fraction` of each class held out; used where a source has no test split."""
+    g = torch.Generator().manual_seed(seed)
+    keep, hold = [], []
+    for c in labels.unique():
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        n = int(round(len(idx) * fraction))
+        hold.append(idx[:n])
+        keep.append(idx[n:])
+    return torch.cat(keep).sort().values, torch.cat(hold).sort().values
+
+
+class DigitsSource(Source):
+    def search_paths(self, cfg):
+        return [Path("<inside scikit-learn>")]
+
+    def load(self, cfg):
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)
+        full = _from_numpy(images, bunch.target, channels_last=False)
+        # digits has no official test split: hold out 20% per class with a fixed seed, the same everywhere.
+        train, test = _stratified_holdout(full.labels, 0.2, seed=1234)
+        return RawDataset(full.subset(train), full.subset(test), [str(d) for d in range(10)], "scikit-learn digits")
+
+
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot"]
+
+
+@dataclass
+class IdxSource(Source):
+    subdir: str = ""
+    torchvision_name: str = ""
+    system_dirs: tuple[str, ...] = ()
+    classes: tuple[str, ...] = ()
+
+    def search_paths(self, cfg):
+        dirs = _user_dirs(cfg, self.subdir) + [Path(d) for d in self.system_dirs]
+        # torchvision's own download layout, so data fetched with --download is found next time.
+        return dirs + [d / self.torchvision_name / "raw" for d in list(dirs)]
+
+    def _find(self, cfg) -> Path | None:
+        for d in self.search_paths(cfg):
+            if find_idx(d, "train-images-idx3-ubyte") and find_idx(d, "t10k-labels-idx1-ubyte"):
+                return d
+        return None
+
+    def load(self, cfg):
+        directory = self._find(cfg)
+        if directory is None and cfg.download:
+            root = Path(cfg.data_dir or os.environ.get("EDGEKD_DATA") or "data").expanduser()
+            import torchvision
+
+            getattr(torchvision.datasets, self.torchvision_name)(str(root), train=True, download=True)
+            getattr(torchvision.datasets, self.torchvision_name)(str(root), train=False, download=True)
+            directory = self._find(DatasetConfig(source=cfg.source, data_dir=str(root)))
+        if directory is None:
+            looked = ", ".join(str(p) for p in self.search_paths(cfg)) or "nowhere"
+            hint = " install Debian's dataset-fashion-mnist," if self.system_dirs else ""
+            raise EdgeKDError(
+                f"{cfg.source}: no IDX files found (looked in {looked}):{hint} point --data-dir or "
+                f"$EDGEKD_DATA at the files, or pass --download"
+            )
+        splits = []
+        for prefix in ("train", "t10k"):
+            images = read_idx(find_idx(directory, f"{prefix}-images-idx3-ubyte"))
+            labels = read_idx(find_idx(directory, f"{prefix}-labels-idx1-ubyte"))
+            splits.append(_from_numpy(images, labels.astype(np.int64), channels_last=False))
+        return RawDataset(splits[0], splits[1], list(self.classes), str(directory))
+
+
+@dataclass
+class TorchvisionSource(Source):
+    dataset: str = ""
+
+    def search_paths(self, cfg):
+        return _user_dirs(cfg, self.dataset.lower()) or [Path("data")]
+
+    def load(self, cfg):
+        import torchvision
+
+        root = self.search_paths(cfg)[0]
+        cls = getattr(torchvision.datasets, self.dataset)
+        try:
+            if self.dataset == "SVHN":
+                parts = [cls(str(root), split=s, download=cfg.download) for s in ("train", "test")]
+                sets = [_from_numpy(p.data, p.labels, channels_last=False) for p in parts]
+                classes = [str(d) for d in range(10)]
+            else:
+                parts = [cls(str(root), train=t, download=cfg.download) for t in (True, False)]
+                sets = [_from_numpy(p.data, p.targets, channels_last=True) for p in parts]
+                classes = list(parts[0].classes)
+        except RuntimeError as exc:
+            raise EdgeKDError(
+                f"{cfg.source}: dataset not found under {root} ({exc}): pass --download, or point --data-dir at it"
+            ) from None
+        return RawDataset(sets[0], sets[1], classes, str(root))
+
+
+class ImageFolderSource(Source):
+    def search_paths(self, cfg):
+        return _user_dirs(cfg, "imagefolder")
+
+    def load(self, cfg):
+        from edgekd.data.imagefolder import load_image_folder
+
+        paths = self.search_paths(cfg)
+        if not paths:
+            raise EdgeKDError("imagefolder: no directory given: set data_dir in the profile or pass --data-dir")
+        return load_image_folder(paths[0], cfg)
+
+
+class SyntheticSource(Source):
+    def search_paths(self, cfg):
+        return [Path("<drawn in memory>")]
+
+    def load(self, cfg):
+        from edgekd.data.synthetic import draw_synthetic
+
+        return draw_synthetic(cfg)
+
+
+SOURCES.register("digits")(DigitsSource("scikit-learn's 8x8 handwritten digits (1,797 images), embedded"))
+SOURCES.register("fashion-mnist")(IdxSource(
+    "Fashion-MNIST IDX files (60,000 + 10,000 28x28 images)", "fashion-mnist", "FashionMNIST",
+    ("/usr/share/datasets/fashion-mnist",), tuple(FASHION_CLASSES)))
+SOURCES.register("mnist")(IdxSource(
+    "MNIST IDX files (60,000 + 10,000 28x28 digits)", "mnist", "MNIST", ("/usr/share/datasets/mnist",),
+    tuple(str(d) for d in range(10))))
+SOURCES.register("cifar10")(TorchvisionSource("CIFAR-10 via torchvision (50,000 + 10,000 32x32)", "CIFAR10"))
+SOURCES.register("cifar100")(TorchvisionSource("CIFAR-100 via torchvision (50,000 + 10,000 32x32)", "CIFAR100"))
+SOURCES.register("svhn")(TorchvisionSource("SVHN via torchvision (73,257 + 26,032 32x32)", "SVHN"))
+SOURCES.register("imagefolder")(ImageFolderSource("a class-per-folder directory of images (train/ and test/ "
+                                                  "subfolders, or classes directly: 20% held out for test)"))
+SOURCES.register("synthetic")(SyntheticSource("procedurally drawn bars; classes and samples set in the profile"))

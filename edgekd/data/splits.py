@@ -1,0 +1,80 @@
+"""From a source's raw splits to what training uses: size, channels, a validation carve, limits, statistics.
+
+The validation split and any caps are drawn with fixed seeds, so every role and seed of a study sees the same
+images: KD gain is then paired on identical data.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from edgekd.config import DatasetConfig
+from edgekd.data.sources import SOURCES
+from edgekd.data.types import DataSplits, ImageSet
+
+SPLIT_SEED = 20261125  # fixed: the validation carve and caps must not move with the training seed
+
+
+def stratified_take(labels: torch.Tensor, per_class: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Indices with `per_class[c]` samples of class c drawn at random (sorted, so order is the source's)."""
+    chosen = []
+    for c in range(len(per_class)):
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=generator)]
+        chosen.append(idx[: int(per_class[c])])
+    return torch.cat(chosen).sort().values
+
+
+def class_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    return torch.bincount(labels, minlength=num_classes)
+
+
+def stratified_cap(images: ImageSet, limit: int, num_classes: int, seed: int) -> ImageSet:
+    """At most `limit` samples, each class keeping its share."""
+    if limit <= 0 or limit >= len(images):
+        return images
+    counts = class_counts(images.labels, num_classes)
+    per_class = torch.floor(counts.double() * limit / len(images)).long()
+    return images.subset(stratified_take(images.labels, per_class, torch.Generator().manual_seed(seed)))
+
+
+def resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    if size <= 0 or images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    x = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8)
+
+
+def convert_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
+    have = images.shape[1]
+    if channels <= 0 or channels == have:
+        return images
+    if have == 1 and channels == 3:
+        return images.expand(-1, 3, -1, -1).contiguous()
+    if have == 3 and channels == 1:
+        weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+        return (images.float() * weights).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+    raise ValueError(f"cannot convert {have} channels to {channels}")
+
+
+def load_splits(name: str, cfg: DatasetConfig) -> DataSplits:
+    raw = SOURCES.get(cfg.source or name).load(cfg)
+    classes = len(raw.classes)
+
+    def normalise(s: ImageSet) -> ImageSet:
+        return ImageSet(convert_channels(resize(s.images, cfg.image_size), cfg.channels), s.labels)
+
+    train, test = normalise(raw.train), normalise(raw.test)
+    g = torch.Generator().manual_seed(SPLIT_SEED)
+    val_per_class = torch.round(class_counts(train.labels, classes).double() * cfg.val_fraction).long()
+    val_idx = stratified_take(train.labels, val_per_class, g)
+    keep = torch.ones(len(train), dtype=torch.bool)
+    keep[val_idx] = False
+    val, train = train.subset(val_idx), train.subset(keep.nonzero().flatten())
+    train = stratified_cap(train, cfg.train_limit, classes, SPLIT_SEED + 1)
+    test = stratified_cap(test, cfg.test_limit, classes, SPLIT_SEED + 2)
+    x = train.images.float() / 255
+    mean = x.mean(dim=(0, 2, 3)).tolist()
+    std = x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
+    return DataSplits(name, train, val, test, raw.classes, mean, std, raw.origin, raw.notes)

@@ -1,0 +1,261 @@
+"""`edgekd distill`: plan the runs of a profile (teacher, scratch and KD students over seeds) and run them.
+
+Each job reads and writes only its own run directory (plus the teacher's, read-only), so the plan can be
+handed to any executor; `run_study` is the simple in-process one. Finished runs are skipped, killed ones resume.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from edgekd.config import DatasetConfig, Profile, TrainConfig
+from edgekd.data.augment import ViewAugment
+from edgekd.data.splits import load_splits
+from edgekd.data.types import DataSplits
+from edgekd.distill.execution import Execution, choose_execution, resolve_device
+from edgekd.distill.losses import ComposedLoss
+from edgekd.distill.teacher import LiveTeacher, Normalize, build_cache
+from edgekd.distill.train import evaluate, train
+from edgekd.errors import EdgeKDError
+from edgekd.models import count_parameters, create_model, load_weights
+from edgekd.runio import load_tensors, read_json, run_dir, save_tensors, write_json
+
+TEACHER, SCRATCH, CACHE = "teacher", "scratch", "teacher_cache"
+BASE_VARIANT = "base"
+
+
+@dataclass(frozen=True)
+class Job:
+    dataset: str
+    variant: str
+    role: str  # teacher | teacher_cache | scratch | a method name
+    seed: int
+    run_dir: Path
+
+    @property
+    def label(self) -> str:
+        return f"{self.dataset}/{self.variant}/{self.role}/seed{self.seed}"
+
+
+class Reporter:
+    """What a running study tells its caller; the CLI's subclass draws progress bars."""
+
+    def start(self, job: Job, total_steps: int) -> None: ...
+    def advance(self, job: Job, completed: int, loss: float | None, images_per_s: float | None) -> None: ...
+    def finish(self, job: Job, metrics: dict, skipped: bool) -> None: ...
+
+
+def plan(profile: Profile, study_root: Path) -> list[Job]:
+    jobs = []
+    needs_teacher = any(ComposedLoss(spec, f"methods.{m}").needs_teacher for m, spec in profile.methods.items())
+    for name in profile.datasets:
+        def job(role, seed):
+            return Job(name, BASE_VARIANT, role, seed, run_dir(study_root, name, BASE_VARIANT, role, seed))
+
+        jobs.append(job(TEACHER, profile.study.teacher_seed))
+        if needs_teacher and profile.study.teacher_cache:
+            jobs.append(job(CACHE, profile.study.teacher_seed))
+        for seed in profile.study.seeds:
+            jobs.append(job(SCRATCH, seed))
+            jobs += [job(method, seed) for method in profile.methods]
+    return jobs
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_splits(name: str, cfg_json: str) -> DataSplits:
+    return load_splits(name, DatasetConfig(**json.loads(cfg_json)))
+
+
+def dataset_splits(profile: Profile, name: str) -> DataSplits:
+    return _cached_splits(name, json.dumps(asdict(profile.datasets[name]), sort_keys=True))
+
+
+def augment_for(cfg: DatasetConfig) -> ViewAugment:
+    return ViewAugment(cfg.crop_padding, cfg.hflip)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class _RunLog:
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(path, "a")  # noqa: SIM115 - closed in finish
+
+    def __call__(self, line: str) -> None:
+        self.file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class StudyRunner:
+    def __init__(self, profile: Profile, study_root: Path, reporter: Reporter | None = None, force: bool = False):
+        self.profile = profile
+        self.root = study_root
+        self.reporter = reporter or Reporter()
+        self.force = force
+        self.device = resolve_device(profile.study.device)
+        if profile.study.threads:
+            torch.set_num_threads(profile.study.threads)
+
+    # -- pieces ----------------------------------------------------------------------------------------
+    def _model(self, cfg: TrainConfig, data: DataSplits):
+        return create_model(cfg.model, data.num_classes, data.channels, cfg.small_input, cfg.pretrained)
+
+    def _execution(self, cfg: TrainConfig, data: DataSplits, job_dir: Path) -> Execution:
+        saved = job_dir / "checkpoint.json"
+        if saved.is_file() and "execution" in read_json(saved):  # a resumed run keeps its numerics
+            return Execution(**read_json(saved)["execution"])
+        shape = (cfg.batch_size, data.channels, data.image_size, data.image_size)
+        return choose_execution(lambda: self._model(cfg, data), cfg, self.device, shape, data.num_classes,
+                                self.root / ".execution.json")
+
+    def _teacher(self, job: Job, data: DataSplits):
+        """The trained teacher of this dataset variant, as a ready-to-run LiveTeacher, and its run dir."""
+        tdir = run_dir(self.root, job.dataset, job.variant, TEACHER, self.profile.study.teacher_seed)
+        weights = tdir / "model.safetensors"
+        if not weights.is_file():
+            raise EdgeKDError(f"{job.label}: teacher not trained yet ({weights} missing): run the teacher job first")
+        cfg = self.profile.teacher
+        model = load_weights(self._model(cfg, data), weights)
+        return LiveTeacher(model, self._execution(cfg, data, tdir)), tdir
+
+    def _cache_key(self, data: DataSplits, tdir: Path, teacher: LiveTeacher) -> dict:
+        return {"teacher_sha256": _sha256(tdir / "model.safetensors"), "samples": len(data.train),
+                "labels_sha256": hashlib.sha256(data.train.labels.numpy().tobytes()).hexdigest(),
+                "augment": asdict(augment_for(self.profile.datasets[data.name])),
+                "num_classes": data.num_classes, "topk": self.profile.study.cache_topk,
+                "precision": teacher.execution.precision}
+
+    def _build_cache(self, job: Job, data: DataSplits, teacher: LiveTeacher, tdir: Path):
+        cfg = self.profile.datasets[job.dataset]
+        images = data.train.images.to(self.device)
+
+        def progress(done, total):
+            self.reporter.advance(job, done, None, None)
+
+        self.reporter.start(job, len(data.train) * augment_for(cfg).num_views)
+        return build_cache(tdir / "teacher_cache", self._cache_key(data, tdir, teacher), teacher, images,
+                           augment_for(cfg), Normalize(data.mean, data.std, self.device), self.profile.study.seeds,
+                           self.profile.student.epochs, self.profile.study.eval_batch_size, progress)
+
+    # -- jobs ------------------------------------------------------------------------------------------
+    def run_job(self, job: Job) -> dict:
+        metrics_path = job.run_dir / "metrics.json"
+        if self.force and job.run_dir.exists():
+            shutil.rmtree(job.run_dir)
+        if metrics_path.is_file():
+            metrics = read_json(metrics_path)
+            self.reporter.finish(job, metrics, skipped=True)
+            return metrics
+        data = dataset_splits(self.profile, job.dataset)
+        start = time.perf_counter()
+        if job.role == CACHE:
+            teacher, tdir = self._teacher(job, data)
+            _, info = self._build_cache(job, data, teacher, tdir)
+            metrics = {**self._identity(job, ""), "wall_s": round(time.perf_counter() - start, 2), **info}
+            write_json(metrics_path, metrics)
+            self.reporter.finish(job, metrics, skipped=False)
+            return metrics
+        log = _RunLog(job.run_dir / "train.log")
+        try:
+            metrics = self._train_job(job, data, log, start)
+        finally:
+            log.close()
+        self.reporter.finish(job, metrics, skipped=False)
+        return metrics
+
+    def _identity(self, job: Job, model: str) -> dict:
+        method = "" if job.role in (TEACHER, SCRATCH, CACHE) else job.role
+        role = job.role if job.role in (TEACHER, SCRATCH, CACHE) else "kd"
+        return {"dataset": job.dataset, "variant": job.variant, "role": role, "method": method, "seed": job.seed,
+                "model": model}
+
+    def _train_job(self, job: Job, data: DataSplits, log: _RunLog, start: float) -> dict:
+        is_teacher = job.role == TEACHER
+        cfg = self.profile.teacher if is_teacher else self.profile.student
+        write_json(job.run_dir / "profile.json", {"job": {**asdict(job), "run_dir": str(job.run_dir)},
+                                                  "data": data.describe(), "profile": self.profile.to_dict()})
+        torch.manual_seed(job.seed)  # the same initial weights for the scratch and KD students of one seed
+        model = self._model(cfg, data)
+        ex = self._execution(cfg, data, job.run_dir)
+        log(f"{job.label}: {cfg.model}, {count_parameters(model):,} parameters, {ex}")
+        teacher_logits, teacher_source, history = None, None, {}
+        if is_teacher and cfg.checkpoint:
+            load_weights(model, cfg.checkpoint)
+            ex.prepare(model)
+            history = {"epoch": 0, "best_epoch": 0, "history": [], "train_s": 0.0, "images": 0}
+            log(f"teacher weights from {cfg.checkpoint}, not trained")
+        else:
+            spec = {"ce": {"weight": 1.0}} if job.role in (TEACHER, SCRATCH) else self.profile.methods[job.role]
+            criterion = ComposedLoss(spec, f"methods.{job.role}", cfg.label_smoothing).to(self.device)
+            if criterion.needs_teacher:
+                teacher_source, tdir = self._teacher(job, data)
+                teacher_logits = load_tensors(tdir / "predictions.safetensors")["test_logits"]
+                if self.profile.study.teacher_cache:
+                    cache, _ = self._build_cache(job, data, teacher_source, tdir)
+                    cache.live, teacher_source = teacher_source, cache
+            elif not is_teacher:
+                tdir = run_dir(self.root, job.dataset, job.variant, TEACHER, self.profile.study.teacher_seed)
+                if (tdir / "predictions.safetensors").is_file():
+                    teacher_logits = load_tensors(tdir / "predictions.safetensors")["test_logits"]
+            augment = augment_for(self.profile.datasets[job.dataset])
+            steps = -(-len(data.train) // cfg.batch_size)
+            self.reporter.start(job, steps * cfg.epochs)
+
+            def on_step(r):
+                self.reporter.advance(job, r.epoch * r.steps + r.step, r.loss, r.images_per_s)
+
+            history = train(model, data, cfg, criterion, ex, augment, job.seed, job.run_dir, teacher_source,
+                            self.profile.study.eval_batch_size, on_step, log)
+        metrics, test_logits = evaluate(model, data, ex, self.profile.study.eval_batch_size, teacher_logits)
+        save_tensors(job.run_dir / "model.safetensors", model.state_dict(),
+                     {"model": cfg.model, "num_classes": str(data.num_classes), "in_chans": str(data.channels),
+                      "small_input": str(cfg.small_input)})
+        save_tensors(job.run_dir / "predictions.safetensors", {"test_logits": test_logits})
+        images = history["images"]
+        metrics = {
+            **self._identity(job, cfg.model), **metrics, "params": count_parameters(model),
+            "epochs": history["epoch"], "best_epoch": history["best_epoch"],
+            "wall_s": round(time.perf_counter() - start + history.get("prior_s", 0.0), 2),
+            "train_s": round(history["train_s"], 2),
+            "images_per_s": round(images / history["train_s"], 1) if history["train_s"] else None,
+            "execution": asdict(ex), "teacher_cache": self.profile.study.teacher_cache and teacher_source is not None,
+            "losses": self.profile.methods.get(job.role, {"ce": {"weight": 1.0}}),
+            "history": history["history"], "data": data.describe(),
+        }
+        write_json(job.run_dir / "metrics.json", metrics)
+        (job.run_dir / "checkpoint.safetensors").unlink(missing_ok=True)  # the best weights are saved above
+        return metrics
+
+
+def collect(study_root: Path) -> list[dict]:
+    """Every finished run under a study, as summary records (the study root's summary.json)."""
+    keys = ("dataset", "variant", "role", "method", "seed", "model", "test_acc", "val_acc", "teacher_agreement",
+            "params", "epochs", "wall_s", "train_s", "images_per_s", "fill_s", "teacher_forwards")
+    records = []
+    for path in sorted(study_root.glob("*/*/*/seed*/metrics.json")):
+        m = read_json(path)
+        records.append({k: m[k] for k in keys if k in m} | {"run_dir": str(path.parent.relative_to(study_root))})
+    return records
+
+
+def run_study(profile: Profile, out: Path, reporter: Reporter | None = None, force: bool = False) -> list[dict]:
+    root = Path(out) / profile.study.name
+    runner = StudyRunner(profile, root, reporter, force)
+    for job in plan(profile, root):
+        runner.run_job(job)
+    records = collect(root)
+    write_json(root / "summary.json", records)
+    return records

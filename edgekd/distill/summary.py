@@ -1,0 +1,73 @@
+"""From run records to the study's answer: teacher, scratch and KD accuracy, and KD gain paired by seed."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Spread:
+    mean: float
+    std: float  # sample standard deviation over seeds (0 with one seed)
+    n: int
+
+    @classmethod
+    def of(cls, values: list[float]) -> Spread | None:
+        if not values:
+            return None
+        mean = sum(values) / len(values)
+        var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+        return cls(mean, math.sqrt(var), len(values))
+
+    def fmt(self, scale: float = 100.0, signed: bool = False) -> str:
+        sign = "+" if signed else ""
+        return f"{self.mean * scale:{sign}.2f} ± {self.std * scale:.2f}"
+
+
+@dataclass
+class MethodResult:
+    method: str
+    accuracy: Spread
+    gain: Spread | None  # KD minus scratch, paired by seed; negative gains stay negative
+    agreement: Spread | None
+
+
+@dataclass
+class VariantSummary:
+    dataset: str
+    variant: str
+    teacher_acc: float | None
+    teacher_model: str = ""
+    student_model: str = ""
+    scratch: Spread | None = None
+    methods: list[MethodResult] = field(default_factory=list)
+    cache_s: float | None = None
+
+
+def paired_gain(kd: dict[int, float], scratch: dict[int, float]) -> Spread | None:
+    return Spread.of([kd[s] - scratch[s] for s in sorted(kd) if s in scratch])
+
+
+def summarize(records: list[dict]) -> list[VariantSummary]:
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in records:
+        groups[(r["dataset"], r["variant"])].append(r)
+    out = []
+    for (dataset, variant), runs in groups.items():
+        teacher = next((r for r in runs if r["role"] == "teacher"), None)
+        cache = next((r for r in runs if r["role"] == "teacher_cache"), None)
+        scratch = {r["seed"]: r["test_acc"] for r in runs if r["role"] == "scratch"}
+        students = [r for r in runs if r["role"] in ("scratch", "kd")]
+        summary = VariantSummary(dataset, variant, teacher["test_acc"] if teacher else None,
+                                 teacher["model"] if teacher else "", students[0]["model"] if students else "",
+                                 Spread.of(list(scratch.values())), cache_s=cache["fill_s"] if cache else None)
+        for method in sorted({r["method"] for r in runs if r["role"] == "kd"}):
+            mine = [r for r in runs if r["method"] == method]
+            kd = {r["seed"]: r["test_acc"] for r in mine}
+            agreement = [r["teacher_agreement"] for r in mine if r.get("teacher_agreement") is not None]
+            summary.methods.append(MethodResult(method, Spread.of(list(kd.values())), paired_gain(kd, scratch),
+                                                Spread.of(agreement)))
+        out.append(summary)
+    return out
