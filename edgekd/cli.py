@@ -13,8 +13,10 @@ from rich.table import Table
 
 from edgekd.errors import EdgeKDError
 
-console = Console(stderr=False)
+console = Console()
 err_console = Console(stderr=True)
+if not console.is_terminal:  # logs and pipes: wide enough that tables keep one line per row
+    console.width = 150
 
 
 class RichReporter:
@@ -61,23 +63,24 @@ class RichReporter:
 
 
 def distill_table(summaries) -> Table:
-    table = Table(title="Knowledge distillation: test accuracy (%), students as mean ± std over seeds")
-    for col in ("dataset", "variant", "teacher", "scratch", "method", "KD student", "KD gain (pts)",
-                "agreement", "seeds"):
+    table = Table(title="Knowledge distillation: test accuracy (%); students as mean ± std over seeds",
+                  caption="KD gain = KD student - scratch student, paired by seed (points); agreement = top-1 "
+                          "agreement with the teacher on test")
+    for col in ("dataset", "variant", "teacher", "scratch", "method", "KD student", "KD gain", "agreement", "seeds"):
         table.add_column(col, justify="left" if col in ("dataset", "variant", "method") else "right")
     for s in summaries:
+        models = f"[dim]{s.teacher_model} -> {s.student_model}[/dim]"
         teacher = f"{s.teacher_acc * 100:.2f}" if s.teacher_acc is not None else "-"
         scratch = s.scratch.fmt() if s.scratch else "-"
-        for m in s.methods or [None]:
+        for i, m in enumerate(s.methods or [None]):
             gain = m.gain.fmt(signed=True) if m and m.gain else "-"
             style = "red" if m and m.gain and m.gain.mean < 0 else "green"
-            table.add_row(s.dataset, s.variant, f"{teacher}\n[dim]{s.teacher_model}[/dim]",
-                          f"{scratch}\n[dim]{s.student_model}[/dim]", m.method if m else "-",
-                          m.accuracy.fmt() if m else "-", f"[{style}]{gain}[/{style}]",
-                          m.agreement.fmt() if m and m.agreement else "-", str(m.accuracy.n if m else 0))
-        if s.cache_s is not None:
-            table.add_row("", "", "", "", "[dim]teacher cache[/dim]", f"[dim]built in {s.cache_s:.1f} s[/dim]",
-                          "", "", "")
+            table.add_row(s.dataset if i == 0 else "", s.variant if i == 0 else "", teacher if i == 0 else "",
+                          scratch if i == 0 else "", m.method if m else "-", m.accuracy.fmt() if m else "-",
+                          f"[{style}]{gain}[/{style}]", m.agreement.fmt() if m and m.agreement else "-",
+                          str(m.accuracy.n) if m else "0")
+        cache = f"; teacher cache built once in {s.cache_s:.1f} s" if s.cache_s is not None else ""
+        table.add_row("", models + f"[dim]{cache}[/dim]", "", "", "", "", "", "", "", end_section=True)
     return table
 
 

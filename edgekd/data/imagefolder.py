@@ -72,14 +72,15 @@ def load_image_folder(root: Path, cfg: DatasetConfig) -> RawDataset:
         (train, skip_a), (test, skip_b) = (_read_split(d, classes, size, mode) for d in split_dirs)
         skipped = skip_a + skip_b
     else:
-        full, skipped = _read_split(root, classes, size, mode)
-        keep, hold = _stratified_holdout(full.labels, 0.2, seed=1234)
-        train, test = full.subset(keep), full.subset(hold)
+        train, skipped = _read_split(root, classes, size, mode)
     if len(train) == 0:
         raise EdgeKDError(
             f"imagefolder: no readable images in {str(class_root)!r} ({len(skipped)} unreadable): "
             f"add image files ({', '.join(sorted(IMAGE_SUFFIXES))}) inside the class folders"
         )
+    if not has_splits:
+        keep, hold = _stratified_holdout(train.labels, 0.2, seed=1234)
+        train, test = train.subset(keep), train.subset(hold)
     notes = []
     if skipped:
         notes.append(f"skipped {len(skipped)} unreadable file(s), e.g. {skipped[0]}")

@@ -1,0 +1,66 @@
+import pytest
+import torch
+
+from edgekd.config import DatasetConfig, TrainConfig
+from edgekd.data.augment import ViewAugment
+from edgekd.data.splits import load_splits
+from edgekd.distill.execution import Execution
+from edgekd.distill.losses import ComposedLoss
+from edgekd.distill.train import lr_factor, train
+from edgekd.models import create_model
+
+EX = Execution("fp32", False, "cpu")
+CFG = TrainConfig(model="test_resnet", epochs=4, batch_size=32, lr=0.05, precision="fp32",
+                  channels_last="off")
+
+
+def _data():
+    return load_splits("synthetic", DatasetConfig(source="synthetic", classes=4, samples_per_class=60,
+                                                  image_size=12))
+
+
+def _run(run_dir, on_step=None):
+    torch.manual_seed(0)
+    model = create_model(CFG.model, 4, 1)
+    history = train(model, _data(), CFG, ComposedLoss({"ce": {}}), EX, ViewAugment(1, True), seed=0,
+                    run_dir=run_dir, on_step=on_step, log=lambda line: None)
+    return model, history
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
+    reference, ref_history = _run(tmp_path / "straight")
+
+    def kill_in_epoch_three(report):
+        if report.epoch == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        _run(tmp_path / "killed", kill_in_epoch_three)
+    lines = []
+    torch.manual_seed(0)
+    model = create_model(CFG.model, 4, 1)
+    history = train(model, _data(), CFG, ComposedLoss({"ce": {}}), EX, ViewAugment(1, True), seed=0,
+                    run_dir=tmp_path / "killed", log=lines.append)
+    assert lines[0] == "resumed at epoch 2/4"
+    assert [h["epoch"] for h in history["history"]] == [1, 2, 3, 4]
+    assert [h["val_acc"] for h in history["history"]] == [h["val_acc"] for h in ref_history["history"]]
+    for (name, a), b in zip(reference.state_dict().items(), model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_training_learns_and_keeps_the_best_validation_epoch(tmp_path):
+    _, history = _run(tmp_path / "run")
+    vals = [h["val_acc"] for h in history["history"]]
+    assert history["best_val"] == pytest.approx(max(vals), abs=1e-5)
+    assert vals[history["best_epoch"] - 1] == max(vals) and max(vals) > 0.5  # 4 classes: chance is 0.25
+    assert history["history"][-1]["ce"] < history["history"][0]["ce"]
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    values = [lr_factor(s, 100, 10) for s in range(100)]
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(values[10:], values[11:], strict=False)) and values[-1] < 1e-3
