@@ -138,6 +138,31 @@ def cmd_env(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from edgekd.export.bundle import ExportOptions, export_run, find_student_runs
+
+    options = ExportOptions(targets=tuple(args.target or ["onnx"]), calib_size=args.calib_size,
+                            calib_method=args.calib_method, int8_presets=tuple(args.int8_preset.split(",")),
+                            fp16=args.fp16, eval_limit=args.eval_limit)
+    runs = find_student_runs(Path(args.run_dir))
+    table = Table(title="Exported bundles")
+    for col in ("run", "model", "precision", "accuracy", "vs PyTorch / FP32", "MiB"):
+        table.add_column(col, justify="left" if col in ("run", "model") else "right")
+    for run in runs:
+        label = str(run.relative_to(args.run_dir)) if run != Path(args.run_dir) else run.name
+        with console.status(f"exporting {label}"):
+            bundle = export_run(run, options, log=lambda line, label=label: console.print(f"[dim]{label}: {line}"))
+        from edgekd.runio import read_json
+
+        for key, m in read_json(bundle / "manifest.json")["models"].items():
+            check = (f"Δ {m['parity']['max_abs_logit_diff']:.1e}" if "parity" in m else
+                     f"{m['accuracy_change_vs_fp32'] * 100:+.2f} pts" if "accuracy_change_vs_fp32" in m else "")
+            acc = f"{m['accuracy'] * 100:.2f}" if "accuracy" in m else "-"
+            table.add_row(label, key, m["precision"], acc, check, f"{m['bytes'] / 2**20:.2f}")
+    console.print(table)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgekd", description="Does knowledge distillation pay off on my "
                                      "dataset, on my edge device?")
@@ -150,6 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="where dataset files live (overrides the profile)")
     p.add_argument("--download", action="store_true", help="let torchvision download missing datasets")
     p.set_defaults(func=cmd_distill)
+    p = sub.add_parser("export", help="turn students into ONNX / INT8 / TensorRT bundles, checked against PyTorch")
+    p.add_argument("run_dir", help="a student run directory, or a study directory (all its students)")
+    p.add_argument("--target", action="append", choices=["onnx", "int8", "trt"], help="repeatable; default onnx")
+    p.add_argument("--calib-size", type=int, default=512, help="training images used to calibrate INT8")
+    p.add_argument("--calib-method", default="minmax", choices=["minmax", "entropy", "percentile"])
+    p.add_argument("--int8-preset", default="cpu,trt", help="cpu (ORT on CPUs), trt (TensorRT Q/DQ), or both")
+    p.add_argument("--fp16", action="store_true", help="with --target trt: also an FP16 engine")
+    p.add_argument("--eval-limit", type=int, default=0, help="cap the bundle's eval set (0 = whole test split)")
+    p.set_defaults(func=cmd_export)
     p = sub.add_parser("datasets", help="list data sources and where each looks for its files")
     p.add_argument("--data-dir", help="show where a data directory would be searched")
     p.set_defaults(func=cmd_datasets)

@@ -1,0 +1,32 @@
+"""The bundle's own evaluation data (eval.npz) and accuracy of any runner on it; numpy only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edgekd.errors import EdgeKDError
+
+
+def normalize(images: np.ndarray, mean: list[float], std: list[float]) -> np.ndarray:
+    m = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
+    s = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
+    return ((images.astype(np.float32) / 255.0 - m) / s).astype(np.float32)
+
+
+def load_eval(bundle: Path) -> tuple[np.ndarray, np.ndarray]:
+    path = Path(bundle) / "eval.npz"
+    if not path.is_file():
+        raise EdgeKDError(f"{path} is missing: run `edgekd export` again for this bundle")
+    with np.load(path, allow_pickle=False) as data:
+        return data["images"], data["labels"]
+
+
+def predict(runner, images: np.ndarray, mean, std, batch_size: int = 256) -> np.ndarray:
+    out = [runner.infer(normalize(images[i : i + batch_size], mean, std)) for i in range(0, len(images), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float((logits.argmax(1) == labels).mean()) if len(labels) else float("nan")

@@ -1,0 +1,195 @@
+"""`edgekd export`: each trained student becomes a self-contained bundle, checked against PyTorch.
+
+<run_dir>/bundle/ holds model.onnx (FP32, dynamic batch), optional INT8 and TensorRT models, model.safetensors
+(the PyTorch reference), eval.npz (the preprocessed test split, or a capped deterministic subset) and
+manifest.json (dataset, classes, input, normalisation, distill accuracies and KD gain, hashes, versions,
+and per model its parity or accuracy against FP32).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgekd.bench.evalset import accuracy, normalize, predict
+from edgekd.bench.runners import OrtRunner
+from edgekd.envinfo import package_versions
+from edgekd.errors import EdgeKDError
+from edgekd.export.int8 import quantize
+from edgekd.export.qdq_rules import check_tensorrt_qdq
+from edgekd.runio import read_json, write_json
+
+TARGETS = ("onnx", "int8", "trt")
+OPSET = 18
+
+
+@dataclass
+class ExportOptions:
+    targets: tuple[str, ...] = ("onnx",)
+    calib_size: int = 512
+    calib_method: str = "minmax"
+    int8_presets: tuple[str, ...] = ("cpu", "trt")
+    fp16: bool = False
+    eval_limit: int = 0  # 0 = the whole test split
+    atol: float = 1e-3  # ONNX vs PyTorch: fail above this max |logit difference|
+    min_agreement: float = 0.999
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def find_student_runs(path: Path) -> list[Path]:
+    path = Path(path)
+    if not path.exists():
+        raise EdgeKDError(f"{str(path)!r} does not exist: pass a run directory or a study directory under runs/")
+    candidates = [path] if (path / "metrics.json").is_file() else sorted(p.parent for p in path.rglob("metrics.json"))
+    runs = [p for p in candidates if read_json(p / "metrics.json").get("role") in ("scratch", "kd")
+            and (p / "model.safetensors").is_file()]
+    if not runs:
+        raise EdgeKDError(f"no finished student runs under {str(path)!r}: run `edgekd distill` first")
+    return runs
+
+
+def _distill_record(run: Path, metrics: dict) -> dict:
+    """The accuracies of this student's dataset variant, from the study the run belongs to."""
+    from edgekd.distill.study import collect
+    from edgekd.distill.summary import summarize
+
+    study_root = run.parents[3]
+    record = {"role": metrics["role"], "method": metrics["method"], "seed": metrics["seed"],
+              "test_acc": metrics["test_acc"], "val_acc": metrics["val_acc"]}
+    for s in summarize(collect(study_root)):
+        if (s.dataset, s.variant) == (metrics["dataset"], metrics["variant"]):
+            record["teacher_acc"] = s.teacher_acc
+            record["scratch_acc"] = s.scratch.__dict__ if s.scratch else None
+            record["methods"] = {m.method: {"kd_acc": m.accuracy.__dict__, "kd_gain": m.gain.__dict__ if m.gain
+                                            else None} for m in s.methods}
+    return record
+
+
+def _torch_model(run: Path, profile: dict, data):
+    from edgekd.models import create_model, load_weights
+
+    cfg = profile["profile"]["student"]
+    model = create_model(cfg["model"], data.num_classes, data.channels, cfg["small_input"])
+    return load_weights(model, run / "model.safetensors").eval(), cfg
+
+
+def _export_onnx(model, path: Path, shape: tuple[int, ...], half: bool = False) -> None:
+    import torch
+
+    class Half(torch.nn.Module):  # fp16 weights and compute, fp32 at the edges: a strongly typed FP16 graph
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner.half()
+
+        def forward(self, x):
+            return self.inner(x.half()).float()
+
+    import copy
+
+    module = Half(copy.deepcopy(model)) if half else model
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    try:
+        torch.onnx.export(module, (torch.randn(2, *shape),), str(path), opset_version=OPSET, dynamo=True, external_data=False,
+                          input_names=["input"], output_names=["logits"], dynamic_shapes={"x": {0: batch}},
+                          verbose=False)
+    except Exception as exc:
+        raise EdgeKDError(f"ONNX export of {path.name} failed ({type(exc).__name__}: {str(exc)[:200]}): "
+                          "choose an export-friendly student or report the model name") from None
+    import onnx
+
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def export_run(run: Path, options: ExportOptions, log=print) -> Path:
+    import torch
+
+    from edgekd.config import DatasetConfig
+    from edgekd.data.splits import SPLIT_SEED, load_splits, stratified_cap
+
+    for target in options.targets:
+        if target not in TARGETS:
+            raise EdgeKDError(f"unknown export target {target!r}: use {', '.join(TARGETS)}")
+    profile, metrics = read_json(run / "profile.json"), read_json(run / "metrics.json")
+    name = metrics["dataset"]
+    data = load_splits(name, DatasetConfig(**profile["profile"]["datasets"][name]))
+    model, cfg = _torch_model(run, profile, data)
+    bundle = run / "bundle"
+    bundle.mkdir(exist_ok=True)
+    test = stratified_cap(data.test, options.eval_limit, data.num_classes, SPLIT_SEED + 3)
+    images, labels = test.images.numpy(), test.labels.numpy()
+    np.savez_compressed(bundle / "eval.npz", images=images, labels=labels)
+    shutil.copyfile(run / "model.safetensors", bundle / "model.safetensors")
+    shape = (data.channels, data.image_size, data.image_size)
+    manifest = {
+        "dataset": name, "variant": metrics["variant"], "classes": data.classes, "input_shape": list(shape),
+        "channels": data.channels, "image_size": data.image_size,
+        "normalization": {"mean": data.mean, "std": data.std, "scale": "x / 255, then (x - mean) / std"},
+        "student": {"model": cfg["model"], "params": metrics["params"], "num_classes": data.num_classes,
+                    "in_chans": data.channels, "small_input": cfg["small_input"]},
+        "distill": _distill_record(run, metrics),
+        "source": {"run_dir": str(run), "checkpoint_sha256": sha256(run / "model.safetensors")},
+        "eval": {"file": "eval.npz", "split": "test", "samples": int(len(labels)),
+                 "subset": bool(len(labels) < len(data.test)), "of": len(data.test)},
+        "packages": package_versions(), "models": {},
+    }
+    if (bundle / "manifest.json").is_file():  # keep what an earlier export of other targets made
+        manifest["models"] = read_json(bundle / "manifest.json").get("models", {})
+
+    with torch.inference_mode():
+        x = normalize(images, data.mean, data.std)
+        reference = np.concatenate([model(torch.from_numpy(x[i : i + 512])).numpy() for i in range(0, len(x), 512)])
+    fp32_acc = accuracy(reference, labels)
+    manifest["pytorch_accuracy"] = fp32_acc
+
+    def add(key, file, precision, **info):
+        manifest["models"][key] = {"file": file, "precision": precision, "bytes": (bundle / file).stat().st_size,
+                                   "sha256": sha256(bundle / file), **info}
+        write_json(bundle / "manifest.json", manifest)  # after each model: nothing made is lost to a later failure
+
+    if "onnx" in options.targets or "int8" in options.targets or "trt" in options.targets:
+        _export_onnx(model, bundle / "model.onnx", shape)
+        logits = predict(OrtRunner(bundle / "model.onnx"), images, data.mean, data.std)
+        max_diff = float(np.abs(logits - reference).max())
+        agreement = float((logits.argmax(1) == reference.argmax(1)).mean())
+        add("onnx-fp32", "model.onnx", "fp32", opset=OPSET, accuracy=accuracy(logits, labels),
+            parity={"max_abs_logit_diff": max_diff, "top1_agreement": agreement})
+        log(f"onnx: max |Δlogit| {max_diff:.2e}, top-1 agreement {agreement:.4%}")
+        if max_diff > options.atol or agreement < options.min_agreement:
+            raise EdgeKDError(f"{run}: ONNX output differs from PyTorch (max |Δlogit| {max_diff:.3g}, agreement "
+                              f"{agreement:.4%}): the export is wrong for this model; do not deploy it")
+    if "int8" in options.targets or ("trt" in options.targets and "trt" in options.int8_presets):
+        calib = stratified_cap(data.train, options.calib_size, data.num_classes, SPLIT_SEED + 4)
+        calib_x = normalize(calib.images.numpy(), data.mean, data.std)
+        for preset in options.int8_presets:
+            file = f"model.int8-{preset}.onnx"
+            quantize(bundle / "model.onnx", bundle / file, calib_x, preset, options.calib_method)
+            acc = accuracy(predict(OrtRunner(bundle / file), images, data.mean, data.std), labels)
+            info = {"preset": preset, "calibration": {"split": "train", "images": len(calib_x),
+                                                      "method": options.calib_method},
+                    "accuracy": acc, "accuracy_change_vs_fp32": acc - manifest["models"]["onnx-fp32"]["accuracy"]}
+            if preset == "trt":
+                info["tensorrt_qdq_check"] = check_tensorrt_qdq(bundle / file).to_dict()
+            add(f"onnx-int8-{preset}", file, "int8", **info)
+            log(f"int8 {preset}: accuracy {acc:.4f} ({info['accuracy_change_vs_fp32'] * 100:+.2f} pts vs FP32)")
+    if "trt" in options.targets:
+        from edgekd.export.tensorrt_build import build_engine, import_tensorrt
+
+        import_tensorrt()  # fail before the slow parts when TensorRT is not here
+        sources = [("trt-fp32", "model.onnx", "fp32")]
+        if options.fp16:
+            _export_onnx(model, bundle / "model.fp16.onnx", shape, half=True)
+            sources.append(("trt-fp16", "model.fp16.onnx", "fp16"))
+        if "trt" in options.int8_presets:
+            sources.append(("trt-int8", "model.int8-trt.onnx", "int8"))
+        for key, source, precision in sources:
+            engine = f"{key}.engine"
+            info = build_engine(bundle / source, bundle / engine, shape)
+            add(key, engine, precision, format="tensorrt", **info)
+    return bundle
