@@ -163,6 +163,45 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from edgekd.bench.harness import BenchOptions, bench_bundle, save_bench
+
+    try:
+        batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
+    except ValueError:
+        raise EdgeKDError(f"--batch-sizes {args.batch_sizes!r} must be integers separated by commas, e.g. 1,8,64") from None
+    if any(b < 1 for b in batch_sizes):
+        raise EdgeKDError("--batch-sizes must be at least 1")
+    options = BenchOptions(args.backend, args.device, batch_sizes, args.threads, args.iters, args.duration,
+                           args.warmup, tuple(args.model or ()))
+    for bundle in args.bundle:
+        with console.status(f"bench {bundle}") as status:
+            record = bench_bundle(Path(bundle), options, progress=lambda text: status.update(f"bench {text}"))
+        path = save_bench(record, Path(args.out) if args.out and len(args.bundle) == 1 else None)
+        console.print(bench_table(record))
+        console.print(f"[dim]written {path}[/dim]")
+    return 0
+
+
+def bench_table(record: dict) -> Table:
+    env = record["environment"]
+    where = env["gpu"]["gpu"] if record["options"]["device"] == "cuda" and env.get("gpu") else env["cpu"]
+    table = Table(title=f"{record['dataset']}/{record['variant']}: {record['student']['model']} on {where}",
+                  caption=f"latency in ms over {record['eval_samples']} eval images' batches; "
+                          f"threads {env['threads']}")
+    for col in ("model", "batch", "accuracy %", "p50", "p90", "p99", "mean ± std", "images/s", "MiB file",
+                "MiB RSS+"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for r in record["results"]:
+        for i, (batch, s) in enumerate(r["latency"].items()):
+            table.add_row(r["model"] if i == 0 else "", batch, f"{r['accuracy'] * 100:.2f}" if i == 0 else "",
+                          f"{s['p50_ms']:.3f}", f"{s['p90_ms']:.3f}", f"{s['p99_ms']:.3f}",
+                          f"{s['mean_ms']:.3f} ± {s['std_ms']:.3f}", f"{s['throughput_ips']:,.0f}",
+                          f"{r['file_bytes'] / 2**20:.2f}" if i == 0 else "",
+                          f"{r['peak_rss_increase_mib']:.1f}" if i == 0 else "", end_section=i == len(r["latency"]) - 1)
+    return table
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgekd", description="Does knowledge distillation pay off on my "
                                      "dataset, on my edge device?")
@@ -184,6 +223,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp16", action="store_true", help="with --target trt: also an FP16 engine")
     p.add_argument("--eval-limit", type=int, default=0, help="cap the bundle's eval set (0 = whole test split)")
     p.set_defaults(func=cmd_export)
+    p = sub.add_parser("bench", help="accuracy, latency, throughput and memory of exported bundles on this device")
+    p.add_argument("bundle", nargs="+", help="bundle directories (<run>/bundle) made by edgekd export")
+    p.add_argument("--backend", default="ort", help="ort (ONNX Runtime), trt (TensorRT engines), torch (reference)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--batch-sizes", default="1,8,64")
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = runtime default)")
+    p.add_argument("--iters", type=int, default=200, help="timed iterations per batch size")
+    p.add_argument("--duration", type=float, help="seconds per batch size instead of --iters")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--model", action="append", help="only these manifest models (repeatable), e.g. onnx-int8-cpu")
+    p.add_argument("--out", help="where to write bench.json (default: in the bundle)")
+    p.set_defaults(func=cmd_bench)
     p = sub.add_parser("datasets", help="list data sources and where each looks for its files")
     p.add_argument("--data-dir", help="show where a data directory would be searched")
     p.set_defaults(func=cmd_datasets)
