@@ -52,3 +52,23 @@ def tiny_profile(tmp_path) -> Path:
 def needs_fashion_mnist():
     return pytest.mark.skipif(not FASHION_DIR.is_dir(),
                               reason="Debian's dataset-fashion-mnist is not installed (.ci/run installs it)")
+
+
+@pytest.fixture(scope="session")
+def tiny_study(tmp_path_factory):
+    """A finished tiny study (synthetic data, tiny timm models), shared by the export and bench tests."""
+    from edgekd.config import load_profile
+    from edgekd.distill.study import run_study
+
+    root = tmp_path_factory.mktemp("study")
+    (root / "tiny.toml").write_text(TINY_PROFILE)
+    run_study(load_profile(root / "tiny.toml", ["study.seeds=[0]"]), root / "runs")
+    return root / "runs" / "tiny"
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_study):
+    from edgekd.export.bundle import ExportOptions, export_run
+
+    run = tiny_study / "synthetic" / "base" / "kd" / "seed0"
+    return export_run(run, ExportOptions(targets=("onnx", "int8"), calib_size=64), log=lambda line: None)

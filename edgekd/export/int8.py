@@ -24,11 +24,12 @@ class Preset:
     activation: str  # QUInt8 | QInt8
     symmetric_activations: bool
     dedicated_pairs: bool
+    quantize_bias: bool  # TensorRT takes float biases and fuses them; int32 bias Q/DQ is not for it
 
 
 PRESETS = {
-    "cpu": Preset("QUInt8", symmetric_activations=False, dedicated_pairs=False),
-    "trt": Preset("QInt8", symmetric_activations=True, dedicated_pairs=True),
+    "cpu": Preset("QUInt8", symmetric_activations=False, dedicated_pairs=False, quantize_bias=True),
+    "trt": Preset("QInt8", symmetric_activations=True, dedicated_pairs=True, quantize_bias=False),
 }
 
 
@@ -62,7 +63,7 @@ def quantize(fp32_onnx: Path, out: Path, calibration: np.ndarray, preset: str, m
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(fp32_onnx), str(pre), skip_symbolic_shape=True)
         extra = {"ActivationSymmetric": p.symmetric_activations, "WeightSymmetric": True,
-                 "DedicatedQDQPair": p.dedicated_pairs}
+                 "DedicatedQDQPair": p.dedicated_pairs, "QuantizeBias": p.quantize_bias}
         if method == "percentile":
             extra["CalibPercentile"] = 99.999
         quantize_static(str(pre), str(out), _Batches(input_name, calibration), quant_format=QuantFormat.QDQ,

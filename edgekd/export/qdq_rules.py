@@ -52,7 +52,10 @@ def check_tensorrt_qdq(model_or_path) -> QdqReport:
     for n in qnodes:
         zp = inits.get(n.input[2]) if len(n.input) > 2 and n.input[2] else None
         if zp is not None:
-            if zp.dtype != np.int8:
+            if zp.dtype == np.int32:
+                problems.append(f"{n.op_type} '{n.name}': an int32 (bias) Q/DQ; TensorRT takes float biases "
+                                "(quantize without bias quantization)")
+            elif zp.dtype != np.int8:
                 problems.append(f"{n.op_type} '{n.name}': zero point is {zp.dtype}, TensorRT needs int8 (use "
                                 "symmetric S8 activations: the `trt` preset)")
             if np.any(zp != 0):

@@ -1,0 +1,134 @@
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper, save
+
+from edgekd.bench.harness import BenchOptions, bench_bundle, latency_stats
+from edgekd.bench.monitor import find_vdd_in, integrate_power
+from edgekd.bench.runners import RUNNERS
+from edgekd.cli import main
+from edgekd.errors import EdgeKDError
+
+FAST = BenchOptions(batch_sizes=(1, 4), iters=5, warmup=1, threads=1)
+
+
+@pytest.mark.parametrize("backend", ["ort", "torch"])
+def test_bench_every_runnable_backend(tiny_bundle, backend):
+    record = bench_bundle(tiny_bundle, BenchOptions(**{**FAST.__dict__, "backend": backend}))
+    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    expected = ["onnx-fp32", "onnx-int8-cpu", "onnx-int8-trt"] if backend == "ort" else ["torch-fp32"]
+    assert [r["model"] for r in record["results"]] == expected
+    for r in record["results"]:
+        assert set(r["latency"]) == {"1", "4"}
+        s = r["latency"]["4"]
+        assert s["iterations"] == 5 and s["p50_ms"] <= s["p90_ms"] <= s["p95_ms"] <= s["p99_ms"]
+        assert s["throughput_ips"] == pytest.approx(4000 / s["mean_ms"])
+        assert r["file_bytes"] > 0 and r["peak_rss_increase_mib"] >= 0
+    fp32 = record["results"][0]["accuracy"]
+    assert fp32 == pytest.approx(manifest["models"]["onnx-fp32"]["accuracy"] if backend == "ort"
+                                 else manifest["pytorch_accuracy"])
+    env = record["environment"]
+    assert env["cpu"] and env["cores"] and env["packages"]["onnxruntime"] and "jetson" in env
+
+
+def test_latency_stats_against_numpy():
+    times = [0.001, 0.002, 0.003, 0.004, 0.010]
+    s = latency_stats(times, 8)
+    assert s["p50_ms"] == pytest.approx(3.0) and s["mean_ms"] == pytest.approx(4.0)
+    assert s["p99_ms"] == pytest.approx(np.percentile(np.array(times) * 1000, 99))
+    assert s["throughput_ips"] == pytest.approx(2000.0)
+
+
+def test_cli_bench_writes_json(tiny_bundle, tmp_path, capsys):
+    out = tmp_path / "b.json"
+    assert main(["bench", str(tiny_bundle), "--iters", "3", "--batch-sizes", "1,2", "--model", "onnx-fp32",
+                 "--out", str(out)]) == 0
+    assert "onnx-fp32" in capsys.readouterr().out
+    assert [r["model"] for r in json.loads(out.read_text())["results"]] == ["onnx-fp32"]
+
+
+def _copy(bundle, tmp_path):
+    target = tmp_path / "bundle"
+    shutil.copytree(bundle, target)
+    return target
+
+
+def _fixed_batch_onnx(path, shape):
+    w = numpy_helper.from_array(np.ones((int(np.prod(shape[1:])), 4), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["input"], ["f"]), helper.make_node("MatMul", ["f", "w"], ["logits"])], "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, list(shape))],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [shape[0], 4])], [w])
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def test_bench_errors(tiny_bundle, tmp_path):
+    bundle = _copy(tiny_bundle, tmp_path)
+    opts = BenchOptions(**{**FAST.__dict__, "models": ("onnx-fp32",)})
+    (bundle / "model.onnx").unlink()
+    with pytest.raises(EdgeKDError, match="missing or empty: run `edgekd export` again"):
+        bench_bundle(bundle, opts)
+    (bundle / "model.onnx").write_bytes(b"\x00garbage" * 100)
+    with pytest.raises(EdgeKDError, match="cannot be loaded .* corrupt or not ONNX"):
+        bench_bundle(bundle, opts)
+    _fixed_batch_onnx(bundle / "model.onnx", (1, 1, 12, 12))
+    with pytest.raises(EdgeKDError, match=r"cannot take input of shape \[40, 1, 12, 12\] \(it expects \[1, 1, 12, 12\]\)"):
+        bench_bundle(bundle, opts)
+    with pytest.raises(EdgeKDError, match="not a bundle"):
+        bench_bundle(tmp_path, opts)
+    with pytest.raises(EdgeKDError, match="unknown backend 'onnx'"):
+        bench_bundle(bundle, BenchOptions(backend="onnx"))
+    with pytest.raises(EdgeKDError, match="no trt models"):
+        bench_bundle(bundle, BenchOptions(backend="trt", device="cuda"))
+    with pytest.raises(EdgeKDError, match="run on a GPU"):
+        bench_bundle(bundle, BenchOptions(backend="trt", device="cpu"))
+
+
+def test_cli_bench_bad_batch_sizes(tiny_bundle, capsys):
+    assert main(["bench", str(tiny_bundle), "--batch-sizes", "1,x"]) == 2
+    assert "--batch-sizes" in capsys.readouterr().err
+
+
+def test_trt_runner_without_tensorrt(tmp_path):
+    (tmp_path / "m.engine").write_bytes(b"x")
+    with pytest.raises(EdgeKDError, match="TensorRT"):
+        RUNNERS.get("trt")(tmp_path / "m.engine")
+
+
+BLOCK_TORCH = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith(("torch.", "torchvision", "timm")):
+            raise ImportError("torch is blocked for this test")
+sys.meta_path.insert(0, Block())
+from edgekd.cli import main
+code = main(["bench", sys.argv[1], "--iters", "3", "--batch-sizes", "1,2", "--threads", "1"])
+assert "torch" not in sys.modules
+sys.exit(code)
+"""
+
+
+def test_bench_runs_with_torch_unimportable(tiny_bundle):
+    result = subprocess.run([sys.executable, "-c", BLOCK_TORCH, str(tiny_bundle)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "onnx-int8-cpu" in result.stdout
+
+
+def test_power_integration_and_rail_discovery(tmp_path):
+    samples = [(0.0, 5.0), (1.0, 7.0), (2.0, 5.0)]
+    p = integrate_power(samples, inferences=100)
+    assert p["energy_j"] == pytest.approx(12.0) and p["average_w"] == pytest.approx(6.0)
+    assert p["energy_per_inference_mj"] == pytest.approx(120.0)
+    hwmon = tmp_path / "ina3221" / "1-0040" / "hwmon" / "hwmon3"
+    hwmon.mkdir(parents=True)
+    (hwmon / "in1_label").write_text("VDD_IN\n")
+    (hwmon / "in1_input").write_text("5000\n")  # mV
+    (hwmon / "curr1_input").write_text("1200\n")  # mA
+    assert find_vdd_in(tmp_path)() == pytest.approx(6.0)
+    assert find_vdd_in(tmp_path / "none") is None

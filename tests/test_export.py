@@ -1,0 +1,125 @@
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edgekd.cli import main
+from edgekd.errors import EdgeKDError
+from edgekd.export.bundle import ExportOptions, export_run, find_student_runs
+from edgekd.export.qdq_rules import check_tensorrt_qdq
+from edgekd.models import count_parameters, create_model
+
+
+def test_bundle_contents_and_manifest(tiny_bundle):
+    names = {p.name for p in tiny_bundle.iterdir()}
+    assert {"model.onnx", "model.int8-cpu.onnx", "model.int8-trt.onnx", "model.safetensors", "eval.npz",
+            "manifest.json"} <= names
+    m = json.loads((tiny_bundle / "manifest.json").read_text())
+    assert m["dataset"] == "synthetic" and m["classes"] == ["bar0", "bar1", "bar2", "bar3"]
+    assert m["input_shape"] == [1, 12, 12] and len(m["normalization"]["mean"]) == 1
+    assert len(m["source"]["checkpoint_sha256"]) == 64 and m["packages"]["onnxruntime"]
+    d = m["distill"]
+    assert d["method"] == "kd" and d["teacher_acc"] is not None and "kd" in d["methods"]
+    assert d["methods"]["kd"]["kd_gain"]["n"] == 1
+    eval_set = np.load(tiny_bundle / "eval.npz")
+    assert eval_set["images"].dtype == np.uint8 and len(eval_set["labels"]) == m["eval"]["samples"]
+    assert m["eval"]["split"] == "test" and m["eval"]["subset"] is False
+
+
+def test_onnx_matches_pytorch(tiny_bundle):
+    m = json.loads((tiny_bundle / "manifest.json").read_text())["models"]["onnx-fp32"]
+    assert m["parity"]["max_abs_logit_diff"] <= 1e-4 and m["parity"]["top1_agreement"] >= 0.999
+    model = onnx.load(str(tiny_bundle / "model.onnx"))
+    onnx.checker.check_model(model)
+    assert model.opset_import[0].version >= 17
+    dim = model.graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim.dim_param and not dim.dim_value  # dynamic batch
+
+
+def test_onnx_has_exactly_the_students_parameters(tiny_bundle):
+    model = onnx.load(str(tiny_bundle / "model.onnx"))
+    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    onnx_params = sum(numpy_helper.to_array(t).size for t in model.graph.initializer
+                      if numpy_helper.to_array(t).dtype == np.float32 and t.dims)
+    # BatchNorm folding merges 4 vectors per norm into the conv: compare with the unfolded count minus those.
+    student = create_model(manifest["student"]["model"], 4, 1)
+    bn = sum(p.numel() for n, p in student.named_parameters() if "bn" in n)
+    assert count_parameters(student) - bn <= onnx_params <= count_parameters(student) + 2 * bn
+
+
+def test_int8_presets(tiny_bundle):
+    models = json.loads((tiny_bundle / "manifest.json").read_text())["models"]
+    for preset in ("cpu", "trt"):
+        m = models[f"onnx-int8-{preset}"]
+        assert m["calibration"] == {"split": "train", "images": 64, "method": "minmax"}
+        assert m["precision"] == "int8" and 0 <= m["accuracy"] <= 1
+        assert m["accuracy_change_vs_fp32"] == pytest.approx(m["accuracy"] - models["onnx-fp32"]["accuracy"])
+    graph = onnx.load(str(tiny_bundle / "model.int8-cpu.onnx")).graph
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    producers = {o: n.op_type for n in graph.node for o in n.output}
+    assert convs and all(producers.get(c.input[1]) == "DequantizeLinear" for c in convs), "unquantised convs"
+
+
+def test_trt_preset_follows_tensorrt_rules_and_cpu_preset_does_not(tiny_bundle):
+    good = check_tensorrt_qdq(tiny_bundle / "model.int8-trt.onnx")
+    assert good.ok, good.problems
+    assert good.quantized_weights > 0 and good.activation_pairs > 0
+    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    assert manifest["models"]["onnx-int8-trt"]["tensorrt_qdq_check"]["ok"] is True
+    bad = check_tensorrt_qdq(tiny_bundle / "model.int8-cpu.onnx")
+    assert not bad.ok and any("zero point is uint8" in p for p in bad.problems)
+    assert not check_tensorrt_qdq(tiny_bundle / "model.onnx").ok  # no Q/DQ at all
+
+
+def _qdq_graph(zero_point=0, per_channel=True, share_q=False, opset=13):
+    w = np.ones((4, 1, 3, 3), np.int8)
+    scale = np.full(4 if per_channel else (), 0.1, np.float32)
+    inits = [numpy_helper.from_array(w, "w_q"), numpy_helper.from_array(scale, "w_s"),
+             numpy_helper.from_array(np.zeros(4 if per_channel else (), np.int8), "w_z"),
+             numpy_helper.from_array(np.array(0.05, np.float32), "a_s"),
+             numpy_helper.from_array(np.array(zero_point, np.int8), "a_z")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "a_s", "a_z"], ["xq"], name="q"),
+             helper.make_node("DequantizeLinear", ["xq", "a_s", "a_z"], ["xd"], name="dq"),
+             helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_z"], ["wd"], name="wdq", axis=0),
+             helper.make_node("Conv", ["xd", "wd"], ["y"], name="conv")]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    if share_q:
+        nodes.append(helper.make_node("DequantizeLinear", ["xq", "a_s", "a_z"], ["xd2"], name="dq2"))
+        outputs.append(helper.make_tensor_value_info("xd2", TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 8, 8])],
+                              outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+@pytest.mark.parametrize("kwargs, problem", [
+    ({}, None),
+    ({"zero_point": 3}, "is not 0"),
+    ({"per_channel": False}, "not per output channel"),
+    ({"share_q": True}, "dedicated Q/DQ pairs"),
+    ({"opset": 12}, "opset 12 < 13"),
+])
+def test_qdq_rules_on_handmade_graphs(kwargs, problem):
+    report = check_tensorrt_qdq(_qdq_graph(**kwargs))
+    if problem is None:
+        assert report.ok, report.problems
+    else:
+        assert not report.ok and any(problem in p for p in report.problems), report.problems
+
+
+def test_trt_target_without_tensorrt_says_where_it_works(tiny_study, tmp_path):
+    run = tiny_study / "synthetic" / "base" / "scratch" / "seed0"
+    with pytest.raises(EdgeKDError, match="TensorRT .*(not installed|no runtime libraries).*NVIDIA GPU"):
+        export_run(run, ExportOptions(targets=("trt",), int8_presets=()), log=lambda line: None)
+    # what was made before the TensorRT step is kept
+    assert (run / "bundle" / "model.onnx").is_file() and (run / "bundle" / "manifest.json").is_file()
+
+
+def test_export_errors(tiny_study, tmp_path, capsys):
+    with pytest.raises(EdgeKDError, match="does not exist"):
+        find_student_runs(tmp_path / "nope")
+    with pytest.raises(EdgeKDError, match="no finished student runs"):
+        find_student_runs(tiny_study / "synthetic" / "base" / "teacher")
+    assert main(["export", str(tmp_path)]) == 2
+    assert "run `edgekd distill` first" in " ".join(capsys.readouterr().err.split())
