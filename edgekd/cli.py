@@ -9,9 +9,12 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from edgekd.errors import EdgeKDError
+
+TRAINING_STACK = {"torch", "torchvision", "timm", "safetensors", "sklearn", "PIL", "onnx", "onnxscript", "matplotlib"}
 
 console = Console()
 err_console = Console(stderr=True)
@@ -243,14 +246,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error(message: str) -> int:
+    err_console.print(f"[bold red]edgekd: error:[/bold red] {escape(message)}", soft_wrap=True, highlight=False)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except EdgeKDError as exc:
-        err_console.print(f"[bold red]edgekd: error:[/bold red] {exc}", soft_wrap=True, highlight=False)
-        return 2
+        return _error(str(exc))
+    except ModuleNotFoundError as exc:
+        top = (exc.name or "").split(".")[0]
+        if top in TRAINING_STACK:
+            return _error(f"`edgekd {args.command}` needs {top}, which is not installed: pip install "
+                          "'edgekd[train]' (bench alone needs only 'edgekd[bench]')")
+        if top == "onnxruntime":
+            return _error("ONNX Runtime is not installed: pip install 'edgekd[bench]'")
+        raise
     except KeyboardInterrupt:
         err_console.print("edgekd: interrupted; run the same command again to continue where it stopped")
         return 130
