@@ -38,7 +38,10 @@ class _Batches:
 
     def __init__(self, input_name: str, images: np.ndarray, batch_size: int = 32):
         self.input_name = input_name
-        self.batches = iter([images[i : i + batch_size] for i in range(0, len(images), batch_size)])
+        # Equal batches only: the entropy and percentile calibrators stack per-batch outputs into one array.
+        batch_size = min(batch_size, len(images))
+        usable = len(images) - len(images) % batch_size
+        self.batches = iter([images[i : i + batch_size] for i in range(0, usable, batch_size)])
 
     def get_next(self):
         batch = next(self.batches, None)
