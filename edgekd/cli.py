@@ -48,8 +48,8 @@ class RichReporter:
         self.started[job] = time.perf_counter()
         self.tasks[job] = self.progress.add_task(job.label, total=total_steps, status="")
 
-    def advance(self, job, completed, loss, images_per_s):
-        status = "" if loss is None else f"loss {loss:.3f}  {images_per_s:,.0f} img/s"
+    def advance(self, job, completed, loss, images_per_s, epoch=""):
+        status = "" if loss is None else f"{epoch}  loss {loss:.3f}  {images_per_s:,.0f} img/s"
         self.progress.update(self.tasks[job], completed=completed, status=status)
 
     def finish(self, job, metrics, skipped):

@@ -42,7 +42,7 @@ class InterruptDuring(Reporter):
     def __init__(self, label, at_step):
         self.label, self.at_step, self.log = label, at_step, []
 
-    def advance(self, job, completed, loss, images_per_s):
+    def advance(self, job, completed, loss, images_per_s, epoch=""):
         if job.label == self.label and completed >= self.at_step:
             raise KeyboardInterrupt
 

@@ -13,7 +13,15 @@ from pathlib import Path
 import numpy as np
 
 from edgekd.bench.evalset import accuracy, load_eval, normalize, predict
-from edgekd.bench.monitor import Sampler, find_vdd_in, gpu_info, gpu_memory_mib, integrate_power, jetson_info, rss_bytes
+from edgekd.bench.monitor import (
+    Sampler,
+    find_vdd_in,
+    gpu_info,
+    gpu_memory_mib,
+    integrate_power,
+    jetson_info,
+    rss_bytes,
+)
 from edgekd.bench.runners import RUNNERS
 from edgekd.envinfo import environment
 from edgekd.errors import EdgeKDError

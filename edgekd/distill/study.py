@@ -49,7 +49,8 @@ class Reporter:
     """What a running study tells its caller; the CLI's subclass draws progress bars."""
 
     def start(self, job: Job, total_steps: int) -> None: ...
-    def advance(self, job: Job, completed: int, loss: float | None, images_per_s: float | None) -> None: ...
+    def advance(self, job: Job, completed: int, loss: float | None, images_per_s: float | None,
+                epoch: str = "") -> None: ...
     def finish(self, job: Job, metrics: dict, skipped: bool) -> None: ...
 
 
@@ -57,7 +58,7 @@ def plan(profile: Profile, study_root: Path) -> list[Job]:
     jobs = []
     needs_teacher = any(ComposedLoss(spec, f"methods.{m}").needs_teacher for m, spec in profile.methods.items())
     for name in profile.datasets:
-        def job(role, seed):
+        def job(role, seed, name=name):
             return Job(name, BASE_VARIANT, role, seed, run_dir(study_root, name, BASE_VARIANT, role, seed))
 
         jobs.append(job(TEACHER, profile.study.teacher_seed))
@@ -215,7 +216,8 @@ class StudyRunner:
             self.reporter.start(job, steps * cfg.epochs)
 
             def on_step(r):
-                self.reporter.advance(job, r.epoch * r.steps + r.step, r.loss, r.images_per_s)
+                self.reporter.advance(job, r.epoch * r.steps + r.step, r.loss, r.images_per_s,
+                                      f"epoch {r.epoch + 1}/{r.epochs}")
 
             history = train(model, data, cfg, criterion, ex, augment, job.seed, job.run_dir, teacher_source,
                             self.profile.study.eval_batch_size, on_step, log)
