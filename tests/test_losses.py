@@ -83,3 +83,81 @@ def test_every_loss_is_differentiable(name):
     s = STUDENT.clone().requires_grad_()
     LOSSES.get(name)()(StepOutputs(s, TARGETS, TEACHER)).backward()
     assert s.grad is not None and torch.isfinite(s.grad).all()
+
+
+# -- logit methods beyond vanilla KD, each against a numpy formula written out independently ----------------
+def numpy_dkd(s, t, y, alpha, beta, T):
+    ps, pt = _softmax(s / T), _softmax(t / T)
+    n = len(y)
+    bs = np.stack([ps[np.arange(n), y], 1 - ps[np.arange(n), y]], 1)
+    bt = np.stack([pt[np.arange(n), y], 1 - pt[np.arange(n), y]], 1)
+    tckd = (bt * np.log(bt / bs)).sum(1).mean() * T**2
+    nckd = 0.0
+    for i in range(n):
+        keep = np.arange(s.shape[1]) != y[i]
+        qs, qt = _softmax(s[i : i + 1, keep] / T)[0], _softmax(t[i : i + 1, keep] / T)[0]
+        nckd += (qt * np.log(qt / qs)).sum()
+    return alpha * tckd + beta * nckd / n * T**2
+
+
+def numpy_pearson_distance(a, b, axis):
+    a = a - a.mean(axis, keepdims=True)
+    b = b - b.mean(axis, keepdims=True)
+    r = (a * b).sum(axis) / np.sqrt((a * a).sum(axis) * (b * b).sum(axis))
+    return 1 - r.mean()
+
+
+def numpy_dist(s, t, beta, gamma, T):
+    ys, yt = _softmax(s / T), _softmax(t / T)
+    return (beta * numpy_pearson_distance(ys, yt, 1) + gamma * numpy_pearson_distance(ys, yt, 0)) * T**2
+
+
+def numpy_lskd(s, t, T):
+    def z(x):
+        return (x - x.mean(1, keepdims=True)) / x.std(1, ddof=1, keepdims=True)
+
+    return numpy_kd(z(s), z(t), T)
+
+
+def _random(seed=0, n=8, k=6):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, k, generator=g) * 2, torch.randn(n, k, generator=g) * 2, torch.randint(0, k, (n,), generator=g)
+
+
+@pytest.mark.parametrize("name, kwargs, reference", [
+    ("dkd", {"alpha": 1.0, "beta": 8.0, "temperature": 4.0}, lambda s, t, y: numpy_dkd(s, t, y, 1.0, 8.0, 4.0)),
+    ("dkd", {"alpha": 0.5, "beta": 2.0, "temperature": 1.0}, lambda s, t, y: numpy_dkd(s, t, y, 0.5, 2.0, 1.0)),
+    ("dist", {"beta": 1.0, "gamma": 2.0, "temperature": 1.0}, lambda s, t, y: numpy_dist(s, t, 1.0, 2.0, 1.0)),
+    ("dist", {"beta": 1.0, "gamma": 1.0, "temperature": 4.0}, lambda s, t, y: numpy_dist(s, t, 1.0, 1.0, 4.0)),
+    ("lskd", {"temperature": 2.0}, lambda s, t, y: numpy_lskd(s, t, 2.0)),
+])
+def test_logit_methods_against_numpy(name, kwargs, reference):
+    s, t, y = _random()
+    value = LOSSES.get(name)(**kwargs)(StepOutputs(s, y, t)).item()
+    assert value == pytest.approx(reference(s.double().numpy(), t.double().numpy(), y.numpy()), rel=1e-4)
+
+
+@pytest.mark.parametrize("name", ["kd", "dkd", "dist", "lskd"])
+def test_logit_methods_vanish_when_the_student_copies_the_teacher(name):
+    s, t, y = _random(1)
+    assert LOSSES.get(name)()(StepOutputs(t.clone(), y, t)).item() == pytest.approx(0, abs=1e-5)
+    assert LOSSES.get(name)()(StepOutputs(s, y, t)).item() > 1e-3
+
+
+def test_dkd_with_equal_weights_is_close_to_kd_decomposition():
+    # Zhao et al.: KD = TCKD + (1 - p_t^target) * NCKD; with beta = 1 - p_t on each sample they coincide.
+    s, t, y = _random(2, n=1)
+    T = 3.0
+    pt = _softmax(t.double().numpy() / T)[0, y.item()]
+    dkd = LOSSES.get("dkd")(alpha=1.0, beta=1 - pt, temperature=T)(StepOutputs(s, y, t)).item()
+    kd = LOSSES.get("kd")(temperature=T)(StepOutputs(s, y, t)).item()
+    assert dkd == pytest.approx(kd, rel=1e-4)
+
+
+def test_lskd_ignores_the_teachers_logit_scale():
+    s, t, y = _random(3)
+    a = LOSSES.get("lskd")()(StepOutputs(s, y, t)).item()
+    b = LOSSES.get("lskd")()(StepOutputs(s, y, t * 5 + 3)).item()
+    assert a == pytest.approx(b, rel=1e-5)
+    assert LOSSES.get("kd")()(StepOutputs(s, y, t)).item() != pytest.approx(
+        LOSSES.get("kd")()(StepOutputs(s, y, t * 5 + 3)).item(), rel=1e-2)

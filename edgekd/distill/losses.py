@@ -64,6 +64,73 @@ class VanillaKD(nn.Module):
         return kd_divergence(out.student_logits, out.teacher_logits, self.temperature)
 
 
+@register_loss("dkd")
+class DecoupledKD(nn.Module):
+    """DKD (Zhao et al., CVPR 2022): KD split into target-class (TCKD) and non-target-class (NCKD) terms."""
+
+    def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0):
+        super().__init__()
+        self.alpha, self.beta, self.temperature = alpha, beta, temperature
+
+    def forward(self, out: StepOutputs) -> torch.Tensor:
+        s, t, T = out.student_logits.float() / self.temperature, out.teacher_logits.float() / self.temperature, \
+            self.temperature
+        gt = F.one_hot(out.targets, s.shape[1]).bool()
+        p_s, p_t = F.softmax(s, 1), F.softmax(t, 1)
+        # binary (target, rest) distributions
+        b_s = torch.stack([p_s[gt], (p_s * ~gt).sum(1)], 1).clamp_min(1e-12)
+        b_t = torch.stack([p_t[gt], (p_t * ~gt).sum(1)], 1).clamp_min(1e-12)
+        tckd = (b_t * (b_t.log() - b_s.log())).sum(1).mean() * T**2
+        # distributions over the non-target classes only: mask the target logit out
+        masked = gt * 1000.0
+        nckd = F.kl_div(F.log_softmax(s - masked, 1), F.log_softmax(t - masked, 1), reduction="batchmean",
+                        log_target=True) * T**2
+        return self.alpha * tckd + self.beta * nckd
+
+
+def _pearson_distance(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
+    a = a - a.mean(dim, keepdim=True)
+    b = b - b.mean(dim, keepdim=True)
+    return 1 - F.cosine_similarity(a, b, dim=dim, eps=1e-8).mean()
+
+
+@register_loss("dist")
+class DIST(nn.Module):
+    """DIST (Huang et al., NeurIPS 2022): match the teacher's class ranking per sample (inter-class) and per class
+    across the batch (intra-class) with Pearson correlation instead of exact probabilities."""
+
+    def __init__(self, beta: float = 1.0, gamma: float = 1.0, temperature: float = 1.0):
+        super().__init__()
+        self.beta, self.gamma, self.temperature = beta, gamma, temperature
+
+    def forward(self, out: StepOutputs) -> torch.Tensor:
+        T = self.temperature
+        y_s = F.softmax(out.student_logits.float() / T, 1)
+        y_t = F.softmax(out.teacher_logits.float() / T, 1)
+        inter = _pearson_distance(y_s, y_t, dim=1) * T**2
+        intra = _pearson_distance(y_s, y_t, dim=0) * T**2
+        return self.beta * inter + self.gamma * intra
+
+
+@register_loss("lskd")
+class LogitStandardizedKD(nn.Module):
+    """KD on z-scored logits (Sun et al., CVPR 2024): the student matches the teacher's logit *shape*, not its
+    scale, so a small student is not forced to reproduce a large teacher's logit range."""
+
+    def __init__(self, temperature: float = 2.0):
+        super().__init__()
+        self.temperature = temperature
+
+    @staticmethod
+    def standardize(z: torch.Tensor) -> torch.Tensor:
+        z = z.float()
+        return (z - z.mean(1, keepdim=True)) / (z.std(1, keepdim=True) + 1e-7)
+
+    def forward(self, out: StepOutputs) -> torch.Tensor:
+        return kd_divergence(self.standardize(out.student_logits), self.standardize(out.teacher_logits),
+                             self.temperature)
+
+
 class ComposedLoss(nn.Module):
     """sum_i weight_i * loss_i, with every component returned for logging."""
 
