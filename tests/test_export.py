@@ -123,3 +123,29 @@ def test_export_errors(tiny_study, tmp_path, capsys):
         find_student_runs(tiny_study / "synthetic" / "base" / "teacher")
     assert main(["export", str(tmp_path)]) == 2
     assert "run `edgekd distill` first" in " ".join(capsys.readouterr().err.split())
+
+
+def test_feature_distilled_student_exports_without_its_adapter(tmp_path, tiny_profile):
+    from safetensors.torch import load_file
+
+    from edgekd.config import load_profile
+    from edgekd.distill.study import run_study
+
+    profile = load_profile(tiny_profile, ["study.seeds=[0]", "student.epochs=1",
+                                          "methods={fitnet={ce={weight=1.0}, fitnet={weight=1.0}}, "
+                                          "rkd={ce={weight=1.0}, rkd={weight=1.0}}}"])
+    records = run_study(profile, tmp_path)
+    assert {r["role"] for r in records} == {"teacher", "scratch", "kd"}  # no teacher cache: features run live
+    root = tmp_path / "tiny" / "synthetic" / "base"
+    metrics = json.loads((root / "fitnet" / "seed0" / "metrics.json").read_text())
+    assert metrics["teacher_cache"] is False and "fitnet" in metrics["history"][0]
+    assert "rkd.distance" in json.loads((root / "rkd" / "seed0" / "metrics.json").read_text())["history"][0]
+    student = create_model("test_efficientnet", 4, 1)
+    assert set(load_file(root / "fitnet" / "seed0" / "model.safetensors")) == set(student.state_dict())
+
+    def onnx_parameters(run):
+        bundle = export_run(run, ExportOptions(targets=("onnx",)), log=lambda line: None)
+        model = onnx.load(str(bundle / "model.onnx"))
+        return sum(numpy_helper.to_array(t).size for t in model.graph.initializer if t.dims)
+
+    assert onnx_parameters(root / "fitnet" / "seed0") == onnx_parameters(root / "scratch" / "seed0")

@@ -7,7 +7,7 @@ every component, so the trainer can log each one per epoch.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -22,14 +22,19 @@ class StepOutputs:
     student_logits: torch.Tensor
     targets: torch.Tensor
     teacher_logits: torch.Tensor | None = None
+    student_features: dict[int, torch.Tensor] = field(default_factory=dict)  # stage -> output
+    teacher_features: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 LOSSES: Registry[type[nn.Module]] = Registry("loss")
 
 
-def register_loss(name: str, needs_teacher: bool = True):
+def register_loss(name: str, needs_teacher: bool = True, needs_features: bool = False):
+    """Losses with `needs_features` read `student_stage` / `teacher_stage` outputs; the teacher cache holds logits
+    only, so their teacher runs live on each batch."""
+
     def add(cls):
-        cls.needs_teacher = needs_teacher
+        cls.needs_teacher, cls.needs_features = needs_teacher, needs_features
         return LOSSES.register(name)(cls)
 
     return add
@@ -160,7 +165,33 @@ class ComposedLoss(nn.Module):
     def needs_teacher(self) -> bool:
         return any(term.needs_teacher for term in self.terms.values())
 
+    @property
+    def needs_features(self) -> bool:
+        return any(term.needs_features for term in self.terms.values())
+
+    def stages(self) -> tuple[set[int], set[int]]:
+        """(student stages, teacher stages) whose features the terms read."""
+        terms = [t for t in self.terms.values() if t.needs_features]
+        return {t.student_stage for t in terms}, {t.teacher_stage for t in terms}
+
+    def bind(self, student: nn.Module, teacher: nn.Module | None) -> ComposedLoss:
+        """Give feature terms the two models' stage shapes, so adapters exist before the optimizer is made."""
+        for term in self.terms.values():
+            if hasattr(term, "bind"):
+                term.bind(student, teacher)
+        return self
+
     def forward(self, out: StepOutputs) -> dict[str, torch.Tensor]:
-        parts = {name: term(out) for name, term in self.terms.items()}
-        parts["loss"] = sum(self.weights[name] * value for name, value in parts.items())
+        parts, total = {}, 0.0
+        for name, term in self.terms.items():
+            value = term(out)
+            if isinstance(value, dict):  # a term with components logs each of them
+                parts.update({f"{name}.{k}": v for k, v in value.items() if k != "loss"})
+                value = value["loss"]
+            parts[name] = value
+            total = total + self.weights[name] * value
+        parts["loss"] = total
         return parts
+
+
+from edgekd.distill import feature_losses  # noqa: E402,F401  (registers the feature and relation losses)

@@ -22,7 +22,7 @@ from edgekd.data.splits import load_splits
 from edgekd.data.types import DataSplits
 from edgekd.distill.execution import Execution, choose_execution, resolve_device
 from edgekd.distill.losses import ComposedLoss
-from edgekd.distill.teacher import LiveTeacher, Normalize, build_cache
+from edgekd.distill.teacher import LiveTeacher, Normalize, TeacherCache, build_cache
 from edgekd.distill.train import evaluate, train
 from edgekd.errors import EdgeKDError
 from edgekd.models import count_parameters, create_model, load_weights
@@ -56,13 +56,14 @@ class Reporter:
 
 def plan(profile: Profile, study_root: Path) -> list[Job]:
     jobs = []
-    needs_teacher = any(ComposedLoss(spec, f"methods.{m}").needs_teacher for m, spec in profile.methods.items())
+    cacheable = [ComposedLoss(spec, f"methods.{m}") for m, spec in profile.methods.items()]
+    needs_cache = any(c.needs_teacher and not c.needs_features for c in cacheable)
     for name in profile.datasets:
         def job(role, seed, name=name):
             return Job(name, BASE_VARIANT, role, seed, run_dir(study_root, name, BASE_VARIANT, role, seed))
 
         jobs.append(job(TEACHER, profile.study.teacher_seed))
-        if needs_teacher and profile.study.teacher_cache:
+        if needs_cache and profile.study.teacher_cache:
             jobs.append(job(CACHE, profile.study.teacher_seed))
         for seed in profile.study.seeds:
             jobs.append(job(SCRATCH, seed))
@@ -122,7 +123,7 @@ class StudyRunner:
         return choose_execution(lambda: self._model(cfg, data), cfg, self.device, shape, data.num_classes,
                                 self.root / ".execution.json")
 
-    def _teacher(self, job: Job, data: DataSplits):
+    def _teacher(self, job: Job, data: DataSplits, stages: set[int] | None = None):
         """The trained teacher of this dataset variant, as a ready-to-run LiveTeacher, and its run dir."""
         tdir = run_dir(self.root, job.dataset, job.variant, TEACHER, self.profile.study.teacher_seed)
         weights = tdir / "model.safetensors"
@@ -130,7 +131,7 @@ class StudyRunner:
             raise EdgeKDError(f"{job.label}: teacher not trained yet ({weights} missing): run the teacher job first")
         cfg = self.profile.teacher
         model = load_weights(self._model(cfg, data), weights)
-        return LiveTeacher(model, self._execution(cfg, data, tdir)), tdir
+        return LiveTeacher(model, self._execution(cfg, data, tdir), stages), tdir
 
     def _cache_key(self, data: DataSplits, tdir: Path, teacher: LiveTeacher) -> dict:
         return {"teacher_sha256": _sha256(tdir / "model.safetensors"), "samples": len(data.train),
@@ -202,9 +203,11 @@ class StudyRunner:
             spec = {"ce": {"weight": 1.0}} if job.role in (TEACHER, SCRATCH) else self.profile.methods[job.role]
             criterion = ComposedLoss(spec, f"methods.{job.role}", cfg.label_smoothing).to(self.device)
             if criterion.needs_teacher:
-                teacher_source, tdir = self._teacher(job, data)
+                teacher_source, tdir = self._teacher(job, data, criterion.stages()[1])
+                criterion.bind(model, teacher_source.model)
                 teacher_logits = load_tensors(tdir / "predictions.safetensors")["test_logits"]
-                if self.profile.study.teacher_cache:
+                # The cache holds logits; feature terms need the teacher's activations of this very batch.
+                if self.profile.study.teacher_cache and not criterion.needs_features:
                     cache, _ = self._build_cache(job, data, teacher_source, tdir)
                     cache.live, teacher_source = teacher_source, cache
             elif not is_teacher:
@@ -233,7 +236,7 @@ class StudyRunner:
             "wall_s": round(time.perf_counter() - start + history.get("prior_s", 0.0), 2),
             "train_s": round(history["train_s"], 2),
             "images_per_s": round(images / history["train_s"], 1) if history["train_s"] else None,
-            "execution": asdict(ex), "teacher_cache": self.profile.study.teacher_cache and teacher_source is not None,
+            "execution": asdict(ex), "teacher_cache": isinstance(teacher_source, TeacherCache),
             "losses": self.profile.methods.get(job.role, {"ce": {"weight": 1.0}}),
             "history": history["history"], "data": data.describe(),
         }

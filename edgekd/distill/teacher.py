@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from edgekd.data.augment import ViewAugment
 from edgekd.distill.execution import Execution
+from edgekd.distill.features import FeatureTap
 from edgekd.runio import load_tensors, read_json, save_tensors, write_json
 
 
@@ -29,13 +30,19 @@ class Normalize:
 
 
 class LiveTeacher:
-    """Runs the teacher under inference mode on the very batch the student sees."""
+    """Runs the teacher without autograd on the very batch the student sees (and keeps the stage features
+    that feature-based losses ask for)."""
 
-    def __init__(self, model: nn.Module, execution: Execution):
+    def __init__(self, model: nn.Module, execution: Execution, stages: set[int] | None = None):
         self.model = execution.prepare(model).eval()
         self.execution = execution
+        self.tap = FeatureTap(self.model, stages) if stages else None
 
-    @torch.inference_mode()
+    @property
+    def features(self) -> dict:
+        return self.tap.outputs if self.tap else {}
+
+    @torch.no_grad()  # not inference_mode: losses may save teacher activations for the student's backward
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         with self.execution.autocast():
             return self.model(x.contiguous(memory_format=self.execution.memory_format())).float()

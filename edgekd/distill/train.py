@@ -19,6 +19,7 @@ from edgekd.config import TrainConfig
 from edgekd.data.augment import ViewAugment
 from edgekd.data.types import DataSplits
 from edgekd.distill.execution import Execution
+from edgekd.distill.features import FeatureTap
 from edgekd.distill.losses import ComposedLoss, StepOutputs
 from edgekd.distill.teacher import Normalize
 from edgekd.runio import load_tensors, read_json, save_tensors, write_json
@@ -43,10 +44,12 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, cfg: TrainConfig, extra: nn.Module | None = None) -> torch.optim.Optimizer:
     # No weight decay on norms and biases: standard practice, and it matters for tiny students.
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    # `extra` holds trainable loss parts (feature adapters), trained with the student and dropped after.
+    params = list(model.parameters()) + (list(extra.parameters()) if extra is not None else [])
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr)
@@ -111,7 +114,9 @@ def train(model: nn.Module, data: DataSplits, cfg: TrainConfig, criterion: Compo
     train_x, train_y = data.train.images.to(device), data.train.labels.to(device)
     normalize = Normalize(data.mean, data.std, device)
     model = ex.prepare(model)
-    optimizer = make_optimizer(model, cfg)
+    criterion = criterion.to(device)
+    optimizer = make_optimizer(model, cfg, criterion)
+    tap = FeatureTap(model, criterion.stages()[0]) if criterion.needs_features else None
     n, bs = len(train_y), cfg.batch_size
     steps = math.ceil(n / bs)
     total, warmup = steps * cfg.epochs, int(round(cfg.warmup_epochs * steps))
@@ -121,6 +126,7 @@ def train(model: nn.Module, data: DataSplits, cfg: TrainConfig, criterion: Compo
         ckpt = read_json(run_dir / f"{CHECKPOINT}.json")
         tensors = load_tensors(run_dir / f"{CHECKPOINT}.safetensors", device)
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        criterion.load_state_dict({k[10:]: v for k, v in tensors.items() if k.startswith("criterion.")})
         _restore_optimizer(optimizer, tensors, ckpt["optimizer"])
         best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
         ckpt["prior_s"] = ckpt["train_s"]  # time spent before the interruption, for the run's wall time
@@ -144,7 +150,8 @@ def train(model: nn.Module, data: DataSplits, cfg: TrainConfig, criterion: Compo
             with ex.autocast():
                 logits = model(x)
             teacher_logits = teacher.outputs(idx, v, x) if teacher is not None else None
-            parts = criterion(StepOutputs(logits, train_y[idx], teacher_logits))
+            parts = criterion(StepOutputs(logits, train_y[idx], teacher_logits, tap.outputs if tap else {},
+                                          getattr(teacher, "features", {})))
             optimizer.zero_grad(set_to_none=True)
             parts["loss"].backward()
             optimizer.step()
@@ -171,9 +178,12 @@ def train(model: nn.Module, data: DataSplits, cfg: TrainConfig, criterion: Compo
         opt_tensors, ckpt["optimizer"] = _flatten_optimizer(optimizer)
         save_tensors(run_dir / f"{CHECKPOINT}.safetensors",
                      {**{f"model.{k}": v for k, v in model.state_dict().items()},
+                      **{f"criterion.{k}": v for k, v in criterion.state_dict().items()},
                       **{f"best.{k}": v for k, v in best.items()}, **opt_tensors})
         write_json(run_dir / f"{CHECKPOINT}.json", {**ckpt, "execution": asdict(ex)})
         log(" ".join(f"{k}={v}" for k, v in record.items()))
+    if tap:
+        tap.remove()
     model.load_state_dict(best)
     return ckpt
 
