@@ -35,6 +35,28 @@ class DatasetConfig:
     samples_per_class: int = 60  # synthetic source only
 
 
+VARIANT_KINDS = ("base", "fraction", "per_class", "imbalance", "label_noise", "spurious", "classes", "corruption",
+                 "resolution")
+CORRUPTIONS = ("gaussian_noise", "blur", "contrast", "brightness", "jpeg")
+
+
+@dataclass
+class VariantConfig:
+    kind: str = "base"
+    fraction: float = 1.0  # fraction: stratified share of the training set kept
+    per_class: int = 0  # per_class: samples kept per class
+    ratio: float = 1.0  # imbalance: n_max / n_min, exponential profile over classes (CIFAR-10-LT)
+    rate: float = 0.0  # label_noise: share of training labels changed
+    noise: str = "symmetric"  # symmetric (uniform over other classes) | pairs (fixed confusable pairs)
+    pairs: list[list[int]] = field(default_factory=list)  # pairs noise; empty = each class c -> (c + 1) mod C
+    p: float = 0.9  # spurious: probability that the cue agrees with the label in training
+    classes: list[int] = field(default_factory=list)  # classes: the subset kept (train and test)
+    corruptions: list[str] = field(default_factory=lambda: list(CORRUPTIONS))  # corruption: test-time sets
+    severities: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
+    resolution: int = 0  # resolution: test images seen at this side, resized back to the training size
+    seed: int = 0
+
+
 @dataclass
 class TrainConfig:
     model: str = "resnet18"  # any timm model name
@@ -66,6 +88,25 @@ class StudyConfig:
     teacher_cache: bool = True
     cache_topk: int = 0  # 0 = dense logits; k > 0 keeps the top-k logits per view where classes are many
     threads: int = 0  # 0 = torch's default
+    # clean: one teacher per dataset, trained on the unmodified data, teaches every variant's students;
+    # variant: each variant trains its own teacher on the same modified data as its students.
+    teacher_regime: str = "clean"
+
+
+@dataclass
+class DeployConfig:
+    """What `edgekd study` exports and benches for every student (see `edgekd export` / `edgekd bench`)."""
+
+    targets: list[str] = field(default_factory=lambda: ["onnx", "int8"])
+    int8_presets: list[str] = field(default_factory=lambda: ["cpu"])
+    calib_size: int = 512
+    calib_method: str = "minmax"
+    eval_limit: int = 2000  # test images carried in each bundle; bench accuracy is measured on them
+    backend: str = "ort"
+    device: str = "cpu"
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 64])
+    iters: int = 100
+    threads: int = 0
 
 
 def _default_methods() -> dict[str, dict[str, dict[str, float]]]:
@@ -80,6 +121,8 @@ class Profile:
     student: TrainConfig = field(default_factory=lambda: TrainConfig(model="mobilenetv3_small_100"))
     # method name -> loss name -> {weight, loss parameters}; each method is one KD student per seed.
     methods: dict[str, dict[str, dict[str, float]]] = field(default_factory=_default_methods)
+    variants: dict[str, VariantConfig] = field(default_factory=lambda: {"base": VariantConfig()})
+    deploy: DeployConfig = field(default_factory=DeployConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -178,6 +221,14 @@ def profile_from_dict(data: dict[str, Any]) -> Profile:
             raise ProfileError(f"profile key '{name}.channels_last' must be auto, on or off")
         if train.epochs < 1 or train.batch_size < 1:
             raise ProfileError(f"profile keys '{name}.epochs' and '{name}.batch_size' must be at least 1")
+    if profile.study.teacher_regime not in ("clean", "variant"):
+        raise ProfileError("profile key 'study.teacher_regime' must be 'clean' or 'variant'")
+    for name, v in profile.variants.items():
+        if v.kind not in VARIANT_KINDS:
+            raise ProfileError(f"profile key 'variants.{name}.kind' is {v.kind!r}: use one of {', '.join(VARIANT_KINDS)}")
+        if v.kind == "classes" and profile.study.teacher_regime == "clean":
+            raise ProfileError(f"variant '{name}' keeps a subset of classes, which a teacher trained on all classes "
+                               "cannot teach: set study.teacher_regime = 'variant'")
     if not profile.study.seeds:
         raise ProfileError("profile key 'study.seeds' is empty: give at least one seed, e.g. seeds = [0]")
     return profile

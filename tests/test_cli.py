@@ -31,7 +31,8 @@ def test_distill_end_to_end(tiny_profile, tmp_path, capsys):
     assert len(metrics["per_class_test_acc"]) == 4 and metrics["epochs"] == 2
     assert set(metrics["history"][0]) >= {"ce", "kd", "loss", "val_acc"}
     assert json.loads((kd_dir / "profile.json").read_text())["profile"]["student"]["epochs"] == 2
-    assert (root / "synthetic" / "base" / "teacher" / "seed0" / "teacher_cache.safetensors").is_file()
+    assert (root / "synthetic" / "base" / "teacher_cache" / "seed0" / "teacher_cache.safetensors").is_file()
+    assert {"balanced_test_acc", "ece"} <= set(metrics)
 
     # A second run trains nothing; --set changes the profile without touching the file.
     assert main(["distill", str(tiny_profile), "--out", str(out)]) == 0
@@ -108,3 +109,23 @@ def test_datasets_and_env_commands(capsys):
     assert "/usr/share/datasets/fashion-mnist" in text
     assert main(["env"]) == 0
     assert "torch" in capsys.readouterr().out
+
+
+def test_variants_study_clean_teacher_regime(tiny_profile, tmp_path):
+    profile = load_profile(tiny_profile, [
+        "study.seeds=[0]", "student.epochs=1", "teacher.epochs=1",
+        "variants={base={kind='base'}, noisy={kind='label_noise', rate=0.2}, cue={kind='spurious', p=0.9}, "
+        "small={kind='imbalance', ratio=4.0}}"])
+    records = run_study(profile, tmp_path)
+    teachers = [r for r in records if r["role"] == "teacher"]
+    assert [r["variant"] for r in teachers] == ["base"]  # one clean teacher teaches every variant
+    assert {r["variant"] for r in records if r["role"] == "kd"} == {"base", "noisy", "cue", "small"}
+    root = tmp_path / "tiny" / "synthetic"
+    cue = json.loads((root / "cue" / "kd" / "seed0" / "metrics.json").read_text())
+    assert set(cue["extra_test_acc"]) == {"aligned", "conflicting"} and 0 <= cue["worst_group_acc"] <= 1
+    assert cue["variant_stats"]["kind"] == "spurious"
+    noisy = json.loads((root / "noisy" / "scratch" / "seed0" / "profile.json").read_text())
+    assert noisy["variant"]["noise_rate"] == pytest.approx(0.2, abs=0.01)
+    small = json.loads((root / "small" / "kd" / "seed0" / "metrics.json").read_text())
+    assert {"head_acc", "tail_acc"} <= set(small) and small["variant_stats"]["train_per_class"][0] > \
+        small["variant_stats"]["train_per_class"][-1]

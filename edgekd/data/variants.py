@@ -8,36 +8,17 @@ split itself is never changed. Each returns its exact statistics for the run's m
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from edgekd.config import CORRUPTIONS, VariantConfig
+from edgekd.config import VARIANT_KINDS as KINDS
 from edgekd.data.splits import class_counts, stratified_take
 from edgekd.data.types import DataSplits, ImageSet
 from edgekd.errors import EdgeKDError
-
-KINDS = ("base", "fraction", "per_class", "imbalance", "label_noise", "spurious", "classes", "corruption",
-         "resolution")
-CORRUPTIONS = ("gaussian_noise", "blur", "contrast", "brightness", "jpeg")
-
-
-@dataclass
-class VariantConfig:
-    kind: str = "base"
-    fraction: float = 1.0  # fraction: stratified share of the training set kept
-    per_class: int = 0  # per_class: samples kept per class
-    ratio: float = 1.0  # imbalance: n_max / n_min, exponential profile over classes (CIFAR-10-LT)
-    rate: float = 0.0  # label_noise: share of training labels changed
-    noise: str = "symmetric"  # symmetric (uniform over other classes) | pairs (fixed confusable pairs)
-    pairs: list[list[int]] = field(default_factory=list)  # pairs noise; empty = each class c -> (c + 1) mod C
-    p: float = 0.9  # spurious: probability that the cue agrees with the label in training
-    classes: list[int] = field(default_factory=list)  # classes: the subset kept (train and test)
-    corruptions: list[str] = field(default_factory=lambda: list(CORRUPTIONS))  # corruption: test-time sets
-    severities: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
-    resolution: int = 0  # resolution: test images seen at this side, resized back to the training size
-    seed: int = 0
 
 
 @dataclass

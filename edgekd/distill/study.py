@@ -16,10 +16,11 @@ from pathlib import Path
 
 import torch
 
-from edgekd.config import DatasetConfig, Profile, TrainConfig
+from edgekd.config import DatasetConfig, Profile, TrainConfig, VariantConfig
 from edgekd.data.augment import ViewAugment
 from edgekd.data.splits import load_splits
 from edgekd.data.types import DataSplits
+from edgekd.data.variants import VariantData, apply_variant
 from edgekd.distill.execution import Execution, choose_execution, resolve_device
 from edgekd.distill.losses import ComposedLoss
 from edgekd.distill.teacher import LiveTeacher, Normalize, TeacherCache, build_cache
@@ -54,30 +55,42 @@ class Reporter:
     def finish(self, job: Job, metrics: dict, skipped: bool) -> None: ...
 
 
+def teacher_variant(profile: Profile, variant: str) -> str:
+    """Where a variant's teacher lives: its own variant, or the clean data's (`base`)."""
+    return variant if profile.study.teacher_regime == "variant" else BASE_VARIANT
+
+
 def plan(profile: Profile, study_root: Path) -> list[Job]:
-    jobs = []
+    """Jobs in an order that respects their dependencies: teachers, then teacher caches, then students."""
     cacheable = [ComposedLoss(spec, f"methods.{m}") for m, spec in profile.methods.items()]
-    needs_cache = any(c.needs_teacher and not c.needs_features for c in cacheable)
+    needs_cache = profile.study.teacher_cache and any(c.needs_teacher and not c.needs_features for c in cacheable)
+    teachers, caches, students = [], [], []
     for name in profile.datasets:
-        def job(role, seed, name=name):
-            return Job(name, BASE_VARIANT, role, seed, run_dir(study_root, name, BASE_VARIANT, role, seed))
+        def job(variant, role, seed, name=name):
+            return Job(name, variant, role, seed, run_dir(study_root, name, variant, role, seed))
 
-        jobs.append(job(TEACHER, profile.study.teacher_seed))
-        if needs_cache and profile.study.teacher_cache:
-            jobs.append(job(CACHE, profile.study.teacher_seed))
-        for seed in profile.study.seeds:
-            jobs.append(job(SCRATCH, seed))
-            jobs += [job(method, seed) for method in profile.methods]
-    return jobs
-
-
-@functools.lru_cache(maxsize=2)
-def _cached_splits(name: str, cfg_json: str) -> DataSplits:
-    return load_splits(name, DatasetConfig(**json.loads(cfg_json)))
+        for variant in profile.variants:
+            teacher = job(teacher_variant(profile, variant), TEACHER, profile.study.teacher_seed)
+            if teacher not in teachers:
+                teachers.append(teacher)
+            if needs_cache:
+                caches.append(job(variant, CACHE, profile.study.teacher_seed))
+            for seed in profile.study.seeds:
+                students += [job(variant, SCRATCH, seed)] + [job(variant, method, seed) for method in profile.methods]
+    return teachers + caches + students
 
 
-def dataset_splits(profile: Profile, name: str) -> DataSplits:
-    return _cached_splits(name, json.dumps(asdict(profile.datasets[name]), sort_keys=True))
+@functools.lru_cache(maxsize=4)
+def _cached_data(name: str, cfg_json: str, variant_json: str) -> VariantData:
+    splits = load_splits(name, DatasetConfig(**json.loads(cfg_json)))
+    return apply_variant(splits, VariantConfig(**json.loads(variant_json)))
+
+
+def dataset_splits(profile: Profile, name: str, variant: str = BASE_VARIANT) -> VariantData:
+    """A dataset's splits with one of the profile's variants applied (`base`: unchanged unless redefined)."""
+    v = profile.variants.get(variant, VariantConfig())
+    return _cached_data(name, json.dumps(asdict(profile.datasets[name]), sort_keys=True),
+                        json.dumps(asdict(v), sort_keys=True))
 
 
 def augment_for(cfg: DatasetConfig) -> ViewAugment:
@@ -125,13 +138,17 @@ class StudyRunner:
 
     def _teacher(self, job: Job, data: DataSplits, stages: set[int] | None = None):
         """The trained teacher of this dataset variant, as a ready-to-run LiveTeacher, and its run dir."""
-        tdir = run_dir(self.root, job.dataset, job.variant, TEACHER, self.profile.study.teacher_seed)
+        tdir = self._teacher_dir(job)
         weights = tdir / "model.safetensors"
         if not weights.is_file():
             raise EdgeKDError(f"{job.label}: teacher not trained yet ({weights} missing): run the teacher job first")
         cfg = self.profile.teacher
         model = load_weights(self._model(cfg, data), weights)
         return LiveTeacher(model, self._execution(cfg, data, tdir), stages), tdir
+
+    def _teacher_dir(self, job: Job) -> Path:
+        return run_dir(self.root, job.dataset, teacher_variant(self.profile, job.variant), TEACHER,
+                       self.profile.study.teacher_seed)
 
     def _cache_key(self, data: DataSplits, tdir: Path, teacher: LiveTeacher) -> dict:
         return {"teacher_sha256": _sha256(tdir / "model.safetensors"), "samples": len(data.train),
@@ -141,14 +158,17 @@ class StudyRunner:
                 "precision": teacher.execution.precision}
 
     def _build_cache(self, job: Job, data: DataSplits, teacher: LiveTeacher, tdir: Path):
+        """The variant's cache of its teacher's outputs, in the variant's teacher_cache run directory."""
         cfg = self.profile.datasets[job.dataset]
         images = data.train.images.to(self.device)
+        where = run_dir(self.root, job.dataset, job.variant, CACHE, self.profile.study.teacher_seed)
 
         def progress(done, total):
+            if done <= self.profile.study.eval_batch_size:
+                self.reporter.start(job, total)
             self.reporter.advance(job, done, None, None)
 
-        self.reporter.start(job, len(data.train) * augment_for(cfg).num_views)
-        return build_cache(tdir / "teacher_cache", self._cache_key(data, tdir, teacher), teacher, images,
+        return build_cache(where / "teacher_cache", self._cache_key(data, tdir, teacher), teacher, images,
                            augment_for(cfg), Normalize(data.mean, data.std, self.device), self.profile.study.seeds,
                            self.profile.student.epochs, self.profile.study.eval_batch_size, progress)
 
@@ -161,7 +181,8 @@ class StudyRunner:
             metrics = read_json(metrics_path)
             self.reporter.finish(job, metrics, skipped=True)
             return metrics
-        data = dataset_splits(self.profile, job.dataset)
+        variant = dataset_splits(self.profile, job.dataset, job.variant)
+        data = variant.splits
         start = time.perf_counter()
         if job.role == CACHE:
             teacher, tdir = self._teacher(job, data)
@@ -172,7 +193,7 @@ class StudyRunner:
             return metrics
         log = _RunLog(job.run_dir / "train.log")
         try:
-            metrics = self._train_job(job, data, log, start)
+            metrics = self._train_job(job, variant, log, start)
         finally:
             log.close()
         self.reporter.finish(job, metrics, skipped=False)
@@ -184,11 +205,13 @@ class StudyRunner:
         return {"dataset": job.dataset, "variant": job.variant, "role": role, "method": method, "seed": job.seed,
                 "model": model}
 
-    def _train_job(self, job: Job, data: DataSplits, log: _RunLog, start: float) -> dict:
+    def _train_job(self, job: Job, variant: VariantData, log: _RunLog, start: float) -> dict:
+        data = variant.splits
         is_teacher = job.role == TEACHER
         cfg = self.profile.teacher if is_teacher else self.profile.student
         write_json(job.run_dir / "profile.json", {"job": {**asdict(job), "run_dir": str(job.run_dir)},
-                                                  "data": data.describe(), "profile": self.profile.to_dict()})
+                                                  "data": data.describe(), "variant": variant.stats,
+                                                  "profile": self.profile.to_dict()})
         torch.manual_seed(job.seed)  # the same initial weights for the scratch and KD students of one seed
         model = self._model(cfg, data)
         ex = self._execution(cfg, data, job.run_dir)
@@ -211,7 +234,7 @@ class StudyRunner:
                     cache, _ = self._build_cache(job, data, teacher_source, tdir)
                     cache.live, teacher_source = teacher_source, cache
             elif not is_teacher:
-                tdir = run_dir(self.root, job.dataset, job.variant, TEACHER, self.profile.study.teacher_seed)
+                tdir = self._teacher_dir(job)
                 if (tdir / "predictions.safetensors").is_file():
                     teacher_logits = load_tensors(tdir / "predictions.safetensors")["test_logits"]
             augment = augment_for(self.profile.datasets[job.dataset])
@@ -224,7 +247,8 @@ class StudyRunner:
 
             history = train(model, data, cfg, criterion, ex, augment, job.seed, job.run_dir, teacher_source,
                             self.profile.study.eval_batch_size, on_step, log)
-        metrics, test_logits = evaluate(model, data, ex, self.profile.study.eval_batch_size, teacher_logits)
+        metrics, test_logits = evaluate(model, data, ex, self.profile.study.eval_batch_size, teacher_logits,
+                                        variant.extra_tests, variant.stats)
         save_tensors(job.run_dir / "model.safetensors", model.state_dict(),
                      {"model": cfg.model, "num_classes": str(data.num_classes), "in_chans": str(data.channels),
                       "small_input": str(cfg.small_input)})
@@ -238,7 +262,7 @@ class StudyRunner:
             "images_per_s": round(images / history["train_s"], 1) if history["train_s"] else None,
             "execution": asdict(ex), "teacher_cache": isinstance(teacher_source, TeacherCache),
             "losses": self.profile.methods.get(job.role, {"ce": {"weight": 1.0}}),
-            "history": history["history"], "data": data.describe(),
+            "history": history["history"], "data": data.describe(), "variant_stats": variant.stats,
         }
         write_json(job.run_dir / "metrics.json", metrics)
         (job.run_dir / "checkpoint.safetensors").unlink(missing_ok=True)  # the best weights are saved above

@@ -21,6 +21,13 @@ from edgekd.data.types import DataSplits
 from edgekd.distill.execution import Execution
 from edgekd.distill.features import FeatureTap
 from edgekd.distill.losses import ComposedLoss, StepOutputs
+from edgekd.distill.metrics import (
+    balanced_accuracy,
+    expected_calibration_error,
+    head_tail_accuracy,
+    per_class_accuracy,
+    worst_group_accuracy,
+)
 from edgekd.distill.teacher import Normalize
 from edgekd.runio import load_tensors, read_json, save_tensors, write_json
 
@@ -71,15 +78,6 @@ def predict(model: nn.Module, images: torch.Tensor, normalize: Normalize, ex: Ex
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return (logits.argmax(1) == labels.cpu()).float().mean().item() if len(labels) else float("nan")
-
-
-def per_class_accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[float | None]:
-    pred, labels = logits.argmax(1), labels.cpu()
-    result = []
-    for c in range(num_classes):
-        mask = labels == c
-        result.append(round((pred[mask] == c).float().mean().item(), 5) if mask.any() else None)
-    return result
 
 
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -189,18 +187,31 @@ def train(model: nn.Module, data: DataSplits, cfg: TrainConfig, criterion: Compo
 
 
 def evaluate(model: nn.Module, data: DataSplits, ex: Execution, batch_size: int,
-             teacher_test_logits: torch.Tensor | None = None) -> tuple[dict, torch.Tensor]:
-    """Test and validation metrics of a trained model, and its test logits."""
+             teacher_test_logits: torch.Tensor | None = None, extra_tests: dict | None = None,
+             variant_stats: dict | None = None) -> tuple[dict, torch.Tensor]:
+    """Test and validation metrics of a trained model (and on a variant's extra test sets), and its test logits."""
     normalize = Normalize(data.mean, data.std, ex.device)
-    test = predict(model, data.test.images.to(ex.device), normalize, ex, batch_size)
-    val = predict(model, data.val.images.to(ex.device), normalize, ex, batch_size)
+
+    def logits_of(images: torch.Tensor) -> torch.Tensor:
+        return predict(model, images.to(ex.device), normalize, ex, batch_size)
+
+    test, val = logits_of(data.test.images), logits_of(data.val.images)
+    per_class = per_class_accuracy(test, data.test.labels, data.num_classes)
     metrics = {
         "test_acc": round(accuracy(test, data.test.labels), 5),
         "val_acc": round(accuracy(val, data.val.labels), 5),
-        "per_class_test_acc": dict(zip(data.classes, per_class_accuracy(test, data.test.labels, data.num_classes),
-                                       strict=True)),
+        "balanced_test_acc": round(balanced_accuracy(per_class), 5),
+        "ece": round(expected_calibration_error(test, data.test.labels), 5),
+        "per_class_test_acc": dict(zip(data.classes, per_class, strict=True)),
     }
-    if teacher_test_logits is not None:
+    if variant_stats and variant_stats.get("kind") == "imbalance":
+        metrics.update(head_tail_accuracy(per_class, variant_stats["train_per_class"]))
+    if teacher_test_logits is not None and teacher_test_logits.shape == test.shape:
         metrics["teacher_agreement"] = round((test.argmax(1) == teacher_test_logits.argmax(1)).float().mean().item(), 5)
+    extra = {name: (logits_of(s.images), s.labels) for name, s in (extra_tests or {}).items()}
+    if extra:
+        metrics["extra_test_acc"] = {name: round(accuracy(lg, lb), 5) for name, (lg, lb) in extra.items()}
+    if "aligned" in extra and "conflicting" in extra:
+        metrics["worst_group_acc"] = round(worst_group_accuracy(extra["aligned"], extra["conflicting"],
+                                                                data.num_classes), 5)
     return metrics, test
-
