@@ -205,6 +205,48 @@ def bench_table(record: dict) -> Table:
     return table
 
 
+def report_table(report) -> Table:
+    table = Table(title=f"KD gain by dataset factor: {report.root.name}",
+                  caption="test accuracy %, mean ± std over seeds; gain paired by seed with its 95% interval")
+    for col in ("dataset", "variant", "factor", "method", "teacher", "scratch", "KD", "KD gain [95% CI]"):
+        table.add_column(col, justify="left" if col in ("dataset", "variant", "factor", "method") else "right")
+    for r in report.variants:
+        g = r["gain"]
+        style = "red" if g and g.mean < 0 else "green"
+        gain = f"[{style}]{g.mean * 100:+.2f} [±{g.ci95 * 100:.2f}][/{style}]" if g else "-"
+        table.add_row(r["dataset"], r["variant"], r["factor"], r["method"],
+                      f"{r['teacher_acc'] * 100:.2f}" if r["teacher_acc"] is not None else "-",
+                      r["scratch_acc"].fmt() if r["scratch_acc"] else "-", r["kd_acc"].fmt() if r["kd_acc"] else "-",
+                      gain)
+    for r in report.retention:
+        table.add_row(r["dataset"], r["variant"], "after INT8", r["method"], "", "", "",
+                      f"{r['gain_int8'] * 100:+.2f} (FP32 {r['gain_fp32'] * 100:+.2f})")
+    return table
+
+
+def cmd_study(args) -> int:
+    from edgekd.config import load_profile
+    from edgekd.study import run_full_study
+
+    profile = load_profile(args.profile, list(args.set or []))
+    start = time.perf_counter()
+    with RichReporter() as reporter:
+        report = run_full_study(profile, Path(args.out), reporter, jobs=args.jobs, force=args.force,
+                                log=lambda line: console.print(f"[dim]{escape(line)}[/dim]"))
+    console.print(report_table(report))
+    console.print(f"report: {report.files['html']}  ({time.perf_counter() - start:.0f} s)")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from edgekd.report import build_report
+
+    report = build_report(Path(args.runs_dir))
+    console.print(report_table(report))
+    console.print(f"report: {report.files['html']}, {report.files['md']}, CSV files beside them")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgekd", description="Does knowledge distillation pay off on my "
                                      "dataset, on my edge device?")
@@ -217,6 +259,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="where dataset files live (overrides the profile)")
     p.add_argument("--download", action="store_true", help="let torchvision download missing datasets")
     p.set_defaults(func=cmd_distill)
+    p = sub.add_parser("study", help="distill, export, bench and report every dataset variant of a profile")
+    p.add_argument("profile", help="study profile (TOML), e.g. profiles/quickstart.toml")
+    p.add_argument("--out", default="runs", help="runs directory (default: runs)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a profile key")
+    p.add_argument("--jobs", type=int, default=1, help="independent trainings run in this many processes")
+    p.add_argument("--force", action="store_true", help="retrain finished runs")
+    p.set_defaults(func=cmd_study)
+    p = sub.add_parser("report", help="tables and plots of a study: report.md, report.html, CSV")
+    p.add_argument("runs_dir", help="a study directory, e.g. runs/quickstart")
+    p.set_defaults(func=cmd_report)
     p = sub.add_parser("export", help="turn students into ONNX / INT8 / TensorRT bundles, checked against PyTorch")
     p.add_argument("run_dir", help="a student run directory, or a study directory (all its students)")
     p.add_argument("--target", action="append", choices=["onnx", "int8", "trt"], help="repeatable; default onnx")

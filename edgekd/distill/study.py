@@ -271,20 +271,57 @@ class StudyRunner:
 
 def collect(study_root: Path) -> list[dict]:
     """Every finished run under a study, as summary records (the study root's summary.json)."""
-    keys = ("dataset", "variant", "role", "method", "seed", "model", "test_acc", "val_acc", "teacher_agreement",
-            "params", "epochs", "wall_s", "train_s", "images_per_s", "fill_s", "teacher_forwards")
+    keys = ("dataset", "variant", "role", "method", "seed", "model", "test_acc", "val_acc", "balanced_test_acc",
+            "ece", "head_acc", "tail_acc", "worst_group_acc", "extra_test_acc", "teacher_agreement", "params",
+            "epochs", "wall_s", "train_s", "images_per_s", "fill_s", "teacher_forwards")
     records = []
     for path in sorted(study_root.glob("*/*/*/seed*/metrics.json")):
         m = read_json(path)
-        records.append({k: m[k] for k in keys if k in m} | {"run_dir": str(path.parent.relative_to(study_root))})
+        records.append({k: m[k] for k in keys if k in m} | {"kind": m.get("variant_stats", {}).get("kind", "base"),
+                                                             "run_dir": str(path.parent.relative_to(study_root))})
     return records
 
 
-def run_study(profile: Profile, out: Path, reporter: Reporter | None = None, force: bool = False) -> list[dict]:
+def _run_in_process(profile_data: dict, root: str, job: Job, threads: int) -> str:
+    """One job in a worker process (spawned: no state shared with the parent beyond the run directories)."""
+    from edgekd.config import profile_from_dict
+
+    torch.set_num_threads(threads)
+    StudyRunner(profile_from_dict(profile_data), Path(root)).run_job(job)
+    return job.label
+
+
+def run_study(profile: Profile, out: Path, reporter: Reporter | None = None, force: bool = False,
+              jobs: int = 1) -> list[dict]:
+    """Run every job of the plan. With jobs > 1, the independent trainings of each dependency level (teachers,
+    then caches, then students) run in that many processes, each with its share of the CPU threads."""
     root = Path(out) / profile.study.name
     runner = StudyRunner(profile, root, reporter, force)
-    for job in plan(profile, root):
-        runner.run_job(job)
+    todo = plan(profile, root)
+    if jobs <= 1:
+        for job in todo:
+            runner.run_job(job)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        threads = max(1, (profile.study.threads or torch.get_num_threads()) // jobs)
+        data = profile.to_dict()
+        for level in (TEACHER, CACHE, None):
+            wave = [j for j in todo if (j.role == level if level else j.role not in (TEACHER, CACHE))]
+            pending = []
+            for job in wave:
+                if force and job.run_dir.exists():
+                    shutil.rmtree(job.run_dir)
+                if (job.run_dir / "metrics.json").is_file():
+                    runner.reporter.finish(job, read_json(job.run_dir / "metrics.json"), skipped=True)
+                else:
+                    pending.append(job)
+            with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+                futures = {pool.submit(_run_in_process, data, str(root), job, threads): job for job in pending}
+                for future, job in futures.items():
+                    future.result()
+                    runner.reporter.finish(job, read_json(job.run_dir / "metrics.json"), skipped=False)
     records = collect(root)
     write_json(root / "summary.json", records)
     return records

@@ -6,6 +6,11 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+# Student's t quantile 0.975 by degrees of freedom (no scipy dependency for a table lookup)
+T_975 = dict(enumerate([12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+                        2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+                        2.052, 2.048, 2.045, 2.042], start=1))
+
 
 @dataclass
 class Spread:
@@ -20,6 +25,13 @@ class Spread:
         mean = sum(values) / len(values)
         var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
         return cls(mean, math.sqrt(var), len(values))
+
+    @property
+    def ci95(self) -> float:
+        """Half-width of the 95% confidence interval of the mean (Student's t; 0 with one seed)."""
+        if self.n < 2:
+            return 0.0
+        return T_975.get(self.n - 1, 1.96) * self.std / math.sqrt(self.n)
 
     def fmt(self, scale: float = 100.0, signed: bool = False) -> str:
         sign = "+" if signed else ""

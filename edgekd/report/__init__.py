@@ -1,0 +1,145 @@
+"""`edgekd report RUNS_DIR`: the study's answer as report.md, a self-contained report.html and CSV files.
+
+Which dataset factors change what KD buys (KD gain against each factor, 95% intervals, negative gains shown as
+they are), and whether that gain survives deployment (accuracy against latency per backend and precision with
+the Pareto front; the KD gain kept after INT8).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgekd.distill.study import collect
+from edgekd.distill.summary import Spread, paired_gain
+from edgekd.errors import EdgeKDError
+from edgekd.report import plots
+from edgekd.report.tables import deploy_rows, variant_rows, write_csv
+from edgekd.runio import write_json
+
+
+@dataclass
+class Report:
+    root: Path
+    variants: list[dict]
+    deploy: list[dict]
+    retention: list[dict]
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def int8_retention(deploy: list[dict]) -> list[dict]:
+    """KD gain measured on the deployed FP32 ONNX model and on the INT8 one, paired by seed."""
+    acc: dict[tuple, float] = {}
+    for r in deploy:
+        acc[(r["dataset"], r["variant"], r["role"], r["method"], r["seed"], r["precision"])] = r["accuracy"]
+    out = []
+    for dataset, variant, method in sorted({(k[0], k[1], k[3]) for k in acc if k[2] == "kd"}):
+        gains = {}
+        for precision in ("fp32", "int8"):
+            kd = {k[4]: v for k, v in acc.items() if k[:4] == (dataset, variant, "kd", method) and k[5] == precision}
+            scratch = {k[4]: v for k, v in acc.items() if k[:3] == (dataset, variant, "scratch") and k[5] == precision}
+            gains[precision] = paired_gain(kd, scratch)
+        if gains["fp32"] and gains["int8"]:
+            out.append({"dataset": dataset, "variant": variant, "method": method, "gain_fp32": gains["fp32"].mean,
+                        "gain_int8": gains["int8"].mean, "seeds": gains["int8"].n})
+    return out
+
+
+def _pct(s: Spread | None, signed: bool = False) -> str:
+    if s is None:
+        return "-"
+    sign = "+" if signed else ""
+    ci = f" [±{100 * s.ci95:.2f}]" if s.n > 1 else ""
+    return f"{100 * s.mean:{sign}.2f} ± {100 * s.std:.2f}{ci}"
+
+
+def _markdown_tables(report: Report) -> list[str]:
+    lines = ["| dataset | variant | factor | method | teacher | scratch | KD | KD gain (pts, ± std [95% CI]) | "
+             "bias / shift metric |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in report.variants:
+        extra = ""
+        if r.get("kd_worst_group_acc"):
+            extra = f"worst-group {_pct(r['scratch_worst_group_acc'])} → {_pct(r['kd_worst_group_acc'])}"
+        elif r.get("kd_tail_acc"):
+            extra = f"tail {_pct(r['scratch_tail_acc'])} → {_pct(r['kd_tail_acc'])}"
+        elif r.get("kd_shift"):
+            mean = lambda d: Spread.of([s.mean for s in d.values()])  # noqa: E731
+            extra = f"mean shifted acc {_pct(mean(r['scratch_shift']))} → {_pct(mean(r['kd_shift']))}"
+        teacher = f"{100 * r['teacher_acc']:.2f}" if r["teacher_acc"] is not None else "-"
+        lines.append(f"| {r['dataset']} | {r['variant']} | {r['factor']} | {r['method']} | {teacher} | "
+                     f"{_pct(r['scratch_acc'])} | {_pct(r['kd_acc'])} | {_pct(r['gain'], signed=True)} | {extra} |")
+    if report.retention:
+        lines += ["", "| dataset | variant | method | KD gain FP32 (pts) | KD gain INT8 (pts) | kept |", "|---|---|---|---|---|---|"]
+        for r in report.retention:
+            kept = f"{100 * r['gain_int8'] / r['gain_fp32']:.0f}%" if abs(r["gain_fp32"]) > 1e-9 else "-"
+            lines.append(f"| {r['dataset']} | {r['variant']} | {r['method']} | {100 * r['gain_fp32']:+.2f} | "
+                         f"{100 * r['gain_int8']:+.2f} | {kept} |")
+    return lines
+
+
+def build_report(study_root: Path) -> Report:
+    study_root = Path(study_root)
+    records = collect(study_root)
+    if not records:
+        raise EdgeKDError(f"no finished runs under {str(study_root)!r}: pass a study directory such as runs/quickstart")
+    out = study_root / "report"
+    out.mkdir(exist_ok=True)
+    deploy = deploy_rows(study_root)
+    report = Report(study_root, variant_rows(records), deploy, int8_retention(deploy))
+    write_csv(out / "runs.csv", records)
+    write_csv(out / "variants.csv", report.variants)
+    write_csv(out / "deploy.csv", deploy)
+    write_json(study_root / "summary.json", records)
+    batches = sorted({r["batch"] for r in deploy})
+    figures = {
+        "kd_gain_by_factor": plots.kd_gain_by_factor(report.variants),
+        **{f"accuracy_vs_latency_b{b}": plots.accuracy_vs_latency(deploy, b) for b in batches[:1] + batches[-1:]},
+        "int8_retention": plots.int8_retention(report.retention),
+        "shift_curves": plots.shift_curves(report.variants),
+    }
+    figures = {k: v for k, v in figures.items() if v}
+    for name, png in figures.items():
+        (out / f"{name}.png").write_bytes(png)
+    title = f"edgekd report: {study_root.name}"
+    tables = _markdown_tables(report)
+    md = [f"# {title}", "", "Test accuracy in %; students as mean ± std over seeds [95% interval]; KD gain is KD minus "
+          "scratch paired by seed, negative where KD hurt.", "", *tables, ""]
+    md += [f"![{name}]({name}.png)" for name in figures]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    (out / "report.html").write_text(_html(title, tables, figures))
+    report.files = {"md": out / "report.md", "html": out / "report.html", "csv": out / "variants.csv",
+                    "deploy_csv": out / "deploy.csv"}
+    return report
+
+
+def _html(title: str, md_tables: list[str], figures: dict[str, bytes]) -> str:
+    """A self-contained page: the markdown tables as HTML tables, the figures embedded as base64 PNG."""
+    body, rows = [], []
+
+    def flush():
+        if rows:
+            head, *rest = rows
+            body.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>"
+                        + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rest)
+                        + "</table>")
+            rows.clear()
+
+    for line in md_tables:
+        if line.startswith("|---"):
+            continue
+        if line.startswith("|"):
+            rows.append([c.strip() for c in line.strip("|").split("|")])
+        else:
+            flush()
+    flush()
+    images = "".join(f'<figure><img alt="{name}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+                     f"<figcaption>{name.replace('_', ' ')}</figcaption></figure>" for name, png in figures.items())
+    style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;"
+             "margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f3f3f3}"
+             "td:nth-child(-n+4){text-align:left}img{max-width:100%}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1><p>Test accuracy in %; students as "
+            "mean ± std over seeds [95% interval]; KD gain = KD − scratch, paired by seed.</p>"
+            + "".join(body) + images + "</body></html>\n")

@@ -1,0 +1,108 @@
+"""The report's figures, as PNG bytes (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import io
+from collections import defaultdict
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+COLORS = {"clean": "#4c72b0", "size": "#55a868", "imbalance": "#c44e52", "label noise": "#8172b2",
+          "spurious bias": "#ccb974", "domain shift": "#64b5cd", "class subset": "#8c8c8c"}
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def kd_gain_by_factor(rows: list[dict]) -> bytes | None:
+    rows = [r for r in rows if r["gain"] is not None]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(rows) + 2), 4))
+    labels = [f"{r['dataset']}\n{r['variant']}\n{r['method']}" for r in rows]
+    means = [100 * r["gain"].mean for r in rows]
+    errors = [100 * r["gain"].ci95 for r in rows]
+    ax.bar(range(len(rows)), means, yerr=errors, capsize=4,
+           color=[COLORS.get(r["factor"], "#999999") for r in rows])
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(rows)), labels, fontsize=8)
+    ax.set_ylabel("KD gain (points of test accuracy)")
+    ax.set_title("KD gain by dataset factor (mean over seeds, 95% interval)")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=COLORS.get(f, "#999999")) for f in dict.fromkeys(r["factor"] for r in rows)]
+    ax.legend(handles, list(dict.fromkeys(r["factor"] for r in rows)), fontsize=8, loc="best")
+    return _png(fig)
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points no other point beats on both latency (lower) and accuracy (higher), by latency."""
+    front, best = [], -1.0
+    for latency, acc in sorted(points, key=lambda p: (p[0], -p[1])):
+        if acc > best:
+            front.append((latency, acc))
+            best = acc
+    return front
+
+
+def accuracy_vs_latency(deploy: list[dict], batch: int) -> bytes | None:
+    rows = [r for r in deploy if r["batch"] == batch]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(r["deployed"], r["role"] if r["role"] == "scratch" else r["method"])].append(r)
+    markers = {"scratch": "o"}
+    for (deployed, who), rs in sorted(groups.items()):
+        ax.scatter([r["p50_ms"] for r in rs], [100 * r["accuracy"] for r in rs], label=f"{deployed} / {who}",
+                   marker=markers.get(who, "^"), alpha=0.8)
+    front = pareto_front([(r["p50_ms"], 100 * r["accuracy"]) for r in rows])
+    ax.plot(*zip(*front, strict=True), color="black", linewidth=1, linestyle="--", label="Pareto front")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"p50 latency at batch {batch} (ms, log scale)")
+    ax.set_ylabel("accuracy on the bundle's eval set (%)")
+    ax.set_title(f"Accuracy against latency per backend and precision ({rows[0]['cpu'][:40]})")
+    ax.legend(fontsize=7, loc="best")
+    return _png(fig)
+
+
+def int8_retention(retention: list[dict]) -> bytes | None:
+    if not retention:
+        return None
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(retention) + 2), 4))
+    x = range(len(retention))
+    ax.bar([i - 0.2 for i in x], [100 * r["gain_fp32"] for r in retention], width=0.4, label="FP32 (ONNX)")
+    ax.bar([i + 0.2 for i in x], [100 * r["gain_int8"] for r in retention], width=0.4, label="INT8 (cpu preset)")
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(list(x), [f"{r['dataset']}\n{r['variant']}\n{r['method']}" for r in retention], fontsize=8)
+    ax.set_ylabel("KD gain (points)")
+    ax.set_title("How much of the KD gain survives INT8 quantization")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def shift_curves(rows: list[dict]) -> bytes | None:
+    rows = [r for r in rows if r.get("kd_shift")]
+    if not rows:
+        return None
+    row = rows[0]
+    kinds = sorted({name.split("@")[0] for name in row["kd_shift"]})
+    fig, axes = plt.subplots(1, len(kinds), figsize=(3 * len(kinds), 3), squeeze=False)
+    for ax, kind in zip(axes[0], kinds, strict=True):
+        for who, style in (("scratch", "o-"), ("kd", "^-")):
+            points = sorted((int(n.split("@")[1]), s.mean) for n, s in row[f"{who}_shift"].items()
+                            if n.startswith(kind + "@"))
+            ax.plot([p[0] for p in points], [100 * p[1] for p in points], style, label=who)
+        ax.set_title(kind, fontsize=9)
+        ax.set_xlabel("severity")
+    axes[0][0].set_ylabel("test accuracy (%)")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"{row['dataset']}/{row['variant']}: accuracy under corruption, scratch vs {row['method']}")
+    return _png(fig)

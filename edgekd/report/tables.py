@@ -1,0 +1,98 @@
+"""The report's numbers: one row per dataset variant (KD gain with its 95% interval) and one per deployed model."""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from pathlib import Path
+
+from edgekd.distill.summary import Spread, paired_gain
+from edgekd.runio import read_json
+
+FACTOR = {"base": "clean", "fraction": "size", "per_class": "size", "imbalance": "imbalance",
+          "label_noise": "label noise", "spurious": "spurious bias", "classes": "class subset",
+          "corruption": "domain shift", "resolution": "domain shift"}
+
+
+def _spread(runs: list[dict], key: str) -> Spread | None:
+    return Spread.of([r[key] for r in runs if r.get(key) is not None])
+
+
+def variant_rows(records: list[dict]) -> list[dict]:
+    """Per (dataset, variant, method): accuracies, KD gain paired by seed (mean, std, 95% CI) and bias metrics."""
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in records:
+        groups[(r["dataset"], r["variant"])].append(r)
+    teachers = {(r["dataset"], r["variant"]): r for r in records if r["role"] == "teacher"}
+    rows = []
+    for (dataset, variant), runs in groups.items():
+        scratch = [r for r in runs if r["role"] == "scratch"]
+        if not scratch:
+            continue
+        kind = scratch[0].get("kind", "base")
+        teacher = teachers.get((dataset, variant)) or teachers.get((dataset, "base"))
+        s_acc = {r["seed"]: r["test_acc"] for r in scratch}
+        for method in sorted({r["method"] for r in runs if r["role"] == "kd"}):
+            kd = [r for r in runs if r["method"] == method]
+            gain = paired_gain({r["seed"]: r["test_acc"] for r in kd}, s_acc)
+            row = {"dataset": dataset, "variant": variant, "factor": FACTOR.get(kind, kind), "kind": kind,
+                   "method": method, "teacher_acc": teacher["test_acc"] if teacher else None,
+                   "scratch_acc": Spread.of(list(s_acc.values())), "kd_acc": _spread(kd, "test_acc"), "gain": gain}
+            for key in ("worst_group_acc", "tail_acc", "head_acc", "ece", "balanced_test_acc"):
+                if any(r.get(key) is not None for r in kd):
+                    row[f"scratch_{key}"], row[f"kd_{key}"] = _spread(scratch, key), _spread(kd, key)
+            if kind == "corruption" or kind == "resolution":
+                for who, rs in (("scratch", scratch), ("kd", kd)):
+                    names = sorted({n for r in rs for n in (r.get("extra_test_acc") or {})})
+                    row[f"{who}_shift"] = {n: Spread.of([r["extra_test_acc"][n] for r in rs]) for n in names}
+            rows.append(row)
+    return rows
+
+
+def deploy_rows(study_root: Path) -> list[dict]:
+    """One row per (student run, bench file, model): accuracy and latency where it was measured."""
+    rows = []
+    for bench in sorted(Path(study_root).glob("*/*/*/seed*/bundle/bench-*.json")):
+        record = read_json(bench)
+        run = bench.parent.parent
+        metrics = read_json(run / "metrics.json")
+        for r in record["results"]:
+            for batch, s in r["latency"].items():
+                rows.append({"dataset": metrics["dataset"], "variant": metrics["variant"], "role": metrics["role"],
+                             "method": metrics["method"], "seed": metrics["seed"], "model": metrics["model"],
+                             "deployed": r["model"], "backend": r["backend"], "device": r["device"],
+                             "precision": r["precision"], "batch": int(batch), "accuracy": r["accuracy"],
+                             "p50_ms": s["p50_ms"], "p90_ms": s["p90_ms"], "p99_ms": s["p99_ms"],
+                             "throughput_ips": s["throughput_ips"], "file_mib": r["file_bytes"] / 2**20,
+                             "cpu": record["environment"]["cpu"]})
+    return rows
+
+
+def _flat(value):
+    if isinstance(value, Spread):
+        return f"{value.mean:.5f}"
+    if isinstance(value, dict):
+        return "; ".join(f"{k}={_flat(v)}" for k, v in value.items())
+    return value
+
+
+def _expand(row: dict) -> dict:
+    out = {}
+    for key, value in row.items():
+        if isinstance(value, Spread):
+            out[key], out[f"{key}_std"], out[f"{key}_ci95"], out[f"{key}_n"] = (value.mean, value.std, value.ci95,
+                                                                                value.n)
+        else:
+            out[key] = _flat(value)
+    return out
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    expanded = [_expand(row) for row in rows]
+    keys: list[str] = []
+    for row in expanded:
+        keys += [k for k in row if k not in keys]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys, restval="")
+        writer.writeheader()
+        writer.writerows(expanded)

@@ -1,0 +1,78 @@
+"""`edgekd study` end to end on tiny data, the report it builds, and the paired statistics behind it."""
+
+import csv
+import json
+import time
+
+import pytest
+
+from edgekd.cli import main
+from edgekd.distill.summary import Spread, paired_gain
+from edgekd.report.plots import pareto_front
+
+VARIANTS = ("variants={base={kind='base'}, noisy={kind='label_noise', rate=0.25}, "
+            "shift={kind='corruption', corruptions=['blur', 'contrast'], severities=[1, 3]}}")
+
+
+def test_study_end_to_end_and_rerun(tiny_profile, tmp_path, capsys):
+    args = ["study", str(tiny_profile), "--out", str(tmp_path), "--set", "study.seeds=[0, 1]",
+            "--set", "student.epochs=1", "--set", VARIANTS, "--set", "deploy.iters=5",
+            "--set", "deploy.batch_sizes=[1, 8]", "--set", "deploy.int8_presets=['cpu']"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "KD gain by dataset factor" in text and "label noise" in text and "after INT8" in text
+    root = tmp_path / "tiny"
+    report = root / "report"
+    page = (report / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 3 and "<table>" in page
+    for name in ("kd_gain_by_factor.png", "accuracy_vs_latency_b8.png", "int8_retention.png", "shift_curves.png",
+                 "report.md", "runs.csv", "variants.csv", "deploy.csv"):
+        assert (report / name).is_file(), name
+    rows = list(csv.DictReader(open(report / "variants.csv")))
+    assert {r["variant"] for r in rows} == {"base", "noisy", "shift"}
+    assert all(r["gain_n"] == "2" for r in rows)
+    deploy = list(csv.DictReader(open(report / "deploy.csv")))
+    assert {r["deployed"] for r in deploy} == {"onnx-fp32", "onnx-int8-cpu"} and len(deploy) == 3 * 4 * 2 * 2
+    bench = root / "synthetic" / "noisy" / "kd" / "seed1" / "bundle" / "bench-ort-cpu.json"
+    stamp = bench.stat().st_mtime
+
+    start = time.perf_counter()
+    assert main(args) == 0  # nothing to train, export or bench again: only the report is rebuilt
+    assert time.perf_counter() - start < 30
+    out = capsys.readouterr().out
+    assert out.count("finished earlier") == 1 + 3 * 2 * 2 + 3  # teacher, students, caches
+    assert bench.stat().st_mtime == stamp
+
+    assert main(["report", str(root)]) == 0
+    assert "report.html" in capsys.readouterr().out
+
+
+def test_report_of_nothing_is_a_clear_error(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no finished runs" in capsys.readouterr().err
+
+
+def test_paired_gain_keeps_negative_gains_and_pairs_by_seed():
+    gain = paired_gain({0: 0.80, 1: 0.90, 2: 0.70}, {0: 0.85, 1: 0.88, 3: 0.99})
+    assert gain.n == 2 and gain.mean == pytest.approx(((0.80 - 0.85) + (0.90 - 0.88)) / 2)
+    assert gain.mean < 0
+
+
+def test_spread_interval_against_student_t():
+    s = Spread.of([0.1, 0.2, 0.3, 0.4])
+    assert s.std == pytest.approx(0.1290994, rel=1e-6)
+    assert s.ci95 == pytest.approx(3.182 * 0.1290994 / 2, rel=1e-4)
+    assert Spread.of([0.5]).ci95 == 0.0
+
+
+def test_pareto_front():
+    points = [(1.0, 90.0), (2.0, 95.0), (1.5, 89.0), (3.0, 94.0), (0.5, 80.0)]
+    assert pareto_front(points) == [(0.5, 80.0), (1.0, 90.0), (2.0, 95.0)]
+
+
+def test_summary_json_is_rewritten_by_the_report(tiny_study):
+    from edgekd.report import build_report
+
+    build_report(tiny_study)
+    summary = json.loads((tiny_study / "summary.json").read_text())
+    assert all("kind" in r for r in summary)
