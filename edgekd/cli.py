@@ -280,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("bench", help="accuracy, latency, throughput and memory of exported bundles on this device")
     p.add_argument("bundle", nargs="+", help="bundle directories (<run>/bundle) made by edgekd export")
-    p.add_argument("--backend", default="ort", help="ort (ONNX Runtime), trt (TensorRT engines), torch (reference)")
+    p.add_argument("--backend", default="ort", help="ort (ONNX Runtime: CPU or CUDA provider), ort-trt (ORT's TensorRT provider), trt (TensorRT "
+                        "engines), torch (PyTorch eager, the reference)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--batch-sizes", default="1,8,64")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = runtime default)")

@@ -84,8 +84,12 @@ def test_bench_errors(tiny_bundle, tmp_path):
         bench_bundle(bundle, BenchOptions(backend="onnx"))
     with pytest.raises(EdgeKDError, match="no trt models"):
         bench_bundle(bundle, BenchOptions(backend="trt", device="cuda"))
-    with pytest.raises(EdgeKDError, match="run on a GPU"):
+    with pytest.raises(EdgeKDError, match="runs on an NVIDIA GPU: add --device cuda"):
         bench_bundle(bundle, BenchOptions(backend="trt", device="cpu"))
+    with pytest.raises(EdgeKDError, match="has no TensorrtExecutionProvider"):
+        bench_bundle(bundle, BenchOptions(backend="ort-trt", device="cuda", models=("onnx-fp32",)))
+    with pytest.raises(EdgeKDError, match="has no CUDAExecutionProvider"):
+        bench_bundle(bundle, BenchOptions(backend="ort", device="cuda", models=("onnx-fp32",)))
 
 
 def test_cli_bench_bad_batch_sizes(tiny_bundle, capsys):

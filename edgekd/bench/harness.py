@@ -27,7 +27,7 @@ from edgekd.envinfo import environment
 from edgekd.errors import EdgeKDError
 from edgekd.runio import read_json, write_json
 
-FORMATS = {"ort": ".onnx", "trt": ".engine", "torch": ".safetensors"}
+FORMATS = {"ort": ".onnx", "ort-trt": ".onnx", "trt": ".engine", "torch": ".safetensors"}
 
 
 @dataclass
@@ -81,15 +81,15 @@ def _open(bundle: Path, key: str, entry: dict, manifest: dict, options: BenchOpt
 
         check_engine_matches(entry)
         return RUNNERS.get("trt")(path, options.device)
-    return RUNNERS.get("ort")(path, options.device, options.threads)
+    return RUNNERS.get(options.backend)(path, options.device, options.threads)
 
 
 def bench_bundle(bundle: Path, options: BenchOptions, progress=None) -> dict:
     bundle = Path(bundle)
     if options.backend not in RUNNERS:
         RUNNERS.get(options.backend)  # raises the one-line error with the valid names
-    if options.backend == "trt" and options.device != "cuda":
-        raise EdgeKDError("TensorRT engines run on a GPU: use --device cuda with --backend trt")
+    if options.backend in ("trt", "ort-trt") and options.device != "cuda":
+        raise EdgeKDError(f"--backend {options.backend} runs on an NVIDIA GPU: add --device cuda")
     if options.threads:
         os.environ.setdefault("OMP_NUM_THREADS", str(options.threads))
     manifest = read_manifest(bundle)

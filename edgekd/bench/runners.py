@@ -103,6 +103,16 @@ class OrtRunner(Runner):
         return times
 
 
+@RUNNERS.register("ort-trt")
+class OrtTensorrtRunner(OrtRunner):
+    """ONNX Runtime with its TensorRT execution provider (engines built and cached by ORT itself)."""
+
+    backend = "ort-trt"
+
+    def __init__(self, model: Path, device: str = "cuda", threads: int = 0):
+        super().__init__(model, device, threads, provider="tensorrt")
+
+
 @RUNNERS.register("torch")
 class TorchRunner(Runner):
     """PyTorch eager: the reference the exports are checked against. Needs the bundle's model.safetensors."""
@@ -203,7 +213,7 @@ class TrtRunner(Runner):
 
     def infer(self, x: np.ndarray) -> np.ndarray:
         out = self._prepare(x)
-        self.context.execute_async_v3(self.stream)
+        self.context.execute_async_v3(int(self.stream))
         self._check(self.cudart.cudaMemcpyAsync(out.ctypes.data, self.buffers[self.output][0], out.nbytes,
                                                 self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream))
         self._check(self.cudart.cudaStreamSynchronize(self.stream))
@@ -214,13 +224,13 @@ class TrtRunner(Runner):
         self._prepare(x)
         cudart = self.cudart
         for _ in range(warmup):
-            self.context.execute_async_v3(self.stream)
+            self.context.execute_async_v3(int(self.stream))
         self._check(cudart.cudaStreamSynchronize(self.stream))
         start, end = self._check(cudart.cudaEventCreate()), self._check(cudart.cudaEventCreate())
         times, deadline = [], time.perf_counter() + duration if duration else None
         while len(times) < iters if deadline is None else time.perf_counter() < deadline:
             self._check(cudart.cudaEventRecord(start, self.stream))
-            self.context.execute_async_v3(self.stream)
+            self.context.execute_async_v3(int(self.stream))
             self._check(cudart.cudaEventRecord(end, self.stream))
             self._check(cudart.cudaEventSynchronize(end))
             times.append(self._check(cudart.cudaEventElapsedTime(start, end)) / 1000.0)
