@@ -208,18 +208,18 @@ def bench_table(record: dict) -> Table:
 def report_table(report) -> Table:
     table = Table(title=f"KD gain by dataset factor: {report.root.name}",
                   caption="test accuracy %, mean ± std over seeds; gain paired by seed with its 95% interval")
-    for col in ("dataset", "variant", "factor", "method", "teacher", "scratch", "KD", "KD gain [95% CI]"):
-        table.add_column(col, justify="left" if col in ("dataset", "variant", "factor", "method") else "right")
+    for col in ("dataset", "variant", "factor", "student", "method", "teacher", "scratch", "KD", "KD gain [95% CI]"):
+        table.add_column(col, justify="left" if col in ("dataset", "variant", "factor", "student", "method") else "right")
     for r in report.variants:
         g = r["gain"]
         style = "red" if g and g.mean < 0 else "green"
         gain = f"[{style}]{g.mean * 100:+.2f} [±{g.ci95 * 100:.2f}][/{style}]" if g else "-"
-        table.add_row(r["dataset"], r["variant"], r["factor"], r["method"],
+        table.add_row(r["dataset"], r["variant"], r["factor"], r["student"], r["method"],
                       f"{r['teacher_acc'] * 100:.2f}" if r["teacher_acc"] is not None else "-",
                       r["scratch_acc"].fmt() if r["scratch_acc"] else "-", r["kd_acc"].fmt() if r["kd_acc"] else "-",
                       gain)
     for r in report.retention:
-        table.add_row(r["dataset"], r["variant"], "after INT8", r["method"], "", "", "",
+        table.add_row(r["dataset"], r["variant"], "after INT8", "", r["method"], "", "", "",
                       f"{r['gain_int8'] * 100:+.2f} (FP32 {r['gain_fp32'] * 100:+.2f})")
     return table
 

@@ -119,6 +119,9 @@ class Profile:
     datasets: dict[str, DatasetConfig] = field(default_factory=lambda: {"digits": DatasetConfig()})
     teacher: TrainConfig = field(default_factory=TrainConfig)
     student: TrainConfig = field(default_factory=lambda: TrainConfig(model="mobilenetv3_small_100"))
+    # More student families, trained with the same seeds and methods (e.g. a depthwise and a plain-conv one):
+    # their runs sit beside the main student's as `<role>@<family>` (scratch@resnet, kd@resnet).
+    students: dict[str, TrainConfig] = field(default_factory=dict)
     # method name -> loss name -> {weight, loss parameters}; each method is one KD student per seed.
     methods: dict[str, dict[str, dict[str, float]]] = field(default_factory=_default_methods)
     variants: dict[str, VariantConfig] = field(default_factory=lambda: {"base": VariantConfig()})
@@ -126,6 +129,13 @@ class Profile:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def student_config(self, family: str = "") -> TrainConfig:
+        return self.students[family] if family else self.student
+
+    @property
+    def families(self) -> list[str]:
+        return ["", *self.students]
 
 
 class ProfileError(EdgeKDError):
@@ -212,7 +222,8 @@ def profile_from_dict(data: dict[str, Any]) -> Profile:
     # A table that names its datasets replaces the default, rather than merging with `digits`.
     for name, ds in profile.datasets.items():
         ds.source = ds.source or name
-    for name, train in (("teacher", profile.teacher), ("student", profile.student)):
+    for name, train in [("teacher", profile.teacher), ("student", profile.student),
+                        *((f"students.{k}", v) for k, v in profile.students.items())]:
         if train.optimizer not in ("sgd", "adamw"):
             raise ProfileError(f"profile key '{name}.optimizer' must be 'sgd' or 'adamw', got {train.optimizer!r}")
         if train.precision not in ("auto", "fp32", "bf16", "fp16"):
@@ -223,6 +234,9 @@ def profile_from_dict(data: dict[str, Any]) -> Profile:
             raise ProfileError(f"profile keys '{name}.epochs' and '{name}.batch_size' must be at least 1")
     if profile.study.teacher_regime not in ("clean", "variant"):
         raise ProfileError("profile key 'study.teacher_regime' must be 'clean' or 'variant'")
+    for family in profile.students:
+        if "@" in family or "/" in family:
+            raise ProfileError(f"student family name {family!r} may not contain '@' or '/'")
     for name, v in profile.variants.items():
         if v.kind not in VARIANT_KINDS:
             raise ProfileError(f"profile key 'variants.{name}.kind' is {v.kind!r}: use one of {', '.join(VARIANT_KINDS)}")

@@ -76,3 +76,26 @@ def test_summary_json_is_rewritten_by_the_report(tiny_study):
     build_report(tiny_study)
     summary = json.loads((tiny_study / "summary.json").read_text())
     assert all("kind" in r for r in summary)
+
+
+def test_two_student_families_pair_within_their_family(tiny_profile, tmp_path):
+    from edgekd.config import load_profile
+    from edgekd.distill.study import run_study
+    from edgekd.distill.summary import summarize
+
+    profile = load_profile(tiny_profile, [
+        "study.seeds=[0]", "student.epochs=1",
+        "students={plain={model='test_resnet', epochs=1, batch_size=32, precision='fp32', channels_last='off'}}"])
+    records = run_study(profile, tmp_path)
+    roles = sorted((r["role"], r["method"], r["family"], r["model"]) for r in records if r["role"] in ("scratch", "kd"))
+    assert roles == [("kd", "kd", "", "test_efficientnet"), ("kd", "kd", "plain", "test_resnet"),
+                     ("scratch", "", "", "test_efficientnet"), ("scratch", "", "plain", "test_resnet")]
+    assert (tmp_path / "tiny" / "synthetic" / "base" / "kd@plain" / "seed0" / "model.safetensors").is_file()
+    summaries = {s.variant: s for s in summarize(records)}
+    assert set(summaries) == {"base", "base@plain"} and summaries["base@plain"].student_model == "test_resnet"
+    from edgekd.export.bundle import ExportOptions, export_run
+
+    bundle = export_run(tmp_path / "tiny" / "synthetic" / "base" / "kd@plain" / "seed0", ExportOptions(),
+                        log=lambda line: None)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["student"]["model"] == "test_resnet" and manifest["distill"]["teacher_acc"] is not None

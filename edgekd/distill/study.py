@@ -75,8 +75,10 @@ def plan(profile: Profile, study_root: Path) -> list[Job]:
                 teachers.append(teacher)
             if needs_cache:
                 caches.append(job(variant, CACHE, profile.study.teacher_seed))
-            for seed in profile.study.seeds:
-                students += [job(variant, SCRATCH, seed)] + [job(variant, method, seed) for method in profile.methods]
+            for family in profile.families:
+                suffix = f"@{family}" if family else ""
+                for seed in profile.study.seeds:
+                    students += [job(variant, role + suffix, seed) for role in (SCRATCH, *profile.methods)]
     return teachers + caches + students
 
 
@@ -170,7 +172,8 @@ class StudyRunner:
 
         return build_cache(where / "teacher_cache", self._cache_key(data, tdir, teacher), teacher, images,
                            augment_for(cfg), Normalize(data.mean, data.std, self.device), self.profile.study.seeds,
-                           self.profile.student.epochs, self.profile.study.eval_batch_size, progress)
+                           max(self.profile.student_config(f).epochs for f in self.profile.families),
+                           self.profile.study.eval_batch_size, progress)
 
     # -- jobs ------------------------------------------------------------------------------------------
     def run_job(self, job: Job) -> dict:
@@ -200,16 +203,19 @@ class StudyRunner:
         return metrics
 
     def _identity(self, job: Job, model: str) -> dict:
-        method = "" if job.role in (TEACHER, SCRATCH, CACHE) else job.role
-        role = job.role if job.role in (TEACHER, SCRATCH, CACHE) else "kd"
+        base, _, family = job.role.partition("@")
+        method = "" if base in (TEACHER, SCRATCH, CACHE) else base
+        role = base if base in (TEACHER, SCRATCH, CACHE) else "kd"
         return {"dataset": job.dataset, "variant": job.variant, "role": role, "method": method, "seed": job.seed,
-                "model": model}
+                "family": family, "model": model}
 
     def _train_job(self, job: Job, variant: VariantData, log: _RunLog, start: float) -> dict:
         data = variant.splits
         is_teacher = job.role == TEACHER
-        cfg = self.profile.teacher if is_teacher else self.profile.student
+        base, _, family = job.role.partition("@")
+        cfg = self.profile.teacher if is_teacher else self.profile.student_config(family)
         write_json(job.run_dir / "profile.json", {"job": {**asdict(job), "run_dir": str(job.run_dir)},
+                                                  "train": asdict(cfg),
                                                   "data": data.describe(), "variant": variant.stats,
                                                   "profile": self.profile.to_dict()})
         torch.manual_seed(job.seed)  # the same initial weights for the scratch and KD students of one seed
@@ -223,8 +229,8 @@ class StudyRunner:
             history = {"epoch": 0, "best_epoch": 0, "history": [], "train_s": 0.0, "images": 0}
             log(f"teacher weights from {cfg.checkpoint}, not trained")
         else:
-            spec = {"ce": {"weight": 1.0}} if job.role in (TEACHER, SCRATCH) else self.profile.methods[job.role]
-            criterion = ComposedLoss(spec, f"methods.{job.role}", cfg.label_smoothing).to(self.device)
+            spec = {"ce": {"weight": 1.0}} if base in (TEACHER, SCRATCH) else self.profile.methods[base]
+            criterion = ComposedLoss(spec, f"methods.{base}", cfg.label_smoothing).to(self.device)
             if criterion.needs_teacher:
                 teacher_source, tdir = self._teacher(job, data, criterion.stages()[1])
                 criterion.bind(model, teacher_source.model)
@@ -261,7 +267,7 @@ class StudyRunner:
             "train_s": round(history["train_s"], 2),
             "images_per_s": round(images / history["train_s"], 1) if history["train_s"] else None,
             "execution": asdict(ex), "teacher_cache": isinstance(teacher_source, TeacherCache),
-            "losses": self.profile.methods.get(job.role, {"ce": {"weight": 1.0}}),
+            "losses": self.profile.methods.get(base, {"ce": {"weight": 1.0}}),
             "history": history["history"], "data": data.describe(), "variant_stats": variant.stats,
         }
         write_json(job.run_dir / "metrics.json", metrics)
@@ -271,7 +277,7 @@ class StudyRunner:
 
 def collect(study_root: Path) -> list[dict]:
     """Every finished run under a study, as summary records (the study root's summary.json)."""
-    keys = ("dataset", "variant", "role", "method", "seed", "model", "test_acc", "val_acc", "balanced_test_acc",
+    keys = ("dataset", "variant", "role", "method", "seed", "family", "model", "test_acc", "val_acc", "balanced_test_acc",
             "ece", "head_acc", "tail_acc", "worst_group_acc", "extra_test_acc", "teacher_agreement", "params",
             "epochs", "wall_s", "train_s", "images_per_s", "fill_s", "teacher_forwards")
     records = []

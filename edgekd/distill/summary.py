@@ -63,17 +63,24 @@ def paired_gain(kd: dict[int, float], scratch: dict[int, float]) -> Spread | Non
 
 
 def summarize(records: list[dict]) -> list[VariantSummary]:
-    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    """One summary per (dataset, variant, student family); a clean-regime teacher counts for every variant."""
+    teachers = {(r["dataset"], r["variant"]): r for r in records if r["role"] == "teacher"}
+    caches = {(r["dataset"], r["variant"]): r for r in records if r["role"] == "teacher_cache"}
+    groups: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
     for r in records:
-        groups[(r["dataset"], r["variant"])].append(r)
+        if r["role"] in ("scratch", "kd"):
+            groups[(r["dataset"], r["variant"], r.get("family", ""))].append(r)
+    for key in teachers:  # a study that has trained only its teachers so far
+        if not any(k[:2] == key for k in groups):
+            groups[(*key, "")] = []
     out = []
-    for (dataset, variant), runs in groups.items():
-        teacher = next((r for r in runs if r["role"] == "teacher"), None)
-        cache = next((r for r in runs if r["role"] == "teacher_cache"), None)
+    for (dataset, variant, family), runs in groups.items():
+        teacher = teachers.get((dataset, variant)) or teachers.get((dataset, "base"))
+        cache = caches.get((dataset, variant))
         scratch = {r["seed"]: r["test_acc"] for r in runs if r["role"] == "scratch"}
-        students = [r for r in runs if r["role"] in ("scratch", "kd")]
-        summary = VariantSummary(dataset, variant, teacher["test_acc"] if teacher else None,
-                                 teacher["model"] if teacher else "", students[0]["model"] if students else "",
+        label = f"{variant}@{family}" if family else variant
+        summary = VariantSummary(dataset, label, teacher["test_acc"] if teacher else None,
+                                 teacher["model"] if teacher else "", runs[0]["model"] if runs else "",
                                  Spread.of(list(scratch.values())), cache_s=cache["fill_s"] if cache else None)
         for method in sorted({r["method"] for r in runs if r["role"] == "kd"}):
             mine = [r for r in runs if r["method"] == method]

@@ -63,8 +63,10 @@ def _distill_record(run: Path, metrics: dict) -> dict:
     study_root = run.parents[3]
     record = {"role": metrics["role"], "method": metrics["method"], "seed": metrics["seed"],
               "test_acc": metrics["test_acc"], "val_acc": metrics["val_acc"]}
+    family = metrics.get("family", "")
+    label = f"{metrics['variant']}@{family}" if family else metrics["variant"]
     for s in summarize(collect(study_root)):
-        if (s.dataset, s.variant) == (metrics["dataset"], metrics["variant"]):
+        if (s.dataset, s.variant) == (metrics["dataset"], label):
             record["teacher_acc"] = s.teacher_acc
             record["scratch_acc"] = s.scratch.__dict__ if s.scratch else None
             record["methods"] = {m.method: {"kd_acc": m.accuracy.__dict__, "kd_gain": m.gain.__dict__ if m.gain
@@ -75,7 +77,7 @@ def _distill_record(run: Path, metrics: dict) -> dict:
 def _torch_model(run: Path, profile: dict, data):
     from edgekd.models import create_model, load_weights
 
-    cfg = profile["profile"]["student"]
+    cfg = profile["train"]  # the run's own student family
     model = create_model(cfg["model"], data.num_classes, data.channels, cfg["small_input"])
     return load_weights(model, run / "model.safetensors").eval(), cfg
 

@@ -33,7 +33,8 @@ def int8_retention(deploy: list[dict]) -> list[dict]:
     """KD gain measured on the deployed FP32 ONNX model and on the INT8 one, paired by seed."""
     acc: dict[tuple, float] = {}
     for r in deploy:
-        acc[(r["dataset"], r["variant"], r["role"], r["method"], r["seed"], r["precision"])] = r["accuracy"]
+        variant = f"{r['variant']}@{r['family']}" if r.get("family") else r["variant"]
+        acc[(r["dataset"], variant, r["role"], r["method"], r["seed"], r["precision"])] = r["accuracy"]
     out = []
     for dataset, variant, method in sorted({(k[0], k[1], k[3]) for k in acc if k[2] == "kd"}):
         gains = {}
@@ -56,8 +57,8 @@ def _pct(s: Spread | None, signed: bool = False) -> str:
 
 
 def _markdown_tables(report: Report) -> list[str]:
-    lines = ["| dataset | variant | factor | method | teacher | scratch | KD | KD gain (pts, ± std [95% CI]) | "
-             "bias / shift metric |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| dataset | variant | factor | student | method | teacher | scratch | KD | KD gain (pts, ± std [95% CI]) | "
+             "bias / shift metric |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report.variants:
         extra = ""
         if r.get("kd_worst_group_acc"):
@@ -68,7 +69,7 @@ def _markdown_tables(report: Report) -> list[str]:
             mean = lambda d: Spread.of([s.mean for s in d.values()])  # noqa: E731
             extra = f"mean shifted acc {_pct(mean(r['scratch_shift']))} → {_pct(mean(r['kd_shift']))}"
         teacher = f"{100 * r['teacher_acc']:.2f}" if r["teacher_acc"] is not None else "-"
-        lines.append(f"| {r['dataset']} | {r['variant']} | {r['factor']} | {r['method']} | {teacher} | "
+        lines.append(f"| {r['dataset']} | {r['variant']} | {r['factor']} | {r['student']} | {r['method']} | {teacher} | "
                      f"{_pct(r['scratch_acc'])} | {_pct(r['kd_acc'])} | {_pct(r['gain'], signed=True)} | {extra} |")
     if report.retention:
         lines += ["", "| dataset | variant | method | KD gain FP32 (pts) | KD gain INT8 (pts) | kept |", "|---|---|---|---|---|---|"]
@@ -138,7 +139,7 @@ def _html(title: str, md_tables: list[str], figures: dict[str, bytes]) -> str:
                      f"<figcaption>{name.replace('_', ' ')}</figcaption></figure>" for name, png in figures.items())
     style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;"
              "margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f3f3f3}"
-             "td:nth-child(-n+4){text-align:left}img{max-width:100%}")
+             "td:nth-child(-n+5){text-align:left}img{max-width:100%}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1><p>Test accuracy in %; students as "
             "mean ± std over seeds [95% interval]; KD gain = KD − scratch, paired by seed.</p>"

@@ -27,7 +27,7 @@ def kd_gain_by_factor(rows: list[dict]) -> bytes | None:
     if not rows:
         return None
     fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(rows) + 2), 4))
-    labels = [f"{r['dataset']}\n{r['variant']}\n{r['method']}" for r in rows]
+    labels = [f"{r['dataset']}\n{r['variant']}\n{r['student']}\n{r['method']}" for r in rows]
     means = [100 * r["gain"].mean for r in rows]
     errors = [100 * r["gain"].ci95 for r in rows]
     ax.bar(range(len(rows)), means, yerr=errors, capsize=4,

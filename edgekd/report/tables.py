@@ -20,12 +20,13 @@ def _spread(runs: list[dict], key: str) -> Spread | None:
 
 def variant_rows(records: list[dict]) -> list[dict]:
     """Per (dataset, variant, method): accuracies, KD gain paired by seed (mean, std, 95% CI) and bias metrics."""
-    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    groups: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
     for r in records:
-        groups[(r["dataset"], r["variant"])].append(r)
+        if r["role"] in ("scratch", "kd"):
+            groups[(r["dataset"], r["variant"], r.get("family", ""))].append(r)
     teachers = {(r["dataset"], r["variant"]): r for r in records if r["role"] == "teacher"}
     rows = []
-    for (dataset, variant), runs in groups.items():
+    for (dataset, variant, family), runs in groups.items():
         scratch = [r for r in runs if r["role"] == "scratch"]
         if not scratch:
             continue
@@ -36,7 +37,7 @@ def variant_rows(records: list[dict]) -> list[dict]:
             kd = [r for r in runs if r["method"] == method]
             gain = paired_gain({r["seed"]: r["test_acc"] for r in kd}, s_acc)
             row = {"dataset": dataset, "variant": variant, "factor": FACTOR.get(kind, kind), "kind": kind,
-                   "method": method, "teacher_acc": teacher["test_acc"] if teacher else None,
+                   "student": kd[0]["model"], "family": family, "method": method, "teacher_acc": teacher["test_acc"] if teacher else None,
                    "scratch_acc": Spread.of(list(s_acc.values())), "kd_acc": _spread(kd, "test_acc"), "gain": gain}
             for key in ("worst_group_acc", "tail_acc", "head_acc", "ece", "balanced_test_acc"):
                 if any(r.get(key) is not None for r in kd):
@@ -52,13 +53,14 @@ def variant_rows(records: list[dict]) -> list[dict]:
 def deploy_rows(study_root: Path) -> list[dict]:
     """One row per (student run, bench file, model): accuracy and latency where it was measured."""
     rows = []
-    for bench in sorted(Path(study_root).glob("*/*/*/seed*/bundle/bench-*.json")):
+    for bench in sorted(Path(study_root).glob("*/*/*/seed*/bundle/bench-*.json")):  # role dirs incl. kd@family
         record = read_json(bench)
         run = bench.parent.parent
         metrics = read_json(run / "metrics.json")
         for r in record["results"]:
             for batch, s in r["latency"].items():
                 rows.append({"dataset": metrics["dataset"], "variant": metrics["variant"], "role": metrics["role"],
+                             "family": metrics.get("family", ""),
                              "method": metrics["method"], "seed": metrics["seed"], "model": metrics["model"],
                              "deployed": r["model"], "backend": r["backend"], "device": r["device"],
                              "precision": r["precision"], "batch": int(batch), "accuracy": r["accuracy"],
