@@ -77,7 +77,7 @@ def _distill_record(run: Path, metrics: dict) -> dict:
 def _torch_model(run: Path, profile: dict, data):
     from edgekd.models import create_model, load_weights
 
-    cfg = profile["train"]  # the run's own student family
+    cfg = profile.get("train") or profile["profile"]["student"]  # the run's own student family (older runs: the one)
     model = create_model(cfg["model"], data.num_classes, data.channels, cfg["small_input"])
     return load_weights(model, run / "model.safetensors").eval(), cfg
 
