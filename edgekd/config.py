@@ -109,7 +109,18 @@ class DeployConfig:
     threads: int = 0
 
 
-def _default_methods() -> dict[str, dict[str, dict[str, float]]]:
+# A method table holds its losses (name -> {weight, parameters}) and two optional keys: `teachers`, the teachers
+# it learns from ("main" is [teacher]; others are [teachers.<name>]), and `combine`, how their softened outputs
+# are merged: "mean", or "val_weighted" (weights proportional to each teacher's validation accuracy).
+METHOD_OPTIONS = ("teachers", "combine")
+MethodSpec = dict[str, dict[str, float] | list[str] | str]
+
+
+def method_losses(spec: MethodSpec) -> dict[str, dict[str, float]]:
+    return {k: v for k, v in spec.items() if k not in METHOD_OPTIONS}
+
+
+def _default_methods() -> dict[str, MethodSpec]:
     return {"kd": {"ce": {"weight": 0.1}, "kd": {"weight": 0.9, "temperature": 4.0}}}
 
 
@@ -123,7 +134,9 @@ class Profile:
     # their runs sit beside the main student's as `<role>@<family>` (scratch@resnet, kd@resnet).
     students: dict[str, TrainConfig] = field(default_factory=dict)
     # method name -> loss name -> {weight, loss parameters}; each method is one KD student per seed.
-    methods: dict[str, dict[str, dict[str, float]]] = field(default_factory=_default_methods)
+    methods: dict[str, MethodSpec] = field(default_factory=_default_methods)
+    # Extra teachers for multi-teacher methods, trained beside [teacher] as `teacher@<name>`.
+    teachers: dict[str, TrainConfig] = field(default_factory=dict)
     variants: dict[str, VariantConfig] = field(default_factory=lambda: {"base": VariantConfig()})
     deploy: DeployConfig = field(default_factory=DeployConfig)
 
@@ -223,7 +236,8 @@ def profile_from_dict(data: dict[str, Any]) -> Profile:
     for name, ds in profile.datasets.items():
         ds.source = ds.source or name
     for name, train in [("teacher", profile.teacher), ("student", profile.student),
-                        *((f"students.{k}", v) for k, v in profile.students.items())]:
+                        *((f"students.{k}", v) for k, v in profile.students.items()),
+                        *((f"teachers.{k}", v) for k, v in profile.teachers.items())]:
         if train.optimizer not in ("sgd", "adamw"):
             raise ProfileError(f"profile key '{name}.optimizer' must be 'sgd' or 'adamw', got {train.optimizer!r}")
         if train.precision not in ("auto", "fp32", "bf16", "fp16"):
@@ -234,9 +248,23 @@ def profile_from_dict(data: dict[str, Any]) -> Profile:
             raise ProfileError(f"profile keys '{name}.epochs' and '{name}.batch_size' must be at least 1")
     if profile.study.teacher_regime not in ("clean", "variant"):
         raise ProfileError("profile key 'study.teacher_regime' must be 'clean' or 'variant'")
-    for family in profile.students:
+    for method, spec in profile.methods.items():
+        names = spec.get("teachers", ["main"])
+        if not isinstance(names, list) or not names:
+            raise ProfileError(f"profile key 'methods.{method}.teachers' must be a list such as [\"main\", \"r18\"]")
+        for name in names:
+            if name != "main" and name not in profile.teachers:
+                raise ProfileError(f"profile key 'methods.{method}.teachers' names {name!r}, which is not a teacher: "
+                                   f"add a [teachers.{name}] table or use \"main\"")
+        if spec.get("combine", "mean") not in ("mean", "val_weighted"):
+            raise ProfileError(f"profile key 'methods.{method}.combine' must be 'mean' or 'val_weighted'")
+        for key, value in method_losses(spec).items():
+            if not isinstance(value, dict):
+                raise ProfileError(f"profile key 'methods.{method}.{key}' must be a table of loss parameters, "
+                                   f"e.g. {key} = {{ weight = 1.0 }}")
+    for family in [*profile.students, *profile.teachers]:
         if "@" in family or "/" in family:
-            raise ProfileError(f"student family name {family!r} may not contain '@' or '/'")
+            raise ProfileError(f"student or teacher name {family!r} may not contain '@' or '/'")
     for name, v in profile.variants.items():
         if v.kind not in VARIANT_KINDS:
             raise ProfileError(f"profile key 'variants.{name}.kind' is {v.kind!r}: use one of {', '.join(VARIANT_KINDS)}")

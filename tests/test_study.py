@@ -99,3 +99,23 @@ def test_two_student_families_pair_within_their_family(tiny_profile, tmp_path):
                         log=lambda line: None)
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["student"]["model"] == "test_resnet" and manifest["distill"]["teacher_acc"] is not None
+
+
+def test_multi_teacher_method(tiny_profile, tmp_path):
+    from edgekd.config import ProfileError, load_profile
+    from edgekd.distill.study import run_study
+
+    sets = ["study.seeds=[0]", "student.epochs=1",
+            "teachers={second={model='test_efficientnet', epochs=1, batch_size=32, precision='fp32', "
+            "channels_last='off'}}",
+            "methods={kd={kd={weight=1.0}}, mtkd={teachers=['main', 'second'], combine='val_weighted', "
+            "kd={weight=1.0, temperature=2.0}}}"]
+    records = run_study(load_profile(tiny_profile, sets), tmp_path)
+    teachers = sorted((r["role"], r["family"]) for r in records if r["role"] == "teacher")
+    assert teachers == [("teacher", ""), ("teacher", "second")]
+    root = tmp_path / "tiny" / "synthetic" / "base"
+    mtkd = json.loads((root / "mtkd" / "seed0" / "metrics.json").read_text())
+    assert mtkd["teachers"] == ["main", "second"] and mtkd["teacher_cache"] is False
+    assert json.loads((root / "kd" / "seed0" / "metrics.json").read_text())["teacher_cache"] is True
+    with pytest.raises(ProfileError, match="not a teacher"):
+        load_profile(tiny_profile, ["methods={m={teachers=['main', 'nope'], kd={weight=1.0}}}"])

@@ -69,3 +69,21 @@ def test_topk_keeps_the_largest_logits():
     assert dense[0, [1, 3, 5]].tolist() == [5.0, 7.0, 3.0]
     assert dense[0, [0, 2, 4, 6, 7]].tolist() == [3.0] * 5  # floor: the smallest kept logit
     assert dense.argmax().item() == 3
+
+
+def test_ensemble_teacher_averages_softened_outputs():
+    from edgekd.distill.teacher import EnsembleTeacher
+
+    class Fixed:
+        def __init__(self, logits):
+            self.logits = logits
+
+        def __call__(self, x):
+            return self.logits
+
+    a, b = torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([[0.0, 3.0, 1.0]])
+    T = 3.0
+    ensemble = EnsembleTeacher([Fixed(a), Fixed(b)], [0.9, 0.6], T)
+    out = ensemble.outputs(None, None, None)
+    expected = 0.6 * torch.softmax(a / T, 1) + 0.4 * torch.softmax(b / T, 1)
+    torch.testing.assert_close(torch.softmax(out / T, 1), expected)

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import torch
 
-from edgekd.config import DatasetConfig, Profile, TrainConfig, VariantConfig
+from edgekd.config import DatasetConfig, Profile, TrainConfig, VariantConfig, method_losses
 from edgekd.data.augment import ViewAugment
 from edgekd.data.splits import load_splits
 from edgekd.data.types import DataSplits
 from edgekd.data.variants import VariantData, apply_variant
 from edgekd.distill.execution import Execution, choose_execution, resolve_device
 from edgekd.distill.losses import ComposedLoss
-from edgekd.distill.teacher import LiveTeacher, Normalize, TeacherCache, build_cache
+from edgekd.distill.teacher import EnsembleTeacher, LiveTeacher, Normalize, TeacherCache, build_cache
 from edgekd.distill.train import evaluate, train
 from edgekd.errors import EdgeKDError
 from edgekd.models import count_parameters, create_model, load_weights
@@ -60,19 +60,27 @@ def teacher_variant(profile: Profile, variant: str) -> str:
     return variant if profile.study.teacher_regime == "variant" else BASE_VARIANT
 
 
+def uses_cache(profile: Profile, method: str) -> bool:
+    """The view-keyed cache serves methods that learn from the main teacher's logits only."""
+    spec = profile.methods[method]
+    criterion = ComposedLoss(method_losses(spec), f"methods.{method}")
+    return criterion.needs_teacher and not criterion.needs_features and spec.get("teachers", ["main"]) == ["main"]
+
+
 def plan(profile: Profile, study_root: Path) -> list[Job]:
     """Jobs in an order that respects their dependencies: teachers, then teacher caches, then students."""
-    cacheable = [ComposedLoss(spec, f"methods.{m}") for m, spec in profile.methods.items()]
-    needs_cache = profile.study.teacher_cache and any(c.needs_teacher and not c.needs_features for c in cacheable)
+    needs_cache = profile.study.teacher_cache and any(uses_cache(profile, m) for m in profile.methods)
     teachers, caches, students = [], [], []
     for name in profile.datasets:
         def job(variant, role, seed, name=name):
             return Job(name, variant, role, seed, run_dir(study_root, name, variant, role, seed))
 
         for variant in profile.variants:
-            teacher = job(teacher_variant(profile, variant), TEACHER, profile.study.teacher_seed)
-            if teacher not in teachers:
-                teachers.append(teacher)
+            for name in ["", *profile.teachers]:
+                role = f"{TEACHER}@{name}" if name else TEACHER
+                teacher = job(teacher_variant(profile, variant), role, profile.study.teacher_seed)
+                if teacher not in teachers:
+                    teachers.append(teacher)
             if needs_cache:
                 caches.append(job(variant, CACHE, profile.study.teacher_seed))
             for family in profile.families:
@@ -138,19 +146,30 @@ class StudyRunner:
         return choose_execution(lambda: self._model(cfg, data), cfg, self.device, shape, data.num_classes,
                                 self.root / ".execution.json")
 
-    def _teacher(self, job: Job, data: DataSplits, stages: set[int] | None = None):
-        """The trained teacher of this dataset variant, as a ready-to-run LiveTeacher, and its run dir."""
-        tdir = self._teacher_dir(job)
+    def _teacher(self, job: Job, data: DataSplits, stages: set[int] | None = None, name: str = ""):
+        """A trained teacher of this dataset variant ("" = the main one), as a ready LiveTeacher, and its run dir."""
+        tdir = self._teacher_dir(job, name)
         weights = tdir / "model.safetensors"
         if not weights.is_file():
             raise EdgeKDError(f"{job.label}: teacher not trained yet ({weights} missing): run the teacher job first")
-        cfg = self.profile.teacher
+        cfg = self.profile.teachers[name] if name else self.profile.teacher
         model = load_weights(self._model(cfg, data), weights)
         return LiveTeacher(model, self._execution(cfg, data, tdir), stages), tdir
 
-    def _teacher_dir(self, job: Job) -> Path:
-        return run_dir(self.root, job.dataset, teacher_variant(self.profile, job.variant), TEACHER,
-                       self.profile.study.teacher_seed)
+    def _teacher_dir(self, job: Job, name: str = "") -> Path:
+        return run_dir(self.root, job.dataset, teacher_variant(self.profile, job.variant),
+                       f"{TEACHER}@{name}" if name else TEACHER, self.profile.study.teacher_seed)
+
+    def _ensemble(self, job: Job, data: DataSplits, spec: dict, criterion: ComposedLoss) -> EnsembleTeacher:
+        names = ["" if n == "main" else n for n in spec["teachers"]]
+        members = [self._teacher(job, data, None, n)[0] for n in names]
+        if spec.get("combine", "mean") == "val_weighted":
+            weights = [read_json(self._teacher_dir(job, n) / "metrics.json")["val_acc"] for n in names]
+        else:
+            weights = [1.0] * len(names)
+        temperature = next((t.temperature for t in criterion.terms.values() if hasattr(t, "temperature")),
+                           1.0)
+        return EnsembleTeacher(members, weights, temperature)
 
     def _cache_key(self, data: DataSplits, tdir: Path, teacher: LiveTeacher) -> dict:
         return {"teacher_sha256": _sha256(tdir / "model.safetensors"), "samples": len(data.train),
@@ -211,9 +230,12 @@ class StudyRunner:
 
     def _train_job(self, job: Job, variant: VariantData, log: _RunLog, start: float) -> dict:
         data = variant.splits
-        is_teacher = job.role == TEACHER
         base, _, family = job.role.partition("@")
-        cfg = self.profile.teacher if is_teacher else self.profile.student_config(family)
+        is_teacher = base == TEACHER
+        if is_teacher:
+            cfg = self.profile.teachers[family] if family else self.profile.teacher
+        else:
+            cfg = self.profile.student_config(family)
         write_json(job.run_dir / "profile.json", {"job": {**asdict(job), "run_dir": str(job.run_dir)},
                                                   "train": asdict(cfg),
                                                   "data": data.describe(), "variant": variant.stats,
@@ -230,8 +252,14 @@ class StudyRunner:
             log(f"teacher weights from {cfg.checkpoint}, not trained")
         else:
             spec = {"ce": {"weight": 1.0}} if base in (TEACHER, SCRATCH) else self.profile.methods[base]
-            criterion = ComposedLoss(spec, f"methods.{base}", cfg.label_smoothing).to(self.device)
-            if criterion.needs_teacher:
+            criterion = ComposedLoss(method_losses(spec), f"methods.{base}", cfg.label_smoothing).to(self.device)
+            if criterion.needs_teacher and spec.get("teachers", ["main"]) != ["main"]:
+                if criterion.needs_features:
+                    raise EdgeKDError(f"methods.{base}: feature losses learn from one teacher; drop 'teachers' "
+                                      "or the feature terms")
+                teacher_source = self._ensemble(job, data, spec, criterion)
+                teacher_logits = load_tensors(self._teacher_dir(job) / "predictions.safetensors")["test_logits"]
+            elif criterion.needs_teacher:
                 teacher_source, tdir = self._teacher(job, data, criterion.stages()[1])
                 criterion.bind(model, teacher_source.model)
                 teacher_logits = load_tensors(tdir / "predictions.safetensors")["test_logits"]
@@ -268,6 +296,7 @@ class StudyRunner:
             "images_per_s": round(images / history["train_s"], 1) if history["train_s"] else None,
             "execution": asdict(ex), "teacher_cache": isinstance(teacher_source, TeacherCache),
             "losses": self.profile.methods.get(base, {"ce": {"weight": 1.0}}),
+            "teachers": self.profile.methods.get(base, {}).get("teachers", ["main"]) if not is_teacher else [],
             "history": history["history"], "data": data.describe(), "variant_stats": variant.stats,
         }
         write_json(job.run_dir / "metrics.json", metrics)

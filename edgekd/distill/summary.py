@@ -64,7 +64,7 @@ def paired_gain(kd: dict[int, float], scratch: dict[int, float]) -> Spread | Non
 
 def summarize(records: list[dict]) -> list[VariantSummary]:
     """One summary per (dataset, variant, student family); a clean-regime teacher counts for every variant."""
-    teachers = {(r["dataset"], r["variant"]): r for r in records if r["role"] == "teacher"}
+    teachers = {(r["dataset"], r["variant"]): r for r in records if r["role"] == "teacher" and not r.get("family")}
     caches = {(r["dataset"], r["variant"]): r for r in records if r["role"] == "teacher_cache"}
     groups: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
     for r in records:

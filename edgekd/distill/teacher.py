@@ -51,6 +51,21 @@ class LiveTeacher:
         return self(x)
 
 
+class EnsembleTeacher:
+    """Several teachers as one: their softened outputs p_i = softmax(z_i / T) averaged with weights w_i, handed on
+    as logits T * log(sum_i w_i p_i), whose softmax at temperature T is exactly that average."""
+
+    def __init__(self, members: list[LiveTeacher], weights: list[float], temperature: float):
+        total = sum(weights)
+        self.members, self.weights, self.temperature = members, [w / total for w in weights], temperature
+        self.features: dict = {}
+
+    def outputs(self, idx: torch.Tensor, views: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        T = self.temperature
+        probs = sum(w * torch.softmax(m(x) / T, dim=1) for m, w in zip(self.members, self.weights, strict=True))
+        return T * torch.log(probs.clamp_min(1e-12))
+
+
 class TeacherCache:
     def __init__(self, n: int, num_views: int, num_classes: int, topk: int = 0, device: str = "cpu"):
         self.num_classes = num_classes

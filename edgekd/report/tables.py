@@ -24,7 +24,7 @@ def variant_rows(records: list[dict]) -> list[dict]:
     for r in records:
         if r["role"] in ("scratch", "kd"):
             groups[(r["dataset"], r["variant"], r.get("family", ""))].append(r)
-    teachers = {(r["dataset"], r["variant"]): r for r in records if r["role"] == "teacher"}
+    teachers = {(r["dataset"], r["variant"]): r for r in records if r["role"] == "teacher" and not r.get("family")}
     rows = []
     for (dataset, variant, family), runs in groups.items():
         scratch = [r for r in runs if r["role"] == "scratch"]
