@@ -54,6 +54,9 @@ class VariantConfig:
     corruptions: list[str] = field(default_factory=lambda: list(CORRUPTIONS))  # corruption: test-time sets
     severities: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
     resolution: int = 0  # resolution: test images seen at this side, resized back to the training size
+    # Any kind: also test on the corrupted sets (and at `resolution` if set). Shifts change no training, so a base
+    # variant with shift = true measures domain shift without training the same students twice.
+    shift: bool = False
     seed: int = 0
 
 

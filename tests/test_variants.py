@@ -110,3 +110,10 @@ def test_variants_are_seeded(splits):
     c = apply_variant(splits, VariantConfig(kind="label_noise", rate=0.3, seed=2))
     assert torch.equal(a.splits.train.labels, b.splits.train.labels)
     assert not torch.equal(a.splits.train.labels, c.splits.train.labels)
+
+
+def test_shift_on_any_variant_changes_no_training_data(splits):
+    v = apply_variant(splits, VariantConfig(kind="base", shift=True, corruptions=["blur"], severities=[2],
+                                            resolution=7))
+    assert set(v.extra_tests) == {"blur@2", "resolution@7"}
+    assert torch.equal(v.splits.train.images, splits.train.images)

@@ -184,11 +184,11 @@ def apply_variant(splits: DataSplits, cfg: VariantConfig) -> VariantData:
             return ImageSet(s.images[idx], remap[s.labels[idx]])
 
         train, val, test, names = restrict(train), restrict(val), restrict(test), [names[c] for c in keep]
-    elif cfg.kind == "corruption":
+    if cfg.kind == "corruption" or cfg.shift:
         for kind in cfg.corruptions:
             for severity in cfg.severities:
                 extra[f"{kind}@{severity}"] = ImageSet(corrupt(test.images, kind, severity), test.labels)
-    elif cfg.kind == "resolution":
+    if cfg.resolution and (cfg.kind == "resolution" or cfg.shift):
         size = splits.image_size
         low = F.interpolate(test.images.float(), size=(cfg.resolution,) * 2, mode="bilinear", antialias=True)
         back = F.interpolate(low, size=(size, size), mode="bilinear").round().clamp(0, 255).to(torch.uint8)

@@ -42,9 +42,9 @@ def variant_rows(records: list[dict]) -> list[dict]:
             for key in ("worst_group_acc", "tail_acc", "head_acc", "ece", "balanced_test_acc"):
                 if any(r.get(key) is not None for r in kd):
                     row[f"scratch_{key}"], row[f"kd_{key}"] = _spread(scratch, key), _spread(kd, key)
-            if kind == "corruption" or kind == "resolution":
+            if any("@" in name for r in kd for name in (r.get("extra_test_acc") or {})):
                 for who, rs in (("scratch", scratch), ("kd", kd)):
-                    names = sorted({n for r in rs for n in (r.get("extra_test_acc") or {})})
+                    names = sorted({n for r in rs for n in (r.get("extra_test_acc") or {}) if "@" in n})
                     row[f"{who}_shift"] = {n: Spread.of([r["extra_test_acc"][n] for r in rs]) for n in names}
             rows.append(row)
     return rows
