@@ -64,6 +64,9 @@ class VariantConfig:
 class TrainConfig:
     model: str = "resnet18"  # any timm model name
     epochs: int = 10
+    # At least this many optimizer steps: a variant with a tenth of the data then trains for more epochs instead of
+    # a tenth of the steps, so the comparison measures the data, not an unfinished schedule. 0 = epochs only.
+    min_steps: int = 0
     batch_size: int = 128
     optimizer: str = "sgd"  # sgd | adamw
     lr: float = 0.05
@@ -78,6 +81,10 @@ class TrainConfig:
     checkpoint: str = ""  # teacher only: a local .safetensors or weights-only .pth instead of training
     precision: str = "auto"  # auto | fp32 | bf16 | fp16; auto measures the candidates on the device
     channels_last: str = "auto"  # auto | on | off; auto measures, as precision
+
+    def epochs_for(self, samples: int) -> int:
+        steps = max(1, samples // self.batch_size)  # the trainer drops a trailing partial batch
+        return max(self.epochs, -(-self.min_steps // steps)) if samples else self.epochs
 
 
 @dataclass

@@ -191,7 +191,8 @@ class StudyRunner:
 
         return build_cache(where / "teacher_cache", self._cache_key(data, tdir, teacher), teacher, images,
                            augment_for(cfg), Normalize(data.mean, data.std, self.device), self.profile.study.seeds,
-                           max(self.profile.student_config(f).epochs for f in self.profile.families),
+                           max(self.profile.student_config(f).epochs_for(len(data.train))
+                               for f in self.profile.families),
                            self.profile.study.eval_batch_size, progress)
 
     # -- jobs ------------------------------------------------------------------------------------------
@@ -272,8 +273,8 @@ class StudyRunner:
                 if (tdir / "predictions.safetensors").is_file():
                     teacher_logits = load_tensors(tdir / "predictions.safetensors")["test_logits"]
             augment = augment_for(self.profile.datasets[job.dataset])
-            steps = -(-len(data.train) // cfg.batch_size)
-            self.reporter.start(job, steps * cfg.epochs)
+            steps = max(1, len(data.train) // cfg.batch_size)
+            self.reporter.start(job, steps * cfg.epochs_for(len(data.train)))
 
             def on_step(r):
                 self.reporter.advance(job, r.epoch * r.steps + r.step, r.loss, r.images_per_s,

@@ -116,8 +116,10 @@ def train(model: nn.Module, data: DataSplits, cfg: TrainConfig, criterion: Compo
     optimizer = make_optimizer(model, cfg, criterion)
     tap = FeatureTap(model, criterion.stages()[0]) if criterion.needs_features else None
     n, bs = len(train_y), cfg.batch_size
-    steps = math.ceil(n / bs)
-    total, warmup = steps * cfg.epochs, int(round(cfg.warmup_epochs * steps))
+    # The last partial batch is dropped (each epoch reshuffles, so every sample still gets its turn): a batch of a
+    # few images gives BatchNorm noisy statistics, which destabilises small students on small datasets.
+    steps, epochs = max(1, n // bs), cfg.epochs_for(n)
+    total, warmup = steps * epochs, int(round(cfg.warmup_epochs * steps))
 
     ckpt = {"epoch": 0, "best_val": -1.0, "best_epoch": -1, "history": [], "train_s": 0.0, "images": 0}
     if (run_dir / f"{CHECKPOINT}.json").is_file():
@@ -128,11 +130,11 @@ def train(model: nn.Module, data: DataSplits, cfg: TrainConfig, criterion: Compo
         _restore_optimizer(optimizer, tensors, ckpt["optimizer"])
         best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
         ckpt["prior_s"] = ckpt["train_s"]  # time spent before the interruption, for the run's wall time
-        log(f"resumed at epoch {ckpt['epoch']}/{cfg.epochs}")
+        log(f"resumed at epoch {ckpt['epoch']}/{epochs}")
     else:
         best = {}
 
-    for epoch in range(ckpt["epoch"], cfg.epochs):
+    for epoch in range(ckpt["epoch"], epochs):
         torch.manual_seed(seed * 1000 + epoch)  # dropout and stochastic depth, replayable on resume
         order, views = augment.draw_epoch(n, seed, epoch)
         order, views = order.to(device), views.to(device)
@@ -157,18 +159,19 @@ def train(model: nn.Module, data: DataSplits, cfg: TrainConfig, criterion: Compo
                 sums[k] = sums.get(k, 0) + value.detach() * len(idx)
             if on_step and (i % 10 == 9 or i == steps - 1):
                 elapsed = time.perf_counter() - start
-                on_step(EpochReport(epoch, cfg.epochs, i + 1, steps, parts["loss"].item(),
+                on_step(EpochReport(epoch, epochs, i + 1, steps, parts["loss"].item(),
                                     (i + 1) * bs / max(elapsed, 1e-9)))
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         epoch_s = time.perf_counter() - start
         val_acc = accuracy(predict(model, data.val.images.to(device), normalize, ex, eval_batch_size),
                            data.val.labels)
+        seen = min(n, steps * bs)
         record = {"epoch": epoch + 1, "val_acc": round(val_acc, 5), "epoch_s": round(epoch_s, 2),
-                  "images_per_s": round(n / epoch_s, 1), **{k: round(v.item() / n, 5) for k, v in sums.items()}}
+                  "images_per_s": round(seen / epoch_s, 1), **{k: round(v.item() / seen, 5) for k, v in sums.items()}}
         ckpt["history"].append(record)
         ckpt["train_s"] += epoch_s
-        ckpt["images"] += n
+        ckpt["images"] += seen
         if val_acc > ckpt["best_val"]:
             ckpt["best_val"], ckpt["best_epoch"] = val_acc, epoch + 1
             best = {k: v.detach().clone() for k, v in model.state_dict().items()}
