@@ -6,6 +6,7 @@ import io
 from collections import defaultdict
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -66,6 +67,8 @@ def accuracy_vs_latency(deploy: list[dict], batch: int) -> bytes | None:
     front = pareto_front([(r["p50_ms"], 100 * r["accuracy"]) for r in rows])
     ax.plot(*zip(*front, strict=True), color="black", linewidth=1, linestyle="--", label="Pareto front")
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_xlabel(f"p50 latency at batch {batch} (ms, log scale)")
     ax.set_ylabel("accuracy on the bundle's eval set (%)")
     ax.set_title(f"Accuracy against latency per backend and precision ({rows[0]['cpu'][:40]})")
