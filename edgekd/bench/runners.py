@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import time
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import numpy as np
@@ -33,11 +34,12 @@ def _check_file(path: Path) -> Path:
     return path
 
 
-class Runner:
+class Runner(ABC):
     backend = ""
 
+    @abstractmethod
     def infer(self, x: np.ndarray) -> np.ndarray:
-        raise NotImplementedError  # pragma: no cover - every registered runner overrides it
+        """Logits for a float32 NCHW batch."""
 
     def time(self, x: np.ndarray, warmup: int, iters: int, duration: float | None) -> list[float]:
         """Seconds per call of `infer` on the same batch; stops after `iters` calls or `duration` seconds."""
