@@ -53,8 +53,8 @@ class Runner(ABC):
             times.append(clock() - start)
         return times
 
-    def close(self) -> None:
-        pass
+    def close(self) -> None:  # noqa: B027 - optional hook: only runners holding device buffers free them
+        """Release what the runner holds beyond Python objects (device buffers); most hold nothing."""
 
 
 @RUNNERS.register("ort")
