@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from edgekd.config import DatasetConfig
+from edgekd.data.sampling import stratified_holdout
 from edgekd.data.types import ImageSet, RawDataset
 from edgekd.errors import EdgeKDError
 
@@ -54,8 +55,6 @@ def _read_split(root: Path, classes: list[str], size: int, mode: str) -> tuple[I
 
 
 def load_image_folder(root: Path, cfg: DatasetConfig) -> RawDataset:
-    from edgekd.data.sources import _stratified_holdout
-
     if not root.is_dir():
         raise EdgeKDError(f"imagefolder: directory {str(root)!r} does not exist: fix data_dir or --data-dir")
     split_dirs = (root / "train", root / "test")
@@ -79,7 +78,7 @@ def load_image_folder(root: Path, cfg: DatasetConfig) -> RawDataset:
             f"add image files ({', '.join(sorted(IMAGE_SUFFIXES))}) inside the class folders"
         )
     if not has_splits:
-        keep, hold = _stratified_holdout(train.labels, 0.2, seed=1234)
+        keep, hold = stratified_holdout(train.labels, 0.2, seed=1234)
         train, test = train.subset(keep), train.subset(hold)
     notes = []
     if skipped:

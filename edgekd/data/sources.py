@@ -6,7 +6,6 @@ on files already on disk (scikit-learn's digits, Debian's Fashion-MNIST).
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +15,10 @@ import torch
 
 from edgekd.config import DatasetConfig
 from edgekd.data.idx import find_idx, read_idx
+from edgekd.data.sampling import stratified_holdout
 from edgekd.data.types import ImageSet, RawDataset
 from edgekd.errors import EdgeKDError
 from edgekd.registry import Registry
-
-log = logging.getLogger("edgekd.data")
 
 
 @dataclass
@@ -56,19 +54,6 @@ def _from_numpy(images: np.ndarray, labels, channels_last: bool) -> ImageSet:
     return ImageSet(x.to(torch.uint8), torch.as_tensor(np.asarray(labels), dtype=torch.int64))
 
 
-def _stratified_holdout(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices (kept, held out), `fraction` of each class held out; used where a source has no test split."""
-    g = torch.Generator().manual_seed(seed)
-    keep, hold = [], []
-    for c in labels.unique():
-        idx = (labels == c).nonzero().flatten()
-        idx = idx[torch.randperm(len(idx), generator=g)]
-        n = int(round(len(idx) * fraction))
-        hold.append(idx[:n])
-        keep.append(idx[n:])
-    return torch.cat(keep).sort().values, torch.cat(hold).sort().values
-
-
 class DigitsSource(Source):
     def search_paths(self, cfg):
         return [Path("<inside scikit-learn>")]
@@ -80,7 +65,7 @@ class DigitsSource(Source):
         images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)
         full = _from_numpy(images, bunch.target, channels_last=False)
         # digits has no official test split: hold out 20% per class with a fixed seed, the same everywhere.
-        train, test = _stratified_holdout(full.labels, 0.2, seed=1234)
+        train, test = stratified_holdout(full.labels, 0.2, seed=1234)
         return RawDataset(full.subset(train), full.subset(test), [str(d) for d in range(10)], "scikit-learn digits")
 
 

@@ -10,24 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from edgekd.config import DatasetConfig
+from edgekd.data.sampling import class_counts, stratified_take
 from edgekd.data.sources import SOURCES
 from edgekd.data.types import DataSplits, ImageSet
 
 SPLIT_SEED = 20261125  # fixed: the validation carve and caps must not move with the training seed
-
-
-def stratified_take(labels: torch.Tensor, per_class: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Indices with `per_class[c]` samples of class c drawn at random (sorted, so order is the source's)."""
-    chosen = []
-    for c in range(len(per_class)):
-        idx = (labels == c).nonzero().flatten()
-        idx = idx[torch.randperm(len(idx), generator=generator)]
-        chosen.append(idx[: int(per_class[c])])
-    return torch.cat(chosen).sort().values
-
-
-def class_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    return torch.bincount(labels, minlength=num_classes)
 
 
 def stratified_cap(images: ImageSet, limit: int, num_classes: int, seed: int) -> ImageSet:

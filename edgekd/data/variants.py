@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from edgekd.config import CORRUPTIONS, VariantConfig
 from edgekd.config import VARIANT_KINDS as KINDS
-from edgekd.data.splits import class_counts, stratified_take
+from edgekd.data.sampling import class_counts, stratified_take
 from edgekd.data.types import DataSplits, ImageSet
 from edgekd.errors import EdgeKDError
 
