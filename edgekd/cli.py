@@ -219,8 +219,8 @@ def report_table(report) -> Table:
                       r["scratch_acc"].fmt() if r["scratch_acc"] else "-", r["kd_acc"].fmt() if r["kd_acc"] else "-",
                       gain)
     for r in report.retention:
-        table.add_row(r["dataset"], r["variant"], "after INT8", "", r["method"], "", "", "",
-                      f"{r['gain_int8'] * 100:+.2f} (FP32 {r['gain_fp32'] * 100:+.2f})")
+        table.add_row(r["dataset"], r["variant"], f"after {r['deployed']}", "", r["method"], "", "", "",
+                      f"{r['gain_int8'].mean * 100:+.2f} (FP32 {r['gain_fp32'].mean * 100:+.2f})")
     return table
 
 

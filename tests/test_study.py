@@ -20,7 +20,7 @@ def test_study_end_to_end_and_rerun(tiny_profile, tmp_path, capsys):
             "--set", "deploy.batch_sizes=[1, 8]", "--set", "deploy.int8_presets=['cpu']"]
     assert main(args) == 0
     text = capsys.readouterr().out
-    assert "KD gain by dataset factor" in text and "label noise" in text and "after INT8" in text
+    assert "KD gain by dataset factor" in text and "label noise" in text and "after onnx-int8-cpu" in text
     root = tmp_path / "tiny"
     report = root / "report"
     page = (report / "report.html").read_text()
@@ -119,3 +119,62 @@ def test_multi_teacher_method(tiny_profile, tmp_path):
     assert json.loads((root / "kd" / "seed0" / "metrics.json").read_text())["teacher_cache"] is True
     with pytest.raises(ProfileError, match="not a teacher"):
         load_profile(tiny_profile, ["methods={m={teachers=['main', 'nope'], kd={weight=1.0}}}"])
+
+
+def _record(role, seed, acc, shifted=None):
+    return {"dataset": "d", "variant": "base", "role": role, "method": role, "seed": seed, "test_acc": acc,
+            "model": "m", "kind": "base", "extra_test_acc": shifted or {}}
+
+
+def test_shifted_accuracy_spreads_over_seeds_not_corruptions():
+    from edgekd.report.tables import variant_rows
+
+    # Two corruptions far apart, two seeds close together: the spread must be the seeds' (small), not 0.3.
+    records = [_record("scratch", 0, 0.9, {"blur@1": 0.8, "noise@5": 0.2}),
+               _record("scratch", 1, 0.9, {"blur@1": 0.82, "noise@5": 0.22}),
+               _record("kd", 0, 0.92, {"blur@1": 0.85, "noise@5": 0.25}),
+               _record("kd", 1, 0.92, {"blur@1": 0.85, "noise@5": 0.31})]
+    (row,) = variant_rows(records)
+    assert row["scratch_shift_mean"].mean == pytest.approx(0.51) and row["scratch_shift_mean"].std == pytest.approx(
+        Spread.of([0.5, 0.52]).std)
+    assert row["shift_gain"].mean == pytest.approx(((0.55 - 0.5) + (0.58 - 0.52)) / 2)
+
+
+def test_int8_retention_keeps_each_preset_apart():
+    from edgekd.report import int8_retention
+
+    def row(role, seed, deployed, acc):
+        return {"dataset": "d", "variant": "v", "family": "", "role": role, "method": role, "seed": seed,
+                "deployed": deployed, "accuracy": acc}
+
+    deploy = [row(role, seed, dep, acc) for (role, dep), accs in {
+        ("scratch", "onnx-fp32"): (0.80, 0.82), ("kd", "onnx-fp32"): (0.85, 0.85),
+        ("scratch", "onnx-int8-cpu"): (0.70, 0.82), ("kd", "onnx-int8-cpu"): (0.84, 0.84),
+        ("scratch", "onnx-int8-trt"): (0.80, 0.80), ("kd", "onnx-int8-trt"): (0.78, 0.80)}.items()
+        for seed, acc in enumerate(accs)]
+    rows = {r["deployed"]: r for r in int8_retention(deploy)}
+    assert set(rows) == {"onnx-int8-cpu", "onnx-int8-trt"}
+    assert rows["onnx-int8-cpu"]["gain_fp32"].mean == pytest.approx(0.04)
+    assert rows["onnx-int8-cpu"]["gain_int8"].mean == pytest.approx((0.14 + 0.02) / 2)
+    assert rows["onnx-int8-trt"]["gain_int8"].mean == pytest.approx(-0.01)  # negative gains stay negative
+
+
+def test_methods_by_variants_table_and_heatmap():
+    from edgekd.report import _method_table
+    from edgekd.report.plots import method_gain_heatmap
+    from edgekd.report.tables import variant_rows
+
+    records = []
+    for variant, base in (("full", 0.90), ("small", 0.70)):
+        for seed in (0, 1, 2):
+            for role, method, delta in (("scratch", "", 0.0), ("kd", "kd", 0.02), ("kd", "at", -0.01)):
+                records.append({"dataset": "d", "variant": variant, "role": role, "method": method, "seed": seed,
+                                "test_acc": base + delta + 0.001 * seed, "model": "m", "kind": "base"})
+    rows = variant_rows(records)
+    lines = _method_table(rows)
+    assert lines[3] == "| method | d full (m) | d small (m) |"
+    assert lines[5].startswith("| scratch | 90.10 ± 0.10 | 70.10")
+    at_line = next(line for line in lines if line.startswith("| at |"))
+    assert "(-1.00 ± 0.00)" in at_line  # a method that hurts shows its negative gain
+    assert method_gain_heatmap(rows).startswith(b"\x89PNG")
+    assert _method_table([r for r in rows if r["method"] == "kd"]) == []  # one method: no comparison table

@@ -42,6 +42,30 @@ def kd_gain_by_factor(rows: list[dict]) -> bytes | None:
     return _png(fig)
 
 
+def method_gain_heatmap(rows: list[dict]) -> bytes | None:
+    """Methods x variants, coloured by KD gain (diverging around zero), each cell annotated mean ± std."""
+    rows = [r for r in rows if r["gain"] is not None]
+    methods = sorted({r["method"] for r in rows})
+    if len(methods) < 2:
+        return None
+    columns = sorted({(r["dataset"], r["variant"], r["student"]) for r in rows})
+    cell = {(r["method"], (r["dataset"], r["variant"], r["student"])): r["gain"] for r in rows}
+    grid = [[100 * cell[m, c].mean if (m, c) in cell else float("nan") for c in columns] for m in methods]
+    span = max((abs(v) for line in grid for v in line if v == v), default=1.0) or 1.0
+    fig, ax = plt.subplots(figsize=(2.2 * len(columns) + 2.5, 0.45 * len(methods) + 1.8))
+    image = ax.imshow(grid, cmap="RdBu", vmin=-span, vmax=span, aspect="auto")
+    for i, m in enumerate(methods):
+        for j, c in enumerate(columns):
+            if (m, c) in cell:
+                g = cell[m, c]
+                ax.text(j, i, f"{100 * g.mean:+.2f} ± {100 * g.std:.2f}", ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(columns)), [f"{d}\n{v}\n{s}" for d, v, s in columns], fontsize=8)
+    ax.set_yticks(range(len(methods)), methods, fontsize=9)
+    fig.colorbar(image, ax=ax, label="KD gain over scratch (points)")
+    ax.set_title("KD gain by method and dataset variant (mean ± std over seeds)")
+    return _png(fig)
+
+
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     """Points no other point beats on both latency (lower) and accuracy (higher), by latency."""
     front, best = [], -1.0
@@ -79,13 +103,24 @@ def accuracy_vs_latency(deploy: list[dict], batch: int) -> bytes | None:
 def int8_retention(retention: list[dict]) -> bytes | None:
     if not retention:
         return None
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(retention) + 2), 4))
-    x = range(len(retention))
-    ax.bar([i - 0.2 for i in x], [100 * r["gain_fp32"] for r in retention], width=0.4, label="FP32 (ONNX)")
-    ax.bar([i + 0.2 for i in x], [100 * r["gain_int8"] for r in retention], width=0.4, label="INT8 (cpu preset)")
+    groups = sorted({(r["dataset"], r["variant"], r["method"]) for r in retention})
+    models = sorted({r["deployed"] for r in retention})
+    width = 0.8 / (len(models) + 1)
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(groups) + 2), 4))
+    bars = [("FP32 (ONNX)", lambda r: r["gain_fp32"], None)] + [(m, lambda r: r["gain_int8"], m) for m in models]
+    for j, (label, pick, model) in enumerate(bars):
+        xs, ys, errs = [], [], []
+        for i, g in enumerate(groups):
+            row = next((r for r in retention if (r["dataset"], r["variant"], r["method"]) == g
+                        and (model is None or r["deployed"] == model)), None)
+            if row:
+                xs.append(i + (j - len(models) / 2) * width)
+                ys.append(100 * pick(row).mean)
+                errs.append(100 * pick(row).std)
+        ax.bar(xs, ys, width=width, yerr=errs, capsize=2, label=label)
     ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(list(x), [f"{r['dataset']}\n{r['variant']}\n{r['method']}" for r in retention], fontsize=8)
-    ax.set_ylabel("KD gain (points)")
+    ax.set_xticks(range(len(groups)), [f"{d}\n{v}\n{m}" for d, v, m in groups], fontsize=8)
+    ax.set_ylabel("KD gain (points, ± std over seeds)")
     ax.set_title("How much of the KD gain survives INT8 quantization")
     ax.legend(fontsize=8)
     return _png(fig)

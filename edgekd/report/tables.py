@@ -18,6 +18,16 @@ def _spread(runs: list[dict], key: str) -> Spread | None:
     return Spread.of([r[key] for r in runs if r.get(key) is not None])
 
 
+def _mean_shifted(runs: list[dict]) -> dict[int, float]:
+    """Per seed: the mean accuracy over every corruption@severity test set."""
+    out = {}
+    for r in runs:
+        shifted = [acc for name, acc in (r.get("extra_test_acc") or {}).items() if "@" in name]
+        if shifted:
+            out[r["seed"]] = sum(shifted) / len(shifted)
+    return out
+
+
 def variant_rows(records: list[dict]) -> list[dict]:
     """Per (dataset, variant, method): accuracies, KD gain paired by seed (mean, std, 95% CI) and bias metrics."""
     groups: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
@@ -46,6 +56,11 @@ def variant_rows(records: list[dict]) -> list[dict]:
                 for who, rs in (("scratch", scratch), ("kd", kd)):
                     names = sorted({n for r in rs for n in (r.get("extra_test_acc") or {}) if "@" in n})
                     row[f"{who}_shift"] = {n: Spread.of([r["extra_test_acc"][n] for r in rs]) for n in names}
+                # Averaged over corruptions within each seed first, so the spread is over seeds, like every other column.
+                s_shift, k_shift = _mean_shifted(scratch), _mean_shifted(kd)
+                row["scratch_shift_mean"], row["kd_shift_mean"] = (Spread.of(list(s_shift.values())),
+                                                                   Spread.of(list(k_shift.values())))
+                row["shift_gain"] = paired_gain(k_shift, s_shift)
             rows.append(row)
     return rows
 
