@@ -67,8 +67,17 @@ def test_composed_loss_weights_and_components():
     assert loss.needs_teacher and not ComposedLoss({"ce": {}}).needs_teacher
 
 
+def test_ramp_raises_a_terms_weight_linearly_over_its_fraction_of_training():
+    loss = ComposedLoss({"ce": {"weight": 0.1}, "kd": {"weight": 0.9, "temperature": 4.0, "ramp": 0.2}})
+    ce, kd = 0.3230766348485291, 0.25576018833781083
+    for progress, factor in ((0.0, 0.0), (0.05, 0.25), (0.2, 1.0), (0.7, 1.0)):
+        total = loss(StepOutputs(STUDENT, TARGETS, TEACHER, progress=progress))["loss"].item()
+        assert total == pytest.approx(0.1 * ce + factor * 0.9 * kd, rel=1e-5)
+
+
 @pytest.mark.parametrize("spec, message", [
     ({"kd": {"temprature": 2}}, "unknown profile key 'methods.x.kd.temprature'"),
+    ({"kd": {"ramp": 2}}, "'methods.x.kd.ramp' is 2.0: use a fraction of training"),
     ({"kld": {}}, "unknown loss 'kld': did you mean 'kd'?"),
     ({}, "names no loss"),
 ])

@@ -24,6 +24,7 @@ class StepOutputs:
     teacher_logits: torch.Tensor | None = None
     student_features: dict[int, torch.Tensor] = field(default_factory=dict)  # stage -> output
     teacher_features: dict[int, torch.Tensor] = field(default_factory=dict)
+    progress: float = 1.0  # fraction of training done, for terms that ramp in
 
 
 LOSSES: Registry[type[nn.Module]] = Registry("loss")
@@ -137,27 +138,36 @@ class LogitStandardizedKD(nn.Module):
 
 
 class ComposedLoss(nn.Module):
-    """sum_i weight_i * loss_i, with every component returned for logging."""
+    """sum_i weight_i * loss_i, with every component returned for logging.
+
+    A term's `ramp` (a fraction of training) raises its weight linearly from zero over that part of training, as
+    DKD does in its paper (20 of 240 epochs): a strong KD term on a random student otherwise diverges.
+    """
 
     def __init__(self, spec: dict[str, dict[str, float]], where: str = "methods", label_smoothing: float = 0.0):
         super().__init__()
         self.weights: dict[str, float] = {}
+        self.ramps: dict[str, float] = {}
         self.terms = nn.ModuleDict()
         for name, params in spec.items():
             params = dict(params)
             weight = float(params.pop("weight", 1.0))
+            ramp = float(params.pop("ramp", 0.0))
+            if not 0.0 <= ramp <= 1.0:
+                raise EdgeKDError(f"profile key '{where}.{name}.ramp' is {ramp}: use a fraction of training, 0 to 1")
             cls = LOSSES.get(name)
             accepted = list(inspect.signature(cls.__init__).parameters)[1:]
             for key in params:
                 if key not in accepted:
                     raise EdgeKDError(
                         f"unknown profile key '{where}.{name}.{key}': loss {name!r} takes "
-                        f"{', '.join(['weight', *accepted])}"
+                        f"{', '.join(['weight', 'ramp', *accepted])}"
                     )
             if name == "ce" and "label_smoothing" not in params:
                 params["label_smoothing"] = label_smoothing
             self.terms[name] = cls(**params)
             self.weights[name] = weight
+            self.ramps[name] = ramp
         if not self.terms:
             raise EdgeKDError(f"profile table '{where}' names no loss: add e.g. kd = {{ weight = 0.9 }}")
 
@@ -189,7 +199,8 @@ class ComposedLoss(nn.Module):
                 parts.update({f"{name}.{k}": v for k, v in value.items() if k != "loss"})
                 value = value["loss"]
             parts[name] = value
-            total = total + self.weights[name] * value
+            ramp = self.ramps[name]
+            total = total + self.weights[name] * (min(1.0, out.progress / ramp) if ramp else 1.0) * value
         parts["loss"] = total
         return parts
 

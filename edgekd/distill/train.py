@@ -29,6 +29,7 @@ from edgekd.distill.metrics import (
     worst_group_accuracy,
 )
 from edgekd.distill.teacher import Normalize
+from edgekd.errors import EdgeKDError
 from edgekd.runio import load_tensors, read_json, save_tensors, write_json
 
 CHECKPOINT = "checkpoint"  # .safetensors (model, optimizer, best weights) + .json (epoch, history)
@@ -151,7 +152,7 @@ def train(model: nn.Module, data: DataSplits, cfg: TrainConfig, criterion: Compo
                 logits = model(x)
             teacher_logits = teacher.outputs(idx, v, x) if teacher is not None else None
             parts = criterion(StepOutputs(logits, train_y[idx], teacher_logits, tap.outputs if tap else {},
-                                          getattr(teacher, "features", {})))
+                                          getattr(teacher, "features", {}), (epoch * steps + i) / total))
             optimizer.zero_grad(set_to_none=True)
             parts["loss"].backward()
             optimizer.step()
@@ -169,6 +170,10 @@ def train(model: nn.Module, data: DataSplits, cfg: TrainConfig, criterion: Compo
         seen = min(n, steps * bs)
         record = {"epoch": epoch + 1, "val_acc": round(val_acc, 5), "epoch_s": round(epoch_s, 2),
                   "images_per_s": round(seen / epoch_s, 1), **{k: round(v.item() / seen, 5) for k, v in sums.items()}}
+        if not math.isfinite(record["loss"]):  # checked once an epoch: a per-step check would sync the GPU
+            raise EdgeKDError(f"{run_dir}: training diverged in epoch {epoch + 1} (loss {record['loss']}); lower "
+                              "the learning rate or the loss weights, or ramp the distillation term in, e.g. "
+                              "dkd = { weight = 1.0, ramp = 0.1 }")
         ckpt["history"].append(record)
         ckpt["train_s"] += epoch_s
         ckpt["images"] += seen

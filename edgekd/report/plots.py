@@ -27,18 +27,24 @@ def kd_gain_by_factor(rows: list[dict]) -> bytes | None:
     rows = [r for r in rows if r["gain"] is not None]
     if not rows:
         return None
-    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(rows) + 2), 4))
-    labels = [f"{r['dataset']}\n{r['variant']}\n{r['student']}\n{r['method']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows) + 2), 4.5))
+    several = len({r["dataset"] for r in rows}) > 1
+    labels = [(f"{r['dataset']}\n" if several else "") + f"{r['variant']}\n{r['student']}\n{r['method']}"
+              for r in rows]
+    x = range(len(rows))
     means = [100 * r["gain"].mean for r in rows]
-    errors = [100 * r["gain"].ci95 for r in rows]
-    ax.bar(range(len(rows)), means, yerr=errors, capsize=4,
-           color=[COLORS.get(r["factor"], "#999999") for r in rows])
+    ax.bar(x, means, color=[COLORS.get(r["factor"], "#999999") for r in rows])
+    # Thin whiskers: the 95% interval (wide with few seeds); thick ones: the std over seeds.
+    ax.errorbar(x, means, yerr=[100 * r["gain"].ci95 for r in rows], fmt="none", ecolor="black", capsize=4,
+                linewidth=0.8)
+    ax.errorbar(x, means, yerr=[100 * r["gain"].std for r in rows], fmt="none", ecolor="black", linewidth=3)
     ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(rows)), labels, fontsize=8)
+    ax.set_xticks(list(x), labels, fontsize=7)
     ax.set_ylabel("KD gain (points of test accuracy)")
-    ax.set_title("KD gain by dataset factor (mean over seeds, 95% interval)")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=COLORS.get(f, "#999999")) for f in dict.fromkeys(r["factor"] for r in rows)]
-    ax.legend(handles, list(dict.fromkeys(r["factor"] for r in rows)), fontsize=8, loc="best")
+    ax.set_title("KD gain by dataset factor (mean over seeds; thick: ± std, thin: 95% interval)")
+    factors = list(dict.fromkeys(r["factor"] for r in rows))
+    ax.legend([plt.Rectangle((0, 0), 1, 1, color=COLORS.get(f, "#999999")) for f in factors], factors, fontsize=8,
+              loc="best")
     return _png(fig)
 
 
@@ -127,20 +133,23 @@ def int8_retention(retention: list[dict]) -> bytes | None:
 
 
 def shift_curves(rows: list[dict]) -> bytes | None:
+    """One line of panels per (variant, student, method) with corrupted test sets: accuracy against severity,
+    severity 0 being the clean test set, scratch against KD."""
     rows = [r for r in rows if r.get("kd_shift")]
     if not rows:
         return None
-    row = rows[0]
-    kinds = sorted({name.split("@")[0] for name in row["kd_shift"]})
-    fig, axes = plt.subplots(1, len(kinds), figsize=(3 * len(kinds), 3), squeeze=False)
-    for ax, kind in zip(axes[0], kinds, strict=True):
-        for who, style in (("scratch", "o-"), ("kd", "^-")):
-            points = sorted((int(n.split("@")[1]), s.mean) for n, s in row[f"{who}_shift"].items()
-                            if n.startswith(kind + "@"))
-            ax.plot([p[0] for p in points], [100 * p[1] for p in points], style, label=who)
-        ax.set_title(kind, fontsize=9)
-        ax.set_xlabel("severity")
-    axes[0][0].set_ylabel("test accuracy (%)")
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"{row['dataset']}/{row['variant']}: accuracy under corruption, scratch vs {row['method']}")
+    kinds = sorted({name.split("@")[0] for r in rows for name in r["kd_shift"]})
+    fig, axes = plt.subplots(len(rows), len(kinds), figsize=(3 * len(kinds), 2.8 * len(rows)), squeeze=False)
+    for line, row in zip(axes, rows, strict=True):
+        for ax, kind in zip(line, kinds, strict=True):
+            for who, style in (("scratch", "o-"), ("kd", "^-")):
+                points = [(0, row[f"{who}_acc"].mean)] + sorted(
+                    (int(n.split("@")[1]), s.mean) for n, s in row[f"{who}_shift"].items() if n.startswith(kind + "@"))
+                ax.plot([p[0] for p in points], [100 * p[1] for p in points], style,
+                        label="scratch" if who == "scratch" else row["method"])
+            ax.set_title(f"{kind}: {row['variant']}, {row['student']}", fontsize=8)
+            ax.set_xlabel("severity (0 = clean)", fontsize=8)
+        line[0].set_ylabel("test accuracy (%)")
+        line[0].legend(fontsize=8)
+    fig.suptitle("Accuracy under test-time corruption, scratch vs KD (mean over seeds)")
     return _png(fig)
