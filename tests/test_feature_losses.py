@@ -159,3 +159,13 @@ def test_every_feature_loss_is_differentiable(name):
     value = loss(_out(fs, ft))
     (value["loss"] if isinstance(value, dict) else value).backward()
     assert fs.grad is not None and torch.isfinite(fs.grad).all()
+
+
+def test_attention_transfer_refuses_a_1x1_student_stage():
+    from edgekd.errors import EdgeKDError
+
+    at = LOSSES.get("at")()
+    for teacher in (torch.randn(4, 16, 1, 1), torch.randn(4, 16, 2, 2)):  # upsampled 1x1 is still flat
+        with pytest.raises(EdgeKDError, match="1x1 at this input size"):
+            at(_out(torch.randn(4, 8, 1, 1), teacher))
+    assert at(_out(torch.randn(4, 8, 2, 2), torch.randn(4, 16, 4, 4))).item() > 0

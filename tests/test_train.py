@@ -64,3 +64,18 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     values = [lr_factor(s, 100, 10) for s in range(100)]
     assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(values[10:], values[11:], strict=False)) and values[-1] < 1e-3
+
+
+def test_a_diverging_run_stops_with_a_clear_error_and_keeps_its_last_good_checkpoint(tmp_path):
+    from dataclasses import replace
+
+    from edgekd.errors import EdgeKDError
+
+    torch.manual_seed(0)
+    model = create_model(CFG.model, 4, 1)
+    with torch.no_grad():
+        model.get_classifier().weight.fill_(float("nan"))  # what an exploding loss leaves behind
+    with pytest.raises(EdgeKDError, match="diverged in epoch 1 .* ramp the distillation term in"):
+        train(model, _data(), replace(CFG, epochs=2), ComposedLoss({"ce": {}}), EX, ViewAugment(1, True), seed=0,
+              run_dir=tmp_path, log=lambda line: None)
+    assert not (tmp_path / "checkpoint.json").exists()  # nothing non-finite was saved as progress

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from edgekd.distill.features import stage_info
 from edgekd.distill.losses import StepOutputs, register_loss
+from edgekd.errors import EdgeKDError
 
 
 def _match_size(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -93,6 +94,11 @@ class AttentionTransfer(_StagePair):
 
     def forward(self, out: StepOutputs) -> torch.Tensor:
         s, t = self.pair(out)
+        if s.shape[-2:].numel() == 1:
+            # A 1x1 map normalises to 1 whatever the student computes: no gradient, and the run is scratch.
+            raise EdgeKDError(f"at: student stage {self.student_stage} is 1x1 at this input size, so attention "
+                              "transfer has nothing to match; choose an earlier stage, e.g. "
+                              "at = { student_stage = -2, teacher_stage = -2 }")
         s = _match_size(s, t)
         return (attention_map(s, self.p) - attention_map(t, self.p)).pow(2).mean()
 
