@@ -62,7 +62,9 @@ def _pct(s: Spread | None, signed: bool = False, ci: bool = True) -> str:
     if s is None:
         return "-"
     sign = "+" if signed else ""
-    ci = f" [±{100 * s.ci95:.2f}]" if ci and s.n > 1 else ""
+    if s.n < 2:  # a spread of one value is not zero, it is unknown
+        return f"{100 * s.mean:{sign}.2f} (1 seed)"
+    ci = f" [±{100 * s.ci95:.2f}]" if ci else ""
     return f"{100 * s.mean:{sign}.2f} ± {100 * s.std:.2f}{ci}"
 
 
@@ -114,7 +116,7 @@ def _method_table(rows: list[dict]) -> list[str]:
         for c in columns:
             r = cell.get((m, c))
             g = r["gain"] if r else None
-            cells.append(f"{_pct(r['kd_acc'], ci=False)} ({100 * g.mean:+.2f} ± {100 * g.std:.2f})" if g else "-")
+            cells.append(f"{_pct(r['kd_acc'], ci=False)} ({_pct(g, signed=True, ci=False)})" if g else "-")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return lines
 

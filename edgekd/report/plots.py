@@ -64,7 +64,9 @@ def method_gain_heatmap(rows: list[dict]) -> bytes | None:
         for j, c in enumerate(columns):
             if (m, c) in cell:
                 g = cell[m, c]
-                ax.text(j, i, f"{100 * g.mean:+.2f} ± {100 * g.std:.2f}", ha="center", va="center", fontsize=8)
+                text = f"{100 * g.mean:+.2f} ± {100 * g.std:.2f}" if g.n > 1 else f"{100 * g.mean:+.2f} (1 seed)"
+                ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                        color="white" if abs(100 * g.mean) > 0.6 * span else "black")
     ax.set_xticks(range(len(columns)), [f"{d}\n{v}\n{s}" for d, v, s in columns], fontsize=8)
     ax.set_yticks(range(len(methods)), methods, fontsize=9)
     fig.colorbar(image, ax=ax, label="KD gain over scratch (points)")
