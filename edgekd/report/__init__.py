@@ -45,12 +45,11 @@ def int8_retention(deploy: list[dict]) -> list[dict]:
                    for role, m in (("kd", method), ("scratch", ""))}
         return paired_gain(by_seed["kd"], by_seed["scratch"])
 
-    fp32 = {k[4] for k in acc if "fp32" in k[4]}
+    reference = min((k[4] for k in acc if "fp32" in k[4]), default=None)  # onnx-fp32 where it was benched
     out = []
     for dataset, variant, method, deployed in sorted({(k[0], k[1], k[2], k[4]) for k in acc if k[2]}):
         if "int8" not in deployed:
             continue
-        reference = next(iter(sorted(fp32)), None)
         g_fp32, g_int8 = gain(dataset, variant, method, reference), gain(dataset, variant, method, deployed)
         if g_fp32 and g_int8:
             out.append({"dataset": dataset, "variant": variant, "method": method, "deployed": deployed,
