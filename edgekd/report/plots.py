@@ -115,16 +115,16 @@ def int8_retention(retention: list[dict]) -> bytes | None:
     models = sorted({r["deployed"] for r in retention})
     width = 0.8 / (len(models) + 1)
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(groups) + 2), 4))
-    bars = [("FP32 (ONNX)", lambda r: r["gain_fp32"], None)] + [(m, lambda r: r["gain_int8"], m) for m in models]
-    for j, (label, pick, model) in enumerate(bars):
+    bars = [("FP32 (ONNX)", "gain_fp32", None)] + [(m, "gain_int8", m) for m in models]
+    for j, (label, key, model) in enumerate(bars):
         xs, ys, errs = [], [], []
         for i, g in enumerate(groups):
             row = next((r for r in retention if (r["dataset"], r["variant"], r["method"]) == g
                         and (model is None or r["deployed"] == model)), None)
             if row:
                 xs.append(i + (j - len(models) / 2) * width)
-                ys.append(100 * pick(row).mean)
-                errs.append(100 * pick(row).std)
+                ys.append(100 * row[key].mean)
+                errs.append(100 * row[key].std)
         ax.bar(xs, ys, width=width, yerr=errs, capsize=2, label=label)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(groups)), [f"{d}\n{v}\n{m}" for d, v, m in groups], fontsize=8)
