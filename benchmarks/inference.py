@@ -37,7 +37,7 @@ def harness_overhead(runner: OrtRunner, x: np.ndarray, iters: int, rounds: int =
         for _ in range(iters):
             run(outputs, feed)
         bare.append((time.perf_counter() - start) / iters)
-        harness.append(statistics.fmean(runner.time(x, warmup=0, iters=iters, duration=None)))
+        harness.append(statistics.fmean(runner.time(x, warmup=0, iters=iters, duration=None).seconds))
     b, h = statistics.median(bare), statistics.median(harness)
     return {"bare_ms": b * 1000, "harness_ms": h * 1000, "overhead": h / b - 1}
 
@@ -68,7 +68,7 @@ def main() -> None:
             entry = {"accuracy": acc, "latency": {}}
             for b in batches:
                 x = normalize(images[np.arange(b) % len(images)], mean, std)
-                entry["latency"][b] = latency_stats(runner.time(x, 20, args.iters, None), b)
+                entry["latency"][b] = latency_stats(runner.time(x, 20, args.iters, None).seconds, b)
             result["models"][label] = entry
         fp32 = result["models"]["ORT fp32"]
         for label, entry in result["models"].items():

@@ -13,6 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from edgekd.errors import EdgeKDError
+from edgekd.targets import BACKENDS, EXPORT_TARGETS
 
 TRAINING_STACK = {"torch", "torchvision", "timm", "safetensors", "sklearn", "PIL", "onnx", "onnxscript", "matplotlib"}
 
@@ -88,16 +89,11 @@ def distill_table(summaries) -> Table:
 
 
 def cmd_distill(args) -> int:
-    from edgekd.config import load_profile
+    from edgekd.check import checked_profile
     from edgekd.distill.study import run_study
     from edgekd.distill.summary import summarize
 
-    overrides = list(args.set or [])
-    if args.data_dir:
-        overrides += [f"datasets.{name}.data_dir={args.data_dir!r}" for name in _dataset_names(args.profile)]
-    if args.download:
-        overrides += [f"datasets.{name}.download=true" for name in _dataset_names(args.profile)]
-    profile = load_profile(args.profile, overrides)
+    profile = checked_profile(args.profile, _profile_overrides(args, args.profile), Path(args.out), args.force)
     start = time.perf_counter()
     with RichReporter() as reporter:
         records = run_study(profile, Path(args.out), reporter, force=args.force)
@@ -107,10 +103,20 @@ def cmd_distill(args) -> int:
     return 0
 
 
-def _dataset_names(profile_path: str) -> list[str]:
-    from edgekd.config import load_profile
+def _profile_overrides(args, profile_path: str) -> list[str]:
+    """--set, and --data-dir / --download as overrides of every dataset of the profile."""
+    overrides = list(args.set or [])
+    if getattr(args, "data_dir", None):
+        overrides += [f"datasets.{name}.data_dir={args.data_dir!r}" for name in _dataset_names(profile_path)]
+    if getattr(args, "download", False):
+        overrides += [f"datasets.{name}.download=true" for name in _dataset_names(profile_path)]
+    return overrides
 
-    return list(load_profile(profile_path).datasets)
+
+def _dataset_names(profile_path: str) -> list[str]:
+    from edgekd.config import parse_profile, read_profile_data
+
+    return list(parse_profile(read_profile_data(profile_path))[0].datasets)  # its problems: the check's to report
 
 
 def cmd_datasets(args) -> int:
@@ -142,11 +148,14 @@ def cmd_env(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from edgekd.check import export_problems, require
     from edgekd.export.bundle import ExportOptions, export_run, find_student_runs
 
     options = ExportOptions(targets=tuple(args.target or ["onnx"]), calib_size=args.calib_size,
                             calib_method=args.calib_method, int8_presets=tuple(args.int8_preset.split(",")),
                             fp16=args.fp16, eval_limit=args.eval_limit)
+    require(export_problems(Path(args.run_dir), options.targets, options.int8_presets, options.calib_size,
+                            options.eval_limit))
     runs = find_student_runs(Path(args.run_dir))
     table = Table(title="Exported bundles")
     for col in ("run", "model", "precision", "accuracy", "vs PyTorch / FP32", "MiB"):
@@ -169,12 +178,7 @@ def cmd_export(args) -> int:
 def cmd_bench(args) -> int:
     from edgekd.bench.harness import BenchOptions, bench_bundle, save_bench
 
-    try:
-        batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
-    except ValueError:
-        raise EdgeKDError(f"--batch-sizes {args.batch_sizes!r} must be integers separated by commas, e.g. 1,8,64") from None
-    if any(b < 1 for b in batch_sizes):
-        raise EdgeKDError("--batch-sizes must be at least 1")
+    batch_sizes = _int_list(args.batch_sizes, "--batch-sizes", "1,8,64")
     options = BenchOptions(args.backend, args.device, batch_sizes, args.threads, args.iters, args.duration,
                            args.warmup, tuple(args.model or ()))
     for bundle in args.bundle:
@@ -186,18 +190,54 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _int_list(text: str, option: str, example: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise EdgeKDError(f"{option} {text!r} must be integers separated by commas, e.g. {example}") from None
+    if any(b < 1 for b in values):
+        raise EdgeKDError(f"{option} values must be at least 1, e.g. {example}")
+    return values
+
+
+def cmd_build(args) -> int:
+    from edgekd.export.tensorrt_build import build_engines
+
+    batch_range = _int_list(args.batch_range, "--batch-range", "1,64,256")
+    if len(batch_range) != 3:
+        raise EdgeKDError(f"--batch-range {args.batch_range!r} needs three sizes min,opt,max, e.g. 1,64,256")
+    if args.workspace_mb < 1:
+        raise EdgeKDError("--workspace-mb must be at least 1, e.g. 1024")
+    precisions = ("fp32", *(["fp16"] if args.fp16 else []), *(["int8"] if args.int8 else []))
+    table = Table(title="TensorRT engines")
+    for col in ("bundle", "engine", "from", "GPU", "TensorRT", "MiB", "build s"):
+        table.add_column(col, justify="right" if col in ("MiB", "build s") else "left")
+    for bundle in args.bundle:
+        with console.status(f"building engines for {bundle}") as status:
+            built = build_engines(Path(bundle), precisions, batch_range, args.workspace_mb, args.force,
+                                  log=lambda line, b=bundle, s=status: s.update(f"{b}: {escape(line)}"))
+        for key, e in built.items():
+            table.add_row(bundle, key, e["source"], e["gpu"], e["tensorrt"], f"{e['bytes'] / 2**20:.2f}",
+                          f"{e['build_s']:.1f}" if "build_s" in e else "-")
+    console.print(table)
+    return 0
+
+
 def bench_table(record: dict) -> Table:
     env = record["environment"]
     where = env["gpu"]["gpu"] if record["options"]["device"] == "cuda" and env.get("gpu") else env["cpu"]
     table = Table(title=f"{record['dataset']}/{record['variant']}: {record['student']['model']} on {where}",
                   caption=f"latency in ms over {record['eval_samples']} eval images' batches; "
-                          f"threads {env['threads']}")
-    for col in ("model", "batch", "accuracy %", "p50", "p90", "p99", "mean ± std", "images/s", "MiB file",
-                "MiB RSS+"):
+                          f"threads {env['threads']}; timing host_wall = host clock around the call, "
+                          "device_events = CUDA events around the GPU work; * = not made for this device")
+    for col in ("model", "timing", "batch", "accuracy %", "p50", "p90", "p99", "mean ± std", "images/s",
+                "MiB file", "MiB RSS+"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for r in record["results"]:
         for i, (batch, s) in enumerate(r["latency"].items()):
-            table.add_row(r["model"] if i == 0 else "", batch, f"{r['accuracy'] * 100:.2f}" if i == 0 else "",
+            name = r["model"] + ("" if r.get("meant_for_device", True) else " *")
+            table.add_row(name if i == 0 else "", str(r.get("timing", "")) if i == 0 else "", batch,
+                          f"{r['accuracy'] * 100:.2f}" if i == 0 else "",
                           f"{s['p50_ms']:.3f}", f"{s['p90_ms']:.3f}", f"{s['p99_ms']:.3f}",
                           f"{s['mean_ms']:.3f} ± {s['std_ms']:.3f}", f"{s['throughput_ips']:,.0f}",
                           f"{r['file_bytes'] / 2**20:.2f}" if i == 0 else "",
@@ -225,10 +265,11 @@ def report_table(report) -> Table:
 
 
 def cmd_study(args) -> int:
-    from edgekd.config import load_profile
+    from edgekd.check import checked_profile
     from edgekd.study import run_full_study
 
-    profile = load_profile(args.profile, list(args.set or []))
+    profile = checked_profile(args.profile, list(args.set or []), Path(args.out), args.force, jobs=args.jobs,
+                              deploy=True)
     start = time.perf_counter()
     with RichReporter() as reporter:
         report = run_full_study(profile, Path(args.out), reporter, jobs=args.jobs, force=args.force,
@@ -236,6 +277,21 @@ def cmd_study(args) -> int:
     console.print(report_table(report))
     console.print(f"report: {report.files['html']}  ({time.perf_counter() - start:.0f} s)")
     return 0
+
+
+def cmd_check(args) -> int:
+    from edgekd.check import check_profile
+
+    failed = 0
+    for path in args.profile:
+        checked = check_profile(path, _profile_overrides(args, path), Path(args.out), deploy=True)
+        if checked.problems:
+            failed += 1
+            prefix = f"{path}: " if len(args.profile) > 1 else ""
+            _error("\n".join(prefix + problem for problem in checked.problems))
+        else:
+            console.print(f"ok {escape(path)}: {escape(checked.summary())}", soft_wrap=True, highlight=False)
+    return 2 if failed else 0
 
 
 def cmd_report(args) -> int:
@@ -271,17 +327,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
     p = sub.add_parser("export", help="turn students into ONNX / INT8 / TensorRT bundles, checked against PyTorch")
     p.add_argument("run_dir", help="a student run directory, or a study directory (all its students)")
-    p.add_argument("--target", action="append", choices=["onnx", "int8", "trt"], help="repeatable; default onnx")
+    p.add_argument("--target", action="append", choices=EXPORT_TARGETS, help="repeatable; default onnx")
     p.add_argument("--calib-size", type=int, default=512, help="training images used to calibrate INT8")
     p.add_argument("--calib-method", default="minmax", choices=["minmax", "entropy", "percentile"])
     p.add_argument("--int8-preset", default="cpu,trt", help="cpu (ORT on CPUs), trt (TensorRT Q/DQ), or both")
-    p.add_argument("--fp16", action="store_true", help="with --target trt: also an FP16 engine")
+    p.add_argument("--fp16", action="store_true", help="also model.fp16.onnx (and with --target trt an FP16 engine)")
     p.add_argument("--eval-limit", type=int, default=0, help="cap the bundle's eval set (0 = whole test split)")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("bench", help="accuracy, latency, throughput and memory of exported bundles on this device")
     p.add_argument("bundle", nargs="+", help="bundle directories (<run>/bundle) made by edgekd export")
-    p.add_argument("--backend", default="ort", help="ort (ONNX Runtime: CPU or CUDA provider), ort-trt (ORT's TensorRT provider), trt (TensorRT "
-                        "engines), torch (PyTorch eager, the reference)")
+    p.add_argument("--backend", default="ort", help="; ".join(f"{b.name}: {b.help}" for b in BACKENDS.values()))
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--batch-sizes", default="1,8,64")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = runtime default)")
@@ -291,6 +346,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", action="append", help="only these manifest models (repeatable), e.g. onnx-int8-cpu")
     p.add_argument("--out", help="where to write bench.json (default: in the bundle)")
     p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("build", help="TensorRT engines from a bundle's ONNX files, on this GPU (no PyTorch needed)")
+    p.add_argument("bundle", nargs="+", help="bundle directories (<run>/bundle) made by edgekd export")
+    p.add_argument("--fp16", action="store_true", help="also an FP16 engine, from model.fp16.onnx")
+    p.add_argument("--int8", action="store_true", help="also an INT8 engine, from model.int8-trt.onnx (Q/DQ)")
+    p.add_argument("--batch-range", default="1,64,256", help="min,opt,max batch of the engine's profile")
+    p.add_argument("--workspace-mb", type=int, default=1024, help="TensorRT builder workspace")
+    p.add_argument("--force", action="store_true", help="rebuild engines that are current")
+    p.set_defaults(func=cmd_build)
+    p = sub.add_parser("check", help="check a profile's whole plan in a second (models, losses, data, paths), "
+                                     "training nothing; distill and study run it first")
+    p.add_argument("profile", nargs="+", help="study profiles (TOML), e.g. profiles/*.toml")
+    p.add_argument("--out", default="runs", help="the runs directory distill and study would use (default: runs)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a profile key")
+    p.add_argument("--data-dir", help="where dataset files live (overrides the profile)")
+    p.set_defaults(func=cmd_check)
     p = sub.add_parser("datasets", help="list data sources and where each looks for its files")
     p.add_argument("--data-dir", help="show where a data directory would be searched")
     p.set_defaults(func=cmd_datasets)
@@ -300,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _error(message: str) -> int:
-    err_console.print(f"[bold red]edgekd: error:[/bold red] {escape(message)}", soft_wrap=True, highlight=False)
+    for line in message.splitlines() or [""]:  # a plan check reports every problem, each on its own line
+        err_console.print(f"[bold red]edgekd: error:[/bold red] {escape(line)}", soft_wrap=True, highlight=False)
     return 2
 
 
@@ -322,6 +393,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err_console.print("edgekd: interrupted; run the same command again to continue where it stopped")
         return 130
+    except OSError as exc:
+        if exc.filename is None:  # not about a file: a bug, whose traceback is the report
+            raise
+        # A full disk, a read-only or vanished directory: what happened where, and what to do.
+        return _error(f"cannot write or read {exc.filename}: {exc.strerror or exc}: free space there, fix its "
+                      "permissions, or choose another --out; then run the same command again to continue")
 
 
 if __name__ == "__main__":

@@ -9,12 +9,16 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10 (JetPack 6): the same parser, from PyPI
+    import tomli as tomllib
 
 from edgekd.errors import EdgeKDError
 
@@ -160,6 +164,12 @@ class Profile:
     def families(self) -> list[str]:
         return ["", *self.students]
 
+    def trainings(self) -> list[tuple[str, TrainConfig]]:
+        """Every training configuration with its profile key: teacher, student, students.*, teachers.*."""
+        return [("teacher", self.teacher), ("student", self.student),
+                *((f"students.{k}", v) for k, v in self.students.items()),
+                *((f"teachers.{k}", v) for k, v in self.teachers.items())]
+
 
 class ProfileError(EdgeKDError):
     pass
@@ -169,30 +179,37 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp`; return it converted (dataclass tables become instances)."""
+def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
+    """Check `value` against the annotation `tp`; return it converted (dataclass tables become instances).
+
+    A value that cannot be converted raises; the keys of nested tables that cannot be are added to `problems`
+    and left at their defaults, so one pass names every bad key of a profile.
+    """
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ProfileError(f"profile key '{key}' must be a table, got {type(value).__name__}")
-        return _build(tp, value, key)
+        return _build(tp, value, key, problems)
     if origin is dict:
         if not isinstance(value, dict):
             raise ProfileError(f"profile key '{key}' must be a table, got {type(value).__name__}")
         _, vt = typing.get_args(tp)
-        return {k: _convert(v, vt, f"{key}.{k}") for k, v in value.items()}
+        return {k: _convert(v, vt, f"{key}.{k}", problems) for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ProfileError(f"profile key '{key}' must be a list, got {type(value).__name__}")
         (it,) = typing.get_args(tp)
-        return [_convert(v, it, f"{key}[{i}]") for i, v in enumerate(value)]
+        return [_convert(v, it, f"{key}[{i}]", problems) for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(tp):
+            tried: list[str] = []
             try:
-                return _convert(value, option, key)
+                converted = _convert(value, option, key, tried)
             except ProfileError:
                 continue
-        raise ProfileError(f"profile key '{key}' has the wrong type: got {value!r}, expected {tp}")
+            if not tried:
+                return converted
+        raise ProfileError(f"profile key '{key}' has the wrong type: got {value!r}, expected {_type_name(tp)}")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
@@ -202,16 +219,21 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+def _build(cls: type, data: dict[str, Any], prefix: str, problems: list[str]) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    for key in data:
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else key
         if key not in names:
-            dotted = f"{prefix}.{key}" if prefix else key
             close = difflib.get_close_matches(key, names, n=1)
             hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(names)}"
-            raise ProfileError(f"unknown profile key '{dotted}': {hint}")
-    kwargs = {k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+            problems.append(f"unknown profile key '{dotted}': {hint}")
+            continue
+        try:
+            kwargs[key] = _convert(value, hints[key], dotted, problems)
+        except ProfileError as exc:
+            problems.append(str(exc))
     return cls(**kwargs)
 
 
@@ -240,59 +262,175 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def profile_from_dict(data: dict[str, Any]) -> Profile:
-    profile = _build(Profile, data, "")
-    # A table that names its datasets replaces the default, rather than merging with `digits`.
+# What each value may be, by key, as (allowed?, what to write instead). Rules that need the data or the machine
+# (model names, paths, class counts, GPUs) are `edgekd check`'s (edgekd/check.py).
+def _at_least(low):
+    return lambda v: v >= low, f"at least {low}"
+
+
+TRAIN_RULES = {
+    "model": (bool, "a timm model name, e.g. resnet18"),
+    "epochs": _at_least(1),
+    "min_steps": _at_least(0),
+    "batch_size": _at_least(1),
+    "optimizer": (lambda v: v in ("sgd", "adamw"), "'sgd' or 'adamw'"),
+    "lr": (lambda v: v > 0, "above 0"),
+    "weight_decay": _at_least(0),
+    "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "warmup_epochs": _at_least(0),
+    "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "precision": (lambda v: v in ("auto", "fp32", "bf16", "fp16"), "auto, fp32, bf16 or fp16"),
+    "channels_last": (lambda v: v in ("auto", "on", "off"), "auto, on or off"),
+}
+DATASET_RULES = {
+    "image_size": (lambda v: v == 0 or v >= 4, "0 (the native size) or a side of at least 4 pixels"),
+    "channels": (lambda v: v in (0, 1, 3), "0 (the native channels), 1 or 3"),
+    "val_fraction": (lambda v: 0 < v < 1, "in (0, 1): checkpoints are chosen on this share of the training data"),
+    "train_limit": _at_least(0),
+    "test_limit": _at_least(0),
+    "crop_padding": _at_least(0),
+    "classes": _at_least(2),
+    "samples_per_class": _at_least(1),
+}
+STUDY_RULES = {
+    "name": (lambda v: bool(v) and not set(v) & set("/\\") and v not in (".", ".."),
+             "a directory name (no slashes), e.g. my-study"),
+    "teacher_regime": (lambda v: v in ("clean", "variant"), "'clean' or 'variant'"),
+    "device": (lambda v: v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()),
+               "auto, cpu, cuda or cuda:N"),
+    "eval_batch_size": _at_least(1),
+    "cache_topk": _at_least(0),
+    "threads": _at_least(0),
+}
+
+
+def _rule_problems(obj: Any, rules: dict, where: str) -> list[str]:
+    out = []
+    for key, (allowed, expected) in rules.items():
+        value = getattr(obj, key)
+        if not allowed(value):
+            out.append(f"profile key '{where}.{key}' must be {expected}, got {value!r}")
+    return out
+
+
+def variant_problems(cfg: VariantConfig, where: str = "variant", classes: int | None = None,
+                     smallest_class: int | None = None) -> list[str]:
+    """What is wrong with a variant's parameters; given the dataset's class count and its smallest class's training
+    images, also what does not fit the data."""
+    if cfg.kind not in VARIANT_KINDS:
+        return [f"unknown variant kind {cfg.kind!r} in '{where}.kind': use one of {', '.join(VARIANT_KINDS)}"]
+
+    def index_ok(c: int) -> bool:
+        return c >= 0 and (classes is None or c < classes)
+
+    most = "the smallest class size" if smallest_class is None else smallest_class
+    indices = "the class indices" if classes is None else f"0..{classes - 1}"
+    checks = {  # kind -> [(its parameter is fine, key, what it must be)]
+        "fraction": [(0 < cfg.fraction <= 1, "fraction", "in (0, 1]")],
+        "per_class": [(1 <= cfg.per_class and (smallest_class is None or cfg.per_class <= smallest_class),
+                       "per_class", f"between 1 and {most}")],
+        "imbalance": [(cfg.ratio >= 1, "ratio", "at least 1 (n_max / n_min)")],
+        "label_noise": [(0 <= cfg.rate < 1, "rate", "a share with 0 <= rate < 1"),
+                        (cfg.noise in ("symmetric", "pairs"), "noise", "'symmetric' or 'pairs'"),
+                        (all(len(pair) == 2 and all(map(index_ok, pair)) for pair in cfg.pairs), "pairs",
+                         f"pairs of class indices ({indices}), e.g. [[0, 6], [2, 4]]")],
+        "spurious": [(0 <= cfg.p <= 1, "p", "a probability in [0, 1]")],
+        "classes": [(len(set(cfg.classes)) >= 2 and all(map(index_ok, cfg.classes)), "classes",
+                     f"a list naming at least two of {indices}")],
+        "resolution": [(cfg.resolution >= 2, "resolution", "the test-time side in pixels, e.g. 14")],
+    }.get(cfg.kind, [])
+    if cfg.kind == "corruption" or cfg.shift:
+        checks += [(set(cfg.corruptions) <= set(CORRUPTIONS), "corruptions", f"some of {', '.join(CORRUPTIONS)}"),
+                   (all(1 <= s <= 5 for s in cfg.severities), "severities", "from 1 (mild) to 5 (strong)")]
+    if cfg.shift and cfg.kind != "resolution":
+        checks.append((cfg.resolution == 0 or cfg.resolution >= 2, "resolution", "0 (none) or at least 2 pixels"))
+    return [f"profile key '{where}.{key}' must be {expected}, got {getattr(cfg, key)!r}"
+            for ok, key, expected in checks if not ok]
+
+
+def profile_problems(profile: Profile) -> list[str]:
+    """Every value of a parsed profile that is out of range or contradicts another; empty when all are fine."""
+    found = []
+    for where, train in profile.trainings():
+        found += _rule_problems(train, TRAIN_RULES, where)
+        if train.checkpoint and not where.startswith("teacher"):
+            found.append(f"profile key '{where}.checkpoint' is for teachers: students always train")
+    found += _rule_problems(profile.study, STUDY_RULES, "study")
+    if not profile.study.seeds:
+        found.append("profile key 'study.seeds' is empty: give at least one seed, e.g. seeds = [0]")
+    elif len(set(profile.study.seeds)) < len(profile.study.seeds):
+        found.append(f"profile key 'study.seeds' repeats a seed: {profile.study.seeds}")
+    if not profile.datasets:
+        found.append("profile table 'datasets' is empty: name at least one, e.g. [datasets.digits]")
     for name, ds in profile.datasets.items():
-        ds.source = ds.source or name
-    for name, train in [("teacher", profile.teacher), ("student", profile.student),
-                        *((f"students.{k}", v) for k, v in profile.students.items()),
-                        *((f"teachers.{k}", v) for k, v in profile.teachers.items())]:
-        if train.optimizer not in ("sgd", "adamw"):
-            raise ProfileError(f"profile key '{name}.optimizer' must be 'sgd' or 'adamw', got {train.optimizer!r}")
-        if train.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ProfileError(f"profile key '{name}.precision' must be auto, fp32, bf16 or fp16")
-        if train.channels_last not in ("auto", "on", "off"):
-            raise ProfileError(f"profile key '{name}.channels_last' must be auto, on or off")
-        if train.epochs < 1 or train.batch_size < 1:
-            raise ProfileError(f"profile keys '{name}.epochs' and '{name}.batch_size' must be at least 1")
-    if profile.study.teacher_regime not in ("clean", "variant"):
-        raise ProfileError("profile key 'study.teacher_regime' must be 'clean' or 'variant'")
+        found += _rule_problems(ds, DATASET_RULES, f"datasets.{name}")
+    if not profile.variants:
+        found.append("profile table 'variants' is empty: keep at least the base one, e.g. [variants.base]")
+    for name, v in profile.variants.items():
+        found += variant_problems(v, f"variants.{name}")
+        if v.kind == "classes" and profile.study.teacher_regime == "clean":
+            found.append(f"variant '{name}' keeps a subset of classes, which a teacher trained on all classes "
+                         "cannot teach: set study.teacher_regime = 'variant'")
     for method, spec in profile.methods.items():
         names = spec.get("teachers", ["main"])
         if not isinstance(names, list) or not names:
-            raise ProfileError(f"profile key 'methods.{method}.teachers' must be a list such as [\"main\", \"r18\"]")
+            found.append(f"profile key 'methods.{method}.teachers' must be a list such as [\"main\", \"r18\"]")
+            names = []
         for name in names:
             if name != "main" and name not in profile.teachers:
-                raise ProfileError(f"profile key 'methods.{method}.teachers' names {name!r}, which is not a teacher: "
-                                   f"add a [teachers.{name}] table or use \"main\"")
+                found.append(f"profile key 'methods.{method}.teachers' names {name!r}, which is not a teacher: "
+                             f"add a [teachers.{name}] table or use \"main\"")
         if spec.get("combine", "mean") not in ("mean", "val_weighted"):
-            raise ProfileError(f"profile key 'methods.{method}.combine' must be 'mean' or 'val_weighted'")
+            found.append(f"profile key 'methods.{method}.combine' must be 'mean' or 'val_weighted'")
         for key, value in method_losses(spec).items():
             if not isinstance(value, dict):
-                raise ProfileError(f"profile key 'methods.{method}.{key}' must be a table of loss parameters, "
-                                   f"e.g. {key} = {{ weight = 1.0 }}")
+                found.append(f"profile key 'methods.{method}.{key}' must be a table of loss parameters, "
+                             f"e.g. {key} = {{ weight = 1.0 }}")
+        if not method_losses(spec):
+            found.append(f"profile table 'methods.{method}' names no loss: add e.g. kd = {{ weight = 0.9 }}")
     for family in [*profile.students, *profile.teachers]:
         if "@" in family or "/" in family:
-            raise ProfileError(f"student or teacher name {family!r} may not contain '@' or '/'")
-    for name, v in profile.variants.items():
-        if v.kind not in VARIANT_KINDS:
-            raise ProfileError(f"profile key 'variants.{name}.kind' is {v.kind!r}: use one of {', '.join(VARIANT_KINDS)}")
-        if v.kind == "classes" and profile.study.teacher_regime == "clean":
-            raise ProfileError(f"variant '{name}' keeps a subset of classes, which a teacher trained on all classes "
-                               "cannot teach: set study.teacher_regime = 'variant'")
-    if not profile.study.seeds:
-        raise ProfileError("profile key 'study.seeds' is empty: give at least one seed, e.g. seeds = [0]")
+            found.append(f"student or teacher name {family!r} may not contain '@' or '/'")
+    return found
+
+
+def parse_profile(data: dict[str, Any]) -> tuple[Profile, list[str]]:
+    """The profile `data` describes, and every problem in it: unknown keys and wrong types (those keys keep their
+    defaults), then values out of range. `edgekd check` reports them all at once."""
+    problems: list[str] = []
+    profile = _build(Profile, data, "", problems)
+    # A table that names its datasets replaces the default, rather than merging with `digits`.
+    for name, ds in profile.datasets.items():
+        ds.source = ds.source or name
+    return profile, problems + profile_problems(profile)
+
+
+def profile_from_dict(data: dict[str, Any]) -> Profile:
+    profile, problems = parse_profile(data)
+    if problems:
+        raise ProfileError("\n".join(problems))
     return profile
 
 
-def load_profile(path: str | Path, overrides: list[str] | None = None) -> Profile:
+STARTING_PROFILE = "profiles/quickstart.toml"
+
+
+def read_profile_data(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """A profile file's tables with the `--set` overrides applied, not yet checked."""
     path = Path(path)
     if not path.is_file():
-        raise ProfileError(f"profile {str(path)!r} not found: pass a TOML file such as profiles/quickstart.toml")
+        raise ProfileError(f"profile {str(path)!r} not found: pass a TOML file such as {STARTING_PROFILE}")
     try:
         data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ProfileError(f"profile {str(path)!r} is not valid TOML ({exc}): fix the syntax there") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        reason = str(exc).splitlines()[0] if isinstance(exc, tomllib.TOMLDecodeError) else "not text"
+        raise ProfileError(f"profile {str(path)!r} is not valid TOML ({reason}): fix the syntax there") from None
+    if not data:  # running every default silently would answer a question nobody asked
+        raise ProfileError(f"profile {str(path)!r} is empty: start from a complete one, e.g. "
+                           f"cp {STARTING_PROFILE} {path}, and edit it")
     data.setdefault("study", {}).setdefault("name", path.stem)
-    return profile_from_dict(apply_overrides(data, overrides or []))
+    return apply_overrides(data, overrides or [])
+
+
+def load_profile(path: str | Path, overrides: list[str] | None = None) -> Profile:
+    return profile_from_dict(read_profile_data(path, overrides))

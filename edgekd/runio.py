@@ -12,6 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from edgekd.errors import EdgeKDError
+
 
 def run_dir(study_root: Path, dataset: str, variant: str, role: str, seed: int) -> Path:
     return study_root / dataset / variant / role / f"seed{seed}"
@@ -38,9 +40,36 @@ def write_json(path: Path, data: Any) -> None:
     _atomic(Path(path), write)
 
 
-def read_json(path: Path) -> Any:
-    with open(path) as f:
-        return json.load(f)
+class UnreadableFile(EdgeKDError):
+    """A file handed in (by a user, or by an earlier run) that is missing, corrupt, truncated or of another kind.
+
+    Callers that can recompute what the file holds (a run's outputs) catch this one; everyone else lets it reach
+    the CLI as a one-line error.
+    """
+
+
+REMAKE = "make it again with the edgekd command that wrote it, or restore it"  # when the caller knows no better
+
+
+def _opened(path: Path, fix: str):
+    """`open(path, "rb")`, with a missing file or a directory in its place as one UnreadableFile line."""
+    try:
+        return open(path, "rb")
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+        raise UnreadableFile(f"{path} cannot be opened ({exc.strerror}): {fix}") from None
+
+
+def read_json(path: Path, fix: str = REMAKE) -> Any:
+    """A JSON file; anything else there (empty, cut short, binary) is an UnreadableFile naming it and `fix`."""
+    with _opened(Path(path), fix) as f:
+        raw = f.read()
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        reason = "not text"
+    except json.JSONDecodeError as exc:
+        reason = "empty" if not raw.strip() else f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+    raise UnreadableFile(f"{path} is {reason}: {fix}")
 
 
 def save_tensors(path: Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
@@ -51,7 +80,49 @@ def save_tensors(path: Path, tensors: dict, metadata: dict[str, str] | None = No
     _atomic(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def load_tensors(path: Path, device: str = "cpu") -> dict:
+def _safetensors_errors() -> tuple[type[Exception], ...]:
+    from safetensors import SafetensorError
+
+    return SafetensorError, OSError  # OSError: the disk failed to read it
+
+
+def load_tensors(path: Path, device: str = "cpu", fix: str = REMAKE) -> dict:
+    """Every tensor of a safetensors file; a damaged or foreign file is an UnreadableFile naming it and `fix`."""
     from safetensors.torch import load_file
 
-    return load_file(str(path), device=device)
+    path = Path(path)
+    _opened(path, fix).close()
+    try:
+        return load_file(str(path), device=device)
+    except _safetensors_errors() as exc:
+        raise UnreadableFile(f"{path} is not a readable safetensors file ({_first_line(exc)}): {fix}") from None
+
+
+def tensor_shapes(path: Path, fix: str = REMAKE) -> dict[str, list[int]]:
+    """Names and shapes from a safetensors header, without reading the tensors: a cheap check that the file is
+    whole (safetensors refuses a header whose tensors run past the end of the file)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    _opened(path, fix).close()
+    try:
+        with safe_open(str(path), "numpy") as f:
+            return {name: list(f.get_slice(name).get_shape()) for name in f.keys()}
+    except _safetensors_errors() as exc:
+        raise UnreadableFile(f"{path} is not a readable safetensors file ({_first_line(exc)}): {fix}") from None
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text.removeprefix("Error while deserializing header: ")[:160]
+
+
+def sha256_file(path: Path) -> str:
+    """Content hash of a file, read in chunks: bundles and engines are compared by content, not by time."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper, save
 
 from edgekd.bench.harness import BenchOptions, bench_bundle, latency_stats
-from edgekd.bench.monitor import find_vdd_in, integrate_power
+from edgekd.bench.monitor import find_power_reader, integrate_power
 from edgekd.bench.runners import RUNNERS
 from edgekd.cli import main
 from edgekd.errors import EdgeKDError
@@ -125,14 +125,15 @@ def test_bench_runs_with_torch_unimportable(tiny_bundle):
 
 
 def test_power_integration_and_rail_discovery(tmp_path):
-    samples = [(0.0, 5.0), (1.0, 7.0), (2.0, 5.0)]
+    samples = [(0.1 * i, 5.0 if i % 2 == 0 else 7.0) for i in range(21)]  # 2 s, trapezoid average 6 W
     p = integrate_power(samples, inferences=100)
     assert p["energy_j"] == pytest.approx(12.0) and p["average_w"] == pytest.approx(6.0)
     assert p["energy_per_inference_mj"] == pytest.approx(120.0)
+    assert "refused" in integrate_power(samples[:3], inferences=100)  # three samples are not an energy figure
     hwmon = tmp_path / "ina3221" / "1-0040" / "hwmon" / "hwmon3"
     hwmon.mkdir(parents=True)
     (hwmon / "in1_label").write_text("VDD_IN\n")
     (hwmon / "in1_input").write_text("5000\n")  # mV
     (hwmon / "curr1_input").write_text("1200\n")  # mA
-    assert find_vdd_in(tmp_path)() == pytest.approx(6.0)
-    assert find_vdd_in(tmp_path / "none") is None
+    assert find_power_reader(tmp_path).read() == pytest.approx(6.0)
+    assert find_power_reader(tmp_path / "none") is None

@@ -69,7 +69,7 @@ def test_interrupted_study_continues_where_it_stopped(tiny_profile, tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("student.epoch=3", "unknown profile key 'student.epoch': did you mean 'epochs'?"),
     ("teacher.model=resnet181", "unknown model 'resnet181': did you mean"),
-    ("datasets.synthetic.source='imagefolder'", "imagefolder: directory"),
+    ("datasets.synthetic.source='imagefolder'", "data_dir' (or --data-dir) is"),
     ("methods.kd.kd.temprature=3", "unknown profile key 'methods.kd.kd.temprature'"),
 ])
 def test_bad_input_gives_one_line_errors(tiny_profile, tmp_path, capsys, override, message):
@@ -88,6 +88,10 @@ def test_missing_dataset_directory(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("EDGEKD_DATA", raising=False)
     profile = tmp_path / "p.toml"
     profile.write_text("[datasets.mnist]\n")
+    assert main(["distill", str(profile), "--out", str(tmp_path), "--data-dir", str(tmp_path / "nope")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "which does not exist" in err and "--download" in err
+    (tmp_path / "nope").mkdir()
     assert main(["distill", str(profile), "--out", str(tmp_path), "--data-dir", str(tmp_path / "nope")]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "mnist: no IDX files found" in err and "--download" in err
@@ -129,3 +133,30 @@ def test_variants_study_clean_teacher_regime(tiny_profile, tmp_path):
     small = json.loads((root / "small" / "kd" / "seed0" / "metrics.json").read_text())
     assert {"head_acc", "tail_acc"} <= set(small) and small["variant_stats"]["train_per_class"][0] > \
         small["variant_stats"]["train_per_class"][-1]
+
+
+def test_check_command_reports_each_profile(tiny_profile, tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(tiny_profile.read_text().replace('model = "test_resnet"', 'model = "test_resnett"'))
+    assert main(["check", str(tiny_profile), str(bad), "--out", str(tmp_path / "runs")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out.startswith(f"ok {tiny_profile}: tiny: synthetic (144 train, 16 val, 40 test); 1 variant(s)")
+    assert len(captured.err.splitlines()) == 1
+    assert captured.err.startswith(f"edgekd: error: {bad}: profile key 'teacher.model': unknown model "
+                                   "'test_resnett': did you mean test_resnet,")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_failed_write_is_one_line(monkeypatch, capsys):
+    import errno
+    import os
+
+    import edgekd.cli
+
+    def full(args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/runs/study/summary.json")
+
+    monkeypatch.setattr(edgekd.cli, "cmd_env", full)
+    assert main(["env"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "/runs/study/summary.json: No space left on device: free space" in err

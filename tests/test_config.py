@@ -60,3 +60,53 @@ def test_study_name_defaults_to_file_stem(tmp_path):
     path = tmp_path / "my-study.toml"
     path.write_text("[student]\nepochs = 2\n")
     assert load_profile(path).study.name == "my-study"
+
+
+def test_every_problem_of_a_profile_is_named_at_once():
+    with pytest.raises(ProfileError) as info:
+        profile_from_dict({"student": {"epoch": 3, "lr": -1.0}, "teacher": {"optimizer": "adam"},
+                           "datasets": {"digits": {"val_fraction": 0.0, "channels": 2}},
+                           "variants": {"half": {"kind": "fraction", "fraction": 2.0}}})
+    lines = str(info.value).splitlines()
+    assert lines == [
+        "unknown profile key 'student.epoch': did you mean 'epochs'?",
+        "profile key 'teacher.optimizer' must be 'sgd' or 'adamw', got 'adam'",
+        "profile key 'student.lr' must be above 0, got -1.0",
+        "profile key 'datasets.digits.channels' must be 0 (the native channels), 1 or 3, got 2",
+        "profile key 'datasets.digits.val_fraction' must be in (0, 1): checkpoints are chosen on this share of the "
+        "training data, got 0.0",
+        "profile key 'variants.half.fraction' must be in (0, 1], got 2.0",
+    ]
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"study": {"device": "gpu"}}, "'study.device' must be auto, cpu, cuda or cuda:N"),
+    ({"study": {"name": "a/b"}}, "'study.name' must be a directory name"),
+    ({"study": {"seeds": [1, 1]}}, "'study.seeds' repeats a seed"),
+    ({"methods": {"odd": {}}}, "profile table 'methods.odd' names no loss"),
+    ({"student": {"checkpoint": "x.safetensors"}}, "'student.checkpoint' is for teachers"),
+    ({"variants": {"v": {"kind": "corruption", "severities": [6]}}}, "'variants.v.severities' must be from 1"),
+    ({"variants": {"v": {"kind": "label_noise", "rate": 0.2, "noise": "pairs", "pairs": [[0]]}}},
+     "'variants.v.pairs' must be pairs of class indices"),
+    ({"datasets": {}}, "profile table 'datasets' is empty"),
+])
+def test_values_out_of_range(data, message):
+    with pytest.raises(ProfileError) as info:
+        profile_from_dict(data)
+    assert message in str(info.value)
+
+
+def test_variant_problems_against_the_data():
+    from edgekd.config import VariantConfig, variant_problems
+
+    assert variant_problems(VariantConfig(kind="per_class", per_class=50), "variants.v") == []
+    assert variant_problems(VariantConfig(kind="per_class", per_class=50), "variants.v", 10, 40) == [
+        "profile key 'variants.v.per_class' must be between 1 and 40, got 50"]
+    assert "0..3" in variant_problems(VariantConfig(kind="classes", classes=[1, 4]), "variants.v", 4, 10)[0]
+
+
+def test_empty_profile_names_a_starting_profile(tmp_path):
+    path = tmp_path / "new.toml"
+    path.write_text("# my study\n")
+    with pytest.raises(ProfileError, match="is empty: start from a complete one, e.g. cp profiles/quickstart.toml"):
+        load_profile(path)

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import numpy as np
 import onnx
@@ -109,11 +110,13 @@ def test_qdq_rules_on_handmade_graphs(kwargs, problem):
 
 
 def test_trt_target_without_tensorrt_says_where_it_works(tiny_study, tmp_path):
-    run = tiny_study / "synthetic" / "base" / "scratch" / "seed0"
+    run = tmp_path / "run"
+    shutil.copytree(tiny_study / "synthetic" / "base" / "scratch" / "seed0", run,
+                    ignore=shutil.ignore_patterns("bundle"))
     with pytest.raises(EdgeKDError, match="TensorRT .*(not installed|no runtime libraries).*NVIDIA GPU"):
-        export_run(run, ExportOptions(targets=("trt",), int8_presets=()), log=lambda line: None)
-    # what was made before the TensorRT step is kept
-    assert (run / "bundle" / "model.onnx").is_file() and (run / "bundle" / "manifest.json").is_file()
+        export_run(run, ExportOptions(targets=("trt", "int8")), log=lambda line: None)
+    # checked before the ONNX and INT8 work, not after it
+    assert not (run / "bundle").exists()
 
 
 def test_export_errors(tiny_study, tmp_path, capsys):

@@ -161,11 +161,84 @@ def test_every_feature_loss_is_differentiable(name):
     assert fs.grad is not None and torch.isfinite(fs.grad).all()
 
 
-def test_attention_transfer_refuses_a_1x1_student_stage():
+def test_attention_transfer_refuses_maps_that_meet_1x1():
     from edgekd.errors import EdgeKDError
 
-    at = LOSSES.get("at")()
-    for teacher in (torch.randn(4, 16, 1, 1), torch.randn(4, 16, 2, 2)):  # upsampled 1x1 is still flat
-        with pytest.raises(EdgeKDError, match="1x1 at this input size"):
-            at(_out(torch.randn(4, 8, 1, 1), teacher))
-    assert at(_out(torch.randn(4, 8, 2, 2), torch.randn(4, 16, 4, 4))).item() > 0
+    for resize in ("pool_larger", "upsample_student"):
+        at = LOSSES.get("at")(resize=resize)
+        # a 1x1 student map (pooled teacher or replicated student: flat either way), or a 1x1 teacher map
+        for fs, ft in ((torch.randn(4, 8, 1, 1), torch.randn(4, 16, 1, 1)),
+                       (torch.randn(4, 8, 1, 1), torch.randn(4, 16, 2, 2)),
+                       (torch.randn(4, 8, 2, 2), torch.randn(4, 16, 1, 1))):
+            with pytest.raises(EdgeKDError, match="1x1 at this input size"):
+                at(_out(fs, ft))
+        assert at(_out(torch.randn(4, 8, 2, 2), torch.randn(4, 16, 4, 4))).item() > 0
+
+
+# -- AT between maps of different sizes (issue 14) -----------------------------------------------------------
+# The references pool the larger map to the smaller one's grid before taking attention maps:
+#   HobbitLong/RepDistiller, distiller_zoo/AT.py, Attention.at_loss, and
+#   megvii-research/mdistiller, mdistiller/distillers/AT.py, single_stage_at_loss:
+#     if s_H > t_H: f_s = adaptive_avg_pool2d(f_s, (t_H, t_H))
+#     elif s_H < t_H: f_t = adaptive_avg_pool2d(f_t, (s_H, s_H))
+#     at(f) = F.normalize(f.pow(p).mean(1).view(N, -1)); loss = (at(f_s) - at(f_t)).pow(2).mean()
+def np_block_pool(f, size):
+    """adaptive_avg_pool2d to `size` when it divides the map: the mean of each block."""
+    n, c, h, w = f.shape
+    assert h % size == 0 and w % size == 0
+    return f.reshape(n, c, size, h // size, size, w // size).mean((3, 5))
+
+
+def np_at_reference(fs, ft, p=2):
+    s_h, t_h = fs.shape[2], ft.shape[2]
+    if s_h > t_h:
+        fs = np_block_pool(fs, t_h)
+    elif s_h < t_h:
+        ft = np_block_pool(ft, s_h)
+    a = lambda f: np_normalize((f**p).mean(1).reshape(len(f), -1))  # noqa: E731
+    return ((a(fs) - a(ft)) ** 2).mean()
+
+
+def _fashion_mnist_at_maps(seed=5):
+    # the fashion-mnist-methods `at` profile at 28 px: mobilenetv3_small_050 stage -2 is 24x2x2,
+    # resnet10t stage -2 is 256x4x4 (post-activation, so non-negative)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(6, 24, 2, 2, generator=g).relu(), torch.randn(6, 256, 4, 4, generator=g).relu()
+
+
+def test_attention_transfer_pools_the_teacher_to_a_smaller_students_grid_as_the_references_do():
+    fs, ft = _fashion_mnist_at_maps()
+    value = LOSSES.get("at")()(_out(fs, ft)).item()
+    reference = np_at_reference(fs.double().numpy(), ft.double().numpy())
+    assert value == pytest.approx(reference, rel=1e-5)
+    # the student's grid is what is compared: 2x2 attention maps, not 4x4
+    upsampled = np_at(np.repeat(np.repeat(fs.double().numpy(), 2, 2), 2, 3), ft.double().numpy())
+    assert abs(reference - upsampled) > 0.05 * reference
+
+
+def test_attention_transfer_pools_a_larger_student_to_the_teachers_grid():
+    ft, fs = _fashion_mnist_at_maps(6)  # the student map is the 4x4 one here
+    for resize in ("pool_larger", "upsample_student"):  # the same when the student is the larger map
+        value = LOSSES.get("at")(resize=resize)(_out(fs, ft)).item()
+        assert value == pytest.approx(np_at_reference(fs.double().numpy(), ft.double().numpy()), rel=1e-5)
+
+
+def test_attention_transfer_can_still_replicate_the_student_to_the_teachers_grid():
+    # edgekd's behaviour before issue 14, kept as an option
+    fs, ft = _fashion_mnist_at_maps(7)
+    value = LOSSES.get("at")(resize="upsample_student")(_out(fs, ft)).item()
+    replicated = np.repeat(np.repeat(fs.double().numpy(), 2, 2), 2, 3)
+    assert value == pytest.approx(np_at(replicated, ft.double().numpy()), rel=1e-5)
+
+
+def test_attention_transfer_resize_is_a_declared_and_checked_profile_key():
+    from edgekd.errors import EdgeKDError
+
+    loss = ComposedLoss({"at": {"weight": 1000.0, "student_stage": -2, "teacher_stage": -2,
+                                "resize": "upsample_student"}}, "methods.at")
+    assert loss.terms["at"].resize == "upsample_student"
+    assert ComposedLoss({"at": {}}).terms["at"].resize == "pool_larger"
+    with pytest.raises(EdgeKDError, match="use one of pool_larger, upsample_student"):
+        ComposedLoss({"at": {"resize": "bilinear"}}, "methods.at")
+    with pytest.raises(EdgeKDError, match="takes weight, ramp, student_stage, teacher_stage, p, resize"):
+        ComposedLoss({"at": {"resise": "pool_larger"}}, "methods.at")

@@ -170,3 +170,121 @@ def test_lskd_ignores_the_teachers_logit_scale():
     assert a == pytest.approx(b, rel=1e-5)
     assert LOSSES.get("kd")()(StepOutputs(s, y, t)).item() != pytest.approx(
         LOSSES.get("kd")()(StepOutputs(s, y, t * 5 + 3)).item(), rel=1e-2)
+
+
+# -- DKD for a confident student: golden values from mdistiller's dkd_loss, exact in float64 -----------------
+# megvii-research/mdistiller, mdistiller/distillers/DKD.py, `dkd_loss`:
+#   b = cat_mask(softmax(z / T)): (p_target, sum of the rest); tckd = kl_div(log b_s, b_t, sum) * T^2 / N
+#   q = softmax(z / T - 1000 * gt_mask);                         nckd = kl_div(log q_s, q_t, sum) * T^2 / N
+#   loss = alpha * tckd + beta * nckd
+# Below, log b is written as log-sum-exp (log b_target = z_y - lse(z), log b_rest = lse(z_{!=y}) - lse(z)),
+# which is the same number as log(softmax) in exact arithmetic but has no cancellation in float64 for these
+# inputs (log(1 - p_target) would lose 3 digits at a margin of 30); the rest follows the reference line by
+# line.
+def _lse(x, axis=1):
+    m = x.max(axis, keepdims=True)
+    return (m + np.log(np.exp(x - m).sum(axis, keepdims=True))).squeeze(axis)
+
+
+def mdistiller_dkd(s, t, y, alpha, beta, T):
+    s, t = np.asarray(s, np.float64) / T, np.asarray(t, np.float64) / T
+    n, k = s.shape
+    gt = np.zeros((n, k), bool)
+    gt[np.arange(n), y] = True
+
+    def log_b(z):
+        return np.stack([z[gt] - _lse(z), _lse(np.where(gt, -np.inf, z)) - _lse(z)], 1)
+
+    def log_q(z):
+        z = z - 1000.0 * gt
+        return z - _lse(z)[:, None]
+
+    def kl_sum(log_p_s, log_p_t):  # F.kl_div(log p_s, p_t, size_average=False); 0 where p_t = 0
+        p_t = np.exp(log_p_t)
+        return np.where(p_t > 0, p_t * (log_p_t - log_p_s), 0.0).sum()
+
+    tckd = kl_sum(log_b(s), log_b(t)) * T**2 / n
+    nckd = kl_sum(log_q(s), log_q(t)) * T**2 / n
+    return alpha * tckd + beta * nckd
+
+
+def mdistiller_dkd_grad(s, t, y, alpha, beta, T):
+    """d loss / d student logits, worked out by hand from the formula above.
+
+    With p = softmax(z), q = softmax(z_{!=y}) and z = s / T:
+    d tckd / d z_j = p_s,j - b_t,target [j = y] - b_t,rest q_s,j [j != y],
+    d nckd / d z_j = (q_s,j - q_t,j) [j != y], both times T^2 / N, and d z / d s = 1 / T.
+    """
+    s, t = np.asarray(s, np.float64) / T, np.asarray(t, np.float64) / T
+    n, k = s.shape
+    gt = np.zeros((n, k), bool)
+    gt[np.arange(n), y] = True
+
+    def parts(z):
+        p = np.exp(z - _lse(z)[:, None])
+        rest = np.where(gt, -np.inf, z)
+        q = np.exp(rest - _lse(rest)[:, None])
+        log_b_rest = _lse(rest) - _lse(z)
+        return p, q, np.stack([1 - np.exp(log_b_rest), np.exp(log_b_rest)], 1)
+
+    p_s, q_s, _ = parts(s)
+    _, q_t, b_t = parts(t)
+    d_tckd = p_s - gt * b_t[:, :1] - b_t[:, 1:] * q_s
+    d_nckd = q_s - q_t
+    return (alpha * d_tckd + beta * d_nckd) * T / n
+
+
+def _dkd(s, t, y, dtype, **kwargs):
+    s = torch.tensor(s, dtype=dtype, requires_grad=True)
+    loss = LOSSES.get("dkd")(**kwargs)(StepOutputs(s, torch.tensor(y), torch.tensor(t, dtype=dtype)))
+    loss.backward()
+    return loss, s.grad
+
+
+# Issue 14: clamping p at 1e-12 before the log gave 13.122 with a zero gradient for the first case and
+# 0.5598 with a zero gradient for the second (every margin above ~27.6 T). With two classes the non-target
+# distribution has one class, so NCKD is 0 and beta does not matter; the closed forms below are alpha * KL of
+# the binary parts. The golden values agree with the closed forms evaluated with Python's decimal module at
+# 50 digits (14.30685281944014827..., 0.61595561211032730...; gradients sigmoid(-30) - 1/2 and
+# (sigmoid(30) - sigmoid(3)) / 2).
+def _log_sigmoid(x):
+    return -np.log1p(np.exp(-x))
+
+
+DKD_CONFIDENT = [
+    # s = [0, 30], t = [0, 0], y = 0, alpha = beta = 1, T = 1: 15 + log(1/2) + log1p(e^-30), grad ~ [-.5, .5]
+    ([[0.0, 30.0]], [[0.0, 0.0]], [0], dict(alpha=1.0, beta=1.0, temperature=1.0), 14.306852819440148,
+     [[-0.4999999999999064, 0.4999999999999064]], 15 + np.log(0.5) + np.log1p(np.exp(-30.0))),
+    # the profiles' alpha = beta = 0.5, T = 1: s = [30, 0], t = [3, 0], y = 0, grad (sig(30) - sig(3)) / 2
+    ([[30.0, 0.0]], [[3.0, 0.0]], [0], dict(alpha=0.5, beta=0.5, temperature=1.0), 0.6159556121103273,
+     [[0.0237129365887366, -0.0237129365887366]],
+     0.5 * (1 / (1 + np.exp(-3.0)) * (_log_sigmoid(3.0) - _log_sigmoid(30.0))
+            + 1 / (1 + np.exp(3.0)) * (_log_sigmoid(-3.0) - _log_sigmoid(-30.0)))),
+]
+
+
+@pytest.mark.parametrize("s, t, y, kwargs, golden, golden_grad, closed_form", DKD_CONFIDENT)
+def test_dkd_keeps_its_gradient_for_a_confident_student(s, t, y, kwargs, golden, golden_grad, closed_form):
+    T = kwargs["temperature"]
+    assert golden == pytest.approx(closed_form, rel=1e-14)
+    assert golden == pytest.approx(mdistiller_dkd(s, t, y, kwargs["alpha"], kwargs["beta"], T), rel=1e-14)
+    np.testing.assert_allclose(mdistiller_dkd_grad(s, t, y, kwargs["alpha"], kwargs["beta"], T), golden_grad,
+                               rtol=0, atol=1e-13)
+    loss, grad = _dkd(s, t, y, torch.float64, **kwargs)
+    assert loss.item() == pytest.approx(golden, rel=1e-13)
+    np.testing.assert_allclose(grad.numpy(), golden_grad, rtol=0, atol=1e-13)
+    loss, grad = _dkd(s, t, y, torch.float32, **kwargs)  # the training path: float32 keeps it too
+    assert loss.item() == pytest.approx(golden, rel=1e-6)
+    np.testing.assert_allclose(grad.numpy(), golden_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_dkd_confident_batch_with_non_target_classes_against_mdistiller():
+    # four classes, a batch of two, margins of 40 T and 30 T: both TCKD and NCKD are non-zero
+    s = [[0.0, 80.0, 3.0, -2.0], [1.0, -1.0, 0.5, 61.0]]
+    t = [[1.0, 0.0, 2.0, 0.5], [0.0, 2.0, -1.0, 4.0]]
+    y, alpha, beta, T = [0, 3], 1.0, 8.0, 2.0
+    loss, grad = _dkd(s, t, y, torch.float64, alpha=alpha, beta=beta, temperature=T)
+    assert loss.item() == pytest.approx(mdistiller_dkd(s, t, y, alpha, beta, T), rel=1e-13)
+    reference_grad = mdistiller_dkd_grad(s, t, y, alpha, beta, T)
+    np.testing.assert_allclose(grad.numpy(), reference_grad, rtol=1e-12, atol=1e-14)
+    assert np.abs(grad.numpy()).max() > 0.1

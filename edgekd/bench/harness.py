@@ -5,6 +5,7 @@ Reads only the bundle (manifest.json, eval.npz, the model files): no PyTorch unl
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ import numpy as np
 from edgekd.bench.evalset import accuracy, load_eval, normalize, predict
 from edgekd.bench.monitor import (
     Sampler,
-    find_vdd_in,
+    find_power_reader,
     gpu_info,
     gpu_memory_mib,
     integrate_power,
@@ -26,8 +27,7 @@ from edgekd.bench.runners import RUNNERS
 from edgekd.envinfo import environment
 from edgekd.errors import EdgeKDError
 from edgekd.runio import read_json, write_json
-
-FORMATS = {"ort": ".onnx", "ort-trt": ".onnx", "trt": ".engine", "torch": ".safetensors"}
+from edgekd.targets import BACKENDS, TARGETS, Target, targets_for
 
 
 @dataclass
@@ -51,76 +51,106 @@ def latency_stats(times: list[float], batch: int) -> dict:
 
 
 def read_manifest(bundle: Path) -> dict:
+    """The bundle's manifest.json; a damaged one, or one newer than this edgekd reads, is a one-line error."""
+    from edgekd.records import check_schema
+
     path = Path(bundle) / "manifest.json"
     if not path.is_file():
         raise EdgeKDError(f"{bundle} is not a bundle (no manifest.json): pass a directory made by `edgekd export`")
-    return read_json(path)
+    fix = f"export the run again (edgekd export {Path(bundle).parent})"
+    manifest = read_json(path, fix=fix)
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("models"), dict):
+        raise EdgeKDError(f"{path} is not an edgekd bundle manifest (no 'models' table): {fix}")
+    check_schema(manifest, path)
+    return manifest
 
 
-def _entries(manifest: dict, options: BenchOptions) -> list[tuple[str, dict]]:
-    if options.backend == "torch":
-        return [("torch-fp32", {"file": "model.safetensors", "precision": "fp32"})]
-    suffix = FORMATS[options.backend]
-    found = [(k, m) for k, m in manifest["models"].items() if m["file"].endswith(suffix)]
-    if options.models:
-        found = [(k, m) for k, m in found if k in options.models]
+def _entries(bundle: Path, manifest: dict, options: BenchOptions) -> list[tuple[Target, dict]]:
+    """The bundle's models this backend opens (the targets table says which), or those `--model` names."""
+    present = dict(manifest["models"])
+    if (bundle / TARGETS["torch-fp32"].file).is_file():  # the PyTorch reference every bundle carries
+        present.setdefault("torch-fp32", {"file": TARGETS["torch-fp32"].file, "precision": "fp32"})
+    opened = {t.key: t for t in targets_for(options.backend)}
+    for key in options.models:
+        if key in present and key not in opened:
+            users = ", ".join(TARGETS[key].backends) if key in TARGETS else "none"
+            raise EdgeKDError(f"--backend {options.backend} does not run {key} (it is made for {users}): "
+                              f"choose one of {', '.join(k for k in present if k in opened) or 'none'}")
+    found = [(opened[k], entry) for k, entry in present.items() if k in opened
+             and (not options.models or k in options.models)]
     if not found:
         have = ", ".join(manifest["models"]) or "none"
-        raise EdgeKDError(f"the bundle has no {options.backend} models{' named ' + ','.join(options.models) if options.models else ''} "
-                          f"(it has: {have}): export them with `edgekd export --target "
-                          f"{'trt' if options.backend == 'trt' else 'onnx'}`")
+        made_by = {t.made_by for t in opened.values()}
+        fix = "`edgekd build BUNDLE`" if made_by == {"trt"} else "`edgekd export --target onnx`"
+        named = " named " + ",".join(options.models) if options.models else ""
+        raise EdgeKDError(f"the bundle has no {options.backend} models{named} (it has: {have}): make them with {fix}")
     return found
 
 
-def _open(bundle: Path, key: str, entry: dict, manifest: dict, options: BenchOptions):
+def _open(bundle: Path, target: Target, entry: dict, manifest: dict, options: BenchOptions):
     path = bundle / entry["file"]
     if options.backend == "torch":
         return RUNNERS.get("torch")(path, options.device, options.threads, manifest["student"])
     if options.backend == "trt":
         from edgekd.export.tensorrt_build import check_engine_matches
 
-        check_engine_matches(entry)
+        check_engine_matches(entry, bundle)
         return RUNNERS.get("trt")(path, options.device)
-    return RUNNERS.get(options.backend)(path, options.device, options.threads)
+    return RUNNERS.get(options.backend)(path, options.device, options.threads,
+                                        max_batch=max((*options.batch_sizes, 256)))
+
+
+def check_backend(backend: str, device: str) -> None:
+    """Refuse a backend/device pair the targets table does not have, before any model is opened."""
+    if backend not in BACKENDS:
+        RUNNERS.get(backend)  # raises the one-line error with the valid names
+    if device not in BACKENDS[backend].devices:
+        raise EdgeKDError(f"--backend {backend} runs on an NVIDIA GPU: add --device cuda" if device == "cpu" else
+                          f"--backend {backend} does not run on {device}: use --device "
+                          f"{' or '.join(BACKENDS[backend].devices)}")
 
 
 def bench_bundle(bundle: Path, options: BenchOptions, progress=None) -> dict:
     bundle = Path(bundle)
-    if options.backend not in RUNNERS:
-        RUNNERS.get(options.backend)  # raises the one-line error with the valid names
-    if options.backend in ("trt", "ort-trt") and options.device != "cuda":
-        raise EdgeKDError(f"--backend {options.backend} runs on an NVIDIA GPU: add --device cuda")
+    check_backend(options.backend, options.device)
     if options.threads:
         os.environ.setdefault("OMP_NUM_THREADS", str(options.threads))
     manifest = read_manifest(bundle)
     images, labels = load_eval(bundle)
     mean, std = manifest["normalization"]["mean"], manifest["normalization"]["std"]
-    power_reader = find_vdd_in()
+    power_reader = find_power_reader()
     results = []
-    for key, entry in _entries(manifest, options):
+    for target, entry in _entries(bundle, manifest, options):
         rss_before = rss_bytes()
         with Sampler(rss_bytes, 0.02) as memory:
-            runner = _open(bundle, key, entry, manifest, options)
+            runner = _open(bundle, target, entry, manifest, options)
             acc = accuracy(predict(runner, images, mean, std), labels)
-            latency, power = {}, {}
+            latency, power, timing = {}, {}, set()
             for batch in options.batch_sizes:
                 if progress:
-                    progress(f"{key} batch {batch}")
+                    progress(f"{target.key} batch {batch}")
                 x = normalize(images[np.arange(batch) % len(images)], mean, std)
+                # Power is sampled through warm-up too, but only samples inside the timed window count.
+                with Sampler(power_reader.read, 0.05) if power_reader else contextlib.nullcontext() as watts:
+                    timed = runner.time(x, options.warmup, options.iters, options.duration)
                 if power_reader:
-                    with Sampler(power_reader, 0.05) as watts:
-                        times = runner.time(x, options.warmup, options.iters, options.duration)
-                    power[str(batch)] = integrate_power(watts.samples, len(times) * batch)
-                else:
-                    times = runner.time(x, options.warmup, options.iters, options.duration)
-                latency[str(batch)] = latency_stats(times, batch)
+                    power[str(batch)] = integrate_power(watts.samples, len(timed.seconds) * batch,
+                                                        window=timed.window, rails=power_reader.rails,
+                                                        method=power_reader.method)
+                latency[str(batch)] = latency_stats(timed.seconds, batch)
+                timing.add(timed.kind)
             gpu_mem = gpu_memory_mib() if options.device == "cuda" else None
             runner.close()
         results.append({
-            "model": key, "backend": options.backend, "device": options.device, "precision": entry["precision"],
-            "file": entry["file"], "file_bytes": (bundle / entry["file"]).stat().st_size, "accuracy": acc,
+            "model": target.key, "backend": options.backend, "device": options.device,
+            "precision": entry["precision"], "file": entry["file"],
+            "file_bytes": (bundle / entry["file"]).stat().st_size, "accuracy": acc,
+            # host_wall: host clock around a synchronous call; device_events: CUDA events around the GPU work.
+            "timing": timing.pop() if len(timing) == 1 else sorted(timing),
+            "meant_for_device": options.device in target.meant_for,
             "peak_rss_increase_mib": (max(v for _, v in memory.samples) - rss_before) / 2**20,
             "gpu_memory_mib": gpu_mem, "latency": latency, "power": power or None,
+            "providers": getattr(runner, "providers", None),
         })
     env = environment(with_torch=False)
     env.update({"threads": options.threads or "runtime default", "gpu": gpu_info(), "jetson": jetson_info()})

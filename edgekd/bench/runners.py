@@ -1,30 +1,44 @@
 """One runner interface for every backend (as Polygraphy does): ONNX Runtime, TensorRT engines, PyTorch eager.
 
 Heavy backends are imported lazily, inside the runner that needs them: bench must run on a device that has
-ONNX Runtime or TensorRT and no PyTorch at all. A runner takes a float32 NCHW batch and returns logits; `time`
-returns per-iteration seconds, synchronised with the device where the backend is asynchronous.
+ONNX Runtime or TensorRT and no PyTorch at all. A runner takes a float32 NCHW batch and returns logits.
+
+There is one timed loop, `Runner.time`. A runner supplies what it times (`prepare`: one inference on a batch
+already where the backend wants it) and the clock that times it (`clock`): the host's wall clock around a
+synchronous call, or CUDA events around the device work. Each result says which (`timing`), because the two
+are different quantities and the report never compares one with the other.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib
+import os
+import re
+import sys
+import tempfile
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from edgekd.errors import EdgeKDError
 from edgekd.registry import Registry
+from edgekd.targets import BACKENDS, DEVICE_EVENTS, HOST_WALL
 
 RUNNERS: Registry[type] = Registry("backend")
 
 
-def require(module: str, backend: str, install: str):
+def require(module: str, backend: str):
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise EdgeKDError(f"backend {backend!r} needs {module}, which is not installed: {install}") from None
+        raise EdgeKDError(f"backend {backend!r} needs {module}, which is not installed: "
+                          f"{BACKENDS[backend].install}") from None
 
 
 def _check_file(path: Path) -> Path:
@@ -34,6 +48,62 @@ def _check_file(path: Path) -> Path:
     return path
 
 
+# -- clocks ----------------------------------------------------------------------------------------------------
+class HostClock:
+    """Wall time of a synchronous call: what a caller of the model waits, host overhead included."""
+
+    kind = HOST_WALL
+
+    def measure(self, step: Callable[[], object]) -> float:
+        start = time.perf_counter()
+        step()
+        return time.perf_counter() - start
+
+
+class CudaEventClock:
+    """Device time between two CUDA events on the runner's stream: the GPU work alone, no host overhead."""
+
+    kind = DEVICE_EVENTS
+
+    def __init__(self, cudart, stream):
+        from edgekd.gpu import check
+
+        self.cudart, self.stream = cudart, stream
+        self.check = functools.partial(check, cudart)
+        self.start = self.check(cudart.cudaEventCreate(), "creating a CUDA event")
+        self.end = self.check(cudart.cudaEventCreate(), "creating a CUDA event")
+
+    def measure(self, step):
+        cudart = self.cudart
+        self.check(cudart.cudaEventRecord(self.start, self.stream), "recording a CUDA event")
+        step()
+        self.check(cudart.cudaEventRecord(self.end, self.stream), "recording a CUDA event")
+        self.check(cudart.cudaEventSynchronize(self.end), "waiting for the GPU")
+        return self.check(cudart.cudaEventElapsedTime(self.start, self.end), "reading a CUDA event") / 1000.0
+
+
+class TorchEventClock:
+    kind = DEVICE_EVENTS
+
+    def __init__(self, torch):
+        self.start = torch.cuda.Event(enable_timing=True)
+        self.end = torch.cuda.Event(enable_timing=True)
+
+    def measure(self, step):
+        self.start.record()
+        step()
+        self.end.record()
+        self.end.synchronize()
+        return self.start.elapsed_time(self.end) / 1000.0
+
+
+@dataclass
+class Timings:
+    seconds: list[float]  # one per timed call
+    window: tuple[float, float]  # perf_counter at the first and after the last timed call: warm-up excluded
+    kind: str  # HOST_WALL | DEVICE_EVENTS
+
+
 class Runner(ABC):
     backend = ""
 
@@ -41,20 +111,78 @@ class Runner(ABC):
     def infer(self, x: np.ndarray) -> np.ndarray:
         """Logits for a float32 NCHW batch."""
 
-    def time(self, x: np.ndarray, warmup: int, iters: int, duration: float | None) -> list[float]:
-        """Seconds per call of `infer` on the same batch; stops after `iters` calls or `duration` seconds."""
+    def prepare(self, x: np.ndarray) -> Callable[[], object]:
+        """One inference on `x`, ready to call repeatedly: inputs placed where the backend reads them."""
+        return functools.partial(self.infer, x)
+
+    def clock(self):
+        return HostClock()
+
+    def time(self, x: np.ndarray, warmup: int, iters: int, duration: float | None) -> Timings:
+        """The timed loop: `warmup` untimed calls, then `iters` calls or `duration` seconds of them."""
+        step, clock = self.prepare(x), self.clock()
         for _ in range(warmup):
-            self.infer(x)
-        times, deadline = [], time.perf_counter() + duration if duration else None
-        clock = time.perf_counter
-        while len(times) < iters if deadline is None else clock() < deadline:
-            start = clock()
-            self.infer(x)
-            times.append(clock() - start)
-        return times
+            clock.measure(step)  # the same path as the timed calls, so lazy work (engine builds) happens here
+        measure, now = clock.measure, time.perf_counter
+        times: list[float] = []
+        start = now()
+        deadline = start + duration if duration else None
+        while len(times) < iters if deadline is None else now() < deadline:
+            times.append(measure(step))
+        return Timings(times, (start, now()), clock.kind)
 
     def close(self) -> None:  # noqa: B027 - optional hook: only runners holding device buffers free them
         """Release what the runner holds beyond Python objects (device buffers); most hold nothing."""
+
+
+# -- ONNX Runtime ----------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _captured_output():
+    """ONNX Runtime says why a provider failed to load only as log lines on the process's stderr (C++) and as
+    prints on stdout (its Python fallback): keep both, so the one-line error can carry the reason."""
+    captured: list[str] = []
+    try:
+        saved = {fd: os.dup(fd) for fd in (1, 2)}
+    except OSError:  # no real stdio (some notebook hosts): nothing to capture
+        yield captured
+        return
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd in saved:
+            os.dup2(tmp.fileno(), fd)
+        try:
+            yield captured
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd, copy in saved.items():
+                os.dup2(copy, fd)
+                os.close(copy)
+            tmp.seek(0)
+            captured.extend(tmp.read().decode(errors="replace").splitlines())
+
+
+def _load_failure(lines: list[str]) -> str:
+    """The useful part of ORT's provider-loading log: the missing library and the CUDA/cuDNN it requires."""
+    reasons = []
+    for line in lines:
+        if "cannot open shared object file" in line:
+            reasons.append(line.split("with error: ", 1)[-1].strip())
+        elif "Require" in line:
+            reasons.append(line[line.index("Require"):].split(". ")[0])
+        elif "Please install TensorRT" in line:
+            reasons.append("TensorRT libraries not found")
+    reasons = list(dict.fromkeys(re.sub(r"\x1b\[[0-9;]*m", "", r).strip() for r in reasons))
+    return "; ".join(reasons)[:300] or "ONNX Runtime gave no reason"
+
+
+def _gpu_ort_install() -> str:
+    if Path("/etc/nv_tegra_release").is_file():  # PyPI has no Jetson GPU build of ONNX Runtime
+        return ("on a Jetson, pip uninstall onnxruntime, then pip install onnxruntime-gpu --index-url "
+                "https://pypi.jetson-ai-lab.io/jp6/cu126 (JetPack 6)")
+    return ("pip uninstall onnxruntime, then pip install 'edgekd[gpu-cu12]' or 'edgekd[gpu-cu13]' (onnxruntime-gpu "
+            "for the driver's CUDA; the two packages are one module)")
 
 
 @RUNNERS.register("ort")
@@ -63,46 +191,83 @@ class OrtRunner(Runner):
     PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
                  "tensorrt": "TensorrtExecutionProvider"}
 
-    def __init__(self, model: Path, device: str = "cpu", threads: int = 0, provider: str | None = None):
-        ort = require("onnxruntime", "ort", "pip install onnxruntime (or onnxruntime-gpu)")
-        provider = self.PROVIDERS[provider or device]
-        if provider not in ort.get_available_providers():
-            raise EdgeKDError(f"ONNX Runtime here has no {provider} (it has {', '.join(ort.get_available_providers())}):"
-                              f" install onnxruntime-gpu for CUDA/TensorRT, or bench with --device cpu")
+    def __init__(self, model: Path, device: str = "cpu", threads: int = 0, provider: str | None = None,
+                 max_batch: int = 256):
+        ort = require("onnxruntime", self.backend)
+        self.ort, self.device = ort, device
+        wanted = self.PROVIDERS[provider or device]
+        available = ort.get_available_providers()
+        if wanted not in available:
+            raise EdgeKDError(f"ONNX Runtime here has no {wanted} (it has {', '.join(available)}): "
+                              f"{_gpu_ort_install()}, or bench with --device cpu")
+        model = _check_file(model)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             options.intra_op_num_threads = threads
-        options.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(str(_check_file(model)), options,
-                                                providers=list(dict.fromkeys([provider, "CPUExecutionProvider"])))
-        except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
-            raise EdgeKDError(f"model file {str(model)!r} cannot be loaded ({str(exc).splitlines()[0][:160]}): "
-                              "it is corrupt or not ONNX; run `edgekd export` again") from None
-        self.input = self.session.get_inputs()[0].name
+        providers = self._providers(wanted, model, max_batch)
+        with _captured_output() as log:
+            try:
+                self.session = ort.InferenceSession(str(model), options, providers=providers)
+            except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+                reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+                if wanted != "CPUExecutionProvider" and "Protobuf" not in reason and "INVALID" not in reason:
+                    raise EdgeKDError(f"ONNX Runtime could not start {wanted} for {model.name} ({reason}): check "
+                                      "the CUDA/cuDNN/TensorRT libraries onnxruntime-gpu needs") from None
+                raise EdgeKDError(f"model file {str(model)!r} cannot be loaded ({reason}): it is corrupt or not "
+                                  "ONNX; run `edgekd export` again") from None
+        active = self.session.get_providers()
+        if active[0] != wanted:
+            # ORT falls back to the next provider in the list without an error: a CPU number labelled "cuda".
+            raise EdgeKDError(f"ONNX Runtime could not start {wanted} and would run on {active[0]} instead "
+                              f"({_load_failure(log)}): install the libraries it names (the CUDA and cuDNN this "
+                              "onnxruntime-gpu is built for; TensorRT's for ort-trt) where LD_LIBRARY_PATH finds "
+                              "them, or bench with --device cpu")
+        self.session.disable_fallback()  # a provider failing mid-run must raise, not rerun on CPU
+        self.input_meta = self.session.get_inputs()[0]
+        self.input = self.input_meta.name
         self.outputs = [self.session.get_outputs()[0].name]
-        self.device = device
+        self.providers = active
+
+    def _providers(self, wanted: str, model: Path, max_batch: int) -> list:
+        if wanted == "CPUExecutionProvider":
+            return [wanted]
+        if wanted == "CUDAExecutionProvider":
+            return [(wanted, {"device_id": 0}), "CPUExecutionProvider"]
+        # TensorRT first, CUDA for what TensorRT cannot take, CPU last. The profile covers every batch size the
+        # bench will use, and engines are cached beside the model, so ORT builds them once, before timing.
+        probe = self.ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).get_inputs()[0]
+        if not all(isinstance(d, int) for d in probe.shape[1:]):
+            raise EdgeKDError(f"{model.name} has a dynamic image shape {probe.shape}: export with a fixed input size")
+        dims = "x".join(str(d) for d in probe.shape[1:])
+        cache = model.parent / ".ort-trt-cache"
+        cache.mkdir(exist_ok=True)
+        trt = {"device_id": 0, "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
+               "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache),
+               "trt_profile_min_shapes": f"{probe.name}:1x{dims}", "trt_profile_opt_shapes": f"{probe.name}:64x{dims}",
+               "trt_profile_max_shapes": f"{probe.name}:{max_batch}x{dims}",
+               # Q/DQ models: TensorRT runs the explicit quantization they carry; no calibration table is used.
+               "trt_int8_enable": ".int8" in model.name, "trt_fp16_enable": False}
+        return [(wanted, trt), ("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
 
     def infer(self, x: np.ndarray) -> np.ndarray:
         try:
             return self.session.run(self.outputs, {self.input: x})[0]
         except Exception as exc:
-            shape = self.session.get_inputs()[0].shape
-            raise EdgeKDError(f"the model cannot take input of shape {list(x.shape)} (it expects {shape}): "
-                              "choose batch sizes the export allows") from exc
+            raise EdgeKDError(f"the model cannot take input of shape {list(x.shape)} (it expects "
+                              f"{self.input_meta.shape}): choose batch sizes the export allows") from exc
 
-    def time(self, x, warmup, iters, duration):
-        # The bare loop: no wrapper call per iteration, so the harness adds nothing to ORT's own time.
-        for _ in range(warmup):
-            self.infer(x)
-        run, outputs, feed, clock = self.session.run, self.outputs, {self.input: x}, time.perf_counter
-        times, deadline = [], clock() + duration if duration else None
-        while len(times) < iters if deadline is None else clock() < deadline:
-            start = clock()
-            run(outputs, feed)
-            times.append(clock() - start)
-        return times
+    def prepare(self, x):
+        self.infer(x[:1])  # a wrong shape fails here with its one line, not inside the timed loop
+        if self.device == "cpu":
+            # The bare call: no wrapper per iteration, so the harness adds nothing to ORT's own time.
+            return functools.partial(self.session.run, self.outputs, {self.input: x})
+        # On the GPU the input lives there and the output stays there: the timed call copies nothing.
+        binding = self.session.io_binding()
+        self._resident = self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x), "cuda", 0)
+        binding.bind_ortvalue_input(self.input, self._resident)
+        binding.bind_output(self.outputs[0], "cuda", 0)
+        return functools.partial(self.session.run_with_iobinding, binding)
 
 
 @RUNNERS.register("ort-trt")
@@ -111,10 +276,11 @@ class OrtTensorrtRunner(OrtRunner):
 
     backend = "ort-trt"
 
-    def __init__(self, model: Path, device: str = "cuda", threads: int = 0):
-        super().__init__(model, device, threads, provider="tensorrt")
+    def __init__(self, model: Path, device: str = "cuda", threads: int = 0, max_batch: int = 256):
+        super().__init__(model, device, threads, provider="tensorrt", max_batch=max_batch)
 
 
+# -- PyTorch ---------------------------------------------------------------------------------------------------
 @RUNNERS.register("torch")
 class TorchRunner(Runner):
     """PyTorch eager: the reference the exports are checked against. Needs the bundle's model.safetensors."""
@@ -122,11 +288,14 @@ class TorchRunner(Runner):
     backend = "torch"
 
     def __init__(self, weights: Path, device: str = "cpu", threads: int = 0, model_info: dict | None = None):
-        torch = require("torch", "torch", "pip install edgekd (the full install) or bench with --backend ort")
+        torch = require("torch", self.backend)
         from edgekd.models import create_model, load_weights
 
         if threads:
             torch.set_num_threads(threads)
+        if device == "cuda" and not torch.cuda.is_available():
+            raise EdgeKDError("--backend torch --device cuda: this PyTorch sees no CUDA GPU (a CPU-only build, or "
+                              "no driver): install a CUDA build of torch or bench with --device cpu")
         info = model_info or {}
         self.torch = torch
         self.model = load_weights(create_model(info["model"], info["num_classes"], info["in_chans"],
@@ -138,105 +307,88 @@ class TorchRunner(Runner):
         with self.torch.inference_mode():
             return self.model(self.torch.from_numpy(x).to(self.device)).float().cpu().numpy()
 
-    def time(self, x, warmup, iters, duration):
-        if not self.device.startswith("cuda"):
-            return super().time(x, warmup, iters, duration)
-        torch = self.torch
-        xt = torch.from_numpy(x).to(self.device)
-        with torch.inference_mode():
-            for _ in range(warmup):
-                self.model(xt)
-            torch.cuda.synchronize()
-            times, deadline = [], time.perf_counter() + duration if duration else None
-            while len(times) < iters if deadline is None else time.perf_counter() < deadline:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                self.model(xt)
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 1000.0)
-        return times
+    def prepare(self, x):
+        if self.device == "cpu":
+            return super().prepare(x)
+        resident = self.torch.from_numpy(x).to(self.device)
+        model, torch = self.model, self.torch
+
+        def step():
+            with torch.inference_mode():
+                return model(resident)
+
+        return step
+
+    def clock(self):
+        return TorchEventClock(self.torch) if self.device == "cuda" else HostClock()
 
 
+# -- TensorRT --------------------------------------------------------------------------------------------------
 @RUNNERS.register("trt")
 class TrtRunner(Runner):
-    """A serialized TensorRT engine, run with the TensorRT 10/11 tensor API and CUDA events for timing."""
+    """A serialized TensorRT engine, run with the TensorRT 10/11 tensor API; timed with CUDA events."""
 
     backend = "trt"
 
-    def __init__(self, engine: Path, device: str = "cuda", threads: int = 0, max_batch: int = 256):
+    def __init__(self, engine: Path, device: str = "cuda", threads: int = 0):
         from edgekd.export.tensorrt_build import import_tensorrt
+        from edgekd.gpu import check, import_cudart
 
         trt = import_tensorrt()
-        cudart = require("cuda.bindings.runtime", "trt", "pip install cuda-python")
+        cudart = import_cudart()
         self.trt, self.cudart = trt, cudart
+        self.check = functools.partial(check, cudart)
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = self.runtime.deserialize_cuda_engine(_check_file(engine).read_bytes())
         if self.engine is None:
             raise EdgeKDError(f"engine {str(engine)!r} cannot be deserialized here: rebuild it on this device "
-                              "with `edgekd export --target trt`")
+                              f"with `edgekd build {Path(engine).parent}`")
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
         self.output = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
-        self.stream = self._check(cudart.cudaStreamCreate())
+        self.stream = self.check(cudart.cudaStreamCreate(), "creating a CUDA stream")
         self.buffers: dict[str, tuple[int, int]] = {}
         self.device = device
-
-    def _check(self, result):
-        err, *values = result if isinstance(result, tuple) else (result,)
-        if int(err) != 0:
-            raise EdgeKDError(f"CUDA call failed ({err}): check the GPU and driver with nvidia-smi")
-        return values[0] if len(values) == 1 else values
 
     def _buffer(self, name: str, nbytes: int) -> int:
         ptr, size = self.buffers.get(name, (0, 0))
         if size < nbytes:
             if ptr:
-                self._check(self.cudart.cudaFree(ptr))
-            ptr = self._check(self.cudart.cudaMalloc(nbytes))
+                self.check(self.cudart.cudaFree(ptr), "freeing GPU memory")
+            ptr = self.check(self.cudart.cudaMalloc(nbytes), f"allocating {nbytes} bytes of GPU memory")
             self.buffers[name] = (ptr, nbytes)
         return ptr
 
-    def _prepare(self, x: np.ndarray) -> np.ndarray:
+    def _upload(self, x: np.ndarray) -> np.ndarray:
+        """Copy the batch to the GPU, set shapes and addresses; returns the host array the output lands in."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         if not self.context.set_input_shape(self.input, x.shape):
             profile = self.engine.get_tensor_profile_shape(self.input, 0)
             raise EdgeKDError(f"the engine cannot take input of shape {list(x.shape)} (its profile allows "
-                              f"{[list(s) for s in profile]}): rebuild with a wider batch range")
-        out_shape = tuple(self.context.get_tensor_shape(self.output))
-        out = np.empty(out_shape, dtype=np.float32)
+                              f"{[list(s) for s in profile]}): rebuild with `edgekd build --batch-range`")
+        out = np.empty(tuple(self.context.get_tensor_shape(self.output)), dtype=np.float32)
         self.context.set_tensor_address(self.input, self._buffer(self.input, x.nbytes))
         self.context.set_tensor_address(self.output, self._buffer(self.output, out.nbytes))
-        kind = self.cudart.cudaMemcpyKind
-        self._check(self.cudart.cudaMemcpy(self.buffers[self.input][0], x.ctypes.data, x.nbytes,
-                                           kind.cudaMemcpyHostToDevice))
+        self.check(self.cudart.cudaMemcpy(self.buffers[self.input][0], x.ctypes.data, x.nbytes,
+                                          self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice), "copying to the GPU")
         return out
 
     def infer(self, x: np.ndarray) -> np.ndarray:
-        out = self._prepare(x)
+        out = self._upload(x)
         self.context.execute_async_v3(int(self.stream))
-        self._check(self.cudart.cudaMemcpyAsync(out.ctypes.data, self.buffers[self.output][0], out.nbytes,
-                                                self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream))
-        self._check(self.cudart.cudaStreamSynchronize(self.stream))
+        self.check(self.cudart.cudaMemcpyAsync(out.ctypes.data, self.buffers[self.output][0], out.nbytes,
+                                               self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream),
+                   "copying from the GPU")
+        self.check(self.cudart.cudaStreamSynchronize(self.stream), "waiting for the GPU")
         return out
 
-    def time(self, x, warmup, iters, duration):
-        """Device time of the engine alone (input already on the GPU), from CUDA events."""
-        self._prepare(x)
-        cudart = self.cudart
-        for _ in range(warmup):
-            self.context.execute_async_v3(int(self.stream))
-        self._check(cudart.cudaStreamSynchronize(self.stream))
-        start, end = self._check(cudart.cudaEventCreate()), self._check(cudart.cudaEventCreate())
-        times, deadline = [], time.perf_counter() + duration if duration else None
-        while len(times) < iters if deadline is None else time.perf_counter() < deadline:
-            self._check(cudart.cudaEventRecord(start, self.stream))
-            self.context.execute_async_v3(int(self.stream))
-            self._check(cudart.cudaEventRecord(end, self.stream))
-            self._check(cudart.cudaEventSynchronize(end))
-            times.append(self._check(cudart.cudaEventElapsedTime(start, end)) / 1000.0)
-        return times
+    def prepare(self, x):
+        self._upload(x)  # input stays on the GPU: the timed call is the engine alone
+        return functools.partial(self.context.execute_async_v3, int(self.stream))
+
+    def clock(self):
+        return CudaEventClock(self.cudart, self.stream)
 
     def close(self):
         for ptr, _ in self.buffers.values():

@@ -19,9 +19,34 @@ def stratified_take(labels: torch.Tensor, per_class: torch.Tensor, generator: to
     return torch.cat(chosen).sort().values
 
 
+def share_per_class(counts: torch.Tensor, fraction: float) -> torch.Tensor:
+    """round(fraction * n_c) for each class c: the size of every stratified carve (a holdout, the validation split).
+    `edgekd check` sizes the splits with it from file counts alone, so both agree to the image."""
+    return torch.round(counts.double() * fraction).long()
+
+
+def cap_per_class(counts: torch.Tensor, limit: int) -> torch.Tensor:
+    """At most `limit` samples in all, each class keeping its share (rounded down); limit <= 0 keeps all."""
+    total = int(counts.sum())
+    if limit <= 0 or limit >= total:
+        return counts
+    return torch.floor(counts.double() * limit / total).long()
+
+
+# Sources without a test split of their own (digits, an image folder without train/ and test/) hold this share
+# of each class out for testing, with this seed: the same images on every machine.
+HOLDOUT_FRACTION, HOLDOUT_SEED = 0.2, 1234
+
+
+def holdout_sizes(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept, held out) images per class of a source that holds its test split out of its images."""
+    hold = share_per_class(counts, HOLDOUT_FRACTION)
+    return counts - hold, hold
+
+
 def stratified_holdout(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices (kept, held out) with `fraction` of each class held out: a test split for sources without one."""
-    per_class = torch.round(class_counts(labels, int(labels.max()) + 1).double() * fraction).long()
+    per_class = share_per_class(class_counts(labels, int(labels.max()) + 1), fraction)
     hold = stratified_take(labels, per_class, torch.Generator().manual_seed(seed))
     keep = torch.ones(len(labels), dtype=torch.bool)
     keep[hold] = False

@@ -15,8 +15,8 @@ import torch
 
 from edgekd.config import DatasetConfig
 from edgekd.data.idx import find_idx, read_idx
-from edgekd.data.sampling import stratified_holdout
-from edgekd.data.types import ImageSet, RawDataset
+from edgekd.data.sampling import HOLDOUT_FRACTION, HOLDOUT_SEED, holdout_sizes, stratified_holdout
+from edgekd.data.types import ImageSet, RawDataset, SourceSizes
 from edgekd.errors import EdgeKDError
 from edgekd.registry import Registry
 
@@ -31,18 +31,22 @@ class Source:
     def load(self, cfg: DatasetConfig) -> RawDataset:
         raise EdgeKDError(f"data source {cfg.source!r} cannot load")
 
+    def sizes(self, cfg: DatasetConfig) -> SourceSizes | None:
+        """Images per class of the source's splits, found without loading them (file counts, label files, known
+        sizes); raises what `load` would for missing files. None: not knowable yet (a download is pending)."""
+        return None
+
 
 SOURCES: Registry[Source] = Registry("data source")
 
 
 def _user_dirs(cfg: DatasetConfig, subdir: str) -> list[Path]:
-    dirs = []
-    if cfg.data_dir:
-        dirs.append(Path(cfg.data_dir).expanduser())
+    if cfg.data_dir:  # the one place the user named: a copy found elsewhere would answer another question
+        return [Path(cfg.data_dir).expanduser()]
     if os.environ.get("EDGEKD_DATA"):
         root = Path(os.environ["EDGEKD_DATA"]).expanduser()
-        dirs += [root / subdir, root]
-    return dirs
+        return [root / subdir, root]
+    return []
 
 
 def _from_numpy(images: np.ndarray, labels, channels_last: bool) -> ImageSet:
@@ -55,6 +59,8 @@ def _from_numpy(images: np.ndarray, labels, channels_last: bool) -> ImageSet:
 
 
 class DigitsSource(Source):
+    CLASS_SIZES = (178, 182, 177, 183, 181, 182, 181, 179, 174, 180)  # images of each digit in scikit-learn's copy
+
     def search_paths(self, cfg):
         return [Path("<inside scikit-learn>")]
 
@@ -65,8 +71,12 @@ class DigitsSource(Source):
         images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)
         full = _from_numpy(images, bunch.target, channels_last=False)
         # digits has no official test split: hold out 20% per class with a fixed seed, the same everywhere.
-        train, test = stratified_holdout(full.labels, 0.2, seed=1234)
+        train, test = stratified_holdout(full.labels, HOLDOUT_FRACTION, HOLDOUT_SEED)
         return RawDataset(full.subset(train), full.subset(test), [str(d) for d in range(10)], "scikit-learn digits")
+
+    def sizes(self, cfg):
+        train, test = holdout_sizes(torch.tensor(self.CLASS_SIZES))
+        return SourceSizes([str(d) for d in range(10)], train, test)
 
 
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -81,15 +91,35 @@ class IdxSource(Source):
     classes: tuple[str, ...] = ()
 
     def search_paths(self, cfg):
-        dirs = _user_dirs(cfg, self.subdir) + [Path(d) for d in self.system_dirs]
+        dirs = _user_dirs(cfg, self.subdir) + ([] if cfg.data_dir else [Path(d) for d in self.system_dirs])
         # torchvision's own download layout, so data fetched with --download is found next time.
         return dirs + [d / self.torchvision_name / "raw" for d in list(dirs)]
 
     def _find(self, cfg) -> Path | None:
         for d in self.search_paths(cfg):
-            if find_idx(d, "train-images-idx3-ubyte") and find_idx(d, "t10k-labels-idx1-ubyte"):
+            if all(find_idx(d, f"{prefix}-{kind}") for prefix in ("train", "t10k")
+                   for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")):
                 return d
         return None
+
+    def _not_found(self, cfg) -> EdgeKDError:
+        looked = ", ".join(str(p) for p in self.search_paths(cfg)) or "nowhere"
+        hint = " install Debian's dataset-fashion-mnist," if self.system_dirs and not cfg.data_dir else ""
+        return EdgeKDError(
+            f"{cfg.source}: no IDX files found (looked in {looked}):{hint} point --data-dir or "
+            f"$EDGEKD_DATA at the files, or pass --download"
+        )
+
+    def sizes(self, cfg):
+        directory = self._find(cfg)
+        if directory is None:
+            if cfg.download:
+                return None
+            raise self._not_found(cfg)
+        counts = [torch.bincount(torch.from_numpy(read_idx(find_idx(directory, f"{prefix}-labels-idx1-ubyte"))
+                                                  .astype(np.int64)), minlength=len(self.classes))
+                  for prefix in ("train", "t10k")]
+        return SourceSizes(list(self.classes), *counts)
 
     def load(self, cfg):
         directory = self._find(cfg)
@@ -101,12 +131,7 @@ class IdxSource(Source):
             getattr(torchvision.datasets, self.torchvision_name)(str(root), train=False, download=True)
             directory = self._find(DatasetConfig(source=cfg.source, data_dir=str(root)))
         if directory is None:
-            looked = ", ".join(str(p) for p in self.search_paths(cfg)) or "nowhere"
-            hint = " install Debian's dataset-fashion-mnist," if self.system_dirs else ""
-            raise EdgeKDError(
-                f"{cfg.source}: no IDX files found (looked in {looked}):{hint} point --data-dir or "
-                f"$EDGEKD_DATA at the files, or pass --download"
-            )
+            raise self._not_found(cfg)
         splits = []
         for prefix in ("train", "t10k"):
             images = read_idx(find_idx(directory, f"{prefix}-images-idx3-ubyte"))
@@ -118,9 +143,24 @@ class IdxSource(Source):
 @dataclass
 class TorchvisionSource(Source):
     dataset: str = ""
+    files: tuple[str, ...] = ()  # what torchvision keeps under its root once downloaded
+    train_sizes: tuple[int, ...] = ()  # images per class
+    test_sizes: tuple[int, ...] = ()
 
     def search_paths(self, cfg):
         return _user_dirs(cfg, self.dataset.lower()) or [Path("data")]
+
+    def _not_found(self, cfg, root: Path, reason: str) -> EdgeKDError:
+        return EdgeKDError(f"{cfg.source}: dataset not found under {root} ({reason}): pass --download, or point "
+                           "--data-dir at it")
+
+    def sizes(self, cfg):
+        root = self.search_paths(cfg)[0]
+        missing = [name for name in self.files if not (root / name).exists()]
+        if missing and not cfg.download:
+            raise self._not_found(cfg, root, f"no {missing[0]}")
+        classes = [str(c) for c in range(len(self.train_sizes))]
+        return SourceSizes(classes, torch.tensor(self.train_sizes), torch.tensor(self.test_sizes))
 
     def load(self, cfg):
         import torchvision
@@ -137,9 +177,7 @@ class TorchvisionSource(Source):
                 sets = [_from_numpy(p.data, p.targets, channels_last=True) for p in parts]
                 classes = list(parts[0].classes)
         except RuntimeError as exc:
-            raise EdgeKDError(
-                f"{cfg.source}: dataset not found under {root} ({exc}): pass --download, or point --data-dir at it"
-            ) from None
+            raise self._not_found(cfg, root, str(exc)) from None
         return RawDataset(sets[0], sets[1], classes, str(root))
 
 
@@ -150,10 +188,18 @@ class ImageFolderSource(Source):
     def load(self, cfg):
         from edgekd.data.imagefolder import load_image_folder
 
+        return load_image_folder(self._root(cfg), cfg)
+
+    def sizes(self, cfg):
+        from edgekd.data.imagefolder import folder_sizes
+
+        return folder_sizes(self._root(cfg))[0]
+
+    def _root(self, cfg) -> Path:
         paths = self.search_paths(cfg)
         if not paths:
             raise EdgeKDError("imagefolder: no directory given: set data_dir in the profile or pass --data-dir")
-        return load_image_folder(paths[0], cfg)
+        return paths[0]
 
 
 class SyntheticSource(Source):
@@ -165,6 +211,11 @@ class SyntheticSource(Source):
 
         return draw_synthetic(cfg)
 
+    def sizes(self, cfg):
+        from edgekd.data.synthetic import synthetic_sizes
+
+        return synthetic_sizes(cfg)
+
 
 SOURCES.register("digits")(DigitsSource("scikit-learn's 8x8 handwritten digits (1,797 images), embedded"))
 SOURCES.register("fashion-mnist")(IdxSource(
@@ -173,9 +224,16 @@ SOURCES.register("fashion-mnist")(IdxSource(
 SOURCES.register("mnist")(IdxSource(
     "MNIST IDX files (60,000 + 10,000 28x28 digits)", "mnist", "MNIST", ("/usr/share/datasets/mnist",),
     tuple(str(d) for d in range(10))))
-SOURCES.register("cifar10")(TorchvisionSource("CIFAR-10 via torchvision (50,000 + 10,000 32x32)", "CIFAR10"))
-SOURCES.register("cifar100")(TorchvisionSource("CIFAR-100 via torchvision (50,000 + 10,000 32x32)", "CIFAR100"))
-SOURCES.register("svhn")(TorchvisionSource("SVHN via torchvision (73,257 + 26,032 32x32)", "SVHN"))
+SOURCES.register("cifar10")(TorchvisionSource(
+    "CIFAR-10 via torchvision (50,000 + 10,000 32x32)", "CIFAR10", ("cifar-10-batches-py",), (5000,) * 10,
+    (1000,) * 10))
+SOURCES.register("cifar100")(TorchvisionSource(
+    "CIFAR-100 via torchvision (50,000 + 10,000 32x32)", "CIFAR100", ("cifar-100-python",), (500,) * 100,
+    (100,) * 100))
+SOURCES.register("svhn")(TorchvisionSource(
+    "SVHN via torchvision (73,257 + 26,032 32x32)", "SVHN", ("train_32x32.mat", "test_32x32.mat"),
+    (4948, 13861, 10585, 8497, 7458, 6882, 5727, 5595, 5045, 4659),
+    (1744, 5099, 4149, 2882, 2523, 2384, 1977, 2019, 1660, 1595)))
 SOURCES.register("imagefolder")(ImageFolderSource("a class-per-folder directory of images (train/ and test/ "
                                                   "subfolders, or classes directly: 20% held out for test)"))
 SOURCES.register("synthetic")(SyntheticSource("procedurally drawn bars; classes and samples set in the profile"))

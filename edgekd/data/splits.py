@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from edgekd.config import DatasetConfig
-from edgekd.data.sampling import class_counts, stratified_take
+from edgekd.data.sampling import cap_per_class, class_counts, share_per_class, stratified_take
 from edgekd.data.sources import SOURCES
 from edgekd.data.types import DataSplits, ImageSet
+from edgekd.errors import EdgeKDError
 
 SPLIT_SEED = 20261125  # fixed: the validation carve and caps must not move with the training seed
 
@@ -21,9 +22,37 @@ def stratified_cap(images: ImageSet, limit: int, num_classes: int, seed: int) ->
     """At most `limit` samples, each class keeping its share."""
     if limit <= 0 or limit >= len(images):
         return images
-    counts = class_counts(images.labels, num_classes)
-    per_class = torch.floor(counts.double() * limit / len(images)).long()
+    per_class = cap_per_class(class_counts(images.labels, num_classes), limit)
     return images.subset(stratified_take(images.labels, per_class, torch.Generator().manual_seed(seed)))
+
+
+def split_sizes(train: torch.Tensor, test: torch.Tensor, cfg: DatasetConfig) -> dict[str, torch.Tensor]:
+    """Images per class in the train, val and test splits `load_splits` makes from a source's own train and test
+    splits of these per-class sizes: the validation carve, then the caps."""
+    val = share_per_class(train, cfg.val_fraction)
+    return {"train": cap_per_class(train - val, cfg.train_limit), "val": val,
+            "test": cap_per_class(test, cfg.test_limit)}
+
+
+def split_problems(name: str, classes: list[str], train: torch.Tensor, test: torch.Tensor,
+                   cfg: DatasetConfig) -> list[str]:
+    """Why a dataset of these per-class sizes cannot be trained and tested as `cfg` asks: fewer than two classes,
+    or a class left without images in a split (an empty validation split never picks a best epoch)."""
+    if len(classes) < 2:
+        return [f"dataset {name!r} has {len(classes)} class{'' if len(classes) == 1 else 'es'} "
+                f"({', '.join(classes) or 'none'}): a classifier needs at least two; add a folder per class"]
+    sizes = split_sizes(train, test, cfg)
+    short = [c for c in range(len(classes)) if min(int(sizes[split][c]) for split in sizes) < 1]
+    if not short:
+        return []
+    c = short[0]
+    got = ", ".join(f"{int(sizes[split][c])} {split}" for split in sizes)
+    others = f" (and {len(short) - 1} more class{'es' if len(short) > 2 else ''})" if len(short) > 1 else ""
+    return [f"dataset {name!r}: class {classes[c]!r}{others} would get {got} images of its {int(train[c])} "
+            f"training and {int(test[c])} test images with val_fraction {cfg.val_fraction}"
+            f"{f', train_limit {cfg.train_limit}' if cfg.train_limit else ''}"
+            f"{f', test_limit {cfg.test_limit}' if cfg.test_limit else ''}: every class needs at least one "
+            f"image in each split; add images or raise datasets.{name}.val_fraction"]
 
 
 def resize(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -53,8 +82,12 @@ def load_splits(name: str, cfg: DatasetConfig) -> DataSplits:
         return ImageSet(convert_channels(resize(s.images, cfg.image_size), cfg.channels), s.labels)
 
     train, test = normalise(raw.train), normalise(raw.test)
+    problems = split_problems(name, raw.classes, class_counts(train.labels, classes),
+                              class_counts(test.labels, classes), cfg)
+    if problems:
+        raise EdgeKDError(problems[0])
     g = torch.Generator().manual_seed(SPLIT_SEED)
-    val_per_class = torch.round(class_counts(train.labels, classes).double() * cfg.val_fraction).long()
+    val_per_class = share_per_class(class_counts(train.labels, classes), cfg.val_fraction)
     val_idx = stratified_take(train.labels, val_per_class, g)
     keep = torch.ones(len(train), dtype=torch.bool)
     keep[val_idx] = False

@@ -10,7 +10,7 @@ import math
 import torch
 
 from edgekd.config import DatasetConfig
-from edgekd.data.types import ImageSet, RawDataset
+from edgekd.data.types import ImageSet, RawDataset, SourceSizes
 
 
 def _draw(n_per_class: int, classes: int, size: int, seed: int) -> ImageSet:
@@ -30,8 +30,16 @@ def _draw(n_per_class: int, classes: int, size: int, seed: int) -> ImageSet:
     return ImageSet(images, labels)
 
 
+def synthetic_sizes(cfg: DatasetConfig) -> SourceSizes:
+    """Images per class of each split: `samples_per_class` for training, a quarter of it (at least one) for test."""
+    per_split = (cfg.samples_per_class, max(cfg.samples_per_class // 4, 1))
+    train, test = (torch.full((cfg.classes,), n, dtype=torch.int64) for n in per_split)
+    return SourceSizes([f"bar{c}" for c in range(cfg.classes)], train, test)
+
+
 def draw_synthetic(cfg: DatasetConfig) -> RawDataset:
     size = cfg.image_size or 16
-    train = _draw(cfg.samples_per_class, cfg.classes, size, seed=0)
-    test = _draw(max(cfg.samples_per_class // 4, 1), cfg.classes, size, seed=1)
-    return RawDataset(train, test, [f"bar{c}" for c in range(cfg.classes)], "synthetic bars")
+    sizes = synthetic_sizes(cfg)
+    train = _draw(int(sizes.train[0]), cfg.classes, size, seed=0)
+    test = _draw(int(sizes.test[0]), cfg.classes, size, seed=1)
+    return RawDataset(train, test, sizes.classes, "synthetic bars")

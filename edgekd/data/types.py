@@ -31,6 +31,16 @@ class RawDataset:
 
 
 @dataclass
+class SourceSizes:
+    """Images per class in a source's own train and test splits, known without loading the images: what
+    `edgekd check` sizes the splits from."""
+
+    classes: list[str]
+    train: torch.Tensor  # int64 [classes]
+    test: torch.Tensor
+
+
+@dataclass
 class DataSplits:
     """Train / validation / test after resizing, channel conversion, the validation carve and limits."""
 

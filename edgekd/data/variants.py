@@ -14,8 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edgekd.config import CORRUPTIONS, VariantConfig
-from edgekd.config import VARIANT_KINDS as KINDS
+from edgekd.config import CORRUPTIONS, VariantConfig, variant_problems
 from edgekd.data.sampling import class_counts, stratified_take
 from edgekd.data.types import DataSplits, ImageSet
 from edgekd.errors import EdgeKDError
@@ -139,30 +138,12 @@ def _transform_training_like(s: ImageSet, cfg: VariantConfig, classes: int, g: t
     return s
 
 
-def _check(cfg: VariantConfig, counts: torch.Tensor, classes: int) -> None:
-    if cfg.kind not in KINDS:
-        raise EdgeKDError(f"unknown variant kind {cfg.kind!r}: use {', '.join(KINDS)}")
-    problems = {
-        "fraction": (not 0 < cfg.fraction <= 1, f"variant fraction {cfg.fraction} must be in (0, 1]"),
-        "per_class": (not 1 <= cfg.per_class <= int(counts.min()),
-                      f"variant per_class {cfg.per_class} must be between 1 and {int(counts.min())}"),
-        "imbalance": (cfg.ratio < 1, f"variant imbalance ratio {cfg.ratio} must be at least 1"),
-        "label_noise": (not 0 <= cfg.rate < 1 or cfg.noise not in ("symmetric", "pairs"),
-                        "variant label_noise needs 0 <= rate < 1 and noise = 'symmetric' or 'pairs'"),
-        "spurious": (not 0 <= cfg.p <= 1, f"variant spurious p {cfg.p} must be in [0, 1]"),
-        "classes": (len(set(cfg.classes)) < 2 or min(cfg.classes, default=-1) < 0
-                    or max(cfg.classes, default=classes) >= classes,
-                    f"variant classes {cfg.classes} must name at least two of 0..{classes - 1}"),
-        "resolution": (cfg.resolution < 2, "variant resolution needs the test-time side in pixels, e.g. 14"),
-    }
-    bad, message = problems.get(cfg.kind, (False, ""))
-    if bad:
-        raise EdgeKDError(message)
-
-
-def apply_variant(splits: DataSplits, cfg: VariantConfig) -> VariantData:
+def apply_variant(splits: DataSplits, cfg: VariantConfig, where: str = "variant") -> VariantData:
+    """`where` names the variant's profile key (variants.<name>) in errors."""
     classes = splits.num_classes
-    _check(cfg, class_counts(splits.train.labels, classes), classes)
+    problems = variant_problems(cfg, where, classes, int(class_counts(splits.train.labels, classes).min()))
+    if problems:
+        raise EdgeKDError(problems[0])
     g = _generator(cfg)
     stats: dict = {"kind": cfg.kind, "seed": cfg.seed}
     extra: dict[str, ImageSet] = {}

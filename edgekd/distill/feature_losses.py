@@ -84,22 +84,43 @@ def attention_map(f: torch.Tensor, p: float = 2.0) -> torch.Tensor:
     return F.normalize(f.abs().pow(p).mean(1).flatten(1), dim=1)
 
 
+AT_RESIZE = ("pool_larger", "upsample_student")
+
+
 @register_loss("at", needs_features=True)
 class AttentionTransfer(_StagePair):
-    """Zagoruyko & Komodakis, ICLR 2017: match L2-normalised spatial attention maps (channel mean of |f|^p)."""
+    """Zagoruyko & Komodakis, ICLR 2017: match L2-normalised spatial attention maps (channel mean of |f|^p).
 
-    def __init__(self, student_stage: int = -1, teacher_stage: int = -1, p: float = 2.0):
+    Maps of different sizes are brought to one grid first. `resize = "pool_larger"` (the default) follows the
+    reference codes (RepDistiller's `distiller_zoo/AT.py`, mdistiller's `single_stage_at_loss`): the larger
+    feature map is average-pooled (`adaptive_avg_pool2d`) to the smaller one's grid before its attention map
+    is taken, e.g. a 4x4 teacher map to a 2x2 student's. The references compare heights and pool to a square;
+    here each side goes to the smaller of the two. `resize = "upsample_student"` is edgekd's behaviour before
+    issue 14: the student's map goes to the teacher's grid, replicated when smaller (pooled when larger).
+    """
+
+    def __init__(self, student_stage: int = -1, teacher_stage: int = -1, p: float = 2.0,
+                 resize: str = "pool_larger"):
         super().__init__(student_stage, teacher_stage)
-        self.p = p
+        if resize not in AT_RESIZE:
+            raise EdgeKDError(f"at: resize is {resize!r}: use one of {', '.join(AT_RESIZE)}")
+        self.p, self.resize = p, resize
 
     def forward(self, out: StepOutputs) -> torch.Tensor:
         s, t = self.pair(out)
-        if s.shape[-2:].numel() == 1:
+        grid = tuple(min(a, b) for a, b in zip(s.shape[-2:], t.shape[-2:], strict=True))
+        if grid == (1, 1):
             # A 1x1 map normalises to 1 whatever the student computes: no gradient, and the run is scratch.
-            raise EdgeKDError(f"at: student stage {self.student_stage} is 1x1 at this input size, so attention "
-                              "transfer has nothing to match; choose an earlier stage, e.g. "
-                              "at = { student_stage = -2, teacher_stage = -2 }")
-        s = _match_size(s, t)
+            # So does a 1x1 map replicated to the teacher's grid, and a map pooled to a 1x1 one's grid.
+            sizes = ["x".join(map(str, f.shape[-2:])) for f in (s, t)]
+            raise EdgeKDError(f"at: student stage {self.student_stage} is {sizes[0]} and teacher stage "
+                              f"{self.teacher_stage} {sizes[1]}, so their attention maps meet 1x1 at this "
+                              "input size and attention transfer has nothing to match; choose an earlier "
+                              "stage, e.g. at = { student_stage = -2, teacher_stage = -2 }")
+        if self.resize == "upsample_student":
+            s = _match_size(s, t)
+        else:
+            s, t = (F.adaptive_avg_pool2d(f, grid) if f.shape[-2:] != grid else f for f in (s, t))
         return (attention_map(s, self.p) - attention_map(t, self.p)).pow(2).mean()
 
 

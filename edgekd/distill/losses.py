@@ -72,25 +72,40 @@ class VanillaKD(nn.Module):
 
 @register_loss("dkd")
 class DecoupledKD(nn.Module):
-    """DKD (Zhao et al., CVPR 2022): KD split into target-class (TCKD) and non-target-class (NCKD) terms."""
+    """DKD (Zhao et al., CVPR 2022): KD split into target-class (TCKD) and non-target-class (NCKD) terms.
+
+    As mdistiller's `dkd_loss`: alpha * KL(b_t || b_s) + beta * KL(q_t || q_s), each summed over classes,
+    divided by the batch size and times T^2; b is the binary (target, rest) distribution, q the distribution
+    over the non-target classes. Every log-probability comes from log-sum-exp of the logits, never from the
+    log of a probability: log b = log_softmax([z_y, logsumexp(z_{!=y})]), log q = log_softmax(z_{!=y}). So a
+    confident student keeps its gradient at any logit margin (clamping p at 1e-12 zeroed it beyond ~27.6 T).
+    Half-precision logits are computed in float32; float64 stays float64.
+    """
 
     def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0):
         super().__init__()
         self.alpha, self.beta, self.temperature = alpha, beta, temperature
 
+    @staticmethod
+    def log_probs(z: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log binary (target, rest) probabilities [N, 2] and log non-target probabilities [N, K], 0 at the target.
+
+        The target is masked to -inf (no boolean indexing, so no host sync on a GPU); its log q is then set to
+        0, which makes its KL term exp(0) * (0 - 0) = 0 rather than 0 * (-inf - -inf) = nan, with no gradient.
+        """
+        rest = z.masked_fill(gt, float("-inf"))
+        binary = torch.stack([(z * gt).sum(1), rest.logsumexp(1)], 1)
+        return F.log_softmax(binary, 1), F.log_softmax(rest, 1).masked_fill(gt, 0.0)
+
     def forward(self, out: StepOutputs) -> torch.Tensor:
-        s, t, T = out.student_logits.float() / self.temperature, out.teacher_logits.float() / self.temperature, \
-            self.temperature
+        T = self.temperature
+        dtype = torch.promote_types(out.student_logits.dtype, torch.float32)
+        s, t = out.student_logits.to(dtype) / T, out.teacher_logits.to(dtype) / T
         gt = F.one_hot(out.targets, s.shape[1]).bool()
-        p_s, p_t = F.softmax(s, 1), F.softmax(t, 1)
-        # binary (target, rest) distributions
-        b_s = torch.stack([p_s[gt], (p_s * ~gt).sum(1)], 1).clamp_min(1e-12)
-        b_t = torch.stack([p_t[gt], (p_t * ~gt).sum(1)], 1).clamp_min(1e-12)
-        tckd = (b_t * (b_t.log() - b_s.log())).sum(1).mean() * T**2
-        # distributions over the non-target classes only: mask the target logit out
-        masked = gt * 1000.0
-        nckd = F.kl_div(F.log_softmax(s - masked, 1), F.log_softmax(t - masked, 1), reduction="batchmean",
-                        log_target=True) * T**2
+        b_s, q_s = self.log_probs(s, gt)
+        b_t, q_t = self.log_probs(t, gt)
+        tckd = F.kl_div(b_s, b_t, reduction="batchmean", log_target=True) * T**2
+        nckd = F.kl_div(q_s, q_t, reduction="batchmean", log_target=True) * T**2
         return self.alpha * tckd + self.beta * nckd
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -27,10 +28,24 @@ from edgekd.distill.teacher import EnsembleTeacher, LiveTeacher, Normalize, Teac
 from edgekd.distill.train import evaluate, train
 from edgekd.errors import EdgeKDError
 from edgekd.models import count_parameters, create_model, load_weights
-from edgekd.runio import load_tensors, read_json, run_dir, save_tensors, write_json
+from edgekd.records import collect  # the one reader of run records; also edgekd.distill.study.collect
+from edgekd.runio import (
+    UnreadableFile,
+    load_tensors,
+    read_json,
+    run_dir,
+    save_tensors,
+    tensor_shapes,
+    write_json,
+)
 
 TEACHER, SCRATCH, CACHE = "teacher", "scratch", "teacher_cache"
 BASE_VARIANT = "base"
+# What a finished run holds besides metrics.json: every training role (teacher, scratch, KD), and a teacher cache.
+RUN_OUTPUTS = {"training": ("model.safetensors", "predictions.safetensors"),
+               CACHE: ("teacher_cache.json", "teacher_cache.safetensors")}
+
+logger = logging.getLogger("edgekd.study")
 
 
 @dataclass(frozen=True)
@@ -67,6 +82,17 @@ def uses_cache(profile: Profile, method: str) -> bool:
     return criterion.needs_teacher and not criterion.needs_features and spec.get("teachers", ["main"]) == ["main"]
 
 
+def train_config(profile: Profile, role: str) -> TrainConfig | None:
+    """What a job of this role trains (`teacher@plain`: [teachers.plain]; `kd@resnet`: [students.resnet]); None for
+    a teacher cache, which trains nothing."""
+    base, _, family = role.partition("@")
+    if base == CACHE:
+        return None
+    if base == TEACHER:
+        return profile.teachers[family] if family else profile.teacher
+    return profile.student_config(family)
+
+
 def plan(profile: Profile, study_root: Path) -> list[Job]:
     """Jobs in an order that respects their dependencies: teachers, then teacher caches, then students."""
     needs_cache = profile.study.teacher_cache and any(uses_cache(profile, m) for m in profile.methods)
@@ -91,15 +117,15 @@ def plan(profile: Profile, study_root: Path) -> list[Job]:
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_data(name: str, cfg_json: str, variant_json: str) -> VariantData:
+def _cached_data(name: str, cfg_json: str, variant: str, variant_json: str) -> VariantData:
     splits = load_splits(name, DatasetConfig(**json.loads(cfg_json)))
-    return apply_variant(splits, VariantConfig(**json.loads(variant_json)))
+    return apply_variant(splits, VariantConfig(**json.loads(variant_json)), f"variants.{variant}")
 
 
 def dataset_splits(profile: Profile, name: str, variant: str = BASE_VARIANT) -> VariantData:
     """A dataset's splits with one of the profile's variants applied (`base`: unchanged unless redefined)."""
     v = profile.variants.get(variant, VariantConfig())
-    return _cached_data(name, json.dumps(asdict(profile.datasets[name]), sort_keys=True),
+    return _cached_data(name, json.dumps(asdict(profile.datasets[name]), sort_keys=True), variant,
                         json.dumps(asdict(v), sort_keys=True))
 
 
@@ -140,11 +166,20 @@ class StudyRunner:
 
     def _execution(self, cfg: TrainConfig, data: DataSplits, job_dir: Path) -> Execution:
         saved = job_dir / "checkpoint.json"
-        if saved.is_file() and "execution" in read_json(saved):  # a resumed run keeps its numerics
-            return Execution(**read_json(saved)["execution"])
+        try:
+            execution = read_json(saved).get("execution") if saved.is_file() else None
+        except (UnreadableFile, AttributeError):  # measured again; a damaged checkpoint is not resumed either
+            execution = None
+        if execution:  # a resumed run keeps its numerics
+            return Execution(**execution)
         shape = (cfg.batch_size, data.channels, data.image_size, data.image_size)
-        return choose_execution(lambda: self._model(cfg, data), cfg, self.device, shape, data.num_classes,
-                                self.root / ".execution.json")
+        timings = self.root / ".execution.json"
+        try:
+            if timings.is_file():
+                read_json(timings)
+        except UnreadableFile:  # only a cache of measurements: measured again
+            timings.unlink()
+        return choose_execution(lambda: self._model(cfg, data), cfg, self.device, shape, data.num_classes, timings)
 
     def _teacher(self, job: Job, data: DataSplits, stages: set[int] | None = None, name: str = ""):
         """A trained teacher of this dataset variant ("" = the main one), as a ready LiveTeacher, and its run dir."""
@@ -196,12 +231,30 @@ class StudyRunner:
                            self.profile.study.eval_batch_size, progress)
 
     # -- jobs ------------------------------------------------------------------------------------------
-    def run_job(self, job: Job) -> dict:
+    def finished(self, job: Job) -> dict | None:
+        """A finished run's metrics, or None when the job is to run (with --force, every job). A run whose metrics
+        or outputs are damaged (cut short by a full disk, say) is removed and runs again from the start."""
         metrics_path = job.run_dir / "metrics.json"
         if self.force and job.run_dir.exists():
             shutil.rmtree(job.run_dir)
-        if metrics_path.is_file():
+        if not metrics_path.is_file():
+            return None
+        try:
             metrics = read_json(metrics_path)
+            if not isinstance(metrics, dict) or "role" not in metrics:
+                raise UnreadableFile(f"{metrics_path} holds no run metrics")
+            for name in RUN_OUTPUTS[CACHE if job.role == CACHE else "training"]:
+                (read_json if name.endswith(".json") else tensor_shapes)(job.run_dir / name)
+        except UnreadableFile as exc:
+            logger.warning("%s: recomputed, its files are damaged: %s", job.label, exc)
+            shutil.rmtree(job.run_dir)
+            return None
+        return metrics
+
+    def run_job(self, job: Job) -> dict:
+        metrics_path = job.run_dir / "metrics.json"
+        metrics = self.finished(job)
+        if metrics is not None:
             self.reporter.finish(job, metrics, skipped=True)
             return metrics
         variant = dataset_splits(self.profile, job.dataset, job.variant)
@@ -233,10 +286,7 @@ class StudyRunner:
         data = variant.splits
         base, _, family = job.role.partition("@")
         is_teacher = base == TEACHER
-        if is_teacher:
-            cfg = self.profile.teachers[family] if family else self.profile.teacher
-        else:
-            cfg = self.profile.student_config(family)
+        cfg = train_config(self.profile, job.role)
         write_json(job.run_dir / "profile.json", {"job": {**asdict(job), "run_dir": str(job.run_dir)},
                                                   "train": asdict(cfg),
                                                   "data": data.describe(), "variant": variant.stats,
@@ -305,19 +355,6 @@ class StudyRunner:
         return metrics
 
 
-def collect(study_root: Path) -> list[dict]:
-    """Every finished run under a study, as summary records (the study root's summary.json)."""
-    keys = ("dataset", "variant", "role", "method", "seed", "family", "model", "test_acc", "val_acc", "balanced_test_acc",
-            "ece", "head_acc", "tail_acc", "worst_group_acc", "extra_test_acc", "teacher_agreement", "params",
-            "epochs", "wall_s", "train_s", "images_per_s", "fill_s", "teacher_forwards")
-    records = []
-    for path in sorted(study_root.glob("*/*/*/seed*/metrics.json")):
-        m = read_json(path)
-        records.append({k: m[k] for k in keys if k in m} | {"kind": m.get("variant_stats", {}).get("kind", "base"),
-                                                             "run_dir": str(path.parent.relative_to(study_root))})
-    return records
-
-
 def _run_in_process(profile_data: dict, root: str, job: Job, threads: int) -> str:
     """One job in a worker process (spawned: no state shared with the parent beyond the run directories)."""
     from edgekd.config import profile_from_dict
@@ -347,10 +384,9 @@ def run_study(profile: Profile, out: Path, reporter: Reporter | None = None, for
             wave = [j for j in todo if (j.role == level if level else j.role not in (TEACHER, CACHE))]
             pending = []
             for job in wave:
-                if force and job.run_dir.exists():
-                    shutil.rmtree(job.run_dir)
-                if (job.run_dir / "metrics.json").is_file():
-                    runner.reporter.finish(job, read_json(job.run_dir / "metrics.json"), skipped=True)
+                metrics = runner.finished(job)
+                if metrics is not None:
+                    runner.reporter.finish(job, metrics, skipped=True)
                 else:
                     pending.append(job)
             with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:

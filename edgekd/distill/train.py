@@ -30,7 +30,7 @@ from edgekd.distill.metrics import (
 )
 from edgekd.distill.teacher import Normalize
 from edgekd.errors import EdgeKDError
-from edgekd.runio import load_tensors, read_json, save_tensors, write_json
+from edgekd.runio import UnreadableFile, load_tensors, read_json, save_tensors, tensor_shapes, write_json
 
 CHECKPOINT = "checkpoint"  # .safetensors (model, optimizer, best weights) + .json (epoch, history)
 
@@ -105,10 +105,32 @@ def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tens
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def discard_unusable_checkpoint(run_dir: Path) -> str | None:
+    """Delete a checkpoint that cannot be resumed from (half of it missing, or either file damaged), so the run
+    starts over instead of failing; returns why, or None when there is none or it is whole."""
+    meta, blob = run_dir / f"{CHECKPOINT}.json", run_dir / f"{CHECKPOINT}.safetensors"
+    if not meta.exists() and not blob.exists():
+        return None
+    try:
+        saved = read_json(meta)
+        tensor_shapes(blob)
+        if not isinstance(saved, dict) or not {"epoch", "history", "optimizer"} <= set(saved):
+            raise UnreadableFile(f"{meta} is not an edgekd checkpoint")
+        return None
+    except UnreadableFile as exc:
+        meta.unlink(missing_ok=True)
+        blob.unlink(missing_ok=True)
+        return str(exc)
+
+
 def train(model: nn.Module, data: DataSplits, cfg: TrainConfig, criterion: ComposedLoss, ex: Execution,
           augment: ViewAugment, seed: int, run_dir: Path, teacher=None, eval_batch_size: int = 512,
           on_step: Callable[[EpochReport], None] | None = None, log: Callable[[str], None] = print) -> dict:
     """Train, keep the best weights by validation accuracy, and return the history. Resumes from run_dir."""
+    for split, images in (("training", data.train), ("validation", data.val)):
+        if len(images) == 0:  # an empty validation split never picks a best epoch: refuse before the first step
+            raise EdgeKDError(f"{run_dir}: the {split} split of {data.name!r} is empty: add images, or change "
+                              f"datasets.{data.name}.val_fraction or the variant")
     device = ex.device
     train_x, train_y = data.train.images.to(device), data.train.labels.to(device)
     normalize = Normalize(data.mean, data.std, device)
@@ -123,6 +145,9 @@ def train(model: nn.Module, data: DataSplits, cfg: TrainConfig, criterion: Compo
     total, warmup = steps * epochs, int(round(cfg.warmup_epochs * steps))
 
     ckpt = {"epoch": 0, "best_val": -1.0, "best_epoch": -1, "history": [], "train_s": 0.0, "images": 0}
+    damaged = discard_unusable_checkpoint(run_dir)
+    if damaged:
+        log(f"checkpoint discarded, training from the start: {damaged}")
     if (run_dir / f"{CHECKPOINT}.json").is_file():
         ckpt = read_json(run_dir / f"{CHECKPOINT}.json")
         tensors = load_tensors(run_dir / f"{CHECKPOINT}.safetensors", device)

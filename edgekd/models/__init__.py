@@ -3,22 +3,66 @@
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
+import os
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from edgekd.errors import EdgeKDError
+from edgekd.runio import load_tensors
+
+
+def _names_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgekd" / "timm-models.json"
+
+
+def model_names() -> frozenset[str]:
+    """Every model name timm knows (with any this module registers). `import timm` costs seconds (it imports
+    torchvision), which `edgekd check` should not spend on a list that changes only with timm or this file, so
+    the list is kept in the user's cache keyed by both; once timm is imported anyway, it is asked directly."""
+    from importlib.metadata import version
+
+    if "timm" in sys.modules:
+        return frozenset(sys.modules["timm"].list_models())
+    key = f"timm {version('timm')}, {hashlib.sha256(Path(__file__).read_bytes()).hexdigest()}"
+    try:
+        cached = json.loads(_names_cache().read_text())
+        if cached["key"] == key:
+            return frozenset(cached["names"])
+    except (OSError, ValueError, KeyError, TypeError):  # absent, unreadable or of another layout: rebuild it
+        pass
+    import timm
+
+    names = sorted(timm.list_models())
+    try:
+        _names_cache().parent.mkdir(parents=True, exist_ok=True)
+        _names_cache().write_text(json.dumps({"key": key, "names": names}))
+    except OSError:  # a read-only home only costs the next check the import again
+        pass
+    return frozenset(names)
+
+
+def unknown_model(name: str) -> str | None:
+    """Why `name` is no timm model (with the closest names), or None when it is one."""
+    names = model_names()
+    if name.split(".", 1)[0] in names:  # as timm.is_model: a pretrained tag (resnet18.a1_in1k) names its model
+        return None
+    close = difflib.get_close_matches(name, names, n=3)
+    hint = f"did you mean {', '.join(close)}?" if close else "see timm.list_models() for valid names"
+    return f"unknown model {name!r}: {hint}"
 
 
 def create_model(name: str, num_classes: int, in_chans: int, small_input: bool = True,
                  pretrained: bool = False) -> nn.Module:
     import timm
 
-    if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=3)
-        hint = f"did you mean {', '.join(close)}?" if close else "see timm.list_models() for valid names"
-        raise EdgeKDError(f"unknown model {name!r}: {hint}")
+    problem = unknown_model(name)
+    if problem:
+        raise EdgeKDError(problem)
     try:
         # exportable: timm picks ONNX-friendly layer variants (no in-place tricks, static padding)
         model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans,
@@ -45,20 +89,22 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise EdgeKDError(f"checkpoint {str(path)!r} not found: fix the path in teacher.checkpoint")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
+        state = load_tensors(path, fix="give a complete .safetensors file (copy it again, or retrain the run it "
+                                      "comes from)")
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise EdgeKDError(
-                f"checkpoint {str(path)!r} cannot be read with weights_only=True ({type(exc).__name__}): "
-                "save it as safetensors or as a plain state_dict"
+                f"checkpoint {str(path)!r} cannot be read with weights_only=True ({type(exc).__name__}): it is "
+                "damaged, or pickles more than weights; save it as safetensors or as a plain state_dict"
             ) from None
         for key in ("state_dict", "model", "model_state_dict"):
             if isinstance(state, dict) and isinstance(state.get(key), dict):
                 state = state[key]
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise EdgeKDError(f"checkpoint {str(path)!r} holds no state_dict (names to tensors): save the model's "
+                          "state_dict() there, e.g. with safetensors.torch.save_file")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 

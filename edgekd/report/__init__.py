@@ -12,9 +12,8 @@ import html
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgekd.distill.study import collect
-from edgekd.distill.summary import Spread, paired_gain
 from edgekd.errors import EdgeKDError
+from edgekd.records import Spread, collect, paired_gain, variant_label
 from edgekd.report import plots
 from edgekd.report.tables import deploy_rows, variant_rows, write_csv
 from edgekd.runio import write_json
@@ -37,7 +36,7 @@ def int8_retention(deploy: list[dict]) -> list[dict]:
     """
     acc: dict[tuple, float] = {}
     for r in deploy:
-        variant = f"{r['variant']}@{r['family']}" if r.get("family") else r["variant"]
+        variant = variant_label(r["variant"], r.get("family", ""))
         acc[(r["dataset"], variant, r["method"] if r["role"] == "kd" else "", r["seed"], r["deployed"])] = r["accuracy"]
 
     def gain(dataset, variant, method, deployed):

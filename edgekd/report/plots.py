@@ -85,26 +85,46 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
 
 
 def accuracy_vs_latency(deploy: list[dict], batch: int) -> bytes | None:
+    """One panel per (variant, device and clock): a host-clock latency and a CUDA-event latency are different
+    quantities, and a model benched on a device it is not made for (the TensorRT INT8 preset on a CPU) is left
+    out of the front and counted in the panel's title."""
     rows = [r for r in deploy if r["batch"] == batch]
     if not rows:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    groups = defaultdict(list)
+    panels = defaultdict(list)
     for r in rows:
-        groups[(r["deployed"], r["role"] if r["role"] == "scratch" else r["method"])].append(r)
+        panels[(r["variant"], r["device"], r.get("timing", "host_wall"))].append(r)
+    keys = sorted(panels)
+    cols = min(3, len(keys))
+    nrows = -(-len(keys) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 4.2 * nrows), squeeze=False)
     markers = {"scratch": "o"}
-    for (deployed, who), rs in sorted(groups.items()):
-        ax.scatter([r["p50_ms"] for r in rs], [100 * r["accuracy"] for r in rs], label=f"{deployed} / {who}",
-                   marker=markers.get(who, "^"), alpha=0.8)
-    front = pareto_front([(r["p50_ms"], 100 * r["accuracy"]) for r in rows])
-    ax.plot(*zip(*front, strict=True), color="black", linewidth=1, linestyle="--", label="Pareto front")
-    ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.set_xlabel(f"p50 latency at batch {batch} (ms, log scale)")
-    ax.set_ylabel("accuracy on the bundle's eval set (%)")
-    ax.set_title(f"Accuracy against latency per backend and precision ({rows[0]['cpu'][:40]})")
-    ax.legend(fontsize=7, loc="best")
+    for ax, key in zip(axes.flat, keys, strict=False):
+        variant, device, timing = key
+        shown = [r for r in panels[key] if r.get("meant_for_device", True)]
+        groups = defaultdict(list)
+        for r in shown:
+            groups[(r["deployed"], r["role"] if r["role"] == "scratch" else r["method"])].append(r)
+        for (deployed, who), rs in sorted(groups.items()):
+            ax.scatter([r["p50_ms"] for r in rs], [100 * r["accuracy"] for r in rs], label=f"{deployed} / {who}",
+                       marker=markers.get(who, "^"), alpha=0.8)
+        if shown:
+            front = pareto_front([(r["p50_ms"], 100 * r["accuracy"]) for r in shown])
+            ax.plot(*zip(*front, strict=True), color="black", linewidth=1, linestyle="--", label="Pareto front")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+        clock = "CUDA events" if timing == "device_events" else "host clock"
+        ax.set_xlabel(f"p50 latency, batch {batch} (ms, {clock}, log)")
+        ax.set_ylabel("accuracy on the eval set (%)")
+        left_out = len({r["deployed"] for r in panels[key]} - {r["deployed"] for r in shown})
+        note = f"\n{left_out} model kind(s) not made for {device} left out" if left_out else ""
+        ax.set_title(f"{variant} on {device}{note}", fontsize=9)
+        ax.legend(fontsize=6, loc="lower right")
+    for ax in list(axes.flat)[len(keys):]:
+        ax.set_visible(False)
+    fig.suptitle(f"Accuracy against latency per model kind ({rows[0]['cpu'][:40]})", fontsize=10)
+    fig.tight_layout()
     return _png(fig)
 
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import csv
-from collections import defaultdict
 from pathlib import Path
 
-from edgekd.distill.summary import Spread, paired_gain
-from edgekd.runio import read_json
+from edgekd.records import BASE_VARIANT, RunRecord, Spread, group_runs, paired_gain, read_benches
+from edgekd.targets import TARGETS, timing_kind
 
 FACTOR = {"base": "clean", "fraction": "size", "per_class": "size", "imbalance": "imbalance",
           "label_noise": "label noise", "spurious": "spurious bias", "classes": "class subset",
@@ -28,27 +27,19 @@ def _mean_shifted(runs: list[dict]) -> dict[int, float]:
     return out
 
 
-def variant_rows(records: list[dict]) -> list[dict]:
+def variant_rows(records: list[dict] | list[RunRecord]) -> list[dict]:
     """Per (dataset, variant, method): accuracies, KD gain paired by seed (mean, std, 95% CI) and bias metrics."""
-    groups: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
-    for r in records:
-        if r["role"] in ("scratch", "kd"):
-            groups[(r["dataset"], r["variant"], r.get("family", ""))].append(r)
-    teachers = {(r["dataset"], r["variant"]): r for r in records if r["role"] == "teacher" and not r.get("family")}
     rows = []
-    for (dataset, variant, family), runs in groups.items():
-        scratch = [r for r in runs if r["role"] == "scratch"]
+    for g in group_runs(records):
+        scratch = g.scratch
         if not scratch:
             continue
-        kind = scratch[0].get("kind", "base")
-        teacher = teachers.get((dataset, variant)) or teachers.get((dataset, "base"))
-        s_acc = {r["seed"]: r["test_acc"] for r in scratch}
-        for method in sorted({r["method"] for r in runs if r["role"] == "kd"}):
-            kd = [r for r in runs if r["method"] == method]
-            gain = paired_gain({r["seed"]: r["test_acc"] for r in kd}, s_acc)
-            row = {"dataset": dataset, "variant": variant, "factor": FACTOR.get(kind, kind), "kind": kind,
-                   "student": kd[0]["model"], "family": family, "method": method, "teacher_acc": teacher["test_acc"] if teacher else None,
-                   "scratch_acc": Spread.of(list(s_acc.values())), "kd_acc": _spread(kd, "test_acc"), "gain": gain}
+        kind = scratch[0].get("kind", BASE_VARIANT)
+        for method in g.methods:
+            kd = g.kd(method)
+            row = {"dataset": g.dataset, "variant": g.variant, "factor": FACTOR.get(kind, kind), "kind": kind,
+                   "student": kd[0]["model"], "family": g.family, "method": method, "teacher_acc": g.teacher_acc,
+                   "scratch_acc": g.scratch_acc(), "kd_acc": g.kd_acc(method), "gain": g.gain(method)}
             for key in ("worst_group_acc", "tail_acc", "head_acc", "ece", "balanced_test_acc"):
                 if any(r.get(key) is not None for r in kd):
                     row[f"scratch_{key}"], row[f"kd_{key}"] = _spread(scratch, key), _spread(kd, key)
@@ -68,20 +59,24 @@ def variant_rows(records: list[dict]) -> list[dict]:
 def deploy_rows(study_root: Path) -> list[dict]:
     """One row per (student run, bench file, model): accuracy and latency where it was measured."""
     rows = []
-    for bench in sorted(Path(study_root).glob("*/*/*/seed*/bundle/bench-*.json")):  # role dirs incl. kd@family
-        record = read_json(bench)
-        run = bench.parent.parent
-        metrics = read_json(run / "metrics.json")
-        for r in record["results"]:
+    for record in read_benches(study_root):
+        run = record.run
+        if run is None:  # a bundle in the study tree without its run's metrics.json: not a study result
+            continue
+        for r in record.results:
             for batch, s in r["latency"].items():
-                rows.append({"dataset": metrics["dataset"], "variant": metrics["variant"], "role": metrics["role"],
-                             "family": metrics.get("family", ""),
-                             "method": metrics["method"], "seed": metrics["seed"], "model": metrics["model"],
+                rows.append({"dataset": run.dataset, "variant": run.variant, "role": run.role,
+                             "family": run.family,
+                             "method": run.method, "seed": run.seed, "model": run.model,
                              "deployed": r["model"], "backend": r["backend"], "device": r["device"],
                              "precision": r["precision"], "batch": int(batch), "accuracy": r["accuracy"],
                              "p50_ms": s["p50_ms"], "p90_ms": s["p90_ms"], "p99_ms": s["p99_ms"],
                              "throughput_ips": s["throughput_ips"], "file_mib": r["file_bytes"] / 2**20,
-                             "cpu": record["environment"]["cpu"]})
+                             "cpu": record.environment["cpu"],
+                             # records before the timing field: the targets table says what their clock was
+                             "timing": r.get("timing") or timing_kind(r["backend"], r["device"]),
+                             "meant_for_device": r.get("meant_for_device", r["device"] in
+                                                       TARGETS.get(r["model"], TARGETS["onnx-fp32"]).meant_for)})
     return rows
 
 

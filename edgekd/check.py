@@ -1,0 +1,376 @@
+"""The plan check: everything a command will need, checked in about a second before its first job, with no training.
+
+`distill`, `study` and `export` run it first, and `edgekd check PROFILE` runs it alone. It collects every problem
+and reports them together, one line each: model names (with the closest ones), losses and their parameters,
+variant parameters against the data, paths (data directories, checkpoints, runs, bundles), each dataset's
+classes and images per class against the splits asked for, options, and what each export target needs installed.
+Files are opened only far enough to know they are whole (JSON parsed, safetensors headers checked against the
+file's length, image headers read), never decoded in full.
+
+Importing this module imports no PyTorch: `bundle_problems` serves `edgekd bench` and `edgekd build` on devices
+without it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from edgekd.errors import EdgeKDError
+from edgekd.runio import UnreadableFile, read_json, sha256_file, tensor_shapes
+
+if TYPE_CHECKING:
+    from edgekd.config import DatasetConfig, DeployConfig, Profile
+
+RETRAIN = "run `edgekd distill` on its profile again: runs with damaged files are recomputed"
+TRAIN_STACK = "pip install 'edgekd[train]'"
+# What each `edgekd export --target` imports beyond PyTorch. Every target exports ONNX first and checks it with
+# ONNX Runtime; `trt` is checked by TensorRT's own import (PyPI's placeholder package imports but cannot build).
+EXPORT_NEEDS = {"onnx": ("onnx", "onnxscript", "onnxruntime"),
+                "int8": ("onnx", "onnxscript", "onnxruntime", "onnxruntime.quantization"),
+                "trt": ("onnx", "onnxscript", "onnxruntime")}
+# Loss parameters whose range does not depend on the loss: (allowed?, what it must be).
+LOSS_PARAMETER_RULES = {"weight": (lambda v: v >= 0, "at least 0"),
+                        "temperature": (lambda v: v > 0, "above 0 (it divides the logits)")}
+
+
+class PlanError(EdgeKDError):
+    """Every problem found in a plan, one per line."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def require(problems: list[str]) -> None:
+    """Raise the problems found, if any, as one PlanError."""
+    if problems:
+        raise PlanError(problems)
+
+
+@dataclass
+class ProfileCheck:
+    """A profile as read, every problem found in it and its plan, and what the plan will train on."""
+
+    profile: Profile | None
+    problems: list[str] = field(default_factory=list)
+    images: dict[str, dict[str, int]] = field(default_factory=dict)  # dataset -> split -> images
+
+    def summary(self) -> str:
+        """One line: what the plan trains, on what, and how many jobs."""
+        from edgekd.distill.study import plan
+
+        p = self.profile
+        data = "; ".join(f"{name} ({', '.join(f'{n:,} {split}' for split, n in sizes.items())})"
+                         for name, sizes in self.images.items()) or ", ".join(p.datasets)
+        students = ", ".join(cfg.model for where, cfg in p.trainings() if where.startswith("student"))
+        teachers = ", ".join(cfg.model + (" (from checkpoint)" if cfg.checkpoint else "")
+                             for where, cfg in p.trainings() if where.startswith("teacher"))
+        jobs = len(plan(p, Path(p.study.name)))
+        return (f"{p.study.name}: {data}; {len(p.variants)} variant(s); teacher {teachers}; student {students}; "
+                f"{len(p.methods)} method(s) ({', '.join(p.methods) or 'scratch only'}); seeds "
+                f"{', '.join(map(str, p.study.seeds))}: {jobs} jobs")
+
+
+# -- profiles -----------------------------------------------------------------------------------------------------
+def check_profile(path: str | Path, overrides: list[str] | None = None, out: Path | None = None,
+                  force: bool = False, deploy: bool = False) -> ProfileCheck:
+    """Read a profile and check its whole plan; `out` (the runs directory) adds the checks of what is there, and
+    `deploy` those of the [deploy] table and what it needs here (`edgekd study` exports and benches)."""
+    from edgekd.config import parse_profile, read_profile_data
+
+    try:
+        data = read_profile_data(path, overrides)
+    except EdgeKDError as exc:  # no file, no TOML, no tables, a malformed --set: nothing more can be checked
+        return ProfileCheck(None, [str(exc)])
+    profile, problems = parse_profile(data)
+    checked = ProfileCheck(profile, problems)
+    losses_ok = _check_losses(profile, checked.problems)
+    _check_models(profile, checked.problems)
+    _check_data(profile, checked)
+    _check_device(profile.study.device, checked.problems)
+    if deploy:
+        checked.problems += deploy_problems(profile.deploy)
+    if out is not None:
+        checked.problems += writable_problems(out)
+        if losses_ok and not force:  # the plan's jobs are known only when every method's losses are
+            checked.problems += stale_run_problems(profile, Path(out) / profile.study.name)
+    return checked
+
+
+def checked_profile(path: str | Path, overrides: list[str] | None = None, out: Path | None = None,
+                    force: bool = False, jobs: int | None = None, deploy: bool = False) -> Profile:
+    """The profile, when its plan has no problem; else a PlanError with them all (`jobs`: also that option)."""
+    checked = check_profile(path, overrides, out, force, deploy)
+    require(checked.problems + (jobs_problems(jobs) if jobs is not None else []))
+    return checked.profile
+
+
+def _check_models(profile: Profile, problems: list[str]) -> None:
+    from edgekd.models import read_state_dict, unknown_model
+
+    for where, cfg in profile.trainings():
+        unknown = unknown_model(cfg.model) if cfg.model else None
+        if unknown:
+            problems.append(f"profile key '{where}.model': {unknown}")
+        if not cfg.checkpoint or not where.startswith("teacher"):
+            continue
+        checkpoint = Path(cfg.checkpoint).expanduser()
+        if not checkpoint.is_file():
+            problems.append(f"profile key '{where}.checkpoint' names {cfg.checkpoint!r}, which does not exist: fix "
+                            "the path, or train that teacher first (a finished run's model.safetensors)")
+            continue
+        try:
+            if checkpoint.suffix == ".safetensors":
+                tensor_shapes(checkpoint, fix=f"give a complete file in {where}.checkpoint")
+            else:
+                read_state_dict(checkpoint)
+        except EdgeKDError as exc:
+            problems.append(f"profile key '{where}.checkpoint': {exc}")
+
+
+def _check_losses(profile: Profile, problems: list[str]) -> bool:
+    """Every loss of every method exists and takes the parameters given; False when one does not."""
+    from edgekd.config import method_losses
+    from edgekd.distill.losses import LOSSES, ComposedLoss
+
+    before = len(problems)
+    for method, spec in profile.methods.items():
+        where = f"methods.{method}"
+        terms = {name: params for name, params in method_losses(spec).items() if isinstance(params, dict)}
+        built = {}
+        for name, params in terms.items():
+            try:  # one term at a time, so each bad one gets its line
+                LOSSES.get(name)
+            except EdgeKDError as exc:
+                problems.append(f"profile key '{where}.{name}': {exc}")
+                continue
+            try:
+                built[name] = ComposedLoss({name: params}, where)
+            except EdgeKDError as exc:
+                problems.append(str(exc))
+                continue
+            for key, value in params.items():
+                allowed, expected = LOSS_PARAMETER_RULES.get(key, (None, ""))
+                if allowed and not allowed(value):
+                    problems.append(f"profile key '{where}.{name}.{key}' must be {expected}, got {value!r}")
+        if (spec.get("teachers", ["main"]) != ["main"] and len(built) == len(terms)
+                and any(b.needs_features for b in built.values())):
+            problems.append(f"{where}: feature losses learn from one teacher; drop 'teachers' or the feature terms")
+    return len(problems) == before
+
+
+def _check_device(device: str, problems: list[str]) -> None:
+    if not device.startswith("cuda"):
+        return
+    from edgekd.distill.execution import resolve_device
+
+    try:
+        resolve_device(device)
+    except EdgeKDError as exc:
+        problems.append(f"profile key 'study.device': {exc}")
+
+
+def _check_data(profile: Profile, checked: ProfileCheck) -> None:
+    from edgekd.config import variant_problems
+    from edgekd.data.splits import split_sizes
+
+    for name, cfg in profile.datasets.items():
+        sizes, problems = dataset_sizes(name, cfg)
+        checked.problems += problems
+        if sizes is None or problems:
+            continue
+        splits = split_sizes(sizes.train, sizes.test, cfg)
+        checked.images[name] = {split: int(n.sum()) for split, n in splits.items()}
+        for variant, v in profile.variants.items():
+            where = f"variants.{variant}"
+            if not variant_problems(v, where):  # those without the data are the profile's, reported already
+                checked.problems += variant_problems(v, where, len(sizes.classes), int(splits["train"].min()))
+
+
+def dataset_sizes(name: str, cfg: DatasetConfig):
+    """(SourceSizes or None when not knowable before a download, problems) of one dataset of a profile."""
+    from edgekd.data.sources import SOURCES
+    from edgekd.data.splits import split_problems
+
+    if cfg.data_dir and not cfg.download and not Path(cfg.data_dir).expanduser().exists():
+        return None, [f"profile key 'datasets.{name}.data_dir' (or --data-dir) is {cfg.data_dir!r}, which does not "
+                      "exist: fix the path, or pass --download to fetch the data there"]
+    try:
+        sizes = SOURCES.get(cfg.source).sizes(cfg)
+    except EdgeKDError as exc:  # unknown source, missing or damaged files: the source names itself
+        return None, [str(exc)]
+    if sizes is None:
+        return None, []
+    return sizes, split_problems(name, sizes.classes, sizes.train, sizes.test, cfg)
+
+
+def deploy_problems(deploy: DeployConfig) -> list[str]:
+    """What `edgekd study` would refuse in the profile's [deploy] table, or lack on this machine to run it."""
+    from edgekd.export.int8 import CALIB_METHODS
+    from edgekd.targets import BACKENDS, TARGETS, missing_for
+
+    presets = sorted({t.preset for t in TARGETS.values() if t.preset})
+    rules = {
+        "targets": (set(deploy.targets) <= {"onnx", "int8"},
+                    "some of 'onnx' and 'int8' (TensorRT engines are built on the target GPU with `edgekd build`)"),
+        "int8_presets": (set(deploy.int8_presets) <= set(presets), f"some of {', '.join(presets)}"),
+        "calib_size": (deploy.calib_size >= 1, "at least 1"),
+        "calib_method": (deploy.calib_method in CALIB_METHODS, ", ".join(CALIB_METHODS)),
+        "eval_limit": (deploy.eval_limit >= 0, "0 (the whole test split) or more"),
+        "backend": (deploy.backend in BACKENDS, ", ".join(BACKENDS)),
+        "batch_sizes": (bool(deploy.batch_sizes) and min(deploy.batch_sizes) >= 1, "sizes of at least 1, e.g. [1, 64]"),
+        "iters": (deploy.iters >= 1, "at least 1"),
+        "threads": (deploy.threads >= 0, "0 (the runtime's default) or more"),
+    }
+    problems = [f"profile key 'deploy.{key}' must be {expected}, got {getattr(deploy, key)!r}"
+                for key, (ok, expected) in rules.items() if not ok]
+    backend = BACKENDS.get(deploy.backend)
+    if backend and deploy.device not in backend.devices:
+        problems.append(f"profile key 'deploy.device' must be {' or '.join(backend.devices)} for backend "
+                        f"{deploy.backend}, got {deploy.device!r}")
+    if backend and missing_for(deploy.backend):
+        problems.append(f"deploy.backend {deploy.backend} needs {backend.module}, which is not installed here: "
+                        f"{missing_for(deploy.backend)}")
+    return problems + target_needs(deploy.targets, "deploy.targets")
+
+
+def stale_run_problems(profile: Profile, study_root: Path) -> list[str]:
+    """Finished runs in the study directory that the profile would reuse although it now names another model for
+    them: their weights are not the profile's (a changed teacher.model would teach every student from the old one)."""
+    from edgekd.distill.study import plan, train_config
+    from edgekd.models import unknown_model
+
+    problems = []
+    for job in plan(profile, study_root) if study_root.is_dir() else []:
+        cfg = train_config(profile, job.role)
+        try:
+            made = read_json(job.run_dir / "metrics.json").get("model") if cfg else None
+        except (UnreadableFile, AttributeError):  # absent, or damaged: it runs again anyway
+            continue
+        if made and made != cfg.model and not unknown_model(cfg.model):  # an unknown one has its own line
+            problems.append(f"{job.run_dir} was trained as {made}, but the profile now asks for {cfg.model}: pass "
+                            "--force to retrain it, or choose another --out")
+    return problems
+
+
+def writable_problems(out: Path) -> list[str]:
+    """Whether files can be made under `out` (made if missing): checked with the temporary file every write
+    starts with (runio writes to a temporary name and renames)."""
+    out = Path(out)
+    existing = next((p for p in [out, *out.parents] if p.exists()), Path("."))
+    if not existing.is_dir():
+        return [f"--out {str(out)!r} cannot be a directory: {existing} is a file; choose another --out"]
+    try:
+        fd, tmp = tempfile.mkstemp(dir=existing, prefix=".edgekd-check-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        return [f"--out {str(out)!r} cannot be written ({exc.strerror or exc}): free space there, fix its "
+                "permissions, or choose another --out"]
+    return []
+
+
+def jobs_problems(jobs: int) -> list[str]:
+    return [] if jobs >= 1 else [f"--jobs must be at least 1 (trainings run side by side), got {jobs}"]
+
+
+# -- export and bundles ----------------------------------------------------------------------------------------
+def export_problems(run_dir: Path, targets: tuple[str, ...], int8_presets: tuple[str, ...], calib_size: int,
+                    eval_limit: int) -> list[str]:
+    """What `edgekd export` would fail on: what the targets need installed, options, the runs and their data."""
+    from edgekd.config import DatasetConfig
+    from edgekd.export.bundle import find_student_runs
+    from edgekd.targets import TARGETS, missing_for
+
+    problems = target_needs(targets, "--target")
+    if "trt" in targets:
+        if missing_for("trt"):
+            problems.append(f"--target trt needs TensorRT, which is not installed here: {missing_for('trt')}")
+        else:
+            from edgekd.export.tensorrt_build import engine_builder
+
+            try:
+                engine_builder()  # TensorRT's bindings and the GPU it builds for
+            except EdgeKDError as exc:
+                problems.append(f"--target trt: {exc}")
+    presets = sorted({t.preset for t in TARGETS.values() if t.preset})
+    if ("int8" in targets or "trt" in targets) and not set(int8_presets) <= set(presets):
+        problems.append(f"--int8-preset {','.join(int8_presets)!r} must name some of {', '.join(presets)}")
+    if calib_size < 1:
+        problems.append(f"--calib-size must be at least 1, got {calib_size}")
+    if eval_limit < 0:
+        problems.append(f"--eval-limit must be 0 (the whole test split) or more, got {eval_limit}")
+    try:
+        runs = find_student_runs(Path(run_dir))
+    except EdgeKDError as exc:
+        return problems + [str(exc)]
+    seen_data: set[str] = set()
+    for run in runs:
+        try:
+            tensor_shapes(run / "model.safetensors", fix=RETRAIN)
+            profile = read_json(run / "profile.json", fix=RETRAIN)
+            name = profile["job"]["dataset"]
+            cfg = profile["profile"]["datasets"][name]
+        except UnreadableFile as exc:
+            problems.append(str(exc))
+            continue
+        except (KeyError, TypeError):
+            problems.append(f"{run / 'profile.json'} is not an edgekd run profile: {RETRAIN}")
+            continue
+        key = repr(sorted(cfg.items()))
+        if key not in seen_data:  # a study's runs share a few datasets: each is checked once
+            seen_data.add(key)
+            problems += dataset_sizes(name, DatasetConfig(**cfg))[1]
+    return problems
+
+
+def target_needs(targets: tuple[str, ...] | list[str], option: str) -> list[str]:
+    """The modules export targets need that are not installed here (TensorRT aside: see export_problems)."""
+    problems = []
+    for module in sorted({m for t in targets for m in EXPORT_NEEDS.get(t, ())}):
+        if _missing(module):
+            users = ", ".join(t for t in targets if module in EXPORT_NEEDS.get(t, ()))
+            problems.append(f"{option} {users} needs {module}, which is not installed: {TRAIN_STACK}")
+    return problems
+
+
+def _missing(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is None
+    except (ImportError, ValueError):  # a parent package missing, or a broken install
+        return True
+
+
+def bundle_problems(bundle: Path) -> list[str]:
+    """What `edgekd bench` / `edgekd build` would trip over in a bundle: its manifest (damaged, or newer than this
+    edgekd reads), and each file it lists (missing, or not the file exported: its sha256 differs), eval.npz."""
+    from edgekd.bench.harness import read_manifest
+
+    bundle = Path(bundle)
+    try:
+        manifest = read_manifest(bundle)
+    except EdgeKDError as exc:
+        return [str(exc)]
+    again = f"export the run again (edgekd export {bundle.parent})"
+    problems = []
+    for key, entry in manifest["models"].items():
+        path = bundle / str(entry.get("file", ""))
+        if not path.is_file():
+            problems.append(f"{path} is missing, though the manifest lists it as {key}: {again}")
+        elif entry.get("sha256") and sha256_file(path) != entry["sha256"]:
+            problems.append(f"{path} is not the file exported as {key} (its sha256 differs): it is damaged or was "
+                            f"replaced; {again}")
+    evalset = bundle / "eval.npz"
+    whole = zipfile.is_zipfile(evalset)
+    if whole:
+        with zipfile.ZipFile(evalset) as z:
+            whole = {"images.npy", "labels.npy"} <= set(z.namelist()) and z.testzip() is None
+    if not whole:
+        problems.append(f"{evalset} is missing or damaged: {again}")
+    return problems

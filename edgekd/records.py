@@ -1,0 +1,300 @@
+"""Run, bundle and bench records: the one place that reads them from a study directory, groups them, and
+computes the paired KD gains and spreads that `distill`, `export`, `study` and `report` show.
+
+A study directory holds, per run, `<dataset>/<variant>/<role>/seed<k>/metrics.json` (a run record), and per
+exported student `.../bundle/manifest.json` (a bundle record) and `.../bundle/bench-<backend>-<device>.json`
+(a bench record). Every record carries a `schema_version` (a file written before the field existed is version 1);
+a record newer than this edgekd reads is refused with one line, never half-read.
+
+Standard library only: `edgekd report` and the bench read these on machines without PyTorch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgekd import __version__
+from edgekd.errors import EdgeKDError
+from edgekd.runio import read_json
+
+SCHEMA_VERSION = 1  # the newest record format this edgekd reads and writes
+BASE_VARIANT = "base"  # the clean data: where a variant's teacher lives unless study.teacher_regime = "variant"
+STUDENT_ROLES = ("scratch", "kd")
+
+# Student's t quantile 0.975 by degrees of freedom (no scipy dependency for a table lookup)
+T_975 = dict(enumerate([12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+                        2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+                        2.052, 2.048, 2.045, 2.042], start=1))
+
+# A run record's fields, in the order summary.json and runs.csv list them.
+RUN_IDENTITY = ("dataset", "variant", "role", "method", "seed", "family", "model")
+RUN_VALUES = ("test_acc", "val_acc", "balanced_test_acc", "ece", "head_acc", "tail_acc", "worst_group_acc",
+              "extra_test_acc", "teacher_agreement", "params", "epochs", "wall_s", "train_s", "images_per_s", "fill_s",
+              "teacher_forwards")
+
+
+# -- statistics ----------------------------------------------------------------------------------------------------
+@dataclass
+class Spread:
+    mean: float
+    std: float  # sample standard deviation over seeds (0 with one seed)
+    n: int
+
+    @classmethod
+    def of(cls, values: list[float]) -> Spread | None:
+        if not values:
+            return None
+        mean = sum(values) / len(values)
+        var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+        return cls(mean, math.sqrt(var), len(values))
+
+    @property
+    def ci95(self) -> float:
+        """Half-width of the 95% confidence interval of the mean (Student's t; 0 with one seed)."""
+        if self.n < 2:
+            return 0.0
+        return T_975.get(self.n - 1, 1.96) * self.std / math.sqrt(self.n)
+
+    def fmt(self, scale: float = 100.0, signed: bool = False) -> str:
+        sign = "+" if signed else ""
+        return f"{self.mean * scale:{sign}.2f} ± {self.std * scale:.2f}"
+
+    def to_dict(self) -> dict:
+        return {"mean": self.mean, "std": self.std, "n": self.n}
+
+
+def paired_gain(kd: Mapping[int, float], scratch: Mapping[int, float]) -> Spread | None:
+    """KD minus scratch over the seeds both have (same seed = same initial weights); negative gains stay negative."""
+    return Spread.of([kd[s] - scratch[s] for s in sorted(kd) if s in scratch])
+
+
+def by_seed(runs: Iterable[Mapping], key: str = "test_acc") -> dict[int, float]:
+    """One value per seed (runs without the value are left out)."""
+    return {r["seed"]: r[key] for r in runs if r.get(key) is not None}
+
+
+def variant_label(variant: str, family: str = "") -> str:
+    """How a variant is shown: `noisy`, or `noisy@plain` for a second student family."""
+    return f"{variant}@{family}" if family else variant
+
+
+# -- reading -------------------------------------------------------------------------------------------------------
+def check_schema(data: Mapping, source: Path | str) -> int:
+    """The record's schema_version (1 when absent); a newer one than this edgekd reads is a one-line error."""
+    version = data.get("schema_version", 1)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise EdgeKDError(f"{source}: schema_version {version!r} is not a whole number: the file is damaged; "
+                          "delete it and re-run the stage that wrote it")
+    if version > SCHEMA_VERSION:
+        raise EdgeKDError(f"{source}: record schema_version {version} is newer than edgekd {__version__} reads "
+                          f"(up to {SCHEMA_VERSION}): upgrade edgekd (pip install -U edgekd)")
+    return version
+
+
+def _read(path: Path) -> dict:
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise EdgeKDError(f"{path}: not an edgekd record (a JSON object is expected): delete it and re-run the stage "
+                          "that wrote it")
+    check_schema(data, path)
+    return data
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One finished run (teacher, teacher cache, scratch or KD student), as summary.json lists it."""
+
+    dataset: str
+    variant: str
+    role: str  # teacher | teacher_cache | scratch | kd
+    seed: int
+    method: str = ""  # the KD method of a kd run
+    family: str = ""  # the student family ("" = the profile's student) or the teacher's name
+    model: str = ""
+    kind: str = BASE_VARIANT  # the variant's kind: base, label_noise, corruption, ...
+    run_dir: str = ""  # relative to the study root
+    values: dict[str, Any] = field(default_factory=dict)  # the measured fields metrics.json has (RUN_VALUES)
+    schema_version: int = SCHEMA_VERSION
+
+    @classmethod
+    def from_metrics(cls, metrics: Mapping, run_dir: str = "", source: Path | str = "metrics.json") -> RunRecord:
+        """From a run's metrics.json (the variant's kind is in its variant_stats)."""
+        kind = (metrics.get("variant_stats") or {}).get("kind", BASE_VARIANT)
+        return cls._make(metrics, kind, run_dir, source)
+
+    @classmethod
+    def from_summary(cls, record: Mapping, source: Path | str = "summary record") -> RunRecord:
+        """From a summary record (summary.json, `as_dict`)."""
+        return cls._make(record, record.get("kind", BASE_VARIANT), record.get("run_dir", ""), source)
+
+    @classmethod
+    def _make(cls, m: Mapping, kind: str, run_dir: str, source: Path | str) -> RunRecord:
+        version = check_schema(m, source)
+        missing = [k for k in ("dataset", "variant", "role", "seed") if k not in m]
+        if missing:
+            raise EdgeKDError(f"{source}: not an edgekd run record (no {', '.join(missing)}): delete the run "
+                              "directory and run `edgekd distill` again")
+        return cls(m["dataset"], m["variant"], m["role"], m["seed"], m.get("method", ""), m.get("family", ""),
+                   m.get("model", ""), kind, run_dir, {k: m[k] for k in RUN_VALUES if k in m}, version)
+
+    @classmethod
+    def read(cls, path: Path, study_root: Path | None = None) -> RunRecord:
+        """A run's metrics.json; run_dir is given relative to study_root when one is given."""
+        path = Path(path)
+        run = path.parent.relative_to(study_root) if study_root is not None else path.parent
+        return cls.from_metrics(_read(path), str(run), path)
+
+    @property
+    def label(self) -> str:
+        return variant_label(self.variant, self.family)
+
+    def as_dict(self) -> dict:
+        """The summary record (summary.json, runs.csv): identity, the measured values metrics.json has, kind."""
+        identity = {k: getattr(self, k) for k in RUN_IDENTITY}
+        return {**identity, **{k: self.values[k] for k in RUN_VALUES if k in self.values}, "kind": self.kind,
+                "run_dir": self.run_dir, "schema_version": self.schema_version}
+
+
+@dataclass(frozen=True)
+class BundleRecord:
+    """An exported student: its manifest.json (models, their accuracy against FP32, the distill record)."""
+
+    path: Path  # the bundle directory
+    dataset: str
+    variant: str
+    student: dict
+    distill: dict
+    models: dict[str, dict]
+    source: dict
+    schema_version: int = SCHEMA_VERSION
+    manifest: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def read(cls, bundle: Path) -> BundleRecord:
+        bundle = Path(bundle)
+        path = bundle / "manifest.json"
+        if not path.is_file():
+            raise EdgeKDError(f"{bundle} is not a bundle (no manifest.json): pass a directory made by `edgekd export`")
+        m = _read(path)
+        return cls(bundle, m["dataset"], m["variant"], m.get("student", {}), m.get("distill", {}), m.get("models", {}),
+                   m.get("source", {}), m.get("schema_version", 1), m)
+
+
+@dataclass(frozen=True)
+class BenchRecord:
+    """One bench file: every model of a bundle on one backend and device, with the run it was exported from."""
+
+    path: Path
+    dataset: str
+    variant: str
+    backend: str
+    device: str
+    results: list[dict]  # per model: accuracy, latency by batch size, file size, memory, timing clock
+    environment: dict
+    options: dict
+    run: RunRecord | None = None  # the student run, when the bundle sits in a study's run directory
+    schema_version: int = SCHEMA_VERSION
+
+    @classmethod
+    def read(cls, path: Path, study_root: Path | None = None) -> BenchRecord:
+        path = Path(path)
+        b = _read(path)
+        metrics = path.parent.parent / "metrics.json"
+        run = RunRecord.read(metrics, study_root) if metrics.is_file() else None
+        opts = b.get("options", {})
+        return cls(path, b["dataset"], b["variant"], opts.get("backend", ""), opts.get("device", ""), b["results"],
+                   b.get("environment", {}), opts, run, b.get("schema_version", 1))
+
+
+def read_runs(study_root: Path) -> list[RunRecord]:
+    """Every finished run under a study (any run directory with a metrics.json), in path order."""
+    study_root = Path(study_root)
+    return [RunRecord.read(p, study_root) for p in sorted(study_root.glob("*/*/*/seed*/metrics.json"))]
+
+
+def collect(study_root: Path) -> list[dict]:
+    """Every finished run under a study, as summary records (the study root's summary.json)."""
+    return [r.as_dict() for r in read_runs(study_root)]
+
+
+def read_bundles(study_root: Path) -> list[BundleRecord]:
+    return [BundleRecord.read(p.parent) for p in sorted(Path(study_root).glob("*/*/*/seed*/bundle/manifest.json"))]
+
+
+def read_benches(study_root: Path) -> list[BenchRecord]:
+    """Every bench file of the study's bundles (role directories include kd@family), in path order."""
+    study_root = Path(study_root)
+    return [BenchRecord.read(p, study_root) for p in sorted(study_root.glob("*/*/*/seed*/bundle/bench-*.json"))]
+
+
+# -- grouping ------------------------------------------------------------------------------------------------------
+def teacher_for(teachers: Mapping[tuple[str, str], Any], dataset: str, variant: str) -> Any:
+    """A variant's teacher: its own (teacher_regime "variant") or else the clean data's."""
+    return teachers.get((dataset, variant)) or teachers.get((dataset, BASE_VARIANT))
+
+
+@dataclass
+class RunGroup:
+    """The student runs of one (dataset, variant, student family), with the teacher and teacher cache they used."""
+
+    dataset: str
+    variant: str
+    family: str
+    runs: list[dict]  # scratch and kd summary records
+    teacher: dict | None = None
+    cache: dict | None = None
+
+    @property
+    def label(self) -> str:
+        return variant_label(self.variant, self.family)
+
+    @property
+    def teacher_acc(self) -> float | None:
+        return self.teacher["test_acc"] if self.teacher else None
+
+    @property
+    def scratch(self) -> list[dict]:
+        return [r for r in self.runs if r["role"] == "scratch"]
+
+    @property
+    def methods(self) -> list[str]:
+        return sorted({r["method"] for r in self.runs if r["role"] == "kd"})
+
+    def kd(self, method: str) -> list[dict]:
+        return [r for r in self.runs if r["role"] == "kd" and r["method"] == method]
+
+    def scratch_acc(self, key: str = "test_acc") -> Spread | None:
+        return Spread.of(list(by_seed(self.scratch, key).values()))
+
+    def kd_acc(self, method: str, key: str = "test_acc") -> Spread | None:
+        return Spread.of(list(by_seed(self.kd(method), key).values()))
+
+    def gain(self, method: str, key: str = "test_acc") -> Spread | None:
+        """KD minus scratch paired by seed."""
+        return paired_gain(by_seed(self.kd(method), key), by_seed(self.scratch, key))
+
+
+def _as_dict(record: RunRecord | Mapping) -> dict:
+    return record.as_dict() if isinstance(record, RunRecord) else dict(record)
+
+
+def group_runs(records: Iterable[RunRecord | Mapping]) -> list[RunGroup]:
+    """One group per (dataset, variant, student family) in the order the records list them; a teacher without
+    students yet (a study that has trained only its teachers) gets an empty group after them."""
+    records = [_as_dict(r) for r in records]
+    teachers = {(r["dataset"], r["variant"]): r for r in records if r["role"] == "teacher" and not r.get("family")}
+    caches = {(r["dataset"], r["variant"]): r for r in records if r["role"] == "teacher_cache"}
+    groups: dict[tuple[str, str, str], list[dict]] = {}
+    for r in records:
+        if r["role"] in STUDENT_ROLES:
+            groups.setdefault((r["dataset"], r["variant"], r.get("family", "")), []).append(r)
+    for key in teachers:
+        if not any(k[:2] == key for k in groups):
+            groups[(*key, "")] = []
+    return [RunGroup(dataset, variant, family, runs, teacher_for(teachers, dataset, variant),
+                     caches.get((dataset, variant)))
+            for (dataset, variant, family), runs in groups.items()]

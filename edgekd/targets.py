@@ -1,0 +1,95 @@
+"""One table of deployment targets and one of bench backends (as ultralytics' `export_formats()` drives its
+export, CLI and benchmarks): which files a bundle holds, which `edgekd export` / `edgekd build` makes them,
+which backends open them on which devices, and what each backend needs installed.
+
+Adding a backend (OpenVINO, LiteRT) is one `Backend` entry, its targets, and one runner in `edgekd/bench/`.
+Standard library only: the bench, `edgekd build` and the report read this table on devices without PyTorch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+# What a latency figure measures. The report never puts the two on one axis.
+HOST_WALL = "host_wall"  # host clock around a synchronous call (ONNX Runtime; PyTorch on CPU)
+DEVICE_EVENTS = "device_events"  # CUDA events around the device work alone (TensorRT; PyTorch on CUDA)
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    devices: tuple[str, ...]
+    module: str  # imported lazily by the runner; checked up front by `missing_for`
+    install: str  # the fix when `module` is missing
+    timing: dict[str, str]  # device -> HOST_WALL | DEVICE_EVENTS
+    help: str
+
+
+BACKENDS: dict[str, Backend] = {b.name: b for b in (
+    Backend("ort", ("cpu", "cuda"), "onnxruntime",
+            "pip install 'edgekd[bench]' (CPU), or 'edgekd[gpu-cu12]' / 'edgekd[gpu-cu13]' for CUDA (never beside "
+            "the CPU one: they are the same onnxruntime module)",
+            # On CUDA the inputs and outputs stay on the GPU (IO binding) and run_with_iobinding returns after
+            # the device finished, so the host clock measures device work plus launch overhead, no copies.
+            {"cpu": HOST_WALL, "cuda": HOST_WALL}, "ONNX Runtime, CPU or CUDA execution provider"),
+    Backend("ort-trt", ("cuda",), "onnxruntime",
+            "pip install 'edgekd[gpu-cu12]' or 'edgekd[gpu-cu13]' (onnxruntime-gpu) and TensorRT's libraries",
+            {"cuda": HOST_WALL}, "ONNX Runtime's TensorRT execution provider (engines built and cached by ORT)"),
+    Backend("trt", ("cuda",), "tensorrt",
+            "TensorRT 10/11 and cuda-python: JetPack's own TensorRT on a Jetson, pip install 'edgekd[trt-cu12]' "
+            "or 'edgekd[trt-cu13]' on an x86 GPU server (see README: Devices)",
+            {"cuda": DEVICE_EVENTS}, "TensorRT engines built on this device by `edgekd build`"),
+    Backend("torch", ("cpu", "cuda"), "torch", "pip install 'edgekd[train]'",
+            {"cpu": HOST_WALL, "cuda": DEVICE_EVENTS}, "PyTorch eager, the reference the exports are checked against"),
+)}
+
+
+@dataclass(frozen=True)
+class Target:
+    key: str  # manifest key and the name `--model` selects
+    file: str  # inside the bundle
+    precision: str
+    made_by: str  # `edgekd export --target X` (onnx, int8) or `edgekd build` (trt)
+    backends: tuple[str, ...]  # backends that open it
+    meant_for: tuple[str, ...]  # devices it is made for; elsewhere it is benched for its accuracy only
+    builds_from: str | None = None  # engines: the bundle's ONNX file they are built from
+    preset: str | None = None  # INT8: the quantization preset
+
+
+TARGETS: dict[str, Target] = {t.key: t for t in (
+    Target("onnx-fp32", "model.onnx", "fp32", "onnx", ("ort", "ort-trt"), ("cpu", "cuda")),
+    # Weights and compute in half, float32 at the edges: what a strongly typed TensorRT network builds FP16 from.
+    Target("onnx-fp16", "model.fp16.onnx", "fp16", "onnx", ("ort", "ort-trt"), ("cuda",)),
+    # U8 asymmetric activations: ORT's fast CPU kernels. Not for TensorRT, which takes symmetric INT8 only.
+    Target("onnx-int8-cpu", "model.int8-cpu.onnx", "int8", "int8", ("ort",), ("cpu",), preset="cpu"),
+    Target("onnx-int8-trt", "model.int8-trt.onnx", "int8", "int8", ("ort", "ort-trt"), ("cuda",), preset="trt"),
+    Target("trt-fp32", "trt-fp32.engine", "fp32", "trt", ("trt",), ("cuda",), builds_from="model.onnx"),
+    Target("trt-fp16", "trt-fp16.engine", "fp16", "trt", ("trt",), ("cuda",), builds_from="model.fp16.onnx"),
+    Target("trt-int8", "trt-int8.engine", "int8", "trt", ("trt",), ("cuda",), builds_from="model.int8-trt.onnx"),
+    Target("torch-fp32", "model.safetensors", "fp32", "onnx", ("torch",), ("cpu", "cuda")),
+)}
+
+EXPORT_TARGETS = ("onnx", "int8", "trt")  # `edgekd export --target` choices
+ENGINE_PRECISIONS = tuple(t.precision for t in TARGETS.values() if t.builds_from)  # `edgekd build` makes these
+
+
+def engine_target(precision: str) -> Target:
+    return next(t for t in TARGETS.values() if t.builds_from and t.precision == precision)
+
+
+def targets_for(backend: str) -> list[Target]:
+    return [t for t in TARGETS.values() if backend in t.backends]
+
+
+def timing_kind(backend: str, device: str) -> str:
+    return BACKENDS[backend].timing[device]
+
+
+def missing_for(backend: str) -> str | None:
+    """The install fix when the backend's runtime is not importable here, else None. Imports nothing."""
+    try:
+        found = importlib.util.find_spec(BACKENDS[backend].module) is not None
+    except (ImportError, ValueError):
+        found = False
+    return None if found else BACKENDS[backend].install
