@@ -89,18 +89,16 @@ def check_profile(path: str | Path, overrides: list[str] | None = None, out: Pat
     except EdgeKDError as exc:  # no file, no TOML, no tables, a malformed --set: nothing more can be checked
         return ProfileCheck(None, [str(exc)])
     profile, problems = parse_profile(data)
-    checked = ProfileCheck(profile, problems)
-    losses_ok = _check_losses(profile, checked.problems)
-    _check_models(profile, checked.problems)
-    _check_data(profile, checked)
-    _check_device(profile.study.device, checked.problems)
+    losses = loss_problems(profile)
+    data_problems, images = _data_problems(profile)
+    problems += losses + model_problems(profile) + data_problems + _device_problems(profile.study.device)
     if deploy:
-        checked.problems += deploy_problems(profile.deploy)
+        problems += deploy_problems(profile.deploy)
     if out is not None:
-        checked.problems += writable_problems(out)
-        if losses_ok and not force:  # the plan's jobs are known only when every method's losses are
-            checked.problems += stale_run_problems(profile, Path(out) / profile.study.name)
-    return checked
+        problems += writable_problems(out)
+        if not losses and not force:  # the plan's jobs are known only when every method's losses are
+            problems += stale_run_problems(profile, Path(out) / profile.study.name)
+    return ProfileCheck(profile, problems, images)
 
 
 def checked_profile(path: str | Path, overrides: list[str] | None = None, out: Path | None = None,
@@ -111,9 +109,11 @@ def checked_profile(path: str | Path, overrides: list[str] | None = None, out: P
     return checked.profile
 
 
-def _check_models(profile: Profile, problems: list[str]) -> None:
+def model_problems(profile: Profile) -> list[str]:
+    """Model names timm does not know (with the closest it does), and teacher checkpoints missing or unreadable."""
     from edgekd.models import read_state_dict, unknown_model
 
+    problems = []
     for where, cfg in profile.trainings():
         unknown = unknown_model(cfg.model) if cfg.model else None
         if unknown:
@@ -132,14 +132,15 @@ def _check_models(profile: Profile, problems: list[str]) -> None:
                 read_state_dict(checkpoint)
         except EdgeKDError as exc:
             problems.append(f"profile key '{where}.checkpoint': {exc}")
+    return problems
 
 
-def _check_losses(profile: Profile, problems: list[str]) -> bool:
-    """Every loss of every method exists and takes the parameters given; False when one does not."""
+def loss_problems(profile: Profile) -> list[str]:
+    """Losses of the methods that do not exist, or do not take the parameters given, or not in their range."""
     from edgekd.config import method_losses
     from edgekd.distill.losses import LOSSES, ComposedLoss
 
-    before = len(problems)
+    problems = []
     for method, spec in profile.methods.items():
         where = f"methods.{method}"
         terms = {name: params for name, params in method_losses(spec).items() if isinstance(params, dict)}
@@ -162,35 +163,39 @@ def _check_losses(profile: Profile, problems: list[str]) -> bool:
         if (spec.get("teachers", ["main"]) != ["main"] and len(built) == len(terms)
                 and any(b.needs_features for b in built.values())):
             problems.append(f"{where}: feature losses learn from one teacher; drop 'teachers' or the feature terms")
-    return len(problems) == before
+    return problems
 
 
-def _check_device(device: str, problems: list[str]) -> None:
+def _device_problems(device: str) -> list[str]:
     if not device.startswith("cuda"):
-        return
+        return []
     from edgekd.distill.execution import resolve_device
 
     try:
         resolve_device(device)
     except EdgeKDError as exc:
-        problems.append(f"profile key 'study.device': {exc}")
+        return [f"profile key 'study.device': {exc}"]
+    return []
 
 
-def _check_data(profile: Profile, checked: ProfileCheck) -> None:
+def _data_problems(profile: Profile) -> tuple[list[str], dict[str, dict[str, int]]]:
+    """Problems of each dataset and of the variants against it, and the images of each split of each dataset."""
     from edgekd.config import variant_problems
     from edgekd.data.splits import split_sizes
 
+    problems, images = [], {}
     for name, cfg in profile.datasets.items():
-        sizes, problems = dataset_sizes(name, cfg)
-        checked.problems += problems
-        if sizes is None or problems:
+        sizes, found = dataset_sizes(name, cfg)
+        problems += found
+        if sizes is None or found:
             continue
         splits = split_sizes(sizes.train, sizes.test, cfg)
-        checked.images[name] = {split: int(n.sum()) for split, n in splits.items()}
+        images[name] = {split: int(n.sum()) for split, n in splits.items()}
         for variant, v in profile.variants.items():
             where = f"variants.{variant}"
             if not variant_problems(v, where):  # those without the data are the profile's, reported already
-                checked.problems += variant_problems(v, where, len(sizes.classes), int(splits["train"].min()))
+                problems += variant_problems(v, where, len(sizes.classes), int(splits["train"].min()))
+    return problems, images
 
 
 def dataset_sizes(name: str, cfg: DatasetConfig):

@@ -327,3 +327,24 @@ def test_check_sizes_the_splits_as_loading_does(source, tmp_path):
     loaded = load_splits("x", cfg)
     for split in ("train", "val", "test"):
         assert class_counts(getattr(loaded, split).labels, len(sizes.classes)).tolist() == counted[split].tolist()
+
+
+def test_bundle_problems_name_each_damaged_file(tmp_path):
+    """What bench and build can check before opening a model: files missing, or not the ones exported."""
+    from edgekd.check import bundle_problems
+    from edgekd.runio import sha256_file
+
+    bundle = tmp_path / "run" / "bundle"
+    bundle.mkdir(parents=True)
+    (bundle / "model.onnx").write_bytes(b"exported bytes")
+    np.savez_compressed(bundle / "eval.npz", images=np.zeros((2, 1, 4, 4), np.uint8), labels=np.zeros(2, np.int64))
+    models = {"onnx-fp32": {"file": "model.onnx", "precision": "fp32", "sha256": sha256_file(bundle / "model.onnx")},
+              "onnx-int8-cpu": {"file": "model.int8-cpu.onnx", "precision": "int8"}}
+    (bundle / "manifest.json").write_text(json.dumps({"schema_version": 1, "models": models}))
+    assert bundle_problems(bundle) == [f"{bundle / 'model.int8-cpu.onnx'} is missing, though the manifest lists it as "
+                                       f"onnx-int8-cpu: export the run again (edgekd export {bundle.parent})"]
+    (bundle / "model.onnx").write_bytes(b"exported byte")
+    (bundle / "eval.npz").write_bytes((bundle / "eval.npz").read_bytes()[:50])
+    problems = bundle_problems(bundle)
+    assert len(problems) == 3 and "model.onnx is not the file exported as onnx-fp32" in problems[0]
+    assert "eval.npz is missing or damaged" in problems[2]

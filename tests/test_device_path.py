@@ -282,3 +282,59 @@ def test_bench_and_build_on_python310_without_torch(tiny_bundle, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "onnx-int8-cpu" in result.stdout
     _one_line_error(_run(python, "build", bundle), "TensorRT is not installed here")
+
+
+# -- packaging and report -------------------------------------------------------------------------------------------
+def test_extras_do_not_mix_onnxruntime_builds_or_replace_jetpacks_tensorrt():
+    import re
+    from pathlib import Path
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:
+        import tomli as tomllib
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    assert project["requires-python"] == ">=3.10"  # JetPack 6's Python
+
+    def names(extra):
+        return {re.split(r"[<>=!;\[ ]", d)[0] for d in extras[extra]}
+
+    for extra in extras:
+        assert not {"onnxruntime", "onnxruntime-gpu"} <= names(extra), extra
+    assert "tensorrt" not in names("jetson") and not any(n.startswith("tensorrt") for n in names("jetson"))
+    for extra in ("trt-cu12", "trt-cu13", "jetson"):
+        cuda = next(d for d in extras[extra] if d.startswith("cuda-python"))
+        assert "<" in cuda and ">=" in cuda, cuda  # 12.6.0 has no cuda.bindings; 13.x needs a CUDA 13 driver
+    assert "cuda-python>=12.6.1,<13" in extras["trt-cu12"] and "cuda-python>=13,<14" in extras["trt-cu13"]
+    assert any("<1.27" in d for d in extras["gpu-cu12"])  # 1.27+ on PyPI is built for CUDA 13
+
+
+def test_tensorrt_provider_list_builds_engines_before_timing(tiny_bundle):
+    """TensorRT, then CUDA, then CPU; engine cache beside the model; a profile that covers every batch."""
+    import onnxruntime
+
+    from edgekd.bench.runners import OrtRunner
+
+    runner = object.__new__(OrtRunner)
+    runner.ort = onnxruntime
+    providers = runner._providers("TensorrtExecutionProvider", tiny_bundle / "model.int8-trt.onnx", 512)
+    assert [p if isinstance(p, str) else p[0] for p in providers] == [
+        "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    options = providers[0][1]
+    assert options["trt_engine_cache_enable"] and options["trt_engine_cache_path"].endswith(".ort-trt-cache")
+    assert options["trt_profile_min_shapes"] == "input:1x1x12x12"
+    assert options["trt_profile_max_shapes"] == "input:512x1x12x12"
+    assert options["trt_int8_enable"] is True and options["trt_fp16_enable"] is False
+
+
+def test_report_never_puts_two_clocks_on_one_axis():
+    from edgekd.report.plots import latency_panels
+
+    rows = [{"variant": "base", "device": "cuda", "timing": t, "deployed": d} for t, d in
+            (("device_events", "trt-fp32"), ("host_wall", "onnx-fp32"), ("device_events", "trt-int8"))]
+    rows.append({"variant": "base", "device": "cpu", "timing": "host_wall", "deployed": "onnx-fp32"})
+    panels = latency_panels(rows)
+    assert set(panels) == {("base", "cuda", "device_events"), ("base", "cuda", "host_wall"),
+                           ("base", "cpu", "host_wall")}
+    assert {r["deployed"] for r in panels[("base", "cuda", "device_events")]} == {"trt-fp32", "trt-int8"}

@@ -84,6 +84,14 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return front
 
 
+def latency_panels(rows: list[dict]) -> dict[tuple[str, str, str], list[dict]]:
+    """Rows by (variant, device, timing kind): what may share one latency axis."""
+    panels = defaultdict(list)
+    for r in rows:
+        panels[(r["variant"], r["device"], r.get("timing", "host_wall"))].append(r)
+    return dict(panels)
+
+
 def accuracy_vs_latency(deploy: list[dict], batch: int) -> bytes | None:
     """One panel per (variant, device and clock): a host-clock latency and a CUDA-event latency are different
     quantities, and a model benched on a device it is not made for (the TensorRT INT8 preset on a CPU) is left
@@ -91,9 +99,7 @@ def accuracy_vs_latency(deploy: list[dict], batch: int) -> bytes | None:
     rows = [r for r in deploy if r["batch"] == batch]
     if not rows:
         return None
-    panels = defaultdict(list)
-    for r in rows:
-        panels[(r["variant"], r["device"], r.get("timing", "host_wall"))].append(r)
+    panels = latency_panels(rows)
     keys = sorted(panels)
     cols = min(3, len(keys))
     nrows = -(-len(keys) // cols)
