@@ -26,6 +26,7 @@ from edgekd.runio import UnreadableFile, read_json, sha256_file, tensor_shapes
 
 if TYPE_CHECKING:
     from edgekd.config import DatasetConfig, DeployConfig, Profile
+    from edgekd.data.types import SourceSizes
 
 RETRAIN = "run `edgekd distill` on its profile again: runs with damaged files are recomputed"
 TRAIN_STACK = "pip install 'edgekd[train]'"
@@ -198,8 +199,8 @@ def _data_problems(profile: Profile) -> tuple[list[str], dict[str, dict[str, int
     return problems, images
 
 
-def dataset_sizes(name: str, cfg: DatasetConfig):
-    """(SourceSizes or None when not knowable before a download, problems) of one dataset of a profile."""
+def dataset_sizes(name: str, cfg: DatasetConfig) -> tuple[SourceSizes | None, list[str]]:
+    """A dataset's images per class and split (None when not knowable before a download), and its problems."""
     from edgekd.data.sources import SOURCES
     from edgekd.data.splits import split_problems
 

@@ -116,7 +116,11 @@ def _profile_overrides(args, profile_path: str) -> list[str]:
 def _dataset_names(profile_path: str) -> list[str]:
     from edgekd.config import parse_profile, read_profile_data
 
-    return list(parse_profile(read_profile_data(profile_path))[0].datasets)  # its problems: the check's to report
+    try:
+        data = read_profile_data(profile_path)
+    except EdgeKDError:  # the plan check reports what is wrong with the file, with everything else
+        return []
+    return list(parse_profile(data)[0].datasets)
 
 
 def cmd_datasets(args) -> int:
@@ -179,6 +183,7 @@ def cmd_bench(args) -> int:
     from edgekd.bench.harness import BenchOptions, bench_bundle, save_bench
 
     batch_sizes = _int_list(args.batch_sizes, "--batch-sizes", "1,8,64")
+    _check_bundles(args.bundle, args.backend)
     options = BenchOptions(args.backend, args.device, batch_sizes, args.threads, args.iters, args.duration,
                            args.warmup, tuple(args.model or ()))
     for bundle in args.bundle:
@@ -200,6 +205,18 @@ def _int_list(text: str, option: str, example: str) -> tuple[int, ...]:
     return values
 
 
+def _check_bundles(bundles: list[str], backend: str | None = None) -> None:
+    """Every bundle whole and the backend's runtime installed, all problems at once, before the first model."""
+    from edgekd.check import bundle_problems, require
+    from edgekd.targets import missing_for
+
+    problems = [p for b in bundles for p in bundle_problems(Path(b))]
+    fix = missing_for(backend) if backend in BACKENDS else None  # an unknown one: the runner registry names them
+    if fix:
+        problems.append(f"--backend {backend} needs {BACKENDS[backend].module}, which is not installed: {fix}")
+    require(problems)
+
+
 def cmd_build(args) -> int:
     from edgekd.export.tensorrt_build import build_engines
 
@@ -209,6 +226,7 @@ def cmd_build(args) -> int:
     if args.workspace_mb < 1:
         raise EdgeKDError("--workspace-mb must be at least 1, e.g. 1024")
     precisions = ("fp32", *(["fp16"] if args.fp16 else []), *(["int8"] if args.int8 else []))
+    _check_bundles(args.bundle)  # TensorRT itself: build_engines checks it after the sources, naming the fix
     table = Table(title="TensorRT engines")
     for col in ("bundle", "engine", "from", "GPU", "TensorRT", "MiB", "build s"):
         table.add_column(col, justify="right" if col in ("MiB", "build s") else "left")

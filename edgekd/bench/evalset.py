@@ -19,8 +19,12 @@ def load_eval(bundle: Path) -> tuple[np.ndarray, np.ndarray]:
     path = Path(bundle) / "eval.npz"
     if not path.is_file():
         raise EdgeKDError(f"{path} is missing: run `edgekd export` again for this bundle")
-    with np.load(path, allow_pickle=False) as data:
-        return data["images"], data["labels"]
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return data["images"], data["labels"]
+    except (OSError, ValueError, KeyError, EOFError) as exc:  # truncated zip, not an npz, arrays missing
+        raise EdgeKDError(f"{path} is damaged ({type(exc).__name__}): run `edgekd export` again for this "
+                          "bundle") from None
 
 
 def predict(runner, images: np.ndarray, mean, std, batch_size: int = 256) -> np.ndarray:
