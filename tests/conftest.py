@@ -1,4 +1,5 @@
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,28 @@ def tiny_bundle(tiny_study):
 
     run = tiny_study / "synthetic" / "base" / "kd" / "seed0"
     return export_run(run, ExportOptions(targets=("onnx", "int8"), calib_size=64), log=lambda line: None)
+
+
+BLOCK_TORCH = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith(("torch.", "torchvision", "timm")):
+            raise ImportError("torch is blocked for this test")
+sys.meta_path.insert(0, Block())
+from edgekd.cli import main
+code = main(sys.argv[2:])
+assert "torch" not in sys.modules
+imported = [m for m in sys.modules for prefix in sys.argv[1].split(",") if prefix and m.startswith(prefix)]
+assert not imported, f"imported {imported}"
+sys.exit(code)
+"""
+
+
+def run_without_torch(*args, python: str = sys.executable, env: dict | None = None, forbid: tuple[str, ...] = ()):
+    """`edgekd ARGS` in a fresh interpreter where importing torch, torchvision or timm fails (as on a device
+    without them); `forbid` names module prefixes that must not be imported either."""
+    import subprocess
+
+    return subprocess.run([python, "-c", BLOCK_TORCH, ",".join(forbid), *map(str, args)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, **(env or {})})

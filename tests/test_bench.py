@@ -1,10 +1,9 @@
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from conftest import run_without_torch
 from onnx import TensorProto, helper, numpy_helper, save
 
 from edgekd.bench.harness import BenchOptions, bench_bundle, latency_stats
@@ -103,23 +102,8 @@ def test_trt_runner_without_tensorrt(tmp_path):
         RUNNERS.get("trt")(tmp_path / "m.engine")
 
 
-BLOCK_TORCH = """
-import importlib.abc, sys
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith(("torch.", "torchvision", "timm")):
-            raise ImportError("torch is blocked for this test")
-sys.meta_path.insert(0, Block())
-from edgekd.cli import main
-code = main(["bench", sys.argv[1], "--iters", "3", "--batch-sizes", "1,2", "--threads", "1"])
-assert "torch" not in sys.modules
-sys.exit(code)
-"""
-
-
 def test_bench_runs_with_torch_unimportable(tiny_bundle):
-    result = subprocess.run([sys.executable, "-c", BLOCK_TORCH, str(tiny_bundle)], capture_output=True, text=True,
-                            timeout=300)
+    result = run_without_torch("bench", tiny_bundle, "--iters", "3", "--batch-sizes", "1,2", "--threads", "1")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "onnx-int8-cpu" in result.stdout
 

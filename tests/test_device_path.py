@@ -15,6 +15,7 @@ import sys
 import types
 
 import pytest
+from conftest import run_without_torch
 
 from edgekd.bench.harness import BenchOptions, _entries, bench_bundle, read_manifest
 from edgekd.bench.runners import RUNNERS
@@ -25,20 +26,6 @@ from edgekd.targets import BACKENDS, EXPORT_TARGETS, TARGETS, timing_kind
 
 FAST = BenchOptions(batch_sizes=(1, 4), iters=5, warmup=1, threads=1)
 
-BLOCK_TORCH = """
-import importlib.abc, sys
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith(("torch.", "torchvision", "timm")):
-            raise ImportError("torch is blocked for this test")
-sys.meta_path.insert(0, Block())
-from edgekd.cli import main
-code = main(sys.argv[1:])
-assert "torch" not in sys.modules
-sys.exit(code)
-"""
-
-
 def _copy(bundle, tmp_path):
     target = tmp_path / "bundle"
     shutil.copytree(bundle, target)
@@ -46,8 +33,7 @@ def _copy(bundle, tmp_path):
 
 
 def _run(python, *args, env=None):
-    return subprocess.run([python, "-c", BLOCK_TORCH, *map(str, args)], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **(env or {})})
+    return run_without_torch(*args, python=python, env=env)
 
 
 def _one_line_error(result, pattern):

@@ -7,10 +7,10 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_without_torch
 
 from edgekd.cli import main
 from edgekd.errors import EdgeKDError
@@ -26,21 +26,6 @@ from edgekd.records import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-
-BLOCK_TORCH = """
-import importlib.abc, sys
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith(("torch.", "torchvision", "timm")):
-            raise ImportError("torch is blocked for this test")
-sys.meta_path.insert(0, Block())
-from edgekd.cli import main
-code = main(["report", sys.argv[1]])
-assert "torch" not in sys.modules
-assert not [m for m in sys.modules if m.startswith("edgekd.distill")], "the report imported edgekd.distill"
-sys.exit(code)
-"""
-
 
 @pytest.fixture(scope="module")
 def benched_study(tiny_study, tiny_bundle, tmp_path_factory):
@@ -59,8 +44,7 @@ def benched_study(tiny_study, tiny_bundle, tmp_path_factory):
 
 
 def test_report_runs_with_torch_unimportable(benched_study):
-    result = subprocess.run([sys.executable, "-c", BLOCK_TORCH, str(benched_study)], capture_output=True,
-                            text=True, timeout=300)
+    result = run_without_torch("report", benched_study, forbid=("edgekd.distill",))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "KD gain by dataset factor" in result.stdout and "report.html" in result.stdout
     out = benched_study / "report"
