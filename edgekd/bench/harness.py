@@ -87,14 +87,20 @@ def _entries(bundle: Path, manifest: dict, options: BenchOptions) -> list[tuple[
     return found
 
 
+def _engine_note(entry: dict, bundle: Path) -> dict:
+    """Refuses an engine for another GPU model or TensorRT; records whether it is the very GPU it was built on."""
+    from edgekd.export.tensorrt_build import check_engine_matches
+
+    here = check_engine_matches(entry, bundle)
+    return {"built_on": entry.get("uuid"), "running_on": here.get("uuid"),
+            "same_gpu": entry.get("uuid") == here.get("uuid") if entry.get("uuid") and here.get("uuid") else None}
+
+
 def _open(bundle: Path, target: Target, entry: dict, manifest: dict, options: BenchOptions):
     path = bundle / entry["file"]
     if options.backend == "torch":
         return RUNNERS.get("torch")(path, options.device, options.threads, manifest["student"])
     if options.backend == "trt":
-        from edgekd.export.tensorrt_build import check_engine_matches
-
-        check_engine_matches(entry, bundle)
         return RUNNERS.get("trt")(path, options.device)
     return RUNNERS.get(options.backend)(path, options.device, options.threads,
                                         max_batch=max((*options.batch_sizes, 256)))
@@ -121,6 +127,7 @@ def bench_bundle(bundle: Path, options: BenchOptions, progress=None) -> dict:
     power_reader = find_power_reader()
     results = []
     for target, entry in _entries(bundle, manifest, options):
+        engine = _engine_note(entry, bundle) if options.backend == "trt" else None  # before any GPU memory
         rss_before = rss_bytes()
         with Sampler(rss_bytes, 0.02) as memory:
             runner = _open(bundle, target, entry, manifest, options)
@@ -150,7 +157,7 @@ def bench_bundle(bundle: Path, options: BenchOptions, progress=None) -> dict:
             "meant_for_device": options.device in target.meant_for,
             "peak_rss_increase_mib": (max(v for _, v in memory.samples) - rss_before) / 2**20,
             "gpu_memory_mib": gpu_mem, "latency": latency, "power": power or None,
-            "providers": getattr(runner, "providers", None),
+            "providers": getattr(runner, "providers", None), "engine": engine,
         })
     env = environment(with_torch=False)
     env.update({"threads": options.threads or "runtime default", "gpu": gpu_info(), "jetson": jetson_info()})
