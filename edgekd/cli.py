@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import sys
 import time
@@ -24,7 +25,9 @@ if not console.is_terminal:  # logs and pipes: wide enough that tables keep one 
 
 
 class RichReporter:
-    """Progress bars per job with loss and images/s, and a line per finished job."""
+    """One view of a study's jobs, for every executor: a line counting them (queued, running, done, current,
+    failed), a row per running job with its wall time (and its steps, loss and images/s where the job runs in this
+    process), and a line per job as it ends: done, skipped as current, run again and why, or failed and why."""
 
     def __init__(self):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -33,7 +36,11 @@ class RichReporter:
                                  TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console,
                                  transient=True)
         self.tasks = {}
-        self.started = {}
+        self.state: dict[str, str] = {}  # label -> queued | running
+        self.counts = dict.fromkeys(("queued", "running", "done", "current", "failed"), 0)
+        self.total = 0
+        self.overall = None
+        self.failures: dict[str, str] = {}
 
     def __enter__(self):
         self.progress.start()
@@ -42,28 +49,94 @@ class RichReporter:
     def __exit__(self, *exc):
         self.progress.stop()
 
-    def start(self, job, total_steps):
+    def _update(self):
+        c = self.counts
+        status = (f"{c['queued']} queued · {c['running']} running · {c['done']} done · {c['current']} current · "
+                  f"[{'red' if c['failed'] else 'default'}]{c['failed']} failed[/]")
+        finished = self.total - c["queued"] - c["running"]
+        if self.overall is None:
+            self.overall = self.progress.add_task("jobs", total=self.total, completed=finished, status=status)
+        else:
+            self.progress.update(self.overall, total=self.total, completed=finished, status=status)
+
+    def _leave(self, job):
         if job in self.tasks:
-            self.progress.update(self.tasks[job], total=total_steps, completed=0)
-            return
-        self.started[job] = time.perf_counter()
-        self.tasks[job] = self.progress.add_task(job.label, total=total_steps, status="")
+            self.progress.remove_task(self.tasks.pop(job))
+        state = self.state.pop(job.label, None)
+        if state:
+            self.counts[state] -= 1
+
+    def queued(self, jobs):
+        for job in jobs:
+            self.state[job.label] = "queued"
+        self.counts["queued"] += len(jobs)
+        self.total += len(jobs)
+        self._update()
+
+    def rerun(self, job, reason):
+        console.print(f"[yellow]rerun[/yellow] {escape(job.label)}: {escape(reason)}", highlight=False)
+
+    def running(self, job):
+        if self.state.get(job.label) == "queued":
+            self.counts["queued"] -= 1
+            self.counts["running"] += 1
+            self.state[job.label] = "running"
+        if job not in self.tasks:
+            self.tasks[job] = self.progress.add_task(escape(job.label), total=None, status="")
+        self._update()
+
+    def start(self, job, total_steps):
+        if job not in self.tasks:
+            self.tasks[job] = self.progress.add_task(escape(job.label), total=total_steps, status="")
+        self.progress.update(self.tasks[job], total=total_steps, completed=0)
 
     def advance(self, job, completed, loss, images_per_s, epoch=""):
+        if job not in self.tasks:
+            return
         status = "" if loss is None else f"{epoch}  loss {loss:.3f}  {images_per_s:,.0f} img/s"
         self.progress.update(self.tasks[job], completed=completed, status=status)
 
     def finish(self, job, metrics, skipped):
-        if job in self.tasks:
-            self.progress.remove_task(self.tasks.pop(job))
+        queued = job.label in self.state
+        self._leave(job)
         if skipped:
-            console.print(f"[dim]skip {job.label}: finished earlier[/dim]")
-        elif job.role == "teacher_cache":
-            console.print(f"[green]done[/green] {job.label}: {metrics['teacher_forwards']:,} teacher outputs "
-                          f"cached in {metrics['fill_s']:.1f} s ({metrics['bytes'] / 2**20:.1f} MiB)")
+            console.print(f"[dim]skip {escape(job.label)}: finished earlier[/dim]", highlight=False)
         else:
-            console.print(f"[green]done[/green] {job.label}: test {metrics['test_acc'] * 100:.2f}%  "
-                          f"val {metrics['val_acc'] * 100:.2f}%  {metrics['wall_s']:.1f} s")
+            console.print(f"[green]done[/green] {escape(job.label)}: {escape(_done_line(job, metrics))}",
+                          highlight=False)
+        if queued:
+            self.counts["current" if skipped else "done"] += 1
+            self._update()
+
+    def failed(self, job, message):
+        self._leave(job)
+        self.failures[job.label] = message
+        console.print(f"[red]failed[/red] {escape(job.label)}: {escape(message)}", highlight=False)
+        self.counts["failed"] += 1
+        self._update()
+
+    def left_out(self, lines):
+        shown = "; ".join(lines[:5]) + (f"; and {len(lines) - 5} more" if len(lines) > 5 else "")
+        console.print(f"[dim]left out of the summary and report, not current for this profile: {escape(shown)}[/dim]",
+                      highlight=False)
+
+
+def _done_line(job, m: dict) -> str:
+    wall = f"{m['wall_s']:.1f} s" if isinstance(m.get("wall_s"), int | float) else ""
+    kind = getattr(job, "kind", "train")
+    if kind == "cache" or job.role == "teacher_cache":
+        return (f"{m['teacher_forwards']:,} teacher outputs cached in {m['fill_s']:.1f} s "
+                f"({m['bytes'] / 2**20:.1f} MiB)" if "bytes" in m else f"cache current, {wall}")
+    if kind == "bundle":
+        models = ", ".join(f"{k} {v['accuracy'] * 100:.2f}%" for k, v in m.get("models", {}).items() if "accuracy" in v)
+        return f"{models}  {wall}"
+    if kind == "bench":
+        times = []
+        for r in m.get("results", []):
+            batch, s = next(iter(r["latency"].items()))
+            times.append(f"{r['model']} {s['p50_ms']:.2f} ms (batch {batch})")
+        return f"{', '.join(times)}  {wall}"
+    return f"test {m['test_acc'] * 100:.2f}%  val {m['val_acc'] * 100:.2f}%  {wall}"
 
 
 def distill_table(summaries) -> Table:
@@ -92,15 +165,53 @@ def cmd_distill(args) -> int:
     from edgekd.check import checked_profile
     from edgekd.distill.study import run_study
     from edgekd.distill.summary import summarize
+    from edgekd.jobs import JobsFailed
 
-    profile = checked_profile(args.profile, _profile_overrides(args, args.profile), Path(args.out), args.force)
+    executor = _executor(args)
+    profile = checked_profile(args.profile, _profile_overrides(args, args.profile), Path(args.out), args.force,
+                              jobs=args.jobs)
+    mlflow_uri = _mlflow_uri(args)  # before training: mlflow missing is one line, not a lost study
     start = time.perf_counter()
+    failed = {}
     with RichReporter() as reporter:
-        records = run_study(profile, Path(args.out), reporter, force=args.force)
+        try:
+            records = run_study(profile, Path(args.out), reporter, force=args.force, jobs=args.jobs,
+                                executor=executor, address=args.address)
+        except JobsFailed as exc:
+            records, failed = exc.result or [], exc.failed
     console.print(distill_table(summarize(records)))
     console.print(f"[dim]{len(records)} runs in {Path(args.out) / profile.study.name}, "
                   f"{time.perf_counter() - start:.0f} s; summary.json written there[/dim]")
-    return 0
+    _track(mlflow_uri, Path(args.out) / profile.study.name)
+    return _failed_jobs(failed)
+
+
+def _executor(args) -> str:
+    """The executor --executor, --jobs and --address ask for, or one line saying what does not fit."""
+    executor = args.executor or ("processes" if args.jobs > 1 else "local")
+    if args.address and executor != "ray":
+        raise EdgeKDError(f"--address is where a Ray cluster listens: add --executor ray (not {executor})")
+    if args.jobs > 1 and executor != "processes":
+        raise EdgeKDError(f"--jobs {args.jobs} sets the processes of --executor processes; --executor {executor} "
+                          + ("runs one job at a time" if executor == "local" else "runs as many jobs at once as "
+                             "the cluster's CPUs allow"))
+    if executor == "ray":
+        from edgekd.executors import RAY_INSTALL
+
+        if importlib.util.find_spec("ray") is None:
+            raise EdgeKDError(f"--executor ray needs Ray, which is not installed here: {RAY_INSTALL}")
+    return executor
+
+
+def _failed_jobs(failed: dict[str, str]) -> int:
+    """Exit status 1 and a line per failed job (the others finished, and a rerun retries only these)."""
+    if not failed:
+        return 0
+    err_console.print(f"[bold red]edgekd: {len(failed)} job(s) failed[/bold red] (the jobs that did not need them "
+                      "finished; run the same command again to retry them):", highlight=False)
+    for label, why in failed.items():
+        err_console.print(f"  {escape(label)}: {escape(why)}", soft_wrap=True, highlight=False)
+    return 1
 
 
 def _profile_overrides(args, profile_path: str) -> list[str]:
@@ -155,9 +266,15 @@ def cmd_export(args) -> int:
     from edgekd.check import export_problems, require
     from edgekd.export.bundle import ExportOptions, export_run, find_student_runs
 
-    options = ExportOptions(targets=tuple(args.target or ["onnx"]), calib_size=args.calib_size,
+    targets = list(args.target or ["onnx"])
+    if (args.int8_sensitivity or args.int8_method != "ptq") and "int8" not in targets:
+        targets.append("int8")  # asking for the analysis or a method is asking for INT8
+    if args.int8_max_drop < 0:
+        raise EdgeKDError("--int8-max-drop is in accuracy points and cannot be negative, e.g. 1.0")
+    options = ExportOptions(targets=tuple(targets), calib_size=args.calib_size,
                             calib_method=args.calib_method, int8_presets=tuple(args.int8_preset.split(",")),
-                            fp16=args.fp16, eval_limit=args.eval_limit)
+                            fp16=args.fp16, eval_limit=args.eval_limit, int8_method=args.int8_method,
+                            int8_max_drop=args.int8_max_drop, int8_sensitivity=args.int8_sensitivity)
     require(export_problems(Path(args.run_dir), options.targets, options.int8_presets, options.calib_size,
                             options.eval_limit))
     runs = find_student_runs(Path(args.run_dir))
@@ -175,6 +292,18 @@ def cmd_export(args) -> int:
                      f"{m['accuracy_change_vs_fp32'] * 100:+.2f} pts" if "accuracy_change_vs_fp32" in m else "")
             acc = f"{m['accuracy'] * 100:.2f}" if "accuracy" in m else "-"
             table.add_row(label, key, m["precision"], acc, check, f"{m['bytes'] / 2**20:.2f}")
+        manifest = read_json(bundle / "manifest.json")
+        for preset, record in manifest.get("int8_sensitivity", {}).items():
+            from edgekd.export.sensitivity import sensitivity_table
+
+            console.print(sensitivity_table(record, f"{label}: INT8 sensitivity ({preset} preset), worst node groups"))
+        for key, m in manifest["models"].items():
+            if m.get("method") == "ptq-search":
+                mp, c = m["mixed_precision"], m["calibration"]
+                console.print(f"[dim]{label} {key}: calibration {c['method']} x {c['images']} ({c['placement']} Q/DQ), "
+                              f"{mp['k']} float group(s){': ' + ', '.join(mp['float_groups']) if mp['k'] else ''}; "
+                              f"validation drop {m['validation']['int8']['drop_pts']:+.2f} pts"
+                              f"{'' if mp['reached_target'] else ' (target missed)'}[/dim]")
     console.print(table)
     return 0
 
@@ -284,17 +413,27 @@ def report_table(report) -> Table:
 
 def cmd_study(args) -> int:
     from edgekd.check import checked_profile
+    from edgekd.jobs import JobsFailed
     from edgekd.study import run_full_study
 
+    executor = _executor(args)
     profile = checked_profile(args.profile, list(args.set or []), Path(args.out), args.force, jobs=args.jobs,
                               deploy=True)
+    mlflow_uri = _mlflow_uri(args)
     start = time.perf_counter()
+    failed = {}
     with RichReporter() as reporter:
-        report = run_full_study(profile, Path(args.out), reporter, jobs=args.jobs, force=args.force,
-                                log=lambda line: console.print(f"[dim]{escape(line)}[/dim]"))
-    console.print(report_table(report))
-    console.print(f"report: {report.files['html']}  ({time.perf_counter() - start:.0f} s)")
-    return 0
+        try:
+            report = run_full_study(profile, Path(args.out), reporter, jobs=args.jobs, force=args.force,
+                                    log=lambda line: console.print(f"[dim]{escape(line)}[/dim]"), executor=executor,
+                                    address=args.address)
+        except JobsFailed as exc:
+            report, failed = exc.result, exc.failed
+    if report is not None:
+        console.print(report_table(report))
+        console.print(f"report: {report.files['html']}  ({time.perf_counter() - start:.0f} s)")
+    _track(mlflow_uri, Path(args.out) / profile.study.name)
+    return _failed_jobs(failed)
 
 
 def cmd_check(args) -> int:
@@ -321,6 +460,38 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _mlflow_uri(args) -> str | None:
+    from edgekd.tracking import tracking_uri
+
+    return tracking_uri(args.mlflow, note=lambda line: console.print(f"[yellow]{escape(line)}[/yellow]"))
+
+
+def _track(uri: str | None, study_root: Path) -> None:
+    """The study's records, also in MLflow (edgekd/tracking.py), when a tracking URI was given."""
+    if uri is None:
+        return
+    from edgekd.tracking import sync_study
+
+    try:
+        sync_study(study_root, uri, log=lambda line: console.print(f"[dim]{escape(line)}[/dim]"))
+    except Exception as exc:  # a server down, a bad URI: the runs are kept; say what failed, in one line
+        raise EdgeKDError(f"logging to MLflow at {uri} failed ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}); "
+                          "the run directories are complete: run the same command again to log them") from None
+
+
+MLFLOW_HELP = "also log runs (params, per-epoch metrics, bundles) to this MLflow tracking URI (or MLFLOW_TRACKING_URI)"
+
+
+def _executor_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--executor", choices=["local", "processes", "ray"],
+                   help="where jobs run: local (one at a time in this process; the default), processes (--jobs N "
+                        "on this machine), ray (a Ray task per job; see --address)")
+    p.add_argument("--jobs", type=int, default=1, help="with --executor processes (implied by N > 1): jobs run in "
+                                                       "this many processes")
+    p.add_argument("--address", help="with --executor ray: a running cluster (auto, or ray://host:10001) instead of a "
+                                     "local Ray started for the run; --out must be on storage every node mounts")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgekd", description="Does knowledge distillation pay off on my "
                                      "dataset, on my edge device?")
@@ -332,13 +503,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rerun finished runs")
     p.add_argument("--data-dir", help="where dataset files live (overrides the profile)")
     p.add_argument("--download", action="store_true", help="let torchvision download missing datasets")
+    p.add_argument("--mlflow", metavar="URI", help=MLFLOW_HELP)
+    _executor_options(p)
     p.set_defaults(func=cmd_distill)
     p = sub.add_parser("study", help="distill, export, bench and report every dataset variant of a profile")
     p.add_argument("profile", help="study profile (TOML), e.g. profiles/quickstart.toml")
     p.add_argument("--out", default="runs", help="runs directory (default: runs)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a profile key")
-    p.add_argument("--jobs", type=int, default=1, help="independent trainings run in this many processes")
     p.add_argument("--force", action="store_true", help="retrain finished runs")
+    p.add_argument("--mlflow", metavar="URI", help=MLFLOW_HELP)
+    _executor_options(p)
     p.set_defaults(func=cmd_study)
     p = sub.add_parser("report", help="tables and plots of a study: report.md, report.html, CSV")
     p.add_argument("runs_dir", help="a study directory, e.g. runs/quickstart")
@@ -351,6 +525,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8-preset", default="cpu,trt", help="cpu (ORT on CPUs), trt (TensorRT Q/DQ), or both")
     p.add_argument("--fp16", action="store_true", help="also model.fp16.onnx (and with --target trt an FP16 engine)")
     p.add_argument("--eval-limit", type=int, default=0, help="cap the bundle's eval set (0 = whole test split)")
+    p.add_argument("--int8-method", default="ptq", choices=["ptq", "ptq-search"],
+                   help="ptq: one calibration, all INT8; ptq-search: calibration and float node groups chosen on the "
+                        "validation split (implies --target int8)")
+    p.add_argument("--int8-max-drop", type=float, default=1.0,
+                   help="ptq-search: allowed validation accuracy drop vs FP32, in points (default 1.0)")
+    p.add_argument("--int8-sensitivity", action="store_true",
+                   help="per node group INT8 sensitivity on the validation split, in the manifest and printed "
+                        "(implies --target int8)")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("bench", help="accuracy, latency, throughput and memory of exported bundles on this device")
     p.add_argument("bundle", nargs="+", help="bundle directories (<run>/bundle) made by edgekd export")

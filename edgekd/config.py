@@ -115,6 +115,9 @@ class DeployConfig:
     int8_presets: list[str] = field(default_factory=lambda: ["cpu"])
     calib_size: int = 512
     calib_method: str = "minmax"
+    # "ptq" or "ptq-search": plain post-training INT8 costs depthwise students points (MobileNetV3's hard-swish
+    # outliers); ptq-search picks the calibration and keeps the fewest sensitive node groups float, on validation.
+    int8_method: str = "ptq"
     eval_limit: int = 2000  # test images carried in each bundle; bench accuracy is measured on them
     backend: str = "ort"
     device: str = "cpu"

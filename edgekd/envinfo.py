@@ -20,6 +20,29 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# The CPU features inference speed depends on: x86 SIMD widths and int8/bf16 dot products, Arm NEON and dot product.
+_ARM_NAMES = {"asimd": "neon", "asimddp": "dotprod", "asimdhp": "fp16"}
+_SPEED_FLAGS = ("avx", "avx2", "fma", "f16c", "avx_vnni", "avx_vnni_int8", "neon", "dotprod", "i8mm", "bf16", "fp16",
+                "sve", "sve2")
+
+
+def cpu_flags(cpuinfo: str | None = None) -> list[str]:
+    """The speed-relevant CPU flags /proc/cpuinfo lists (avx2, avx512*, vnni, amx*, neon, dotprod, ...), Arm
+    feature names given their usual names (asimd = neon, asimddp = dotprod); empty where it cannot be read."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return []
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            names = {_ARM_NAMES.get(n, n) for n in value.split()}
+            return sorted(n for n in names if n in _SPEED_FLAGS or n.startswith(("avx512", "amx")))
+    return []
+
+
 def package_versions() -> dict[str, str | None]:
     versions = {}
     for name in PACKAGES:
@@ -32,7 +55,7 @@ def package_versions() -> dict[str, str | None]:
 
 def environment(with_torch: bool = True) -> dict:
     info = {"python": platform.python_version(), "os": platform.platform(), "cpu": cpu_model(),
-            "cores": os.cpu_count(), "packages": package_versions()}
+            "cpu_flags": cpu_flags(), "cores": os.cpu_count(), "packages": package_versions()}
     if with_torch:
         import torch
 

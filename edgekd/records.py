@@ -11,6 +11,8 @@ Standard library only: `edgekd report` and the bench read these on machines with
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -19,7 +21,7 @@ from typing import Any
 
 from edgekd import __version__
 from edgekd.errors import EdgeKDError
-from edgekd.runio import read_json
+from edgekd.runio import UnreadableFile, read_json, sha256_file
 
 SCHEMA_VERSION = 1  # the newest record format this edgekd reads and writes
 BASE_VARIANT = "base"  # the clean data: where a variant's teacher lives unless study.teacher_regime = "variant"
@@ -82,6 +84,71 @@ def variant_label(variant: str, family: str = "") -> str:
     return f"{variant}@{family}" if family else variant
 
 
+# -- fingerprints --------------------------------------------------------------------------------------------------
+# Every stage's record carries the key of what made it: the resolved settings that affect it (`config`), the data
+# description (`data`), content fingerprints of its inputs (`inputs`: the weights, caches and model files it read)
+# and the record format (`schema_version`). A finished job counts only while its key is the one the current
+# profile and inputs give; otherwise it runs again, and `key_changes` says why.
+def make_key(kind: str, config: Mapping, data: Mapping | None = None, inputs: Mapping | None = None) -> dict:
+    return {"schema_version": SCHEMA_VERSION, "kind": kind, "config": dict(config), "data": dict(data or {}),
+            "inputs": dict(inputs or {})}
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def fingerprint(key: Mapping) -> str:
+    """The content hash of a key: sha256 of its canonical JSON, 16 hex digits."""
+    return hashlib.sha256(_canonical(key).encode()).hexdigest()[:16]
+
+
+_ABSENT = object()
+
+
+def _flatten(value: Any, prefix: str, out: dict) -> dict:
+    if isinstance(value, Mapping) and value:
+        for k, v in value.items():
+            _flatten(v, f"{prefix}.{k}" if prefix else str(k), out)
+    else:
+        out[prefix] = value
+    return out
+
+
+def _setting(path: str) -> str:
+    section, _, rest = path.partition(".")
+    if section in ("config", "data") and rest:
+        return rest
+    return {"inputs": f"input {rest}", "schema_version": "record format"}.get(section, path)
+
+
+def _shown(value: Any) -> str:
+    if value is _ABSENT:
+        return "(none)"
+    if isinstance(value, str):
+        hexdigits = len(value) >= 16 and all(c in "0123456789abcdef" for c in value)
+        return value[:8] if hexdigits else value or "''"
+    return _canonical(value)
+
+
+def key_changes(old: Mapping | None, new: Mapping, limit: int = 4) -> list[str]:
+    """What differs between a recorded key and the current one, as `student.epochs 10 -> 12` lines."""
+    if not old:
+        return ["no key recorded (made before edgekd fingerprinted its records)"]
+    a = _flatten(json.loads(_canonical(old)), "", {})
+    b = _flatten(json.loads(_canonical(new)), "", {})
+    names = [k for k in b if k != "kind"] + [k for k in a if k not in b and k != "kind"]
+    changes = [f"{_setting(k)} {_shown(a.get(k, _ABSENT))} -> {_shown(b.get(k, _ABSENT))}"
+               for k in names if a.get(k, _ABSENT) != b.get(k, _ABSENT)]
+    if len(changes) > limit:
+        changes = changes[:limit] + [f"{len(changes) - limit} more"]
+    return changes
+
+
+def why_stale(old: Mapping | None, new: Mapping) -> str:
+    return ", ".join(key_changes(old, new)) or "the same key, but its record is incomplete"
+
+
 # -- reading -------------------------------------------------------------------------------------------------------
 def check_schema(data: Mapping, source: Path | str) -> int:
     """The record's schema_version (1 when absent); a newer one than this edgekd reads is a one-line error."""
@@ -119,6 +186,7 @@ class RunRecord:
     run_dir: str = ""  # relative to the study root
     values: dict[str, Any] = field(default_factory=dict)  # the measured fields metrics.json has (RUN_VALUES)
     schema_version: int = SCHEMA_VERSION
+    fingerprint: str = ""  # of the key the run was made for ("" in records written before keys)
 
     @classmethod
     def from_metrics(cls, metrics: Mapping, run_dir: str = "", source: Path | str = "metrics.json") -> RunRecord:
@@ -139,7 +207,8 @@ class RunRecord:
             raise EdgeKDError(f"{source}: not an edgekd run record (no {', '.join(missing)}): delete the run "
                               "directory and run `edgekd distill` again")
         return cls(m["dataset"], m["variant"], m["role"], m["seed"], m.get("method", ""), m.get("family", ""),
-                   m.get("model", ""), kind, run_dir, {k: m[k] for k in RUN_VALUES if k in m}, version)
+                   m.get("model", ""), kind, run_dir, {k: m[k] for k in RUN_VALUES if k in m}, version,
+                   m.get("fingerprint", ""))
 
     @classmethod
     def read(cls, path: Path, study_root: Path | None = None) -> RunRecord:
@@ -156,7 +225,8 @@ class RunRecord:
         """The summary record (summary.json, runs.csv): identity, the measured values metrics.json has, kind."""
         identity = {k: getattr(self, k) for k in RUN_IDENTITY}
         return {**identity, **{k: self.values[k] for k in RUN_VALUES if k in self.values}, "kind": self.kind,
-                "run_dir": self.run_dir, "schema_version": self.schema_version}
+                "run_dir": self.run_dir, "schema_version": self.schema_version,
+                **({"fingerprint": self.fingerprint} if self.fingerprint else {})}
 
 
 @dataclass(frozen=True)
@@ -172,6 +242,7 @@ class BundleRecord:
     source: dict
     schema_version: int = SCHEMA_VERSION
     manifest: dict = field(default_factory=dict, repr=False)
+    fingerprint: str = ""  # of the export key (student weights, export options, data)
 
     @classmethod
     def read(cls, bundle: Path) -> BundleRecord:
@@ -181,7 +252,7 @@ class BundleRecord:
             raise EdgeKDError(f"{bundle} is not a bundle (no manifest.json): pass a directory made by `edgekd export`")
         m = _read(path)
         return cls(bundle, m["dataset"], m["variant"], m.get("student", {}), m.get("distill", {}), m.get("models", {}),
-                   m.get("source", {}), m.get("schema_version", 1), m)
+                   m.get("source", {}), m.get("schema_version", 1), m, m.get("fingerprint", ""))
 
 
 @dataclass(frozen=True)
@@ -198,6 +269,8 @@ class BenchRecord:
     options: dict
     run: RunRecord | None = None  # the student run, when the bundle sits in a study's run directory
     schema_version: int = SCHEMA_VERSION
+    wall_s: float | None = None  # the bench's own time (absent in records written before edgekd recorded it)
+    fingerprint: str = ""  # of the bench key (the bundle's model files, the bench options)
 
     @classmethod
     def read(cls, path: Path, study_root: Path | None = None) -> BenchRecord:
@@ -207,7 +280,8 @@ class BenchRecord:
         run = RunRecord.read(metrics, study_root) if metrics.is_file() else None
         opts = b.get("options", {})
         return cls(path, b["dataset"], b["variant"], opts.get("backend", ""), opts.get("device", ""), b["results"],
-                   b.get("environment", {}), opts, run, b.get("schema_version", 1))
+                   b.get("environment", {}), opts, run, b.get("schema_version", 1), b.get("wall_s"),
+                   b.get("fingerprint", ""))
 
 
 def read_runs(study_root: Path) -> list[RunRecord]:
@@ -229,6 +303,19 @@ def read_benches(study_root: Path) -> list[BenchRecord]:
     """Every bench file of the study's bundles (role directories include kd@family), in path order."""
     study_root = Path(study_root)
     return [BenchRecord.read(p, study_root) for p in sorted(study_root.glob("*/*/*/seed*/bundle/bench-*.json"))]
+
+
+def read_run_setup(run_dir: Path) -> dict:
+    """What a run was given, for the report's "what was run": the data description (split sizes, classes, files
+    skipped), the variant's statistics and profile entry, the training settings, losses and the execution
+    (precision, device) it ran with, from its metrics.json and profile.json; a field a record lacks is absent."""
+    run_dir = Path(run_dir)
+    metrics = _read(run_dir / "metrics.json")
+    profile = _read(run_dir / "profile.json") if (run_dir / "profile.json").is_file() else {}
+    setup = {"data": metrics.get("data") or profile.get("data"), "variant_stats": metrics.get("variant_stats"),
+             "variant_config": ((profile.get("profile") or {}).get("variants") or {}).get(metrics.get("variant")),
+             "train": profile.get("train"), "execution": metrics.get("execution"), "losses": metrics.get("losses")}
+    return {k: v for k, v in setup.items() if v is not None}
 
 
 # -- grouping ------------------------------------------------------------------------------------------------------
@@ -298,3 +385,92 @@ def group_runs(records: Iterable[RunRecord | Mapping]) -> list[RunGroup]:
     return [RunGroup(dataset, variant, family, runs, teacher_for(teachers, dataset, variant),
                      caches.get((dataset, variant)))
             for (dataset, variant, family), runs in groups.items()]
+
+
+# -- what is current -----------------------------------------------------------------------------------------------
+PLAN_FILE = "plan.json"  # the last run's job graph: per job its record and the fingerprint that is current
+
+
+def read_plan(study_root: Path) -> dict | None:
+    """The study's plan.json as `edgekd study` / `edgekd distill` last wrote it, or None (none, or unreadable)."""
+    path = Path(study_root) / PLAN_FILE
+    try:
+        plan = read_json(path) if path.is_file() else None
+    except UnreadableFile:
+        return None
+    if not isinstance(plan, dict) or not isinstance(plan.get("jobs"), list):
+        return None
+    check_schema(plan, path)
+    return plan
+
+
+@dataclass
+class Selection:
+    """The records of a study that are current for the profile it was last run with, and what was left out."""
+
+    runs: list[RunRecord]
+    benches: list[BenchRecord]
+    left_out: list[str]  # "<run dir>/<file>: why", one per record not shown
+    planned: bool  # False: no plan.json (a study made before plans), every run is shown
+
+
+def _bench_still_matches(bench: BenchRecord, root: Path) -> str | None:
+    """Why a bench record no longer describes its bundle and run (None when it does); for benches no plan covers."""
+    bundle = bench.path.parent
+    try:
+        manifest = read_json(bundle / "manifest.json")
+        weights = sha256_file(bundle.parent / "model.safetensors")
+    except (UnreadableFile, OSError):
+        return "its bundle or run is gone"
+    if manifest.get("source", {}).get("checkpoint_sha256") != weights:
+        return "its run was trained again after the export"
+    key = read_json(bench.path).get("key") or {}
+    for name, digest in (key.get("inputs") or {}).items():
+        path = bundle / name
+        if not path.is_file() or sha256_file(path) != digest:
+            return f"{name} changed after the bench"
+    return None
+
+
+def select_current(study_root: Path) -> Selection:
+    """Runs and benches whose fingerprints are the ones the study's plan.json lists as current. Benches of a
+    plan without deploy jobs (`edgekd distill` last, then `edgekd bench` by hand) count while their run is current
+    and their bundle's files are still the ones benched."""
+    root = Path(study_root)
+    plan = read_plan(root)
+    jobs = {j["record"]: j for j in (plan or {}).get("jobs", []) if isinstance(j, dict) and j.get("record")}
+    benched = any(j.get("kind") == "bench" for j in jobs.values())
+    left: list[str] = []
+
+    def current(path: Path, fp: str) -> bool:
+        rel = path.relative_to(root).as_posix()
+        job = jobs.get(rel)
+        if job is None:
+            left.append(f"{rel}: not in the last run's plan (the profile no longer has it)")
+        elif not fp or job.get("fingerprint") != fp:
+            left.append(f"{rel}: stale ({job.get('reason') or 'made for other settings or inputs'})")
+        else:
+            return True
+        return False
+
+    runs = [r for r in read_runs(root) if plan is None or current(root / r.run_dir / "metrics.json", r.fingerprint)]
+    kept = {r.run_dir for r in runs}
+    benches = []
+    for bench in read_benches(root):
+        if plan is not None and benched:
+            if current(bench.path, bench.fingerprint):
+                benches.append(bench)
+            continue
+        rel = bench.path.relative_to(root).as_posix()
+        why = None if bench.run is None or bench.run.run_dir in kept else "its run is not current"
+        why = why or _bench_still_matches(bench, root)
+        if why:
+            left.append(f"{rel}: stale ({why})")
+        else:
+            benches.append(bench)
+    return Selection(runs, benches, left, plan is not None)
+
+
+def current_runs(study_root: Path) -> list[dict]:
+    """The current runs of a study (see `select_current`), as summary records."""
+    return [r.as_dict() for r in select_current(study_root).runs]

@@ -1,8 +1,9 @@
 """`edgekd study`: distill -> export -> bench -> report for every dataset variant of a profile, resumably.
 
-Each stage reads and writes run directories and skips what is already done and current: finished trainings,
-bundles made from the same checkpoint, bench results newer than their bundle. Re-running a finished study
-rebuilds only the report.
+The profile becomes one job graph (edgekd/jobs.py): teachers, teacher caches, students, a bundle per student, a
+bench per bundle, and the report. A job whose record carries the key the current profile and inputs give is
+skipped, any other runs (and the CLI says why); re-running a finished study rebuilds only the report. The jobs run
+on an executor (edgekd/executors.py): in this process, in a pool of processes, or as Ray tasks.
 """
 
 from __future__ import annotations
@@ -15,41 +16,58 @@ from edgekd.errors import EdgeKDError
 from edgekd.runio import read_json
 
 
-def _bundle_is_current(run: Path, wanted: set[str]) -> bool:
-    from edgekd.export.bundle import sha256
+def run_bundle_job(profile: Profile, root: Path, job, force: bool = False) -> tuple[dict, bool]:
+    """Export one student (its bundle), unless its manifest has the current key; returns (manifest, skipped)."""
+    from edgekd.export.bundle import export_run
+    from edgekd.jobs import export_options, job_status
 
-    manifest = run / "bundle" / "manifest.json"
-    if not manifest.is_file():
-        return False
-    m = read_json(manifest)
-    return m["source"]["checkpoint_sha256"] == sha256(run / "model.safetensors") and wanted <= set(m["models"])
+    status = job_status(profile, root, job, force)
+    if status.current:
+        return status.record, True
+    with open(job.run_dir / "export.log", "a") as log:
+        bundle = export_run(job.run_dir, export_options(profile), log=lambda line: log.write(line + "\n"))
+    return read_json(bundle / "manifest.json"), False
+
+
+def run_bench_job(profile: Profile, root: Path, job, force: bool = False) -> tuple[dict, bool]:
+    """Bench one bundle on the profile's backend and device, unless its record has the current key."""
+    from edgekd.bench.harness import bench_bundle, save_bench
+    from edgekd.jobs import bench_options, job_status
+
+    status = job_status(profile, root, job, force)
+    if status.current:
+        return status.record, True
+    record = bench_bundle(job.run_dir / "bundle", bench_options(profile))
+    save_bench(record, job.record)
+    return record, False
 
 
 def run_full_study(profile: Profile, out: Path, reporter=None, jobs: int = 1, force: bool = False,
-                   log: Callable[[str], None] = print):
-    from edgekd.bench.harness import BenchOptions, bench_bundle, save_bench
-    from edgekd.distill.study import run_study
-    from edgekd.export.bundle import ExportOptions, export_run, find_student_runs
+                   log: Callable[[str], None] = print, executor: str | None = None, address: str | None = None):
+    """Run the study's job graph on an executor (see `edgekd.distill.study.run_study`), then build the report from
+    the records that are current. Raises JobsFailed (holding the report) when some job failed."""
+    from edgekd.distill.study import Reporter
+    from edgekd.executors import make_executor
+    from edgekd.export.bundle import refresh_distill_records
+    from edgekd.jobs import JobsFailed, run_graph
     from edgekd.report import build_report
 
-    deploy = profile.deploy
-    run_study(profile, out, reporter, force=force, jobs=jobs)
-    root = Path(out) / profile.study.name
-    targets = tuple(t for t in deploy.targets if t != "trt")
-    if "trt" in deploy.targets:
+    if "trt" in profile.deploy.targets:
         raise EdgeKDError("deploy.targets has 'trt': build TensorRT engines on the target GPU with `edgekd export "
                           "RUN_DIR --target trt`; a study exports onnx and int8")
-    options = ExportOptions(targets=targets, calib_size=deploy.calib_size, calib_method=deploy.calib_method,
-                            int8_presets=tuple(deploy.int8_presets), eval_limit=deploy.eval_limit)
-    wanted = {"onnx-fp32"} | ({f"onnx-int8-{p}" for p in deploy.int8_presets} if "int8" in targets else set())
-    bench = BenchOptions(deploy.backend, deploy.device, tuple(deploy.batch_sizes), deploy.threads, deploy.iters)
-    for run in find_student_runs(root):
-        label = str(run.relative_to(root))
-        if not _bundle_is_current(run, wanted):
-            export_run(run, options, log=lambda line, label=label: log(f"export {label}: {line}"))
-        bundle = run / "bundle"
-        result = bundle / f"bench-{deploy.backend}-{deploy.device}.json"
-        if not result.is_file() or result.stat().st_mtime < (bundle / "manifest.json").stat().st_mtime:
-            save_bench(bench_bundle(bundle, bench))
-            log(f"bench {label}: done")
-    return build_report(root)
+    reporter = reporter or Reporter()
+    root = Path(out).absolute() / profile.study.name
+    with make_executor(executor, jobs, address) as ex:
+        outcome = run_graph(profile, root, ex, reporter, force, deploy=True)
+    refresh_distill_records(root)  # each manifest's study summary, now that every student is done
+    try:
+        report = build_report(root)
+    except EdgeKDError:
+        if outcome.failed:
+            raise JobsFailed(outcome.failed) from None
+        raise
+    if report.left_out:
+        reporter.left_out(report.left_out)
+    if outcome.failed:
+        raise JobsFailed(outcome.failed, report)
+    return report

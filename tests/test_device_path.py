@@ -253,7 +253,9 @@ def test_engine_check_compares_the_gpu_model(monkeypatch):
     with pytest.raises(EdgeKDError, match="TensorRT 10.1.0"):
         tensorrt_build.check_engine_matches({**rtx, "gpu": "NVIDIA L4", "tensorrt": "10.1.0"}, "b")
     assert tensorrt_build.check_engine_matches({**rtx, "gpu": "NVIDIA L4", "uuid": "GPU-1"}, "b") == here
-    from edgekd.bench.harness import _engine_note  # another L4 than the one it was built on: allowed, and recorded
+    from edgekd.bench.harness import (
+        _engine_note,  # another L4 than the one it was built on: allowed, and recorded
+    )
 
     assert _engine_note({**rtx, "gpu": "NVIDIA L4", "uuid": "GPU-1"}, "b") == {
         "built_on": "GPU-1", "running_on": "GPU-2", "same_gpu": False}

@@ -40,7 +40,8 @@ def test_study_end_to_end_and_rerun(tiny_profile, tmp_path, capsys):
     assert main(args) == 0  # nothing to train, export or bench again: only the report is rebuilt
     assert time.perf_counter() - start < 30
     out = capsys.readouterr().out
-    assert out.count("finished earlier") == 1 + 3 * 2 * 2 + 3  # teacher, students, caches
+    assert out.count("finished earlier") == 1 + 3 + 3 * 2 * 2 * 3  # teacher, caches; students, bundles, benches
+    assert "done " not in out and "rerun " not in out
     assert bench.stat().st_mtime == stamp
 
     assert main(["report", str(root)]) == 0

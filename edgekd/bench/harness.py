@@ -26,7 +26,7 @@ from edgekd.bench.monitor import (
 from edgekd.bench.runners import RUNNERS
 from edgekd.envinfo import environment
 from edgekd.errors import EdgeKDError
-from edgekd.runio import read_json, write_json
+from edgekd.runio import read_json, sha256_file, write_json
 from edgekd.targets import BACKENDS, TARGETS, Target, targets_for
 
 
@@ -116,13 +116,32 @@ def check_backend(backend: str, device: str) -> None:
                           f"{' or '.join(BACKENDS[backend].devices)}")
 
 
+def bench_key(bundle: Path, options: BenchOptions) -> dict:
+    """What a bench record is a function of: the bundle's files it times (by content) and the bench options."""
+    from edgekd.records import make_key
+
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    files = sorted({entry["file"] for _, entry in _entries(bundle, manifest, options)} | {"eval.npz"})
+    opts = dict(options.__dict__)
+    config = {"deploy": {k: opts.pop(k) for k in ("backend", "device", "batch_sizes", "threads", "iters")},
+              "bench": opts}
+    # a missing file gets no hash here: opening it fails below with the one line that says what to do
+    return make_key("bench", config, {}, {name: sha256_file(bundle / name) if (bundle / name).is_file() else None
+                                          for name in files})
+
+
 def bench_bundle(bundle: Path, options: BenchOptions, progress=None) -> dict:
+    start = time.perf_counter()
     bundle = Path(bundle)
     check_backend(options.backend, options.device)
     if options.threads:
         os.environ.setdefault("OMP_NUM_THREADS", str(options.threads))
     manifest = read_manifest(bundle)
     images, labels = load_eval(bundle)
+    from edgekd.records import fingerprint
+
+    key = bench_key(bundle, options)  # before timing: the files as they are benched
     mean, std = manifest["normalization"]["mean"], manifest["normalization"]["std"]
     power_reader = find_power_reader()
     results = []
@@ -164,7 +183,9 @@ def bench_bundle(bundle: Path, options: BenchOptions, progress=None) -> dict:
     record = {"bundle": str(bundle), "dataset": manifest["dataset"], "variant": manifest["variant"],
               "student": manifest["student"], "distill": manifest["distill"], "eval_samples": int(len(labels)),
               "options": {k: v for k, v in options.__dict__.items()}, "environment": env,
-              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "results": results}
+              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "results": results,
+              "wall_s": round(time.perf_counter() - start, 2),  # this bench's own time, for the report's phases
+              "schema_version": key["schema_version"], "key": key, "fingerprint": fingerprint(key)}
     return record
 
 

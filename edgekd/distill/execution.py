@@ -2,7 +2,8 @@
 
 On the 2-core CPU of this project, channels_last makes MobileNet-class students train about 3x faster while
 bf16 autocast helps ResNets and slows depthwise nets; on CUDA, AMP and channels_last usually win. Habit gets
-this wrong, so each (model, device, input, batch) is timed once and the choice is cached in the study.
+this wrong, so each (model, device, input, batch) is timed once. A study does it at plan time, before any job
+runs (edgekd/jobs.py `choose_executions`), and records the choice in its plan; jobs only read it.
 """
 
 from __future__ import annotations
@@ -82,25 +83,32 @@ def _time_steps(model: nn.Module, ex: Execution, shape: tuple[int, ...], classes
     return (time.perf_counter() - start) / steps
 
 
-def choose_execution(build, cfg: TrainConfig, device: str, shape: tuple[int, ...], classes: int,
-                     cache_file: Path | None = None) -> Execution:
-    """The fastest (precision, layout) for training `build()` on `device`; measured once, then cached."""
+def measure_candidates(build, cfg: TrainConfig, device: str, shape: tuple[int, ...], classes: int
+                       ) -> tuple[Execution, dict[str, float]]:
+    """The fastest (precision, layout) for training `build()` on `device`, and images/s of every candidate."""
     candidates = _candidates(cfg, device)
     if len(candidates) == 1:
-        return Execution(candidates[0][0], candidates[0][1], device)
-    key = f"{cfg.model}|small_input={cfg.small_input}|{device}|{tuple(shape)}|{cfg.precision}|{cfg.channels_last}"
-    cache = read_json(cache_file) if cache_file and cache_file.is_file() else {}
-    if key in cache:
-        return Execution(**cache[key]["choice"])
+        return Execution(candidates[0][0], candidates[0][1], device), {}
     timings = {}
     for precision, channels_last in candidates:
         ex = Execution(precision, channels_last, device)
         torch.manual_seed(0)
         timings[f"{precision}{'-cl' if channels_last else ''}"] = (_time_steps(build(), ex, shape, classes), ex)
     best = min(timings.values(), key=lambda t: t[0])[1]
-    if cache_file:
+    return best, {k: round(shape[0] / t, 1) for k, (t, _) in timings.items()}
+
+
+def choose_execution(build, cfg: TrainConfig, device: str, shape: tuple[int, ...], classes: int,
+                     cache_file: Path | None = None) -> Execution:
+    """The fastest (precision, layout) for training `build()` on `device`; measured once, then cached in
+    `cache_file` when one is given (a single process's file: a study keeps its choices in its plan instead)."""
+    key = f"{cfg.model}|small_input={cfg.small_input}|{device}|{tuple(shape)}|{cfg.precision}|{cfg.channels_last}"
+    cache = read_json(cache_file) if cache_file and cache_file.is_file() else {}
+    if key in cache:
+        return Execution(**cache[key]["choice"])
+    best, speeds = measure_candidates(build, cfg, device, shape, classes)
+    if cache_file and speeds:
         cache = read_json(cache_file) if cache_file.is_file() else {}
-        cache[key] = {"choice": asdict(best),
-                      "images_per_s": {k: round(shape[0] / t, 1) for k, (t, _) in timings.items()}}
+        cache[key] = {"choice": asdict(best), "images_per_s": speeds}
         write_json(cache_file, cache)
     return best

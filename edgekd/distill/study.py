@@ -1,18 +1,20 @@
-"""`edgekd distill`: plan the runs of a profile (teacher, scratch and KD students over seeds) and run them.
+"""`edgekd distill`: the training half of a study's job graph (teachers, teacher caches, scratch and KD students
+over seeds), and `StudyRunner`, which runs one of those jobs.
 
-Each job reads and writes only its own run directory (plus the teacher's, read-only), so the plan can be
-handed to any executor; `run_study` is the simple in-process one. Finished runs are skipped, killed ones resume.
+The graph, the keys that decide what is current, and the driver live in `edgekd.jobs`; the executors (in-process,
+processes, Ray) in `edgekd.executors`. Each job reads and writes only its own run directory (plus its teacher's
+and cache's, read-only); a finished job is skipped while its key matches, a killed one resumes from its last
+epoch when its key has not changed.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -22,98 +24,62 @@ from edgekd.data.augment import ViewAugment
 from edgekd.data.splits import load_splits
 from edgekd.data.types import DataSplits
 from edgekd.data.variants import VariantData, apply_variant
-from edgekd.distill.execution import Execution, choose_execution, resolve_device
+from edgekd.distill.execution import Execution, measure_candidates, resolve_device
 from edgekd.distill.losses import ComposedLoss
 from edgekd.distill.teacher import EnsembleTeacher, LiveTeacher, Normalize, TeacherCache, build_cache
 from edgekd.distill.train import evaluate, train
 from edgekd.errors import EdgeKDError
+from edgekd.jobs import (  # noqa: F401 - the graph's names, also edgekd.distill.study.<name>
+    BASE_VARIANT,
+    CACHE,
+    RUN_OUTPUTS,
+    SCRATCH,
+    TEACHER,
+    Job,
+    JobsFailed,
+    NotReady,
+    cache_dir,
+    cache_needs,
+    job_key,
+    job_status,
+    plan_jobs,
+    previous_execution,
+    teacher_dir,
+    teacher_variant,
+    train_config,
+    uses_cache,
+)
 from edgekd.models import count_parameters, create_model, load_weights
-from edgekd.records import collect  # the one reader of run records; also edgekd.distill.study.collect
+from edgekd.records import collect, fingerprint, select_current  # noqa: F401 - collect: also edgekd.distill.study.collect
 from edgekd.runio import (
     UnreadableFile,
     load_tensors,
     read_json,
-    run_dir,
     save_tensors,
-    tensor_shapes,
     write_json,
 )
-
-TEACHER, SCRATCH, CACHE = "teacher", "scratch", "teacher_cache"
-BASE_VARIANT = "base"
-# What a finished run holds besides metrics.json: every training role (teacher, scratch, KD), and a teacher cache.
-RUN_OUTPUTS = {"training": ("model.safetensors", "predictions.safetensors"),
-               CACHE: ("teacher_cache.json", "teacher_cache.safetensors")}
 
 logger = logging.getLogger("edgekd.study")
 
 
-@dataclass(frozen=True)
-class Job:
-    dataset: str
-    variant: str
-    role: str  # teacher | teacher_cache | scratch | a method name
-    seed: int
-    run_dir: Path
-
-    @property
-    def label(self) -> str:
-        return f"{self.dataset}/{self.variant}/{self.role}/seed{self.seed}"
-
-
 class Reporter:
-    """What a running study tells its caller; the CLI's subclass draws progress bars."""
+    """What a running study tells its caller; the CLI's subclass draws the jobs view and progress bars."""
 
+    def queued(self, jobs: list[Job]) -> None: ...  # the jobs that will run (the others were current)
+    def rerun(self, job: Job, reason: str) -> None: ...  # a finished job runs again, and why
+    def running(self, job: Job) -> None: ...
     def start(self, job: Job, total_steps: int) -> None: ...
     def advance(self, job: Job, completed: int, loss: float | None, images_per_s: float | None,
                 epoch: str = "") -> None: ...
     def finish(self, job: Job, metrics: dict, skipped: bool) -> None: ...
-
-
-def teacher_variant(profile: Profile, variant: str) -> str:
-    """Where a variant's teacher lives: its own variant, or the clean data's (`base`)."""
-    return variant if profile.study.teacher_regime == "variant" else BASE_VARIANT
-
-
-def uses_cache(profile: Profile, method: str) -> bool:
-    """The view-keyed cache serves methods that learn from the main teacher's logits only."""
-    spec = profile.methods[method]
-    criterion = ComposedLoss(method_losses(spec), f"methods.{method}")
-    return criterion.needs_teacher and not criterion.needs_features and spec.get("teachers", ["main"]) == ["main"]
-
-
-def train_config(profile: Profile, role: str) -> TrainConfig | None:
-    """What a job of this role trains (`teacher@plain`: [teachers.plain]; `kd@resnet`: [students.resnet]); None for
-    a teacher cache, which trains nothing."""
-    base, _, family = role.partition("@")
-    if base == CACHE:
-        return None
-    if base == TEACHER:
-        return profile.teachers[family] if family else profile.teacher
-    return profile.student_config(family)
+    def failed(self, job: Job, message: str) -> None: ...
+    def left_out(self, lines: list[str]) -> None: ...  # records on disk that are not current for this profile
 
 
 def plan(profile: Profile, study_root: Path) -> list[Job]:
-    """Jobs in an order that respects their dependencies: teachers, then teacher caches, then students."""
-    needs_cache = profile.study.teacher_cache and any(uses_cache(profile, m) for m in profile.methods)
-    teachers, caches, students = [], [], []
-    for name in profile.datasets:
-        def job(variant, role, seed, name=name):
-            return Job(name, variant, role, seed, run_dir(study_root, name, variant, role, seed))
-
-        for variant in profile.variants:
-            for name in ["", *profile.teachers]:
-                role = f"{TEACHER}@{name}" if name else TEACHER
-                teacher = job(teacher_variant(profile, variant), role, profile.study.teacher_seed)
-                if teacher not in teachers:
-                    teachers.append(teacher)
-            if needs_cache:
-                caches.append(job(variant, CACHE, profile.study.teacher_seed))
-            for family in profile.families:
-                suffix = f"@{family}" if family else ""
-                for seed in profile.study.seeds:
-                    students += [job(variant, role + suffix, seed) for role in (SCRATCH, *profile.methods)]
-    return teachers + caches + students
+    """The training jobs in an order that respects their dependencies: teachers, then teacher caches, then
+    students (`edgekd.jobs.plan_jobs` adds bundles and benches)."""
+    return plan_jobs(profile, study_root)
 
 
 @functools.lru_cache(maxsize=4)
@@ -131,10 +97,6 @@ def dataset_splits(profile: Profile, name: str, variant: str = BASE_VARIANT) -> 
 
 def augment_for(cfg: DatasetConfig) -> ViewAugment:
     return ViewAugment(cfg.crop_padding, cfg.hflip)
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 class _RunLog:
@@ -157,6 +119,7 @@ class StudyRunner:
         self.reporter = reporter or Reporter()
         self.force = force
         self.device = resolve_device(profile.study.device)
+        self.last_skipped = False  # whether the last run_job found its job current
         if profile.study.threads:
             torch.set_num_threads(profile.study.threads)
 
@@ -164,22 +127,28 @@ class StudyRunner:
     def _model(self, cfg: TrainConfig, data: DataSplits):
         return create_model(cfg.model, data.num_classes, data.channels, cfg.small_input, cfg.pretrained)
 
-    def _execution(self, cfg: TrainConfig, data: DataSplits, job_dir: Path) -> Execution:
-        saved = job_dir / "checkpoint.json"
+    def _execution(self, cfg: TrainConfig, data: DataSplits, job: Job) -> Execution:
+        """The job's precision and layout: a resumed run keeps its own, else the plan's choice; a job run outside
+        a plan measures (and writes nothing shared)."""
+        saved = job.run_dir / "checkpoint.json"
         try:
             execution = read_json(saved).get("execution") if saved.is_file() else None
         except (UnreadableFile, AttributeError):  # measured again; a damaged checkpoint is not resumed either
             execution = None
-        if execution:  # a resumed run keeps its numerics
+        if execution:
             return Execution(**execution)
+        if job.execution is not None:
+            return Execution(*job.execution)
         shape = (cfg.batch_size, data.channels, data.image_size, data.image_size)
-        timings = self.root / ".execution.json"
-        try:
-            if timings.is_file():
-                read_json(timings)
-        except UnreadableFile:  # only a cache of measurements: measured again
-            timings.unlink()
-        return choose_execution(lambda: self._model(cfg, data), cfg, self.device, shape, data.num_classes, timings)
+        return measure_candidates(lambda: self._model(cfg, data), cfg, self.device, shape, data.num_classes)[0]
+
+    def _with_execution(self, job: Job) -> Job:
+        """A training job from outside a plan (a torchrun worker, a direct call) gets the study's recorded choice
+        for its model, or one measured here."""
+        from edgekd.jobs import choose_executions
+
+        table = previous_execution(self.root)
+        return choose_executions(self.profile, [job], self.device, table, lambda fn, *args: fn(*args))[0]
 
     def _teacher(self, job: Job, data: DataSplits, stages: set[int] | None = None, name: str = ""):
         """A trained teacher of this dataset variant ("" = the main one), as a ready LiveTeacher, and its run dir."""
@@ -189,11 +158,14 @@ class StudyRunner:
             raise EdgeKDError(f"{job.label}: teacher not trained yet ({weights} missing): run the teacher job first")
         cfg = self.profile.teachers[name] if name else self.profile.teacher
         model = load_weights(self._model(cfg, data), weights)
-        return LiveTeacher(model, self._execution(cfg, data, tdir), stages), tdir
+        try:
+            execution = Execution(**read_json(tdir / "metrics.json")["execution"])  # the numerics it trained with
+        except (UnreadableFile, KeyError, TypeError):
+            execution = self._execution(cfg, data, Job(job.dataset, job.variant, TEACHER, 0, tdir))
+        return LiveTeacher(model, execution, stages), tdir
 
     def _teacher_dir(self, job: Job, name: str = "") -> Path:
-        return run_dir(self.root, job.dataset, teacher_variant(self.profile, job.variant),
-                       f"{TEACHER}@{name}" if name else TEACHER, self.profile.study.teacher_seed)
+        return teacher_dir(self.profile, self.root, job, name)
 
     def _ensemble(self, job: Job, data: DataSplits, spec: dict, criterion: ComposedLoss) -> EnsembleTeacher:
         names = ["" if n == "main" else n for n in spec["teachers"]]
@@ -206,70 +178,107 @@ class StudyRunner:
                            1.0)
         return EnsembleTeacher(members, weights, temperature)
 
-    def _cache_key(self, data: DataSplits, tdir: Path, teacher: LiveTeacher) -> dict:
-        return {"teacher_sha256": _sha256(tdir / "model.safetensors"), "samples": len(data.train),
-                "labels_sha256": hashlib.sha256(data.train.labels.numpy().tobytes()).hexdigest(),
-                "augment": asdict(augment_for(self.profile.datasets[data.name])),
-                "num_classes": data.num_classes, "topk": self.profile.study.cache_topk,
-                "precision": teacher.execution.precision}
+    def _storage_key(self, key: dict, data: DataSplits) -> dict:
+        """What a cache's stored values are checked against: its job key, with the two sizes its loader reads."""
+        return {**key, "num_classes": data.num_classes, "topk": self.profile.study.cache_topk}
 
-    def _build_cache(self, job: Job, data: DataSplits, teacher: LiveTeacher, tdir: Path):
-        """The variant's cache of its teacher's outputs, in the variant's teacher_cache run directory."""
+    def _build_cache(self, job: Job, data: DataSplits, teacher: LiveTeacher, key: dict):
+        """The variant's cache of its teacher's outputs, extended to every view the planned students draw."""
         cfg = self.profile.datasets[job.dataset]
         images = data.train.images.to(self.device)
-        where = run_dir(self.root, job.dataset, job.variant, CACHE, self.profile.study.teacher_seed)
 
         def progress(done, total):
             if done <= self.profile.study.eval_batch_size:
                 self.reporter.start(job, total)
             self.reporter.advance(job, done, None, None)
 
-        return build_cache(where / "teacher_cache", self._cache_key(data, tdir, teacher), teacher, images,
-                           augment_for(cfg), Normalize(data.mean, data.std, self.device), self.profile.study.seeds,
-                           max(self.profile.student_config(f).epochs_for(len(data.train))
-                               for f in self.profile.families),
-                           self.profile.study.eval_batch_size, progress)
+        needs = cache_needs(self.profile, len(data.train))
+        cache, info = build_cache(job.run_dir / "teacher_cache", self._storage_key(key, data), teacher, images,
+                                  augment_for(cfg), Normalize(data.mean, data.std, self.device), needs["seeds"],
+                                  needs["epochs"], self.profile.study.eval_batch_size, progress)
+        return cache, info, needs
+
+    def _load_cache(self, job: Job, data: DataSplits, teacher: LiveTeacher) -> TeacherCache:
+        """The variant's finished teacher cache, read-only: views no plan foresaw are computed in memory."""
+        where = cache_dir(self.profile, self.root, job)
+        try:
+            key = read_json(where / "metrics.json")["key"]
+        except (UnreadableFile, KeyError, TypeError):
+            raise EdgeKDError(f"{job.label}: its teacher cache ({where}) is not built: run the cache job first") from None
+        loaded = TeacherCache.load(where / "teacher_cache", self._storage_key(key, data), self.device)
+        if loaded is None:
+            raise EdgeKDError(f"{job.label}: the teacher cache in {where} was made for another teacher or data: run "
+                              "the cache job again")
+        cache, _ = loaded
+        cache.live = teacher
+        return cache
+
+    def _ensure_cache(self, job: Job) -> None:
+        """Outside a job graph (one job run alone), a KD student whose cache is missing or stale builds it first;
+        a graph runs the cache job before its students, so this does nothing there."""
+        base = job.role.partition("@")[0]
+        if job.kind != "train" or base in (TEACHER, SCRATCH) or not self.profile.study.teacher_cache \
+                or not uses_cache(self.profile, base):
+            return
+        cache_job = Job(job.dataset, job.variant, CACHE, self.profile.study.teacher_seed,
+                        cache_dir(self.profile, self.root, job))
+        if not job_status(self.profile, self.root, cache_job).current:
+            StudyRunner(self.profile, self.root, Reporter()).run_job(cache_job)
+
+    def _clear(self, job: Job, key: dict) -> None:
+        """Make room for a run: --force starts from nothing; otherwise the stale record goes, and a checkpoint is
+        kept only when it was made for the same key (then training resumes from it)."""
+        if self.force:
+            if job.run_dir.exists():
+                shutil.rmtree(job.run_dir)
+            return
+        (job.run_dir / "metrics.json").unlink(missing_ok=True)
+        if job.kind != "train":
+            return
+        try:
+            made_for = read_json(job.run_dir / "profile.json").get("fingerprint")
+        except (UnreadableFile, AttributeError):
+            made_for = None
+        if made_for != fingerprint(key):
+            for name in ("checkpoint.json", "checkpoint.safetensors"):
+                (job.run_dir / name).unlink(missing_ok=True)
 
     # -- jobs ------------------------------------------------------------------------------------------
-    def finished(self, job: Job) -> dict | None:
-        """A finished run's metrics, or None when the job is to run (with --force, every job). A run whose metrics
-        or outputs are damaged (cut short by a full disk, say) is removed and runs again from the start."""
-        metrics_path = job.run_dir / "metrics.json"
-        if self.force and job.run_dir.exists():
-            shutil.rmtree(job.run_dir)
-        if not metrics_path.is_file():
-            return None
-        try:
-            metrics = read_json(metrics_path)
-            if not isinstance(metrics, dict) or "role" not in metrics:
-                raise UnreadableFile(f"{metrics_path} holds no run metrics")
-            for name in RUN_OUTPUTS[CACHE if job.role == CACHE else "training"]:
-                (read_json if name.endswith(".json") else tensor_shapes)(job.run_dir / name)
-        except UnreadableFile as exc:
-            logger.warning("%s: recomputed, its files are damaged: %s", job.label, exc)
-            shutil.rmtree(job.run_dir)
-            return None
-        return metrics
-
     def run_job(self, job: Job) -> dict:
+        """Run one training or cache job, or find it current (then `last_skipped` is True); returns its record."""
+        self.last_skipped = False
+        if job.kind == "train" and job.execution is None:
+            job = self._with_execution(job)
+        self._ensure_cache(job)
+        status = job_status(self.profile, self.root, job, self.force)
+        if status.current:
+            self.last_skipped = True
+            self.reporter.finish(job, status.record, skipped=True)
+            return status.record
+        if status.had_record and not self.force:
+            logger.info("%s: runs again: %s", job.label, status.reason)
+        try:
+            key = status.key or job_key(self.profile, self.root, job)
+        except NotReady as exc:
+            raise EdgeKDError(f"{job.label}: {exc}: run the jobs it needs first") from None
+        self._clear(job, key)
         metrics_path = job.run_dir / "metrics.json"
-        metrics = self.finished(job)
-        if metrics is not None:
-            self.reporter.finish(job, metrics, skipped=True)
-            return metrics
         variant = dataset_splits(self.profile, job.dataset, job.variant)
         data = variant.splits
         start = time.perf_counter()
-        if job.role == CACHE:
-            teacher, tdir = self._teacher(job, data)
-            _, info = self._build_cache(job, data, teacher, tdir)
-            metrics = {**self._identity(job, ""), "wall_s": round(time.perf_counter() - start, 2), **info}
+        if job.kind == "cache":
+            teacher, _ = self._teacher(job, data)
+            _, info, needs = self._build_cache(job, data, teacher, key)
+            info = {k: v for k, v in info.items() if k != "key"}
+            metrics = {**self._identity(job, ""), "wall_s": round(time.perf_counter() - start, 2), **info,
+                       "samples": len(data.train), "coverage": needs, "schema_version": key["schema_version"],
+                       "key": key, "fingerprint": fingerprint(key)}
             write_json(metrics_path, metrics)
             self.reporter.finish(job, metrics, skipped=False)
             return metrics
         log = _RunLog(job.run_dir / "train.log")
         try:
-            metrics = self._train_job(job, variant, log, start)
+            metrics = self._train_job(job, variant, log, start, key)
         finally:
             log.close()
         self.reporter.finish(job, metrics, skipped=False)
@@ -282,7 +291,7 @@ class StudyRunner:
         return {"dataset": job.dataset, "variant": job.variant, "role": role, "method": method, "seed": job.seed,
                 "family": family, "model": model}
 
-    def _train_job(self, job: Job, variant: VariantData, log: _RunLog, start: float) -> dict:
+    def _train_job(self, job: Job, variant: VariantData, log: _RunLog, start: float, key: dict) -> dict:
         data = variant.splits
         base, _, family = job.role.partition("@")
         is_teacher = base == TEACHER
@@ -290,10 +299,11 @@ class StudyRunner:
         write_json(job.run_dir / "profile.json", {"job": {**asdict(job), "run_dir": str(job.run_dir)},
                                                   "train": asdict(cfg),
                                                   "data": data.describe(), "variant": variant.stats,
-                                                  "profile": self.profile.to_dict()})
+                                                  "profile": self.profile.to_dict(),
+                                                  "key": key, "fingerprint": fingerprint(key)})
         torch.manual_seed(job.seed)  # the same initial weights for the scratch and KD students of one seed
         model = self._model(cfg, data)
-        ex = self._execution(cfg, data, job.run_dir)
+        ex = self._execution(cfg, data, job)
         log(f"{job.label}: {cfg.model}, {count_parameters(model):,} parameters, {ex}")
         teacher_logits, teacher_source, history = None, None, {}
         if is_teacher and cfg.checkpoint:
@@ -316,8 +326,7 @@ class StudyRunner:
                 teacher_logits = load_tensors(tdir / "predictions.safetensors")["test_logits"]
                 # The cache holds logits; feature terms need the teacher's activations of this very batch.
                 if self.profile.study.teacher_cache and not criterion.needs_features:
-                    cache, _ = self._build_cache(job, data, teacher_source, tdir)
-                    cache.live, teacher_source = teacher_source, cache
+                    teacher_source = self._load_cache(job, data, teacher_source)
             elif not is_teacher:
                 tdir = self._teacher_dir(job)
                 if (tdir / "predictions.safetensors").is_file():
@@ -349,51 +358,31 @@ class StudyRunner:
             "losses": self.profile.methods.get(base, {"ce": {"weight": 1.0}}),
             "teachers": self.profile.methods.get(base, {}).get("teachers", ["main"]) if not is_teacher else [],
             "history": history["history"], "data": data.describe(), "variant_stats": variant.stats,
+            "schema_version": key["schema_version"], "key": key, "fingerprint": fingerprint(key),
         }
         write_json(job.run_dir / "metrics.json", metrics)
         (job.run_dir / "checkpoint.safetensors").unlink(missing_ok=True)  # the best weights are saved above
         return metrics
 
 
-def _run_in_process(profile_data: dict, root: str, job: Job, threads: int) -> str:
-    """One job in a worker process (spawned: no state shared with the parent beyond the run directories)."""
-    from edgekd.config import profile_from_dict
+def run_study(profile: Profile, out: Path, reporter: Reporter | None = None, force: bool = False, jobs: int = 1,
+              executor: str | None = None, address: str | None = None) -> list[dict]:
+    """Train every job of the plan that is not current, on an executor: `local` (in this process, the default),
+    `processes` (`jobs` processes, each starting a job as soon as the jobs it needs are done) or `ray`. Returns
+    the current run records (also written to summary.json); records that are not current are left out and named
+    to the reporter. Raises JobsFailed (with the records) when a job failed; the others finished."""
+    from edgekd.executors import make_executor
+    from edgekd.jobs import run_graph
 
-    torch.set_num_threads(threads)
-    StudyRunner(profile_from_dict(profile_data), Path(root)).run_job(job)
-    return job.label
-
-
-def run_study(profile: Profile, out: Path, reporter: Reporter | None = None, force: bool = False,
-              jobs: int = 1) -> list[dict]:
-    """Run every job of the plan. With jobs > 1, the independent trainings of each dependency level (teachers,
-    then caches, then students) run in that many processes, each with its share of the CPU threads."""
-    root = Path(out) / profile.study.name
-    runner = StudyRunner(profile, root, reporter, force)
-    todo = plan(profile, root)
-    if jobs <= 1:
-        for job in todo:
-            runner.run_job(job)
-    else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        threads = max(1, (profile.study.threads or torch.get_num_threads()) // jobs)
-        data = profile.to_dict()
-        for level in (TEACHER, CACHE, None):
-            wave = [j for j in todo if (j.role == level if level else j.role not in (TEACHER, CACHE))]
-            pending = []
-            for job in wave:
-                metrics = runner.finished(job)
-                if metrics is not None:
-                    runner.reporter.finish(job, metrics, skipped=True)
-                else:
-                    pending.append(job)
-            with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-                futures = {pool.submit(_run_in_process, data, str(root), job, threads): job for job in pending}
-                for future, job in futures.items():
-                    future.result()
-                    runner.reporter.finish(job, read_json(job.run_dir / "metrics.json"), skipped=False)
-    records = collect(root)
+    reporter = reporter or Reporter()
+    root = Path(out).absolute() / profile.study.name
+    with make_executor(executor, jobs, address) as ex:
+        outcome = run_graph(profile, root, ex, reporter, force, deploy=False)
+    selection = select_current(root)
+    records = [r.as_dict() for r in selection.runs]
     write_json(root / "summary.json", records)
+    if selection.left_out:
+        reporter.left_out(selection.left_out)
+    if outcome.failed:
+        raise JobsFailed(outcome.failed, records)
     return records

@@ -2,13 +2,22 @@
 
 Everything the run needs is in its arguments and its run directory, so it can run as its own job (a Ray task,
 a torchrun worker) as well as inside `edgekd distill`.
+
+Several processes can train one run together (`edgekd.distill.worker` under torchrun sets `Ranks` for the
+job): every rank draws the epoch's global sample order and views from the same (seed, epoch), takes its
+contiguous part of each global batch (so teacher-cache lookups hit the same (image, view) pairs as one process
+would), gradients are averaged by DistributedDataParallel, BatchNorm statistics are those of the global batch,
+and rank 0 alone validates, writes checkpoints and returns; the others raise `FollowerDone` when their part is
+done. Without `Ranks` (the default) nothing of this is touched.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -43,6 +52,143 @@ class EpochReport:
     steps: int
     loss: float
     images_per_s: float
+
+
+@dataclass
+class Ranks:
+    """This process's place in a group of processes that train one run together (torch.distributed is set up)."""
+
+    rank: int
+    world: int
+    global_bn: bool = True  # BatchNorm statistics over the global batch, as one process computes them
+    # Called by rank 0 with the run's numerics as its training starts: the other ranks build their copy then.
+    on_start: Callable[[Execution], None] | None = None
+
+
+class FollowerDone(Exception):  # noqa: N818 - a signal, not an error
+    """Raised by `train` on every rank but 0 once its share of the training is done: what follows (choosing the
+    best epoch, evaluation, records) is rank 0's."""
+
+
+_RANKS: Ranks | None = None
+
+
+@contextmanager
+def ranks(group: Ranks) -> Iterator[Ranks]:
+    """`train` calls inside this block train together with the other ranks of `group`."""
+    global _RANKS
+    previous, _RANKS = _RANKS, group
+    try:
+        yield group
+    finally:
+        _RANKS = previous
+
+
+def shard(batch: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """This rank's contiguous part of a global batch of sample indices (parts differ by at most one sample)."""
+    return batch.tensor_split(world)[rank] if world > 1 else batch
+
+
+def from_rank0(obj, rank: int):
+    """Rank 0's `obj` on every rank (pickled; tensors in it must be on the CPU)."""
+    import torch.distributed as dist
+
+    box = [obj if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in state.items()}
+
+
+class _GatherRanks(torch.autograd.Function):
+    """Every rank's tensor, stacked [world, ...]; the backward pass sums the gradient over ranks (every rank's loss
+    depends on every rank's part) and keeps this rank's row. One collective each way."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:
+        import torch.distributed as dist
+
+        ctx.group, ctx.rank = group, dist.get_rank(group)
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, tensor.contiguous(), group=group)
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[ctx.rank], None
+
+
+def _global_batch_norm(bn: nn.modules.batchnorm._BatchNorm, group, x: torch.Tensor) -> torch.Tensor:
+    """BatchNorm in training mode with the mean and variance of the global batch: each rank's exact (two-pass)
+    mean and sum of squared deviations, gathered and combined (Chan et al.), differentiably, as torch's
+    SyncBatchNorm does on GPUs (it has no CPU kernels)."""
+    if not bn.training:
+        return type(bn).forward(bn, x)
+    c, dims = x.shape[1], [0, *range(2, x.ndim)]
+    shape = (1, c) + (1,) * (x.ndim - 2)
+    xf = x.float()
+    mean_r = xf.mean(dims)
+    m2_r = ((xf - mean_r.view(shape)) ** 2).sum(dims)
+    stats = _GatherRanks.apply(torch.cat([mean_r, m2_r, xf.new_full((1,), x.numel() // c)]), group)
+    counts = stats[:, -1:]
+    count = counts.sum()
+    mean = (stats[:, :c] * counts).sum(0) / count
+    var = (stats[:, c : 2 * c] + counts * (stats[:, :c] - mean) ** 2).sum(0) / count
+    centred = xf - mean.view(shape)
+    y = centred * torch.rsqrt(var + bn.eps).view(shape)
+    if bn.affine:
+        y = y * bn.weight.view(shape) + bn.bias.view(shape)
+    if bn.track_running_stats and bn.running_mean is not None:
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+            momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+            bn.running_mean.lerp_(mean.detach().to(bn.running_mean.dtype), momentum)
+            unbiased = var.detach() * count / (count - 1).clamp_min(1)
+            bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), momentum)
+    y = y.to(x.dtype)
+    if hasattr(bn, "act") and hasattr(bn, "drop"):  # timm's BatchNormAct2d: norm, then dropout and activation
+        y = bn.act(bn.drop(y))
+    return y
+
+
+def _globalise_batch_norm(model: nn.Module, group) -> tuple[list[nn.Module], int]:
+    """Make the model's BatchNorm layers normalise with global-batch statistics while training; returns the
+    layers changed (undo with `del layer.forward`) and how many BatchNorm layers of unknown kind were left as
+    they are (they normalise with this rank's part of the batch)."""
+    known = {nn.modules.batchnorm._BatchNorm.forward}
+    try:
+        from timm.layers import BatchNormAct2d
+
+        known.add(BatchNormAct2d.forward)
+    except ImportError:  # pragma: no cover - timm is part of the training install
+        pass
+    changed, unknown = [], 0
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, nn.SyncBatchNorm):
+            if type(m).forward in known:
+                m.forward = functools.partial(_global_batch_norm, m, group)
+                changed.append(m)
+            else:
+                unknown += 1
+    return changed, unknown
+
+
+def _average_gradients(params: list[nn.Parameter], world: int) -> None:
+    """Average the gradients of parameters DistributedDataParallel does not hold (trainable loss parts)."""
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    for p, part in zip(params, flat.split([g.numel() for g in grads]), strict=True):
+        p.grad = part.view_as(p).clone()
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -126,11 +272,26 @@ def discard_unusable_checkpoint(run_dir: Path) -> str | None:
 def train(model: nn.Module, data: DataSplits, cfg: TrainConfig, criterion: ComposedLoss, ex: Execution,
           augment: ViewAugment, seed: int, run_dir: Path, teacher=None, eval_batch_size: int = 512,
           on_step: Callable[[EpochReport], None] | None = None, log: Callable[[str], None] = print) -> dict:
-    """Train, keep the best weights by validation accuracy, and return the history. Resumes from run_dir."""
+    """Train, keep the best weights by validation accuracy, and return the history. Resumes from run_dir.
+
+    Inside `ranks(...)`, trains together with the other ranks (see the module's docstring); rank 0 reads and
+    writes run_dir, the others never touch it and raise `FollowerDone` at the end."""
+    group = _RANKS
+    rank, world = (group.rank, group.world) if group else (0, 1)
+    lead = rank == 0
     for split, images in (("training", data.train), ("validation", data.val)):
         if len(images) == 0:  # an empty validation split never picks a best epoch: refuse before the first step
             raise EdgeKDError(f"{run_dir}: the {split} split of {data.name!r} is empty: add images, or change "
                               f"datasets.{data.name}.val_fraction or the variant")
+    if cfg.batch_size < world:
+        raise EdgeKDError(f"{run_dir}: batch_size {cfg.batch_size} is smaller than the {world} processes training "
+                          "it: every process needs at least one image of each batch")
+    if group and lead and group.on_start:
+        group.on_start(ex)
+    if not lead:
+        log = _quiet
+    if world > 1:
+        ex = from_rank0(ex, rank)  # rank 0's numerics on every rank (a resumed run keeps its own)
     device = ex.device
     train_x, train_y = data.train.images.to(device), data.train.labels.to(device)
     normalize = Normalize(data.mean, data.std, device)
@@ -145,78 +306,156 @@ def train(model: nn.Module, data: DataSplits, cfg: TrainConfig, criterion: Compo
     total, warmup = steps * epochs, int(round(cfg.warmup_epochs * steps))
 
     ckpt = {"epoch": 0, "best_val": -1.0, "best_epoch": -1, "history": [], "train_s": 0.0, "images": 0}
-    damaged = discard_unusable_checkpoint(run_dir)
-    if damaged:
-        log(f"checkpoint discarded, training from the start: {damaged}")
-    if (run_dir / f"{CHECKPOINT}.json").is_file():
-        ckpt = read_json(run_dir / f"{CHECKPOINT}.json")
-        tensors = load_tensors(run_dir / f"{CHECKPOINT}.safetensors", device)
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        criterion.load_state_dict({k[10:]: v for k, v in tensors.items() if k.startswith("criterion.")})
-        _restore_optimizer(optimizer, tensors, ckpt["optimizer"])
-        best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
-        ckpt["prior_s"] = ckpt["train_s"]  # time spent before the interruption, for the run's wall time
-        log(f"resumed at epoch {ckpt['epoch']}/{epochs}")
-    else:
-        best = {}
+    best: dict[str, torch.Tensor] = {}
+    if lead:
+        damaged = discard_unusable_checkpoint(run_dir)
+        if damaged:
+            log(f"checkpoint discarded, training from the start: {damaged}")
+        if (run_dir / f"{CHECKPOINT}.json").is_file():
+            ckpt = read_json(run_dir / f"{CHECKPOINT}.json")
+            tensors = load_tensors(run_dir / f"{CHECKPOINT}.safetensors", device)
+            model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+            criterion.load_state_dict({k[10:]: v for k, v in tensors.items() if k.startswith("criterion.")})
+            _restore_optimizer(optimizer, tensors, ckpt["optimizer"])
+            best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+            ckpt["prior_s"] = ckpt["train_s"]  # time spent before the interruption, for the run's wall time
+            log(f"resumed at epoch {ckpt['epoch']}/{epochs}")
+    forward, undo_bn, extra = model, [], [p for p in criterion.parameters() if p.requires_grad]
+    if world > 1:
+        forward, undo_bn, ckpt = _join(group, model, criterion, optimizer, ckpt, ex, log)
+        stats = "the global batch" if group.global_bn else "each process's part of it"
+        log(f"{world} processes ({_backend()}): global batch {bs}, {-(-bs // world)} or fewer per process; "
+            f"BatchNorm statistics over {stats}")
 
-    for epoch in range(ckpt["epoch"], epochs):
-        torch.manual_seed(seed * 1000 + epoch)  # dropout and stochastic depth, replayable on resume
-        order, views = augment.draw_epoch(n, seed, epoch)
-        order, views = order.to(device), views.to(device)
-        model.train()
-        sums: dict[str, torch.Tensor] = {}
-        start = time.perf_counter()
-        for i in range(steps):
-            idx = order[i * bs : (i + 1) * bs]
-            v = views[idx]
-            x = normalize(augment.apply(train_x[idx], v)).contiguous(memory_format=ex.memory_format())
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * lr_factor(epoch * steps + i, total, warmup)
-            with ex.autocast():
-                logits = model(x)
-            teacher_logits = teacher.outputs(idx, v, x) if teacher is not None else None
-            parts = criterion(StepOutputs(logits, train_y[idx], teacher_logits, tap.outputs if tap else {},
-                                          getattr(teacher, "features", {}), (epoch * steps + i) / total))
-            optimizer.zero_grad(set_to_none=True)
-            parts["loss"].backward()
-            optimizer.step()
-            for k, value in parts.items():  # summed on device: no host sync per step
-                sums[k] = sums.get(k, 0) + value.detach() * len(idx)
-            if on_step and (i % 10 == 9 or i == steps - 1):
-                elapsed = time.perf_counter() - start
-                on_step(EpochReport(epoch, epochs, i + 1, steps, parts["loss"].item(),
-                                    (i + 1) * bs / max(elapsed, 1e-9)))
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        epoch_s = time.perf_counter() - start
-        val_acc = accuracy(predict(model, data.val.images.to(device), normalize, ex, eval_batch_size),
-                           data.val.labels)
-        seen = min(n, steps * bs)
-        record = {"epoch": epoch + 1, "val_acc": round(val_acc, 5), "epoch_s": round(epoch_s, 2),
-                  "images_per_s": round(seen / epoch_s, 1), **{k: round(v.item() / seen, 5) for k, v in sums.items()}}
-        if not math.isfinite(record["loss"]):  # checked once an epoch: a per-step check would sync the GPU
-            raise EdgeKDError(f"{run_dir}: training diverged in epoch {epoch + 1} (loss {record['loss']}); lower "
-                              "the learning rate or the loss weights, or ramp the distillation term in, e.g. "
-                              "dkd = { weight = 1.0, ramp = 0.1 }")
-        ckpt["history"].append(record)
-        ckpt["train_s"] += epoch_s
-        ckpt["images"] += seen
-        if val_acc > ckpt["best_val"]:
-            ckpt["best_val"], ckpt["best_epoch"] = val_acc, epoch + 1
-            best = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        ckpt["epoch"] = epoch + 1
-        opt_tensors, ckpt["optimizer"] = _flatten_optimizer(optimizer)
-        save_tensors(run_dir / f"{CHECKPOINT}.safetensors",
-                     {**{f"model.{k}": v for k, v in model.state_dict().items()},
-                      **{f"criterion.{k}": v for k, v in criterion.state_dict().items()},
-                      **{f"best.{k}": v for k, v in best.items()}, **opt_tensors})
-        write_json(run_dir / f"{CHECKPOINT}.json", {**ckpt, "execution": asdict(ex)})
-        log(" ".join(f"{k}={v}" for k, v in record.items()))
-    if tap:
-        tap.remove()
+    try:
+        for epoch in range(ckpt["epoch"], epochs):
+            torch.manual_seed(seed * 1000 + epoch)  # dropout and stochastic depth, replayable on resume
+            order, views = augment.draw_epoch(n, seed, epoch)  # the global draw: the same on every rank
+            order, views = order.to(device), views.to(device)
+            model.train()
+            sums: dict[str, torch.Tensor] = {}
+            start = time.perf_counter()
+            for i in range(steps):
+                batch = order[i * bs : (i + 1) * bs]
+                idx = shard(batch, rank, world)
+                v = views[idx]
+                x = normalize(augment.apply(train_x[idx], v)).contiguous(memory_format=ex.memory_format())
+                for g in optimizer.param_groups:
+                    g["lr"] = cfg.lr * lr_factor(epoch * steps + i, total, warmup)
+                with ex.autocast():
+                    logits = forward(x)
+                teacher_logits = teacher.outputs(idx, v, x) if teacher is not None else None
+                parts = criterion(StepOutputs(logits, train_y[idx], teacher_logits, tap.outputs if tap else {},
+                                              getattr(teacher, "features", {}), (epoch * steps + i) / total))
+                optimizer.zero_grad(set_to_none=True)
+                # DDP averages the ranks' gradients: weighting each rank's mean loss by its share of the batch
+                # makes that average the gradient of the global batch's mean loss, parts of unequal size too.
+                loss = parts["loss"] if world == 1 else parts["loss"] * (len(idx) * world / len(batch))
+                loss.backward()
+                if world > 1 and extra:
+                    _average_gradients(extra, world)
+                optimizer.step()
+                for k, value in parts.items():  # summed on device: no host sync per step
+                    sums[k] = sums.get(k, 0) + value.detach() * len(idx)
+                if on_step and lead and (i % 10 == 9 or i == steps - 1):
+                    elapsed = time.perf_counter() - start
+                    on_step(EpochReport(epoch, epochs, i + 1, steps, parts["loss"].item(),
+                                        (i + 1) * bs / max(elapsed, 1e-9)))
+            if world > 1:
+                sums = _sum_over_ranks(sums)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            epoch_s = time.perf_counter() - start
+            seen = min(n, steps * bs)
+            losses = {k: round(v.item() / seen, 5) for k, v in sums.items()}
+            if not math.isfinite(losses["loss"]):  # once an epoch, on every rank: a per-step check syncs the GPU
+                raise EdgeKDError(f"{run_dir}: training diverged in epoch {epoch + 1} (loss {losses['loss']}); "
+                                  "lower the learning rate or the loss weights, or ramp the distillation term in, "
+                                  "e.g. dkd = { weight = 1.0, ramp = 0.1 }")
+            ckpt["epoch"] = epoch + 1
+            if not lead:
+                continue
+            val_acc = accuracy(predict(model, data.val.images.to(device), normalize, ex, eval_batch_size),
+                               data.val.labels)
+            record = {"epoch": epoch + 1, "val_acc": round(val_acc, 5), "epoch_s": round(epoch_s, 2),
+                      "images_per_s": round(seen / epoch_s, 1), **losses,
+                      **({"processes": world} if world > 1 else {})}
+            ckpt["history"].append(record)
+            ckpt["train_s"] += epoch_s
+            ckpt["images"] += seen
+            if val_acc > ckpt["best_val"]:
+                ckpt["best_val"], ckpt["best_epoch"] = val_acc, epoch + 1
+                best = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            opt_tensors, ckpt["optimizer"] = _flatten_optimizer(optimizer)
+            save_tensors(run_dir / f"{CHECKPOINT}.safetensors",
+                         {**{f"model.{k}": v for k, v in model.state_dict().items()},
+                          **{f"criterion.{k}": v for k, v in criterion.state_dict().items()},
+                          **{f"best.{k}": v for k, v in best.items()}, **opt_tensors})
+            write_json(run_dir / f"{CHECKPOINT}.json", {**ckpt, "execution": asdict(ex)})
+            log(" ".join(f"{k}={v}" for k, v in record.items()))
+    finally:
+        for layer in undo_bn:
+            del layer.forward
+        if tap:
+            tap.remove()
+    fills = getattr(teacher, "fills", None)  # a teacher cache: outputs it had to compute on the spot
+    if fills is not None:
+        if world > 1:
+            fills = int(_sum_over_ranks({"fills": torch.tensor(float(fills), device=device)})["fills"])
+        if fills:
+            log(f"{fills:,} teacher outputs computed live: (image, view) pairs the cache's plan did not foresee")
+    if not lead:
+        raise FollowerDone
     model.load_state_dict(best)
     return ckpt
+
+
+def _quiet(line: str) -> None:
+    pass
+
+
+def _backend() -> str:
+    import torch.distributed as dist
+
+    return str(dist.get_backend())
+
+
+def _join(group: Ranks, model: nn.Module, criterion: ComposedLoss, optimizer: torch.optim.Optimizer, ckpt: dict,
+          ex: Execution, log: Callable[[str], None]):
+    """Start every rank from rank 0's state (fresh or resumed) and wrap the model for DistributedDataParallel;
+    returns the wrapper, the BatchNorm layers to restore afterwards, and rank 0's checkpoint dict."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    rank, state = group.rank, None
+    if rank == 0:
+        opt_tensors, opt_meta = _flatten_optimizer(optimizer)
+        state = {"ckpt": ckpt, "model": _cpu(model.state_dict()), "criterion": _cpu(criterion.state_dict()),
+                 "optimizer": _cpu(opt_tensors), "optimizer_meta": opt_meta}
+    state = from_rank0(state, rank)
+    if rank != 0:
+        model.load_state_dict(state["model"])
+        criterion.load_state_dict(state["criterion"])
+        _restore_optimizer(optimizer, state["optimizer"], state["optimizer_meta"])
+    undo_bn: list[nn.Module] = []
+    if group.global_bn:
+        undo_bn, unknown = _globalise_batch_norm(model, None)  # None: the default process group
+        if unknown:
+            log(f"{unknown} BatchNorm layers of a kind edgekd does not know normalise with each process's part")
+    device_ids = None
+    if ex.device.startswith("cuda"):  # the worker makes each rank's GPU the current one
+        index = torch.device(ex.device).index
+        device_ids = [torch.cuda.current_device() if index is None else index]
+    wrapped = DistributedDataParallel(model, device_ids=device_ids)  # buffers: rank 0's, at every forward
+    return wrapped, undo_bn, state["ckpt"]
+
+
+def _sum_over_ranks(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    import torch.distributed as dist
+
+    keys = list(sums)  # the same order on every rank: the same loss terms, added in the same order
+    flat = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64).reshape(()) for k in keys])
+    dist.all_reduce(flat)
+    return dict(zip(keys, flat.unbind(), strict=True))
 
 
 def evaluate(model: nn.Module, data: DataSplits, ex: Execution, batch_size: int,

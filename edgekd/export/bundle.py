@@ -9,6 +9,7 @@ and per model its parity or accuracy against FP32).
 from __future__ import annotations
 
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,9 +19,9 @@ from edgekd.bench.evalset import accuracy, normalize, predict
 from edgekd.bench.runners import OrtRunner
 from edgekd.envinfo import package_versions
 from edgekd.errors import EdgeKDError
-from edgekd.export.int8 import quantize
+from edgekd.export.int8 import Evaluator, make_int8, validation_views
 from edgekd.export.qdq_rules import check_tensorrt_qdq
-from edgekd.records import SCHEMA_VERSION, collect, group_runs, variant_label
+from edgekd.records import SCHEMA_VERSION, current_runs, fingerprint, group_runs, make_key, variant_label
 from edgekd.runio import read_json, write_json
 from edgekd.runio import sha256_file as sha256
 from edgekd.targets import EXPORT_TARGETS
@@ -38,6 +39,11 @@ class ExportOptions:
     eval_limit: int = 0  # 0 = the whole test split
     atol: float = 1e-3  # ONNX vs PyTorch: fail above this max |logit difference|
     min_agreement: float = 0.999
+    # INT8: "ptq" (one calibration, all INT8) or "ptq-search" (calibration and float groups chosen on the validation
+    # split; edgekd.export.int8). The sensitivity analysis is recorded in the manifest as `int8_sensitivity`.
+    int8_method: str = "ptq"
+    int8_max_drop: float = 1.0  # points: ptq-search's target for the validation drop vs FP32
+    int8_sensitivity: bool = False
 
 
 def find_student_runs(path: Path) -> list[Path]:
@@ -58,7 +64,7 @@ def _distill_record(run: Path, metrics: dict) -> dict:
     record = {"role": metrics["role"], "method": metrics["method"], "seed": metrics["seed"],
               "test_acc": metrics["test_acc"], "val_acc": metrics["val_acc"]}
     label = variant_label(metrics["variant"], metrics.get("family", ""))
-    for g in group_runs(collect(study_root)):
+    for g in group_runs(current_runs(study_root)):  # the runs current for the study's last plan
         if (g.dataset, g.label) == (metrics["dataset"], label):
             scratch = g.scratch_acc()
             record["teacher_acc"] = g.teacher_acc
@@ -69,6 +75,43 @@ def _distill_record(run: Path, metrics: dict) -> dict:
                 record["methods"][method] = {"kd_acc": g.kd_acc(method).to_dict(),
                                              "kd_gain": gain.to_dict() if gain else None}
     return record
+
+
+def export_key(run: Path, options: ExportOptions) -> dict:
+    """What a bundle is a function of: the student's weights, its dataset's settings (the eval and calibration images
+    come from them) and the export options that change a model; `targets`, `int8_presets` and `fp16` only say which
+    models a bundle has, so exports of other targets with the same key add to one bundle."""
+    name = read_json(run / "metrics.json")["dataset"]
+    dataset = read_json(run / "profile.json")["profile"]["datasets"][name]
+    config = {"deploy": {"calib_size": options.calib_size, "calib_method": options.calib_method,
+                         "int8_method": options.int8_method, "int8_max_drop": options.int8_max_drop,
+                         "eval_limit": options.eval_limit},
+              "export": {"atol": options.atol, "min_agreement": options.min_agreement, "opset": OPSET}}
+    data = {f"datasets.{name}": {k: v for k, v in dataset.items() if k not in ("data_dir", "download")}}
+    return make_key("bundle", config, data, {"student": sha256(run / "model.safetensors")})
+
+
+def refresh_distill_records(study_root: Path) -> list[Path]:
+    """Rewrite the study summary (`distill`) of each bundle's manifest and bench records where it changed: an
+    export runs as soon as its student is done, before the other seeds and methods are. Returns what changed."""
+    changed = []
+    for manifest_path in sorted(Path(study_root).glob("*/*/*/seed*/bundle/manifest.json")):
+        run = manifest_path.parent.parent
+        try:
+            manifest, metrics = read_json(manifest_path), read_json(run / "metrics.json")
+        except EdgeKDError:
+            continue
+        record = _distill_record(run, metrics)
+        if manifest.get("distill") == record:
+            continue
+        manifest["distill"] = record
+        write_json(manifest_path, manifest)
+        changed.append(manifest_path)
+        for bench in manifest_path.parent.glob("bench-*.json"):
+            data = read_json(bench)
+            if isinstance(data, dict) and data.get("distill") != record:
+                write_json(bench, {**data, "distill": record})
+    return changed
 
 
 def _torch_model(run: Path, profile: dict, data):
@@ -123,6 +166,7 @@ def export_run(run: Path, options: ExportOptions, log=print) -> Path:
     from edgekd.config import DatasetConfig
     from edgekd.data.splits import SPLIT_SEED, load_splits, stratified_cap
 
+    start = time.perf_counter()
     for target in options.targets:
         if target not in EXPORT_TARGETS:
             raise EdgeKDError(f"unknown export target {target!r}: use {', '.join(EXPORT_TARGETS)}")
@@ -131,6 +175,7 @@ def export_run(run: Path, options: ExportOptions, log=print) -> Path:
 
         engine_builder()  # TensorRT and a GPU, checked before the ONNX and INT8 work, not after it
     profile, metrics = read_json(run / "profile.json"), read_json(run / "metrics.json")
+    key = export_key(run, options)
     name = metrics["dataset"]
     data = load_splits(name, DatasetConfig(**profile["profile"]["datasets"][name]))
     model, cfg = _torch_model(run, profile, data)
@@ -154,8 +199,10 @@ def export_run(run: Path, options: ExportOptions, log=print) -> Path:
                  "subset": bool(len(labels) < len(data.test)), "of": len(data.test)},
         "packages": package_versions(), "models": {},
     }
-    if (bundle / "manifest.json").is_file():  # keep what an earlier export of other targets made
-        manifest["models"] = read_json(bundle / "manifest.json").get("models", {})
+    if (bundle / "manifest.json").is_file():  # keep what an earlier export of other targets made with this key
+        earlier = read_json(bundle / "manifest.json")
+        if isinstance(earlier, dict) and earlier.get("fingerprint") == fingerprint(key):
+            manifest["models"] = earlier.get("models", {})
 
     with torch.inference_mode():
         x = normalize(images, data.mean, data.std)
@@ -166,6 +213,7 @@ def export_run(run: Path, options: ExportOptions, log=print) -> Path:
     def add(key, file, precision, **info):
         manifest["models"][key] = {"file": file, "precision": precision, "bytes": (bundle / file).stat().st_size,
                                    "sha256": sha256(bundle / file), **info}
+        manifest["export_s"] = round(time.perf_counter() - start, 2)  # this export's time so far: the report's phase
         write_json(bundle / "manifest.json", manifest)  # after each model: nothing made is lost to a later failure
 
     if "onnx" in options.targets or "int8" in options.targets or "trt" in options.targets:
@@ -180,19 +228,35 @@ def export_run(run: Path, options: ExportOptions, log=print) -> Path:
             raise EdgeKDError(f"{run}: ONNX output differs from PyTorch (max |Δlogit| {max_diff:.3g}, agreement "
                               f"{agreement:.4%}): the export is wrong for this model; do not deploy it")
     if "int8" in options.targets or ("trt" in options.targets and "trt" in options.int8_presets):
-        calib = stratified_cap(data.train, options.calib_size, data.num_classes, SPLIT_SEED + 4)
-        calib_x = normalize(calib.images.numpy(), data.mean, data.std)
+        def calibration(size: int) -> np.ndarray:  # training images; the same draw as ever for --calib-size
+            calib = stratified_cap(data.train, size, data.num_classes, SPLIT_SEED + 4)
+            return normalize(calib.images.numpy(), data.mean, data.std)
+
+        # Every INT8 choice (calibration, float groups) is made on the validation split, never on eval.npz (test);
+        # a small one with its training-augmentation views (see validation_views).
+        val = None
+        if options.int8_method != "ptq" or options.int8_sensitivity:
+            dcfg = DatasetConfig(**profile["profile"]["datasets"][name])
+            val_x, val_y, views = validation_views(data.val.images, data.val.labels.numpy(), dcfg.crop_padding,
+                                                   dcfg.hflip)
+            val = Evaluator(bundle / "model.onnx", normalize(val_x, data.mean, data.std), val_y)
+            manifest["int8_validation"] = {"split": "validation", "images": len(data.val), "views": views,
+                                           "scored": len(val_y)}
         for preset in options.int8_presets:
             file = f"model.int8-{preset}.onnx"
-            quantize(bundle / "model.onnx", bundle / file, calib_x, preset, options.calib_method)
+            info, sensitivity = make_int8(bundle / "model.onnx", bundle / file, preset, calibration, len(data.train),
+                                          options.int8_method, options.calib_method, options.calib_size, val,
+                                          options.int8_max_drop / 100, options.int8_sensitivity, log)
             acc = accuracy(predict(OrtRunner(bundle / file), images, data.mean, data.std), labels)
-            info = {"preset": preset, "calibration": {"split": "train", "images": len(calib_x),
-                                                      "method": options.calib_method},
-                    "accuracy": acc, "accuracy_change_vs_fp32": acc - manifest["models"]["onnx-fp32"]["accuracy"]}
+            info = {"preset": preset, **info, "accuracy": acc,
+                    "accuracy_change_vs_fp32": acc - manifest["models"]["onnx-fp32"]["accuracy"]}
             if preset == "trt":
                 info["tensorrt_qdq_check"] = check_tensorrt_qdq(bundle / file).to_dict()
+            if sensitivity is not None:
+                manifest.setdefault("int8_sensitivity", {})[preset] = sensitivity
             add(f"onnx-int8-{preset}", file, "int8", **info)
-            log(f"int8 {preset}: accuracy {acc:.4f} ({info['accuracy_change_vs_fp32'] * 100:+.2f} pts vs FP32)")
+            log(f"int8 {preset} ({options.int8_method}): accuracy {acc:.4f} "
+                f"({info['accuracy_change_vs_fp32'] * 100:+.2f} pts vs FP32)")
     if options.fp16:  # what a strongly typed TensorRT network builds FP16 from
         _export_onnx(model, bundle / "model.fp16.onnx", shape, half=True)
         add("onnx-fp16", "model.fp16.onnx", "fp16", opset=OPSET, **_fp16_parity(bundle, reference, images, labels, data))
@@ -200,5 +264,11 @@ def export_run(run: Path, options: ExportOptions, log=print) -> Path:
         from edgekd.export.tensorrt_build import build_engines
 
         precisions = ("fp32", *(["fp16"] if options.fp16 else []), *(["int8"] if "trt" in options.int8_presets else []))
+        manifest.update(key=key, fingerprint=fingerprint(key))  # the engines add to a finished bundle
+        write_json(bundle / "manifest.json", manifest)
         build_engines(bundle, precisions, log=lambda line: log(f"trt {line}"))
+    # The key last: a bundle whose export was cut short has none, so a study exports it again.
+    written = read_json(bundle / "manifest.json") if (bundle / "manifest.json").is_file() else manifest
+    manifest = {**written, "key": key, "fingerprint": fingerprint(key)}
+    write_json(bundle / "manifest.json", manifest)
     return bundle

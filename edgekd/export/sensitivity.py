@@ -5,8 +5,9 @@ weight Q/DQ, or one Add/Mul/pooling node), each a full ONNX Runtime quantization
 and one shared calibration:
 
 - only: this group INT8, everything else float. The damage the group does on its own.
-- leave-one-out: everything INT8 except this group. What keeping it float gives back; in a net where many small
-  errors add up, this is the one that finds the group to keep float.
+- leave-one-out: everything INT8 except this group, kept float the way the preset keeps groups float (`cpu`: its
+  activations in 16-bit Q/DQ; `trt`: its nodes left out, for groups without weights only: see edgekd.export.int8).
+  What keeping it float gives back; mixed precision keeps groups float in this order.
 
 Scores are validation accuracy, top-1 agreement with FP32 and KL(FP32 || INT8): on a small validation split
 accuracy moves in steps of one image, and KL orders the groups that accuracy cannot tell apart.
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgekd.export.int8 import Evaluator, NodeGroup, Quantizer, Score
+from edgekd.export.int8 import Evaluator, NodeGroup, Quantizer, Recipe, Score
 
 
 @dataclass
@@ -27,13 +28,13 @@ class GroupSensitivity:
     group: NodeGroup
     only: Score | None = None
     leave_one_out: Score | None = None
+    closure: tuple[str, ...] = ()  # the groups leave-one-out left out with it (see Quantizer.closure)
 
 
 @dataclass
 class SensitivityReport:
     preset: str
-    method: str
-    images: int
+    recipe: Recipe
     samples: int
     fp32: Score
     int8_all: Score
@@ -45,12 +46,14 @@ class SensitivityReport:
     def recovery(self, r: GroupSensitivity) -> float:
         return r.leave_one_out.accuracy - self.int8_all.accuracy if r.leave_one_out else 0.0
 
+    def attributable_kl(self, r: GroupSensitivity) -> float:
+        """The KL to FP32 the group accounts for: what its INT8 alone adds, or what keeping it float removes,
+        whichever is larger."""
+        return max(r.only.kl if r.only else 0.0, self.int8_all.kl - r.leave_one_out.kl if r.leave_one_out else 0.0)
+
     def worst(self) -> list[GroupSensitivity]:
-        """Most harmful first: by the accuracy the group costs on its own, then by what keeping it float gives
-        back, then by KL."""
-        return sorted(self.rows, key=lambda r: (self.only_change(r), -self.recovery(r),
-                                                -(r.only.kl if r.only else 0.0),
-                                                r.leave_one_out.kl if r.leave_one_out else 0.0))
+        """Most harmful first, by the KL the group accounts for, then by the accuracy it costs on its own."""
+        return sorted(self.rows, key=lambda r: (-self.attributable_kl(r), self.only_change(r), -self.recovery(r)))
 
     def to_dict(self) -> dict:
         def score(s: Score | None, base: Score) -> dict | None:
@@ -59,54 +62,60 @@ class SensitivityReport:
             return {**s.to_dict(), "change_pts": (s.accuracy - base.accuracy) * 100}
 
         return {"split": "validation", "samples": self.samples, "preset": self.preset,
-                "calibration": {"split": "train", "method": self.method, "images": self.images},
+                "calibration": {"split": "train", "method": self.recipe.method, "images": self.recipe.images,
+                                "placement": self.recipe.placement},
                 "fp32": self.fp32.to_dict(), "int8_all": self.int8_all.to_dict(),
-                "groups": [{**r.group.to_dict(), "only": score(r.only, self.fp32),
-                            "leave_one_out": score(r.leave_one_out, self.int8_all)} for r in self.worst()]}
+                "groups": [{**r.group.to_dict(), "attributable_kl": self.attributable_kl(r),
+                            "float_closure": list(r.closure),
+                            "only": score(r.only, self.fp32), "leave_one_out": score(r.leave_one_out, self.int8_all)}
+                           for r in self.worst()]}
 
 
-def analyse(q: Quantizer, images: np.ndarray, method: str, val: Evaluator, groups: Sequence[NodeGroup] | None = None,
-            single: bool = True, leave_one_out: bool = True,
+def analyse(q: Quantizer, images: np.ndarray, recipe: Recipe, val: Evaluator,
+            groups: Sequence[NodeGroup] | None = None, single: bool = True, leave_one_out: bool = True,
             log: Callable[[str], None] = lambda line: None) -> SensitivityReport:
-    """Quantize each group alone and/or all but each group, with one calibration; score each on `val`."""
+    """Quantize each group alone and/or all but each group (with `recipe`'s calibration and placement, `images`
+    its calibration images); score each on `val`. Leave-one-out is measured where the preset can keep the group
+    float."""
     groups = list(groups or q.groups)
-    full = val.score(q.quantize(q.scratch("all"), images, method))
+    base = Recipe(recipe.method, recipe.images, recipe.placement)
+    full = val.score(q.quantize(q.scratch("all"), images, base))
     rows = []
     for i, g in enumerate(groups):
         row = GroupSensitivity(g)
         if single:
-            row.only = val.score(q.quantize(q.scratch("only"), images, method, only=g.nodes))
-        if leave_one_out:
-            row.leave_one_out = val.score(q.quantize(q.scratch("loo"), images, method, exclude=g.nodes))
+            row.only = val.score(q.quantize(q.scratch("only"), images, base, only=[g.name]))
+        if leave_one_out and q.can_float(g):
+            loo = Recipe(base.method, base.images, base.placement, (g.name,))
+            row.leave_one_out = val.score(q.quantize(q.scratch("loo"), images, loo))
+            row.closure = tuple(q.last_float)
         rows.append(row)
         if (i + 1) % 10 == 0 or i + 1 == len(groups):
-            log(f"sensitivity: {i + 1}/{len(groups)} node groups")
-    return SensitivityReport(q.preset_name, method, len(images), len(val.labels), val.fp32, full, rows)
+            log(f"{q.preset_name}: sensitivity {i + 1}/{len(groups)} node groups")
+    return SensitivityReport(q.preset_name, base, len(val.labels), val.fp32, full, rows)
 
 
 def float_order(report: SensitivityReport) -> tuple[list[str], str]:
-    """The order in which mixed precision keeps groups float: largest leave-one-out gain first (validation
-    accuracy, then KL); groups whose leave-one-out was not measured follow by their own damage."""
-    how = ("leave-one-out validation accuracy gain, then KL reduction"
-           if any(r.leave_one_out for r in report.rows) else "single-group validation damage")
-
-    def key(r: GroupSensitivity):
-        if r.leave_one_out:
-            return (0, -report.recovery(r), r.leave_one_out.kl)
-        return (1, report.only_change(r), -(r.only.kl if r.only else 0.0))
-
-    return [r.group.name for r in sorted(report.rows, key=key)], how
+    """The order in which mixed precision keeps groups float: most leave-one-out KL removed (KL to FP32 orders
+    the groups where a small validation split's accuracy moves by single images) per group left out with it
+    (its closure: what floating it takes), so that of two ways to float the same tensors the smaller comes first.
+    Groups the preset cannot keep float are not in it."""
+    rows = [r for r in report.rows if r.leave_one_out]
+    rows.sort(key=lambda r: (-(report.int8_all.kl - r.leave_one_out.kl) / max(1, len(r.closure)),
+                             -r.leave_one_out.accuracy))
+    return [r.group.name for r in rows], "leave-one-out KL removed per group left out (largest first)"
 
 
 def sensitivity_table(record: dict, title: str, top: int = 10):
     """A rich table of a manifest's `int8_sensitivity[preset]` record: the `top` worst groups."""
     from rich.table import Table
 
+    c = record["calibration"]
     table = Table(title=title, caption=f"validation split ({record['samples']} images); FP32 "
                   f"{record['fp32']['accuracy'] * 100:.2f}%, all INT8 {record['int8_all']['accuracy'] * 100:.2f}% "
-                  f"({record['calibration']['method']}, {record['calibration']['images']} train images); only = "
-                  "this group INT8, rest float (pts vs FP32); leave-one-out = all INT8 but this group (pts vs all "
-                  "INT8)")
+                  f"(KL {record['int8_all']['kl']:.4f}; {c['method']}, {c['images']} train images, {c['placement']} "
+                  "Q/DQ); only = this group INT8, the rest float (pts vs FP32); leave-one-out = all INT8 but this "
+                  "group (pts vs all INT8; '-' = the preset cannot keep it float)")
     for col in ("group", "op", "tags", "only pts", "only KL", "leave-one-out pts", "leave-one-out KL"):
         table.add_column(col, justify="left" if col in ("group", "op", "tags") else "right")
     for g in record["groups"][:top]:

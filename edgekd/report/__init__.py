@@ -9,12 +9,20 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgekd.errors import EdgeKDError
-from edgekd.records import Spread, collect, paired_gain, variant_label
+from edgekd.records import Spread, paired_gain, select_current, variant_label
 from edgekd.report import plots
+from edgekd.report.sections import (
+    factor_answers,
+    kept_share,
+    study_setups,
+    variant_descriptions,
+    what_was_run,
+)
 from edgekd.report.tables import deploy_rows, variant_rows, write_csv
 from edgekd.runio import write_json
 
@@ -26,6 +34,7 @@ class Report:
     deploy: list[dict]
     retention: list[dict]
     files: dict[str, Path] = field(default_factory=dict)
+    left_out: list[str] = field(default_factory=list)  # records on disk not current for the study's last plan
 
 
 def int8_retention(deploy: list[dict]) -> list[dict]:
@@ -84,13 +93,14 @@ def _markdown_tables(report: Report) -> list[str]:
     lines += _method_table(report.variants)
     if report.retention:
         lines += ["", "KD gain after INT8, on the bundles' evaluation images (points, mean ± std over seeds). "
-                  "'kept' is shown only where the FP32 gain is at least 1 point: a ratio of two small numbers says "
+                  "'kept' (the INT8 gain as a share of the FP32 gain) is shown only where the FP32 gain is positive "
+                  "and at least 1 point: a share of a loss is not kept, and a ratio of two small numbers says "
                   "nothing.", "",
                   "| dataset | variant | method | INT8 model | KD gain FP32 | KD gain INT8 | kept |",
                   "|---|---|---|---|---|---|---|"]
         for r in report.retention:
             g32, g8 = r["gain_fp32"], r["gain_int8"]
-            kept = f"{100 * g8.mean / g32.mean:.0f}%" if abs(g32.mean) >= 0.01 else "-"
+            kept = kept_share(g32, g8)
             lines.append(f"| {r['dataset']} | {r['variant']} | {r['method']} | {r['deployed']} | "
                          f"{100 * g32.mean:+.2f} ± {100 * g32.std:.2f} | {100 * g8.mean:+.2f} ± {100 * g8.std:.2f} | {kept} |")
     return lines
@@ -121,13 +131,14 @@ def _method_table(rows: list[dict]) -> list[str]:
 
 def build_report(study_root: Path) -> Report:
     study_root = Path(study_root)
-    records = collect(study_root)
+    selection = select_current(study_root)  # only records whose keys match the study's last plan
+    records = [r.as_dict() for r in selection.runs]
     if not records:
         raise EdgeKDError(f"no finished runs under {str(study_root)!r}: pass a study directory such as runs/quickstart")
     out = study_root / "report"
     out.mkdir(exist_ok=True)
-    deploy = deploy_rows(study_root)
-    report = Report(study_root, variant_rows(records), deploy, int8_retention(deploy))
+    deploy = deploy_rows(study_root, selection.benches)
+    report = Report(study_root, variant_rows(records), deploy, int8_retention(deploy), left_out=selection.left_out)
     write_csv(out / "runs.csv", records)
     write_csv(out / "variants.csv", report.variants)
     write_csv(out / "deploy.csv", deploy)
@@ -145,43 +156,126 @@ def build_report(study_root: Path) -> Report:
     for name, png in figures.items():
         (out / f"{name}.png").write_bytes(png)
     title = f"edgekd report: {study_root.name}"
-    tables = _markdown_tables(report)
+    setups = study_setups(study_root, records)
+    answers = factor_answers(report.variants, variant_descriptions(setups))
     md = [f"# {title}", "", "Test accuracy in %; students as mean ± std over seeds [95% interval]; KD gain is KD minus "
-          "scratch paired by seed, negative where KD hurt.", "", *tables, ""]
-    md += [f"![{name}]({name}.png)" for name in figures]
-    (out / "report.md").write_text("\n".join(md) + "\n")
-    (out / "report.html").write_text(_html(title, tables, figures))
+          "scratch paired by seed, negative where KD hurt.", ""]
+    if answers:
+        md += ["## Answers", "", "Per dataset factor: what KD changed, in points of test accuracy, with the 95% "
+               "interval of the paired gain; a gain is distinguishable from zero when its interval excludes zero.",
+               "", *answers]
+    md += ["## Results", "", *_markdown_tables(report), ""]
+    if figures:
+        md += ["## Figures", ""]
+        for name in figures:
+            note = FIGURE_NOTES.get(name.rstrip("0123456789").removesuffix("_b"))
+            md += [f"![{name}]({name}.png)", *([f"*{note}*"] if note else []), ""]
+    md += what_was_run(study_root, records, report.variants, setups)
+    if selection.left_out:
+        shown = selection.left_out[:20]
+        md += ["", "## Left out", "", f"{len(selection.left_out)} record(s) in the study directory are not current for "
+               "the profile it was last run with (their keys differ), and are not in any table or figure:", "",
+               *[f"- `{line.split(': ', 1)[0]}`: {line.split(': ', 1)[-1]}" for line in shown],
+               *([f"- and {len(selection.left_out) - len(shown)} more"] if len(selection.left_out) > len(shown) else [])]
+    text = "\n".join(md).rstrip("\n") + "\n"
+    while "\n\n\n" in text:
+        text = text.replace("\n\n\n", "\n\n")
+    (out / "report.md").write_text(text)
+    (out / "report.html").write_text(_html(title, text, figures))
     report.files = {"md": out / "report.md", "html": out / "report.html", "csv": out / "variants.csv",
                     "deploy_csv": out / "deploy.csv"}
     return report
 
 
-def _html(title: str, md_tables: list[str], figures: dict[str, bytes]) -> str:
-    """A self-contained page: the markdown tables as HTML tables, the figures embedded as base64 PNG."""
-    body, rows = [], []
+FIGURE_NOTES = {
+    "kd_gain_by_factor": "KD gain per dataset variant, coloured by factor: bars are means over seeds, thick "
+                         "whiskers ± std, thin whiskers the 95% interval.",
+    "kd_gain_by_method": "KD gain of each method on each variant, blue where KD helped, red where it hurt.",
+    "accuracy_vs_latency": "Accuracy against p50 latency, one panel per variant, device and clock; the dashed line "
+                           "is the Pareto front. Models not made for the device they were timed on are left out and "
+                           "counted in the panel's title.",
+    "int8_retention": "KD gain on the FP32 ONNX model beside each INT8 model's, paired by seed.",
+    "shift_curves": "Accuracy of scratch and KD students on corrupted test sets, by severity.",
+}
+
+
+def _inline(text: str) -> str:
+    """Escaped text with **bold** and `code` spans."""
+    out = html.escape(text, quote=False)
+    out = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", out)
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
+
+
+_NBSP_PM = "\u00a0±\u00a0"
+_NUMBER = re.compile(r"[+\-−]?[\d.]+%?( ± [\d.]+)?( \[±[\d.]+\])?")  # right-aligned: a number or a spread
+
+
+def _cells(row: list[str], tag: str) -> str:
+    """Table cells; numbers and spreads right-aligned, "mean ± std" kept on one line."""
+    out = []
+    for c in row:
+        num = " class=num" if tag == "td" and _NUMBER.fullmatch(c) else ""
+        out.append(f"<{tag}{num}>{_inline(c).replace(' ± ', _NBSP_PM)}</{tag}>")
+    return "".join(out)
+
+
+def _html(title: str, markdown: str, figures: dict[str, bytes]) -> str:
+    """A self-contained page from the report's markdown (headings, paragraphs, lists, tables, figures), the figures
+    embedded as base64 PNG."""
+    body: list[str] = []
+    table: list[list[str]] = []
+    para: list[str] = []
+    items: list[str] = []
+    caption = re.compile(r"\*([^*].*)\*")
 
     def flush():
-        if rows:
-            head, *rest = rows
-            body.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>"
-                        + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rest)
-                        + "</table>")
-            rows.clear()
+        if table:
+            head, *rest = table
+            body.append('<div class="scroll"><table><thead><tr>' + _cells(head, "th") + "</tr></thead><tbody>"
+                        + "".join(f"<tr>{_cells(r, 'td')}</tr>" for r in rest) + "</tbody></table></div>")
+            table.clear()
+        if para:
+            body.append(f"<p>{_inline(' '.join(para))}</p>")
+            para.clear()
+        if items:
+            body.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in items) + "</ul>")
+            items.clear()
 
-    for line in md_tables:
+    for line in markdown.splitlines():
+        image = re.fullmatch(r"!\[(.*)\]\((.+)\.png\)", line)
         if line.startswith("|---"):
             continue
         if line.startswith("|"):
-            rows.append([c.strip() for c in line.strip("|").split("|")])
+            if para or items:
+                flush()
+            table.append([c.strip() for c in line.strip().strip("|").split("|")])
+            continue
+        if caption.fullmatch(line) and not para and body and body[-1].startswith("<figure>"):
+            body[-1] = body[-1].split("<figcaption>")[0] + f"<figcaption>{_inline(line[1:-1])}</figcaption></figure>"
+            continue
+        flush()
+        if not line.strip():
+            continue
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{_inline(line[level:].strip())}</h{level}>")
+        elif image and image.group(2) in figures:
+            name = image.group(2)
+            body.append(f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,'
+                        f'{base64.b64encode(figures[name]).decode()}"><figcaption>{html.escape(name.replace("_", " "))}'
+                        "</figcaption></figure>")
+        elif line.startswith("- "):
+            items.append(line[2:])
         else:
-            flush()
+            para.append(line)
     flush()
-    images = "".join(f'<figure><img alt="{name}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-                     f"<figcaption>{name.replace('_', ' ')}</figcaption></figure>" for name, png in figures.items())
-    style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;"
-             "margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f3f3f3}"
-             "td:nth-child(-n+5){text-align:left}img{max-width:100%}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1><p>Test accuracy in %; students as "
-            "mean ± std over seeds [95% interval]; KD gain = KD − scratch, paired by seed.</p>"
-            + "".join(body) + images + "</body></html>\n")
+    style = ("*{box-sizing:border-box}body{font-family:system-ui,sans-serif;margin:2em auto;padding:0 1em;"
+             "max-width:1200px;line-height:1.45;color:#222}h1{font-size:1.6em}h2{margin-top:1.6em;border-bottom:1px "
+             "solid #ddd}.scroll{max-width:100%;overflow-x:auto}table{border-collapse:collapse;margin:1em 0;"
+             "font-size:.92em}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top;"
+             "overflow-wrap:break-word}th{background:#f3f3f3}td.num{text-align:right}"
+             "figure{margin:1.5em 0}img{max-width:100%;height:auto}figcaption{color:#555;font-size:.9em}"
+             "p,li{max-width:75em;overflow-wrap:anywhere}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><meta name='viewport' "
+            f"content='width=device-width,initial-scale=1'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>" + "".join(body) + "</body></html>\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import textwrap
 from collections import defaultdict
 
 import matplotlib
@@ -18,9 +19,26 @@ COLORS = {"clean": "#4c72b0", "size": "#55a868", "imbalance": "#c44e52", "label 
 def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=110)
+    # bbox "tight": a label or title that still sticks out widens the image instead of being cut at its edge
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", pad_inches=0.1)
     plt.close(fig)
     return buf.getvalue()
+
+
+def _wrap(text: str, width_in: float, fontsize: float) -> str:
+    """Text broken into lines that fit `width_in` inches at `fontsize` points (about 0.55 em per character)."""
+    chars = max(16, int(width_in * 72 / (0.55 * fontsize)))
+    return "\n".join(textwrap.fill(part, chars) for part in text.split("\n"))
+
+
+def _title(ax, text: str, fontsize: float = 10) -> None:
+    """An axes title wrapped to the axes' width: a long title is never cut at the image's edge."""
+    width = ax.figure.get_figwidth() * ax.get_position().width
+    ax.set_title(_wrap(text, width, fontsize), fontsize=fontsize)
+
+
+def _suptitle(fig, text: str, fontsize: float = 10) -> None:
+    fig.suptitle(_wrap(text, 0.95 * fig.get_figwidth(), fontsize), fontsize=fontsize)
 
 
 def kd_gain_by_factor(rows: list[dict]) -> bytes | None:
@@ -41,7 +59,7 @@ def kd_gain_by_factor(rows: list[dict]) -> bytes | None:
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(list(x), labels, fontsize=7)
     ax.set_ylabel("KD gain (points of test accuracy)")
-    ax.set_title("KD gain by dataset factor (mean over seeds; thick: ± std, thin: 95% interval)")
+    _title(ax, "KD gain by dataset factor\nmean over seeds; thick bar: ± std, thin whisker: 95% interval", 10)
     factors = list(dict.fromkeys(r["factor"] for r in rows))
     ax.legend([plt.Rectangle((0, 0), 1, 1, color=COLORS.get(f, "#999999")) for f in factors], factors, fontsize=8,
               loc="best")
@@ -70,7 +88,7 @@ def method_gain_heatmap(rows: list[dict]) -> bytes | None:
     ax.set_xticks(range(len(columns)), [f"{d}\n{v}\n{s}" for d, v, s in columns], fontsize=8)
     ax.set_yticks(range(len(methods)), methods, fontsize=9)
     fig.colorbar(image, ax=ax, label="KD gain over scratch (points)")
-    ax.set_title("KD gain by method and dataset variant (mean ± std over seeds)")
+    _title(ax, "KD gain by method and dataset variant (mean ± std over seeds)", 10)
     return _png(fig)
 
 
@@ -101,9 +119,9 @@ def accuracy_vs_latency(deploy: list[dict], batch: int) -> bytes | None:
         return None
     panels = latency_panels(rows)
     keys = sorted(panels)
-    cols = min(3, len(keys))
+    cols = min(2, len(keys))  # two panels a line: at the report's width their labels stay readable
     nrows = -(-len(keys) // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 4.2 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.0 * cols, 4.4 * nrows), squeeze=False)
     markers = {"scratch": "o"}
     for ax, key in zip(axes.flat, keys, strict=False):
         variant, device, timing = key
@@ -121,15 +139,16 @@ def accuracy_vs_latency(deploy: list[dict], batch: int) -> bytes | None:
         ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.xaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
         clock = "CUDA events" if timing == "device_events" else "host clock"
-        ax.set_xlabel(f"p50 latency, batch {batch} (ms, {clock}, log)")
-        ax.set_ylabel("accuracy on the eval set (%)")
+        ax.set_xlabel(f"p50 latency, batch {batch} (ms, {clock}, log)", fontsize=9)
+        ax.set_ylabel("accuracy on the eval set (%)", fontsize=9)
+        ax.tick_params(labelsize=8, which="both")
         left_out = len({r["deployed"] for r in panels[key]} - {r["deployed"] for r in shown})
         note = f"\n{left_out} model kind(s) not made for {device} left out" if left_out else ""
-        ax.set_title(f"{variant} on {device}{note}", fontsize=9)
-        ax.legend(fontsize=6, loc="lower right")
+        _title(ax, f"{variant} on {device}{note}", 10)
+        ax.legend(fontsize=7.5, loc="best", framealpha=0.8)
     for ax in list(axes.flat)[len(keys):]:
         ax.set_visible(False)
-    fig.suptitle(f"Accuracy against latency per model kind ({rows[0]['cpu'][:40]})", fontsize=10)
+    _suptitle(fig, f"Accuracy against latency per model kind, batch {batch} ({rows[0]['cpu'][:40]})", 11)
     fig.tight_layout()
     return _png(fig)
 
@@ -155,7 +174,7 @@ def int8_retention(retention: list[dict]) -> bytes | None:
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(groups)), [f"{d}\n{v}\n{m}" for d, v, m in groups], fontsize=8)
     ax.set_ylabel("KD gain (points, ± std over seeds)")
-    ax.set_title("How much of the KD gain survives INT8 quantization")
+    _title(ax, "How much of the KD gain survives INT8 quantization", 10)
     ax.legend(fontsize=8)
     return _png(fig)
 
@@ -175,9 +194,9 @@ def shift_curves(rows: list[dict]) -> bytes | None:
                     (int(n.split("@")[1]), s.mean) for n, s in row[f"{who}_shift"].items() if n.startswith(kind + "@"))
                 ax.plot([p[0] for p in points], [100 * p[1] for p in points], style,
                         label="scratch" if who == "scratch" else row["method"])
-            ax.set_title(f"{kind}: {row['variant']}, {row['student']}", fontsize=8)
+            _title(ax, f"{kind}: {row['variant']}, {row['student']}", 8)
             ax.set_xlabel("severity (0 = clean)", fontsize=8)
         line[0].set_ylabel("test accuracy (%)")
         line[0].legend(fontsize=8)
-    fig.suptitle("Accuracy under test-time corruption, scratch vs KD (mean over seeds)")
+    _suptitle(fig, "Accuracy under test-time corruption, scratch vs KD (mean over seeds)", 10)
     return _png(fig)

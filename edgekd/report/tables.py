@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from edgekd.records import BASE_VARIANT, RunRecord, Spread, group_runs, paired_gain, read_benches
+from edgekd.records import BASE_VARIANT, BenchRecord, RunRecord, Spread, group_runs, paired_gain, read_benches
 from edgekd.targets import TARGETS, timing_kind
 
 FACTOR = {"base": "clean", "fraction": "size", "per_class": "size", "imbalance": "imbalance",
@@ -56,10 +56,11 @@ def variant_rows(records: list[dict] | list[RunRecord]) -> list[dict]:
     return rows
 
 
-def deploy_rows(study_root: Path) -> list[dict]:
-    """One row per (student run, bench file, model): accuracy and latency where it was measured."""
+def deploy_rows(study_root: Path, benches: list[BenchRecord] | None = None) -> list[dict]:
+    """One row per (student run, bench file, model): accuracy and latency where it was measured; `benches`: these
+    bench records only (the current ones), else every bench file of the study."""
     rows = []
-    for record in read_benches(study_root):
+    for record in read_benches(study_root) if benches is None else benches:
         run = record.run
         if run is None:  # a bundle in the study tree without its run's metrics.json: not a study result
             continue

@@ -1,0 +1,237 @@
+"""INT8 sensitivity and ptq-search on tiny hand-made ONNX models: a fragile layer ranks first, float groups carry
+no Q/DQ, choices follow the validation split, and the trt preset keeps TensorRT's rules."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edgekd.errors import EdgeKDError
+from edgekd.export.int8 import (
+    Evaluator,
+    Quantizer,
+    Recipe,
+    make_int8,
+    ort_requantized,
+    search_calibration,
+    search_ptq,
+    validation_views,
+)
+from edgekd.export.qdq_rules import check_tensorrt_qdq
+from edgekd.export.sensitivity import analyse, float_order, sensitivity_table
+
+CLASSES = 4
+
+
+def tiny_model(path, fragile: bool, seed: int = 0):
+    """input [N,1,8,8] -> conv_a 3x3 (6 ch) -> Relu -> conv_b 1x1 (6 ch) -> Relu -> GlobalAveragePool -> Flatten
+    -> classifier (Gemm). `fragile`: conv_b's last channel is always 0 (bias -10 before the Relu) and each classifier
+    row puts a weight of 300 on it, so a row's per-channel INT8 scale is ~2.4 and its real weights (~0.3) round to 0:
+    harmless in float, ruinous in INT8, and in the classifier's own group only."""
+    rng = np.random.default_rng(seed)
+    wa = rng.normal(0, 0.5, (6, 1, 3, 3)).astype(np.float32)
+    wb = rng.normal(0, 0.5, (6, 6, 1, 1)).astype(np.float32)
+    bb = rng.normal(0, 0.1, 6).astype(np.float32)
+    wc = rng.normal(0, 1.0, (CLASSES, 6)).astype(np.float32)
+    if fragile:
+        wb[5], bb[5] = 0.0, -10.0
+        wc = rng.normal(0, 0.3, (CLASSES, 6)).astype(np.float32)
+        wc[:, 5] = 300.0
+    # centred logits, so that every class wins on some images: minus the mean logit over sample images
+    x = images(512, 99)
+    pooled = np.maximum(_conv(np.maximum(_conv(x, wa, 1), 0), wb, 0) + bb[None, :, None, None], 0).mean((2, 3))
+    bc = -(pooled @ wc.T).mean(0).astype(np.float32)
+    inits = [numpy_helper.from_array(a, n) for a, n in [
+        (wa, "conv_a.weight"), (np.zeros(6, np.float32), "conv_a.bias"), (wb, "conv_b.weight"), (bb, "conv_b.bias"),
+        (wc, "classifier.weight"), (bc, "classifier.bias")]]
+    nodes = [helper.make_node("Conv", ["input", "conv_a.weight", "conv_a.bias"], ["a"], name="conv_a", pads=[1] * 4),
+             helper.make_node("Relu", ["a"], ["a_relu"], name="relu_a"),
+             helper.make_node("Conv", ["a_relu", "conv_b.weight", "conv_b.bias"], ["b"], name="conv_b"),
+             helper.make_node("Relu", ["b"], ["b_relu"], name="relu_b"),
+             helper.make_node("GlobalAveragePool", ["b_relu"], ["pool"], name="pool"),
+             helper.make_node("Flatten", ["pool"], ["flat"], name="flatten"),
+             helper.make_node("Gemm", ["flat", "classifier.weight", "classifier.bias"], ["logits"], name="classifier",
+                              transB=1)]
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", CLASSES])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.save(model, str(path))
+    return path
+
+
+def _conv(x: np.ndarray, w: np.ndarray, pad: int) -> np.ndarray:
+    """Plain numpy convolution (stride 1), for the bias that centres the tiny model's logits."""
+    x = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    k = w.shape[-1]
+    out = x.shape[-1] - k + 1
+    cols = np.stack([x[:, :, i : i + out, j : j + out] for i in range(k) for j in range(k)], axis=2)
+    return np.einsum("nckhw,ock->nohw", cols, w.reshape(w.shape[0], w.shape[1], k * k))
+
+
+def images(n: int, seed: int) -> np.ndarray:
+    """Noise with a per-image contrast and brightness: features that differ from image to image."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0, 1, (n, 1, 8, 8)) * rng.uniform(0.2, 3, (n, 1, 1, 1)) + rng.uniform(-1, 1, (n, 1, 1, 1))
+    return x.astype(np.float32)
+
+
+def predictions(path, x) -> np.ndarray:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0].argmax(1)
+
+
+@pytest.fixture(scope="module")
+def fragile(tmp_path_factory):
+    path = tiny_model(tmp_path_factory.mktemp("int8") / "fragile.onnx", fragile=True)
+    x = images(256, 1)
+    val = Evaluator(path, x, predictions(path, x))  # labels = FP32's answers: FP32 scores 100%
+    assert len(set(val.labels)) > 1
+    return path, val
+
+
+def test_node_groups_name_weights_and_tag_stem_and_classifier(fragile):
+    with Quantizer(fragile[0], "cpu") as q:
+        groups = {g.name: g for g in q.groups}
+    assert {"conv_a", "conv_b", "classifier"} <= set(groups)
+    assert groups["conv_a"].nodes == ("conv_a", "relu_a") and "stem" in groups["conv_a"].tags
+    assert "classifier" in groups["classifier"].tags and groups["classifier"].op == "Gemm"
+
+
+def test_sensitivity_ranks_the_fragile_layer_first(fragile):
+    path, val = fragile
+    with Quantizer(path, "cpu") as q:
+        report = analyse(q, images(64, 2), Recipe("minmax", 64), val)
+        worst = report.worst()
+        assert worst[0].group.name == "classifier"
+        assert worst[0].only.accuracy < 0.6 < min(r.only.accuracy for r in worst[1:])  # its INT8 alone ruins it
+        assert worst[0].leave_one_out.accuracy > report.int8_all.accuracy + 0.3  # float, it gives it back
+        assert float_order(report)[0][0] == "classifier"
+        record = report.to_dict()
+    assert record["split"] == "validation" and record["groups"][0]["name"] == "classifier"
+    assert record["groups"][0]["only"]["change_pts"] < -40
+    assert sensitivity_table(record, "t").row_count == len(record["groups"])
+
+
+def test_mixed_precision_float_groups_have_no_qdq_in_the_graph(fragile, tmp_path):
+    path, val = fragile
+    out = tmp_path / "mixed.onnx"
+    with Quantizer(path, "cpu") as q:
+        q.quantize(out, images(64, 2), Recipe("minmax", 64, float_groups=("classifier",)))
+        left_out = set(q.last_float)
+    graph = onnx.load(str(out)).graph
+    producers = {o: n for n in graph.node for o in n.output}
+    gemm = next(n for n in graph.node if n.op_type == "Gemm")
+    assert all(i not in producers or producers[i].op_type != "DequantizeLinear" for i in gemm.input), \
+        "a float classifier reads no dequantized input or weight"
+    assert {i.name for i in graph.initializer} >= {"classifier.weight"}  # its float weight, untouched
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    assert convs and all(producers[c.input[1]].op_type == "DequantizeLinear" for c in convs)
+    assert "classifier" in left_out and "conv_a" not in left_out
+    assert not ort_requantized(out)
+    assert Evaluator(path, val.images, val.labels).score(out).accuracy > 0.9
+
+
+def test_a_lone_float_conv_between_qdq_is_caught(fragile, tmp_path):
+    """ORT's WeightBiasQuantization would give conv_b per-tensor INT8 weights at session start; the guard sees it."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    path = fragile[0]
+    out = tmp_path / "lone.onnx"
+    with Quantizer(path, "cpu") as q:
+        cache = q.calibrate(images(64, 2), "minmax")
+        quantize_static(str(q.pre), str(out), None, quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=["conv_b", "relu_b"], calibration_cache_path=str(cache))
+        assert ort_requantized(out) == [("a_relu", "b_relu")]
+        q.quantize(tmp_path / "grown.onnx", images(64, 2), Recipe("minmax", 64, float_groups=("conv_b",)))
+        assert not ort_requantized(tmp_path / "grown.onnx")
+
+
+def test_the_search_fixes_the_fragile_model_and_records_its_choices(fragile, tmp_path):
+    path, val = fragile
+    info, sensitivity = make_int8(path, tmp_path / "search.onnx", "cpu", lambda n: images(n, 2), 200,
+                                  method="ptq-search", calib_size=64, val=val, max_drop=0.1)
+    assert info["method"] == "ptq-search" and info["calibration"]["chosen_on"] == "validation"
+    assert info["mixed_precision"]["float_groups"] == ["classifier"] and info["mixed_precision"]["reached_target"]
+    assert info["mixed_precision"]["steps"][0]["float"] == "classifier"
+    assert info["validation"]["int8_all"]["accuracy"] < 0.6 and info["validation"]["int8"]["accuracy"] > 0.95
+    assert sensitivity is not None and sensitivity["groups"]  # leave-one-out was needed, so it is recorded
+    assert {c["images"] for c in info["calibration"]["candidates"]} == {32, 64, 200}
+
+
+def test_calibration_is_chosen_on_validation_not_test(tmp_path):
+    """Calibration images with a few huge outliers: minmax stretches every range, percentile clips them, and the
+    two INT8 models answer differently. The validation labels are percentile's answers, the test labels minmax's:
+    the search only sees validation and must pick percentile."""
+    path = tiny_model(tmp_path / "plain.onnx", fragile=False, seed=3)
+    calib = images(128, 4)
+    calib[:2] *= 60
+    with Quantizer(path, "cpu") as q:
+        x_val, x_test = images(300, 5), images(300, 6)
+        by = {m: q.quantize(tmp_path / f"{m}.onnx", calib, Recipe(m, len(calib))) for m in ("minmax", "percentile")}
+        val = Evaluator(path, x_val, predictions(by["percentile"], x_val))
+        test = Evaluator(path, x_test, predictions(by["minmax"], x_test))
+        assert (predictions(by["minmax"], x_val) != val.labels).any(), "the methods must disagree for this test"
+        recipe, score, rows = search_calibration(q, lambda n: calib[:n], [len(calib)], val,
+                                                 methods=("minmax", "percentile"))
+    assert recipe.method == "percentile" and score.accuracy == 1.0
+    assert test.score(by["minmax"]).accuracy > test.score(by["percentile"]).accuracy  # test would say minmax
+    assert {r["method"] for r in rows} == {"minmax", "percentile"}
+
+
+def test_trt_preset_keeps_tensorrt_rules(fragile, tmp_path):
+    path, val = fragile
+    with Quantizer(path, "trt") as q:
+        assert not q.can_float(q.group("classifier")) and not q.can_float(q.group("conv_b"))
+        with pytest.raises(EdgeKDError, match="rule check"):
+            q.quantize(tmp_path / "no.onnx", images(32, 2), Recipe("minmax", 32, float_groups=("classifier",)))
+    out = tmp_path / "trt.onnx"
+    info, _ = make_int8(path, out, "trt", lambda n: images(n, 2), 64, method="ptq-search", calib_size=64, val=val,
+                        max_drop=0.01)
+    assert check_tensorrt_qdq(out).ok
+    assert {c["placement"] for c in info["calibration"]["candidates"]} == {"all", "inputs"}
+    assert info["mixed_precision"]["float_groups"] == []  # nothing it may keep float helps here
+    assert not info["mixed_precision"]["reached_target"]
+
+
+def test_plain_ptq_unchanged_and_needs_no_validation(fragile, tmp_path):
+    info, sensitivity = make_int8(fragile[0], tmp_path / "ptq.onnx", "cpu", lambda n: images(n, 2), 500,
+                                  calib_size=64)
+    assert info == {"method": "ptq", "calibration": {"split": "train", "images": 64, "method": "minmax"}}
+    assert sensitivity is None
+    with pytest.raises(EdgeKDError, match="validation"):
+        make_int8(fragile[0], tmp_path / "x.onnx", "cpu", lambda n: images(n, 2), 500, method="ptq-search")
+    with pytest.raises(EdgeKDError, match="unknown INT8 method"):
+        make_int8(fragile[0], tmp_path / "x.onnx", "cpu", lambda n: images(n, 2), 500, method="qat")
+
+
+def test_search_never_sees_more_than_validation(fragile, tmp_path):
+    """search_ptq scores candidates with the Evaluator it is given and nothing else."""
+    path, val = fragile
+    seen = []
+
+    class Spy(Evaluator):
+        def logits(self, model):
+            seen.append(len(self.images))
+            return super().logits(model)
+
+    spy = Spy(path, val.images, val.labels)
+    with Quantizer(path, "cpu") as q:
+        search_ptq(q, tmp_path / "s.onnx", lambda n: images(n, 2), [64], spy, max_drop=0.01,
+                   methods=("minmax",))
+    assert set(seen) == {len(val.images)}
+
+
+def test_a_small_validation_split_is_scored_on_its_augmentation_views_plain_view_first():
+    import torch
+
+    x = torch.arange(2 * 4 * 4, dtype=torch.uint8).reshape(2, 1, 4, 4)
+    views, labels, n = validation_views(x, np.array([3, 1]), padding=1, hflip=False, min_images=10)
+    assert n == 5 and views.shape == (10, 1, 4, 4) and labels.tolist() == [3, 1] * 5
+    assert (views[:2] == x.numpy()).all() and not (views[2:4] == x.numpy()).all()
+    big, _, n = validation_views(x, np.array([3, 1]), padding=2, hflip=True, min_images=2)
+    assert n == 1 and (big == x.numpy()).all()
