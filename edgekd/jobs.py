@@ -330,8 +330,10 @@ class Status:
 
 def _check_outputs(job: Job, record: dict, profile: Profile) -> str | None:
     """What is wrong with a finished job's outputs (None: whole); cheap, headers only."""
+    if not isinstance(record, dict):
+        return f"{job.record} is not an edgekd record"
     if job.kind in ("train", "cache"):
-        if not isinstance(record, dict) or "role" not in record:
+        if "role" not in record:
             return f"{job.record} holds no run metrics"
         for name in RUN_OUTPUTS[CACHE if job.kind == "cache" else "training"]:
             (read_json if name.endswith(".json") else tensor_shapes)(job.run_dir / name)
@@ -380,8 +382,8 @@ def job_status(profile: Profile, root: Path, job: Job, force: bool = False) -> S
 # -- precision and memory format, at plan time -----------------------------------------------------------------------
 def _execution_slot(profile: Profile, job: Job, device: str) -> str:
     cfg = train_config(profile, job.role)
-    data = json.dumps({k: v for k, v in asdict(profile.datasets[job.dataset]).items() if k != "download"},
-                      sort_keys=True)
+    data = json.dumps({k: v for k, v in asdict(profile.datasets[job.dataset]).items()
+                       if k not in ("data_dir", "download")}, sort_keys=True)
     return (f"{cfg.model}|small_input={cfg.small_input}|{device}|{job.dataset}:{fingerprint({'d': data})}|"
             f"batch={cfg.batch_size}|{cfg.precision}|{cfg.channels_last}")
 
