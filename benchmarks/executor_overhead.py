@@ -4,7 +4,10 @@ Ray's start-up, its workers' imports and the storage check are counted). Also ch
 with test accuracies within 1 point, times a re-run of a finished study, and records the machine's load.
 
     python benchmarks/executor_overhead.py [--profile profiles/quickstart.toml] [--rounds 2] [--set key=value ...]
-                                           [--wait-idle 600]
+                                           [--wait-idle 600] [--executors local ray ray:1]
+
+`ray` is `--executor ray` as it comes (each training asks for as many CPUs as the local executor trains with:
+the same float results); `ray:N` adds `--cpus-per-job N` (more trainings side by side, other float rounding).
 
 --wait-idle S waits up to S seconds before each run for the 1-minute load average to fall below 1 (other work on
 the machine slows both executors, not by the same amount); the load at each run's start and end is recorded.
@@ -43,11 +46,14 @@ def wait_idle(limit_s: float) -> float:
 
 
 def study(profile: str, out: Path, executor: str, sets: list[str], execution: dict | None = None) -> dict:
+    """One fresh `edgekd study` process on `executor` (`ray:N`: Ray with --cpus-per-job N)."""
     if execution:  # the first run's precision/layout choices, where a study keeps them
         name = read_profile_data(ROOT / profile, sets)["study"]["name"]
         (out / name).mkdir(parents=True, exist_ok=True)
         (out / name / "plan.json").write_text(json.dumps({"schema_version": 1, "jobs": [], "execution": execution}))
-    args = [sys.executable, "-m", "edgekd.cli", "study", profile, "--out", str(out), "--executor", executor]
+    name_, _, cpus = executor.partition(":")
+    args = [sys.executable, "-m", "edgekd.cli", "study", profile, "--out", str(out), "--executor", name_,
+            *(["--cpus-per-job", cpus] if cpus else [])]
     for s in sets:
         args += ["--set", s]
     load = os.getloadavg()[0]
@@ -74,13 +80,15 @@ def main() -> int:
     parser.add_argument("--wait-idle", type=float, default=0.0, metavar="S")
     parser.add_argument("--name", default="executor_overhead")
     parser.add_argument("--keep", metavar="DIR", help="keep the study directories under DIR")
+    parser.add_argument("--executors", nargs="+", default=["local", "ray"], help="local, ray, ray:N (N CPUs a job)")
     args = parser.parse_args()
 
     runs, rerun, execution = [], None, None
     for r in range(args.rounds):
-        for executor in (("local", "ray") if r % 2 == 0 else ("ray", "local")):
+        order = args.executors[r % len(args.executors):] + args.executors[:r % len(args.executors)]  # rotated
+        for executor in order:
             load = wait_idle(args.wait_idle) if args.wait_idle else os.getloadavg()[0]
-            out = Path(tempfile.mkdtemp(prefix=f"edgekd-{executor}-r{r}-", dir=args.keep))
+            out = Path(tempfile.mkdtemp(prefix=f"edgekd-{executor.replace(':', '')}-r{r}-", dir=args.keep))
             try:
                 run = study(args.profile, out, executor, args.set, execution)
                 execution = execution or run["execution"]
@@ -95,25 +103,41 @@ def main() -> int:
             print(f"round {r + 1} {executor}: {run['wall_s']} s (load {run['load_start']} -> {run['load_end']}), "
                   f"{run['runs']} runs, failed: {run['failed'] or 'none'}", flush=True)
 
-    local = [r for r in runs if r["executor"] == "local"]
-    ray = [r for r in runs if r["executor"] == "ray"]
-    same_runs = all(set(r["test_acc"]) == set(local[0]["test_acc"]) for r in runs)
-    diff = max(abs(a["test_acc"][k] - b["test_acc"][k]) for a in local for b in ray for k in a["test_acc"]
-               if a["test_acc"][k] is not None and b["test_acc"].get(k) is not None)
-    ratio = statistics.median(r["wall_s"] for r in ray) / statistics.median(r["wall_s"] for r in local)
-    show(f"edgekd study {args.profile} {' '.join(args.set)}: Ray (local, {os.cpu_count()} CPUs) vs local executor",
-         ["executor", "wall s (median)", "runs", "load at start (each run)", "report"],
-         [[name, statistics.median(r["wall_s"] for r in rs), rs[0]["runs"],
-           ", ".join(str(r["load_start"]) for r in rs), all(r["report"] for r in rs)]
-          for name, rs in (("local", local), ("ray", ray))])
-    failed = sorted({j for r in runs for j in r["failed"]})
-    print(f"failed jobs: {failed or 'none'}")
-    print(f"Ray / local wall time: {ratio:.2f}x; same runs: {same_runs}; largest test accuracy difference between "
-          f"a local and a Ray run of the same job: {diff * 100:.2f} points; re-run of a finished study: {rerun} s")
+    def group_means(run: dict) -> dict[str, float]:  # (variant, role) -> mean test accuracy over seeds
+        groups: dict[str, list[float]] = {}
+        for k, acc in run["test_acc"].items():
+            if acc is not None:
+                groups.setdefault(k.rsplit("/", 1)[0], []).append(acc)
+        return {g: statistics.fmean(v) for g, v in groups.items()}
+
+    by = {name: [r for r in runs if r["executor"] == name] for name in args.executors}
+    local = by["local"]
+    median = {name: statistics.median(r["wall_s"] for r in rs) for name, rs in by.items()}
+    rows, compared = [], {}
+    for name, rs in by.items():
+        same = all(set(r["test_acc"]) == set(local[0]["test_acc"]) for r in rs)
+        pairs = [(a, b) for a in local for b in rs if a is not b]  # local against local too: the baseline
+        diffs = [abs(a["test_acc"][k] - b["test_acc"][k]) for a, b in pairs for k in a["test_acc"]
+                 if a["test_acc"][k] is not None and b["test_acc"].get(k) is not None] or [0.0]
+        gdiffs = [abs(ga[g] - gb[g]) for a, b in pairs for ga, gb in [(group_means(a), group_means(b))]
+                  for g in ga if g in gb] or [0.0]
+        compared[name] = {"wall_s_median": median[name], "over_local": round(median[name] / median["local"], 3),
+                          "same_runs": same, "pairs": len(pairs),
+                          "max_test_acc_diff_points": round(100 * max(diffs), 2),
+                          "mean_test_acc_diff_points": round(100 * statistics.fmean(diffs), 2),
+                          "max_seed_mean_diff_points": round(100 * max(gdiffs), 2),
+                          "failed": sorted({j for r in rs for j in r["failed"]})}
+        rows.append([name, median[name], f"{median[name] / median['local']:.2f}x", rs[0]["runs"], same,
+                     f"{100 * max(diffs):.2f}" if pairs else "-", f"{100 * statistics.fmean(diffs):.2f}" if pairs
+                     else "-", f"{100 * max(gdiffs):.2f}" if pairs else "-",
+                     ", ".join(str(r["load_start"]) for r in rs), all(r["report"] for r in rs)])
+    show(f"edgekd study {args.profile} {' '.join(args.set)} on {os.cpu_count()} CPUs: fresh process, fresh --out",
+         ["executor", "wall s (median)", "vs local", "runs", "same runs", "max |Δ test acc| vs local (pts)",
+          "mean |Δ| (pts)", "max |Δ seed mean| (pts)", "load at start", "report"], rows)
+    print(f"re-run of a finished study (local): {rerun} s")
+    print(json.dumps(compared, indent=1))
     path = save(args.name, {"profile": args.profile, "sets": args.set, "rounds": args.rounds, "runs": runs,
-                            "execution": execution,
-                            "ray_over_local": round(ratio, 3), "same_runs": same_runs,
-                            "max_test_acc_diff_points": round(diff * 100, 2), "rerun_s": rerun,
+                            "execution": execution, "compared": compared, "rerun_s": rerun,
                             "cpus": os.cpu_count()})
     print(f"written {path}")
     return 0

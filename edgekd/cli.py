@@ -176,7 +176,7 @@ def cmd_distill(args) -> int:
     with RichReporter() as reporter:
         try:
             records = run_study(profile, Path(args.out), reporter, force=args.force, jobs=args.jobs,
-                                executor=executor, address=args.address)
+                                executor=executor, address=args.address, cpus_per_job=args.cpus_per_job)
         except JobsFailed as exc:
             records, failed = exc.result or [], exc.failed
     console.print(distill_table(summarize(records)))
@@ -191,6 +191,9 @@ def _executor(args) -> str:
     executor = args.executor or ("processes" if args.jobs > 1 else "local")
     if args.address and executor != "ray":
         raise EdgeKDError(f"--address is where a Ray cluster listens: add --executor ray (not {executor})")
+    if args.cpus_per_job is not None and (executor != "ray" or args.cpus_per_job <= 0):
+        raise EdgeKDError("--cpus-per-job is what each Ray training asks for, above 0: use it with --executor ray "
+                          "(elsewhere set study.threads)")
     if args.jobs > 1 and executor != "processes":
         raise EdgeKDError(f"--jobs {args.jobs} sets the processes of --executor processes; --executor {executor} "
                           + ("runs one job at a time" if executor == "local" else "runs as many jobs at once as "
@@ -426,7 +429,7 @@ def cmd_study(args) -> int:
         try:
             report = run_full_study(profile, Path(args.out), reporter, jobs=args.jobs, force=args.force,
                                     log=lambda line: console.print(f"[dim]{escape(line)}[/dim]"), executor=executor,
-                                    address=args.address)
+                                    address=args.address, cpus_per_job=args.cpus_per_job)
         except JobsFailed as exc:
             report, failed = exc.result, exc.failed
     if report is not None:
@@ -490,6 +493,9 @@ def _executor_options(p: argparse.ArgumentParser) -> None:
                                                        "this many processes")
     p.add_argument("--address", help="with --executor ray: a running cluster (auto, or ray://host:10001) instead of a "
                                      "local Ray started for the run; --out must be on storage every node mounts")
+    p.add_argument("--cpus-per-job", type=float, metavar="N",
+                   help="with --executor ray: CPUs (and threads) per training (default: study.threads, else all of "
+                        "this machine's, as the local executor, so the same float results; fewer run side by side)")
 
 
 def build_parser() -> argparse.ArgumentParser:

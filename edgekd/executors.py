@@ -30,13 +30,24 @@ def make_executor(name: str | None = None, jobs: int = 1, address: str | None = 
     if name == "processes":
         return ProcessExecutor(max(1, jobs))
     if name == "ray":
-        return RayExecutor(address, cpus_per_job or 1.0)
+        return RayExecutor(address, cpus_per_job)
     raise EdgeKDError(f"unknown executor {name!r}: use {', '.join(EXECUTORS)}")
+
+
+def default_threads(profile) -> int:
+    """A training's CPU threads when nothing else says: study.threads, else all of this machine's (torch's default).
+    Float results depend on them, so every executor trains with the same count unless told otherwise."""
+    import torch
+
+    return profile.study.threads or torch.get_num_threads()
 
 
 class Executor:
     name = "executor"
-    cpus_per_job = 1.0
+
+    def job_cpus(self, profile) -> float:
+        """The CPUs (and torch threads) of one training job."""
+        return float(default_threads(profile))
 
     def __enter__(self):
         return self
@@ -100,13 +111,13 @@ class ProcessExecutor(Executor):
     def __init__(self, workers: int):
         self.workers = workers
 
+    def job_cpus(self, profile) -> float:
+        return float(max(1, default_threads(profile) // self.workers))
+
     def run(self, profile, root, jobs, force, driver):
         import multiprocessing
         from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-        import torch
-
-        threads = max(1, (profile.study.threads or torch.get_num_threads()) // self.workers)
         data, labels = profile.to_dict(), {j.label for j in jobs}
         waiting, running, done, failed = list(jobs), {}, set(), set()
         with ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -125,6 +136,7 @@ class ProcessExecutor(Executor):
                     if job.exclusive and running:
                         break  # nothing new starts until the running jobs are done and it has the machine
                     waiting.remove(job)
+                    threads = max(1, int(job.num_cpus))
                     running[pool.submit(execute_in_worker, data, str(root), job, force, threads)] = job
                     driver.running(job)
                     if job.exclusive:
@@ -190,15 +202,20 @@ class RayExecutor(Executor):
     """A Ray task per job with its resource request (num_cpus, num_gpus from the job's device; a bench asks for a
     whole node's CPUs), the jobs it needs passed as object refs. `address` None starts a local Ray for the run
     (all CPUs of this machine); `auto` or `ray://host:10001` joins a running cluster, whose nodes must all see
-    --out at the same path (checked before the first job)."""
+    --out at the same path (checked before the first job). A training asks for `cpus_per_job` CPUs and trains
+    with as many threads (default: study.threads, else this machine's thread count, as the local executor: the
+    same float results; fewer run more trainings side by side, with other float rounding)."""
 
     name = "ray"
 
-    def __init__(self, address: str | None = None, cpus_per_job: float = 1.0):
+    def __init__(self, address: str | None = None, cpus_per_job: float | None = None):
         self.ray = _import_ray()
         self.address = address
         self.cpus_per_job = cpus_per_job
         self.started = False
+
+    def job_cpus(self, profile) -> float:
+        return float(self.cpus_per_job or default_threads(profile))
 
     def _start(self) -> None:
         import logging
@@ -273,7 +290,7 @@ class RayExecutor(Executor):
         task = ray.remote(max_retries=0)(execute_in_worker)
         data, refs, by_ref = profile.to_dict(), {}, {}
         for job in jobs:
-            cpus = node_cpus if job.exclusive else job.num_cpus
+            cpus = node_cpus if job.exclusive else min(job.num_cpus, node_cpus)  # never more than a node has
             threads = max(1, int(cpus))
             deps = [refs[d] for d in job.deps if d in refs]
             ref = task.options(num_cpus=cpus, num_gpus=job.num_gpus, name=job.label).remote(

@@ -667,7 +667,7 @@ def run_graph(profile: Profile, root: Path, executor, reporter=None, force: bool
     """Plan the profile's jobs (with deploy: bundles and benches too), choose every training's precision and
     memory format once, and run what is not current on `executor`."""
     device = executor.resolve_device(profile.study.device)
-    jobs = plan_jobs(profile, root, deploy, device, executor.cpus_per_job)
+    jobs = plan_jobs(profile, root, deploy, device, executor.job_cpus(profile))
     table = previous_execution(root)
     jobs = choose_executions(profile, jobs, device, table, executor.measure)
     return Driver(profile, root, jobs, executor, reporter, force, table).run()

@@ -43,7 +43,8 @@ def run_bench_job(profile: Profile, root: Path, job, force: bool = False) -> tup
 
 
 def run_full_study(profile: Profile, out: Path, reporter=None, jobs: int = 1, force: bool = False,
-                   log: Callable[[str], None] = print, executor: str | None = None, address: str | None = None):
+                   log: Callable[[str], None] = print, executor: str | None = None, address: str | None = None,
+                   cpus_per_job: float | None = None):
     """Run the study's job graph on an executor (see `edgekd.distill.study.run_study`), then build the report from
     the records that are current. Raises JobsFailed (holding the report) when some job failed."""
     from edgekd.distill.study import Reporter
@@ -57,7 +58,7 @@ def run_full_study(profile: Profile, out: Path, reporter=None, jobs: int = 1, fo
                           "RUN_DIR --target trt`; a study exports onnx and int8")
     reporter = reporter or Reporter()
     root = Path(out).absolute() / profile.study.name
-    with make_executor(executor, jobs, address) as ex:
+    with make_executor(executor, jobs, address, cpus_per_job) as ex:
         outcome = run_graph(profile, root, ex, reporter, force, deploy=True)
     refresh_distill_records(root)  # each manifest's study summary, now that every student is done
     try:

@@ -199,6 +199,10 @@ def test_ray_missing_or_misused_is_one_line(tiny_profile, tmp_path, capsys, monk
     monkeypatch.undo()
     assert main(["study", str(tiny_profile), "--out", str(tmp_path), "--address", "auto"]) == 2
     assert "add --executor ray" in capsys.readouterr().err
+    assert main(["distill", str(tiny_profile), "--out", str(tmp_path), "--cpus-per-job", "1"]) == 2
+    assert "use it with --executor ray" in capsys.readouterr().err
+    assert main(["study", str(tiny_profile), "--out", str(tmp_path), "--jobs", "2", "--executor", "local"]) == 2
+    assert "--jobs 2 sets the processes of --executor processes" in " ".join(capsys.readouterr().err.split())
     assert not tmp_path.joinpath("tiny").exists()
 
 

@@ -366,7 +366,8 @@ class StudyRunner:
 
 
 def run_study(profile: Profile, out: Path, reporter: Reporter | None = None, force: bool = False, jobs: int = 1,
-              executor: str | None = None, address: str | None = None) -> list[dict]:
+              executor: str | None = None, address: str | None = None, cpus_per_job: float | None = None
+              ) -> list[dict]:
     """Train every job of the plan that is not current, on an executor: `local` (in this process, the default),
     `processes` (`jobs` processes, each starting a job as soon as the jobs it needs are done) or `ray`. Returns
     the current run records (also written to summary.json); records that are not current are left out and named
@@ -376,7 +377,7 @@ def run_study(profile: Profile, out: Path, reporter: Reporter | None = None, for
 
     reporter = reporter or Reporter()
     root = Path(out).absolute() / profile.study.name
-    with make_executor(executor, jobs, address) as ex:
+    with make_executor(executor, jobs, address, cpus_per_job) as ex:
         outcome = run_graph(profile, root, ex, reporter, force, deploy=False)
     selection = select_current(root)
     records = [r.as_dict() for r in selection.runs]
