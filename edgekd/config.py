@@ -126,6 +126,31 @@ class DeployConfig:
     threads: int = 0
 
 
+@dataclass
+class CompressConfig:
+    """The compression ladder: each KD student of `students` is also pruned and fine-tuned with KD from the same
+    teacher, as its own run (`<method>+prune<percent>`, e.g. kd+prune50) with its own bundle and bench, so the
+    report lines up FP32 -> pruned -> pruned + INT8 (the bundle's INT8 models) with their KD gains."""
+
+    prune: float = 0.0  # share of the channels removed from every prunable group (Torch-Pruning); 0: no pruning
+    finetune_epochs: int = 5
+    # 0: a tenth of the student's lr. The pruned weights are trained already: a full learning rate (and warm-up
+    # from zero) would throw away what the unpruned student learned before the fine-tune could use it.
+    finetune_lr: float = 0.0
+    method: str = "kd"  # the method whose losses (and teachers) fine-tune the pruned students
+    students: list[str] = field(default_factory=list)  # the methods whose students are pruned; empty: `method`'s
+
+    @property
+    def sources(self) -> list[str]:
+        return (self.students or [self.method]) if self.prune else []
+
+    def role(self, source: str) -> str:
+        return f"{source}{PRUNE_TAG}{round(self.prune * 100)}"
+
+
+PRUNE_TAG = "+prune"  # kd+prune50: the kd student with half its channels pruned, then fine-tuned
+
+
 # A method table holds its losses (name -> {weight, parameters}) and two optional keys: `teachers`, the teachers
 # it learns from ("main" is [teacher]; others are [teachers.<name>]), and `combine`, how their softened outputs
 # are merged: "mean", or "val_weighted" (weights proportional to each teacher's validation accuracy).
@@ -156,6 +181,7 @@ class Profile:
     teachers: dict[str, TrainConfig] = field(default_factory=dict)
     variants: dict[str, VariantConfig] = field(default_factory=lambda: {"base": VariantConfig()})
     deploy: DeployConfig = field(default_factory=DeployConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -391,6 +417,22 @@ def profile_problems(profile: Profile) -> list[str]:
                              f"e.g. {key} = {{ weight = 1.0 }}")
         if not method_losses(spec):
             found.append(f"profile table 'methods.{method}' names no loss: add e.g. kd = {{ weight = 0.9 }}")
+    c = profile.compress
+    if not 0 <= c.prune < 1:
+        found.append(f"profile key 'compress.prune' must be the share of channels to remove, in [0, 1), got {c.prune!r}")
+    if c.prune:
+        if c.finetune_epochs < 1:
+            found.append(f"profile key 'compress.finetune_epochs' must be at least 1, got {c.finetune_epochs!r}")
+        if c.finetune_lr < 0:
+            found.append("profile key 'compress.finetune_lr' must be above 0 (or 0: a tenth of the student's lr)")
+        for key, names in (("method", [c.method]), ("students", c.sources)):
+            for name in names:
+                if name not in profile.methods:
+                    found.append(f"profile key 'compress.{key}' names {name!r}, which is not a method: use one of "
+                                 f"{', '.join(profile.methods) or '(none: add a [methods.kd] table)'}")
+    for method in profile.methods:
+        if PRUNE_TAG in method or "@" in method or "/" in method:
+            found.append(f"method name {method!r} may not contain '{PRUNE_TAG}', '@' or '/'")
     for family in [*profile.students, *profile.teachers]:
         if "@" in family or "/" in family:
             found.append(f"student or teacher name {family!r} may not contain '@' or '/'")

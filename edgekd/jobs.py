@@ -83,18 +83,34 @@ def teacher_variant(profile: Profile, variant: str) -> str:
     return variant if profile.study.teacher_regime == "variant" else BASE_VARIANT
 
 
+def pruned_source(base: str) -> tuple[str, float] | None:
+    """`kd+prune50` -> ("kd", 0.5): the student a pruned run starts from and the share of channels removed; None
+    for any other role."""
+    from edgekd.config import PRUNE_TAG
+
+    source, tag, percent = base.partition(PRUNE_TAG)
+    return (source, int(percent) / 100) if tag else None
+
+
+def loss_method(profile: Profile, base: str) -> str:
+    """The method whose losses (and teachers) a student role trains with: its own, or for a pruned student the
+    fine-tune method `compress.method`."""
+    return profile.compress.method if pruned_source(base) else base
+
+
 def uses_cache(profile: Profile, method: str) -> bool:
     """The view-keyed cache serves methods that learn from the main teacher's logits only."""
     from edgekd.config import method_losses
     from edgekd.distill.losses import ComposedLoss
 
-    spec = profile.methods[method]
+    spec = profile.methods[loss_method(profile, method)]
     criterion = ComposedLoss(method_losses(spec), f"methods.{method}")
     return criterion.needs_teacher and not criterion.needs_features and spec.get("teachers", ["main"]) == ["main"]
 
 
 def needs_cache(profile: Profile) -> bool:
-    return profile.study.teacher_cache and any(uses_cache(profile, m) for m in profile.methods)
+    return profile.study.teacher_cache and any(uses_cache(profile, m) for m in
+                                               [*profile.methods, *map(profile.compress.role, profile.compress.sources)])
 
 
 def train_config(profile: Profile, role: str) -> TrainConfig | None:
@@ -105,7 +121,12 @@ def train_config(profile: Profile, role: str) -> TrainConfig | None:
         return None
     if base == TEACHER:
         return profile.teachers[family] if family else profile.teacher
-    return profile.student_config(family)
+    cfg = profile.student_config(family)
+    if pruned_source(base):  # a short fine-tune of trained weights: a low rate from the start, no warm-up
+        c = profile.compress
+        return replace(cfg, epochs=c.finetune_epochs, min_steps=0, lr=c.finetune_lr or cfg.lr / 10,
+                       warmup_epochs=0.0)
+    return cfg
 
 
 def plan_jobs(profile: Profile, study_root: Path, deploy: bool = False, device: str = "cpu",
@@ -136,13 +157,17 @@ def plan_jobs(profile: Profile, study_root: Path, deploy: bool = False, device: 
             for family in profile.families:
                 suffix = f"@{family}" if family else ""
                 for seed in profile.study.seeds:
-                    for role in (SCRATCH, *profile.methods):
+                    pruned = [profile.compress.role(s) for s in profile.compress.sources]
+                    for role in (SCRATCH, *profile.methods, *pruned):
                         deps = [main]
                         if role != SCRATCH:
-                            deps += [job(tv, f"{TEACHER}@{t}", seed0).label
-                                     for t in profile.methods[role].get("teachers", ["main"]) if t != "main"]
+                            deps += [job(tv, f"{TEACHER}@{t}", seed0).label for t in
+                                     profile.methods[loss_method(profile, role)].get("teachers", ["main"])
+                                     if t != "main"]
                             if cache and uses_cache(profile, role):
                                 deps.append(cache.label)
+                        if pruned_source(role):  # starts from the trained student it prunes
+                            deps.append(job(variant, pruned_source(role)[0] + suffix, seed).label)
                         students.append(job(variant, role + suffix, seed, deps))
     jobs = teachers + caches + students
     if deploy:
@@ -241,9 +266,15 @@ def train_key(profile: Profile, root: Path, job: Job) -> dict:
         inputs["checkpoint"] = _weights(Path(cfg.checkpoint).expanduser(), f"teacher checkpoint {cfg.checkpoint}")
     if base != TEACHER:
         inputs["teacher"] = _weights(teacher_dir(profile, root, job) / "model.safetensors", "its teacher")
+    if pruned_source(base):
+        source, ratio = pruned_source(base)
+        config["compress"] = {"prune": ratio, "method": profile.compress.method}
+        inputs["student"] = _weights(run_dir(root, job.dataset, job.variant, source + job.role[len(base):],
+                                             job.seed) / "model.safetensors", f"the {source} student it prunes")
     if base not in (TEACHER, SCRATCH):
-        spec = profile.methods[base]
-        config[f"methods.{base}"] = spec
+        method = loss_method(profile, base)
+        spec = profile.methods[method]
+        config[f"methods.{method}"] = spec
         for name in spec.get("teachers", ["main"]):
             if name != "main":
                 inputs[f"teacher@{name}"] = _weights(teacher_dir(profile, root, job, name) / "model.safetensors",

@@ -112,6 +112,19 @@ def tensor_shapes(path: Path, fix: str = REMAKE) -> dict[str, list[int]]:
         raise UnreadableFile(f"{path} is not a readable safetensors file ({_first_line(exc)}): {fix}") from None
 
 
+def tensor_metadata(path: Path, fix: str = REMAKE) -> dict[str, str]:
+    """The string metadata of a safetensors header (what wrote it, e.g. a pruned model's `pruned`)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    _opened(path, fix).close()
+    try:
+        with safe_open(str(path), "numpy") as f:
+            return dict(f.metadata() or {})
+    except _safetensors_errors() as exc:
+        raise UnreadableFile(f"{path} is not a readable safetensors file ({_first_line(exc)}): {fix}") from None
+
+
 def _first_line(exc: Exception) -> str:
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return text.removeprefix("Error while deserializing header: ")[:160]

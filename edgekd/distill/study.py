@@ -42,19 +42,23 @@ from edgekd.jobs import (  # noqa: F401 - the graph's names, also edgekd.distill
     cache_needs,
     job_key,
     job_status,
+    loss_method,
     plan_jobs,
     previous_execution,
+    pruned_source,
     teacher_dir,
     teacher_variant,
     train_config,
     uses_cache,
 )
 from edgekd.models import count_parameters, create_model, load_weights
+from edgekd.models.pruning import PRUNED, prune_channels
 from edgekd.records import collect, fingerprint, select_current  # noqa: F401 - collect: also edgekd.distill.study.collect
 from edgekd.runio import (
     UnreadableFile,
     load_tensors,
     read_json,
+    run_dir,
     save_tensors,
     write_json,
 )
@@ -303,6 +307,16 @@ class StudyRunner:
                                                   "key": key, "fingerprint": fingerprint(key)})
         torch.manual_seed(job.seed)  # the same initial weights for the scratch and KD students of one seed
         model = self._model(cfg, data)
+        pruned = pruned_source(base)
+        if pruned:  # the trained student it starts from, its channels pruned before the fine-tune
+            source_dir = run_dir(self.root, job.dataset, job.variant, pruned[0] + (f"@{family}" if family else ""),
+                                 job.seed)
+            load_weights(model, source_dir / "model.safetensors")
+            before = count_parameters(model)
+            example = torch.zeros(1, data.channels, data.image_size, data.image_size)
+            prune_channels(model, example, pruned[1])
+            log(f"{job.label}: pruned {pruned[1]:.0%} of the channels of {source_dir}: {before:,} -> "
+                f"{count_parameters(model):,} parameters")
         ex = self._execution(cfg, data, job)
         log(f"{job.label}: {cfg.model}, {count_parameters(model):,} parameters, {ex}")
         teacher_logits, teacher_source, history = None, None, {}
@@ -312,8 +326,9 @@ class StudyRunner:
             history = {"epoch": 0, "best_epoch": 0, "history": [], "train_s": 0.0, "images": 0}
             log(f"teacher weights from {cfg.checkpoint}, not trained")
         else:
-            spec = {"ce": {"weight": 1.0}} if base in (TEACHER, SCRATCH) else self.profile.methods[base]
-            criterion = ComposedLoss(method_losses(spec), f"methods.{base}", cfg.label_smoothing).to(self.device)
+            method = loss_method(self.profile, base)
+            spec = {"ce": {"weight": 1.0}} if base in (TEACHER, SCRATCH) else self.profile.methods[method]
+            criterion = ComposedLoss(method_losses(spec), f"methods.{method}", cfg.label_smoothing).to(self.device)
             if criterion.needs_teacher and spec.get("teachers", ["main"]) != ["main"]:
                 if criterion.needs_features:
                     raise EdgeKDError(f"methods.{base}: feature losses learn from one teacher; drop 'teachers' "
@@ -345,7 +360,7 @@ class StudyRunner:
                                         variant.extra_tests, variant.stats)
         save_tensors(job.run_dir / "model.safetensors", model.state_dict(),
                      {"model": cfg.model, "num_classes": str(data.num_classes), "in_chans": str(data.channels),
-                      "small_input": str(cfg.small_input)})
+                      "small_input": str(cfg.small_input), **({PRUNED: str(pruned[1])} if pruned else {})})
         save_tensors(job.run_dir / "predictions.safetensors", {"test_logits": test_logits})
         images = history["images"]
         metrics = {
@@ -355,8 +370,10 @@ class StudyRunner:
             "train_s": round(history["train_s"], 2),
             "images_per_s": round(images / history["train_s"], 1) if history["train_s"] else None,
             "execution": asdict(ex), "teacher_cache": isinstance(teacher_source, TeacherCache),
-            "losses": self.profile.methods.get(base, {"ce": {"weight": 1.0}}),
-            "teachers": self.profile.methods.get(base, {}).get("teachers", ["main"]) if not is_teacher else [],
+            "losses": self.profile.methods.get(loss_method(self.profile, base), {"ce": {"weight": 1.0}}),
+            "teachers": self.profile.methods.get(loss_method(self.profile, base), {}).get("teachers", ["main"])
+            if not is_teacher else [],
+            **({"pruned": {"source": str(source_dir), "share": pruned[1], "params_before": before}} if pruned else {}),
             "history": history["history"], "data": data.describe(), "variant_stats": variant.stats,
             "schema_version": key["schema_version"], "key": key, "fingerprint": fingerprint(key),
         }

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from edgekd.errors import EdgeKDError
-from edgekd.runio import load_tensors
+from edgekd.runio import load_tensors, tensor_metadata
 
 
 def _names_cache() -> Path:
@@ -109,7 +109,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a weights file into `model`; a pruned model's file (edgekd.models.pruning) first reshapes the layers."""
     state = read_state_dict(path)
+    if Path(path).suffix == ".safetensors" and "pruned" in tensor_metadata(Path(path).expanduser()):
+        from edgekd.models.pruning import fit_to_weights
+
+        fit_to_weights(model, {k: list(v.shape) for k, v in state.items()})
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]

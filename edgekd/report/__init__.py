@@ -23,7 +23,7 @@ from edgekd.report.sections import (
     variant_descriptions,
     what_was_run,
 )
-from edgekd.report.tables import deploy_rows, variant_rows, write_csv
+from edgekd.report.tables import compression_ladder, deploy_rows, variant_rows, write_csv
 from edgekd.runio import write_json
 
 
@@ -33,6 +33,7 @@ class Report:
     variants: list[dict]
     deploy: list[dict]
     retention: list[dict]
+    ladder: list[dict] = field(default_factory=list)  # compression ladder stages, when the study pruned students
     files: dict[str, Path] = field(default_factory=dict)
     left_out: list[str] = field(default_factory=list)  # records on disk not current for the study's last plan
 
@@ -103,6 +104,29 @@ def _markdown_tables(report: Report) -> list[str]:
             kept = kept_share(g32, g8)
             lines.append(f"| {r['dataset']} | {r['variant']} | {r['method']} | {r['deployed']} | "
                          f"{100 * g32.mean:+.2f} ± {100 * g32.std:.2f} | {100 * g8.mean:+.2f} ± {100 * g8.std:.2f} | {kept} |")
+    lines += _ladder_table(report.ladder)
+    return lines
+
+
+def _ladder_table(ladder: list[dict]) -> list[str]:
+    if not ladder:
+        return []
+    batches = sorted({b for r in ladder for b in r["p50_ms"]})
+    lines = ["", "Compression ladder: each stage of a KD student on the bundles' evaluation images. KD gain is over the "
+             "FP32 scratch student on the same images, paired by seed; 'kept' is the stage's gain as a share of the "
+             "FP32 stage's, shown only where that is at least 1 point. Latency is the median over seeds of each "
+             "bundle's p50.", "",
+             "| dataset | variant | method | stage | runner | accuracy | KD gain (pts) | kept | parameters | file MiB | "
+             + " | ".join(f"p50 ms b{b}" for b in batches) + " |", "|---" * (10 + len(batches)) + "|"]
+    fp32 = {(r["dataset"], r["variant"], r["method"], r["runner"]): r["gain"] for r in ladder if r["stage"] == "FP32"}
+    for r in ladder:
+        g, ref = r["gain"], fp32.get((r["dataset"], r["variant"], r["method"], r["runner"]))
+        kept = kept_share(ref, g) if g and ref and r["stage"] != "FP32" else "-"
+        params = f"{r['params'] / 1e6:.3f}M" if r.get("params") else "-"
+        lines.append(f"| {r['dataset']} | {r['variant']} | {r['method']} | {r['stage']} | {r['runner']} | "
+                     f"{_pct(r['accuracy'], ci=False)} | {_pct(g, signed=True)} | {kept} | {params} | "
+                     f"{r['file_mib']:.2f} | " + " | ".join(f"{r['p50_ms'][b]:.2f}" if b in r["p50_ms"] else "-"
+                                                            for b in batches) + " |")
     return lines
 
 
@@ -138,11 +162,14 @@ def build_report(study_root: Path) -> Report:
     out = study_root / "report"
     out.mkdir(exist_ok=True)
     deploy = deploy_rows(study_root, selection.benches)
-    report = Report(study_root, variant_rows(records), deploy, int8_retention(deploy), left_out=selection.left_out)
+    report = Report(study_root, variant_rows(records), deploy, int8_retention(deploy),
+                    compression_ladder(deploy, records), left_out=selection.left_out)
     write_csv(out / "runs.csv", records)
     write_csv(out / "variants.csv", report.variants)
     write_csv(out / "deploy.csv", deploy)
     write_csv(out / "int8_retention.csv", report.retention)
+    if report.ladder:
+        write_csv(out / "compression_ladder.csv", report.ladder)
     write_json(study_root / "summary.json", records)
     batches = sorted({r["batch"] for r in deploy})
     figures = {
@@ -151,6 +178,7 @@ def build_report(study_root: Path) -> Report:
         **{f"accuracy_vs_latency_b{b}": plots.accuracy_vs_latency(deploy, b) for b in batches[:1] + batches[-1:]},
         "int8_retention": plots.int8_retention(report.retention),
         "shift_curves": plots.shift_curves(report.variants),
+        "compression_ladder": plots.compression_ladder(report.ladder),
     }
     figures = {k: v for k, v in figures.items() if v}
     for name, png in figures.items():
@@ -196,6 +224,8 @@ FIGURE_NOTES = {
                            "counted in the panel's title.",
     "int8_retention": "KD gain on the FP32 ONNX model beside each INT8 model's, paired by seed.",
     "shift_curves": "Accuracy of scratch and KD students on corrupted test sets, by severity.",
+    "compression_ladder": "Each compression stage of a KD student: accuracy against p50 latency at the largest "
+                          "batch benched, stages joined in ladder order.",
 }
 
 

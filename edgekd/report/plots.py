@@ -179,6 +179,31 @@ def int8_retention(retention: list[dict]) -> bytes | None:
     return _png(fig)
 
 
+def compression_ladder(ladder: list[dict]) -> bytes | None:
+    """Accuracy against p50 latency at the largest batch for each stage of a compression ladder, the stages of one
+    (variant, method, runner) joined in ladder order, each point labelled with its stage and parameters."""
+    rows = [r for r in ladder if r["accuracy"] and r["p50_ms"]]
+    if not rows:
+        return None
+    lines = defaultdict(list)
+    for r in rows:
+        lines[(r["dataset"], r["variant"], r["method"], r["runner"])].append(r)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for (dataset, variant, method, runner), stages in sorted(lines.items()):
+        batch = max(stages[0]["p50_ms"])
+        xs = [s["p50_ms"][batch] for s in stages]
+        ys = [100 * s["accuracy"].mean for s in stages]
+        ax.plot(xs, ys, "-o", label=f"{dataset} {variant} {method} ({runner}, batch {batch})")
+        for s, x, y in zip(stages, xs, ys, strict=True):
+            params = f", {s['params'] / 1e6:.2f}M" if s.get("params") else ""
+            ax.annotate(f"{s['stage']}{params}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("p50 latency (ms)")
+    ax.set_ylabel("accuracy on the bundle's evaluation images (%)")
+    _title(ax, "Compression ladder: what each stage costs in accuracy and buys in latency", 10)
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
 def shift_curves(rows: list[dict]) -> bytes | None:
     """One line of panels per (variant, student, method) with corrupted test sets: accuracy against severity,
     severity 0 being the clean test set, scratch against KD."""

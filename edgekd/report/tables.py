@@ -5,7 +5,16 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from edgekd.records import BASE_VARIANT, BenchRecord, RunRecord, Spread, group_runs, paired_gain, read_benches
+from edgekd.records import (
+    BASE_VARIANT,
+    BenchRecord,
+    RunRecord,
+    Spread,
+    group_runs,
+    paired_gain,
+    read_benches,
+    variant_label,
+)
 from edgekd.targets import TARGETS, timing_kind
 
 FACTOR = {"base": "clean", "fraction": "size", "per_class": "size", "imbalance": "imbalance",
@@ -79,6 +88,66 @@ def deploy_rows(study_root: Path, benches: list[BenchRecord] | None = None) -> l
                              "meant_for_device": r.get("meant_for_device", r["device"] in
                                                        TARGETS.get(r["model"], TARGETS["onnx-fp32"]).meant_for)})
     return rows
+
+
+def _stage(method: str, deployed: str) -> tuple[str, str, str] | None:
+    """(source method, stage name, sort key) of a deployed model on the compression ladder, None when it is not on
+    one: FP32, INT8 (per preset), pruned p% FP32, pruned p% + INT8."""
+    from edgekd.config import PRUNE_TAG
+
+    source, tag, percent = method.partition(PRUNE_TAG)
+    if deployed == "onnx-fp32":
+        precision = "FP32"
+    elif deployed.startswith("onnx-int8-"):
+        precision = f"INT8 {deployed.removeprefix('onnx-int8-')}"
+    else:
+        return None
+    name = f"pruned {percent}% + {precision}" if tag and precision != "FP32" else \
+        f"pruned {percent}% FP32" if tag else precision
+    return source, name, f"{int(percent or 0):03d} {precision != 'FP32'} {precision}"
+
+
+def compression_ladder(deploy: list[dict], records: list[dict]) -> list[dict]:
+    """Per (dataset, variant, KD method with a pruned run): each stage of its compression ladder (FP32 -> INT8 ->
+    pruned -> pruned + INT8) with accuracy on the bundles' evaluation images and the KD gain over the FP32 scratch
+    student on the same images, paired by seed; parameters, file size, and p50 latency per batch size. Empty when
+    the study pruned nothing."""
+    from edgekd.config import PRUNE_TAG
+
+    pruned_sources = {r["method"].partition(PRUNE_TAG)[0] for r in records if PRUNE_TAG in (r.get("method") or "")}
+    if not pruned_sources:
+        return []
+    params = {(r["dataset"], r["variant"], r.get("family", ""), r["method"], r["seed"]): r.get("params")
+              for r in records if r.get("role") == "kd"}
+    scratch: dict[tuple, dict[int, float]] = {}
+    stages: dict[tuple, dict] = {}
+    for r in deploy:
+        variant = (r["dataset"], r["variant"], r.get("family", ""))
+        if r["role"] == "scratch" and r["deployed"] == "onnx-fp32":
+            scratch.setdefault(variant, {})[r["seed"]] = r["accuracy"]
+            continue
+        stage = _stage(r["method"], r["deployed"]) if r["role"] == "kd" else None
+        if stage is None or stage[0] not in pruned_sources or not r.get("meant_for_device", True):
+            continue
+        row = stages.setdefault((*variant, f"{r['backend']}/{r['device']}", *stage), {"acc": {}, "params": {}, "file_mib": set(), "p50_ms": {},
+                                                     "deployed": r["deployed"], "model_method": r["method"]})
+        row["acc"][r["seed"]] = r["accuracy"]
+        row["params"][r["seed"]] = params.get((*variant, r["method"], r["seed"]))
+        row["file_mib"].add(round(r["file_mib"], 3))
+        row["p50_ms"].setdefault(r["batch"], []).append(r["p50_ms"])
+    out = []
+    for key in sorted(stages, key=lambda k: (k[:5], k[6])):
+        dataset, variant, family, runner, source, name, _ = key
+        row = stages[key]
+        seeds_params = [v for v in row["params"].values() if v]
+        out.append({"dataset": dataset, "variant": variant_label(variant, family), "method": source, "stage": name,
+                    "runner": runner, "deployed": row["deployed"], "run_method": row["model_method"],
+                    "accuracy": Spread.of(list(row["acc"].values())),
+                    "gain": paired_gain(row["acc"], scratch.get((dataset, variant, family), {})),
+                    "params": round(sum(seeds_params) / len(seeds_params)) if seeds_params else None,
+                    "file_mib": max(row["file_mib"]),
+                    "p50_ms": {b: sorted(v)[len(v) // 2] for b, v in sorted(row["p50_ms"].items())}})
+    return out
 
 
 def _flat(value):
