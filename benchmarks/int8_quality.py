@@ -65,7 +65,28 @@ def latency(models: dict[str, Path], shape: list[int], batches: list[int], threa
     return out
 
 
-def measure(run: Path, presets: tuple[str, ...], max_drop: float, threads: int, log) -> list[dict]:
+def qat_model(run: Path, bundle: Path, preset: str, out: Path, epochs: int, images, mean, std, log) -> dict:
+    """qat-kd's INT8 model for `preset` written to `out` (not into the bundle, whose INT8 model is ptq-search's),
+    with its parity against the fake-quant PyTorch model and its TensorRT rule check."""
+    from edgekd.config import DatasetConfig
+    from edgekd.data.splits import load_splits
+    from edgekd.distill.qat import qat_int8
+    from edgekd.export.bundle import OPSET, _torch_model
+    from edgekd.export.qdq_rules import check_tensorrt_qdq
+
+    profile, metrics = read_json(run / "profile.json"), read_json(run / "metrics.json")
+    data = load_splits(metrics["dataset"], DatasetConfig(**profile["profile"]["datasets"][metrics["dataset"]]))
+    model, _ = _torch_model(run, profile, data)
+    x = normalize(images, mean, std)
+    info, fake_quant = qat_int8(run, model, preset, out, epochs, 0.0, x, OPSET, log)
+    runner = OrtRunner(out)
+    logits = np.concatenate([runner.infer(x[i : i + 512]) for i in range(0, len(x), 512)])
+    return {**info, "parity_top1_agreement": float((logits.argmax(1) == fake_quant.argmax(1)).mean()),
+            "tensorrt_qdq_ok": check_tensorrt_qdq(out).ok if preset == "trt" else None, "logits": logits}
+
+
+def measure(run: Path, presets: tuple[str, ...], max_drop: float, threads: int, log, qat_epochs: int = 0,
+            sensitivity: bool = True) -> list[dict]:
     from edgekd.config import DatasetConfig
     from edgekd.data.splits import SPLIT_SEED, load_splits, stratified_cap
     from edgekd.export.bundle import ExportOptions, export_run
@@ -74,7 +95,7 @@ def measure(run: Path, presets: tuple[str, ...], max_drop: float, threads: int, 
 
     start = time.perf_counter()
     options = ExportOptions(targets=("onnx", "int8"), int8_presets=presets, int8_method="ptq-search",
-                            int8_max_drop=max_drop, int8_sensitivity=True)
+                            int8_max_drop=max_drop, int8_sensitivity=sensitivity)
     bundle = export_run(run, options, log=log)
     export_s = time.perf_counter() - start
     manifest = read_json(bundle / "manifest.json")
@@ -91,8 +112,13 @@ def measure(run: Path, presets: tuple[str, ...], max_drop: float, threads: int, 
             quantize(bundle / "model.onnx", before, calib, preset, "minmax")  # today's INT8
             before_acc = accuracy(predict(OrtRunner(before), images, mean, std), labels)
             after = manifest["models"][f"onnx-int8-{preset}"]
-            lat = latency({"fp32": bundle / "model.onnx", "ptq": before, "ptq-search": bundle / after["file"]},
-                          manifest["input_shape"], [1, 64], threads)
+            models = {"fp32": bundle / "model.onnx", "ptq": before, "ptq-search": bundle / after["file"]}
+            qat = None
+            if qat_epochs:
+                models["qat-kd"] = Path(tmp) / f"qat-{preset}.onnx"
+                qat = qat_model(run, bundle, preset, models["qat-kd"], qat_epochs, images, mean, std, log)
+                qat["acc"] = accuracy(qat.pop("logits"), labels)
+            lat = latency(models, manifest["input_shape"], [1, 64], threads)
             mp, cal = after["mixed_precision"], after["calibration"]
             sens = manifest.get("int8_sensitivity", {}).get(preset, {})
             rows.append({
@@ -109,7 +135,11 @@ def measure(run: Path, presets: tuple[str, ...], max_drop: float, threads: int, 
                                        else None),
                 "ptq_tensorrt_qdq_ok": check_tensorrt_qdq(before).ok if preset == "trt" else None,
                 "latency": lat, "sensitivity_worst": sens.get("groups", [])[:10],
-                "sensitivity_calibration": sens.get("calibration"), "export_s": export_s})
+                "sensitivity_calibration": sens.get("calibration"), "export_s": export_s,
+                **({"qat_acc": qat["acc"], "qat_change_pts": (qat["acc"] - fp32["accuracy"]) * 100,
+                    "qat": {k: v for k, v in qat.items() if k != "acc"},
+                    "best_change_pts": max(after["accuracy_change_vs_fp32"] * 100,
+                                           (qat["acc"] - fp32["accuracy"]) * 100)} if qat else {})})
             log(f"{run}: {preset}: FP32 {fp32['accuracy']:.4f}, ptq {before_acc:.4f}, ptq-search "
                 f"{after['accuracy']:.4f} (k={mp['k']})")
     return rows
@@ -122,20 +152,28 @@ def main() -> None:
     parser.add_argument("--max-drop", type=float, default=1.0, help="ptq-search target, points")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--name", default="int8_quality")
+    parser.add_argument("--no-sensitivity", action="store_true",
+                        help="skip the per-group sensitivity analysis (the slow part; ptq-search still runs)")
+    parser.add_argument("--qat-epochs", type=int, default=0,
+                        help="also qat-kd (edgekd.export.qat) with this many fine-tune epochs, beside ptq-search")
     args = parser.parse_args()
     rows = []
     for run in map(Path, args.runs):
         rows += measure(run, tuple(args.presets.split(",")), args.max_drop, args.threads,
-                        log=lambda line: print(line, flush=True))
+                        log=lambda line: print(line, flush=True), qat_epochs=args.qat_epochs,
+                        sensitivity=not args.no_sensitivity)
     show("INT8: today's ptq vs ptq-search (test accuracy %, change in points; p50 ms at batch 1 / 64)",
          ["student", "preset", "FP32", "ptq", "ptq-search", "float groups", "calibration", "FP32 ms", "ptq ms",
-          "search ms"],
+          "search ms", "qat-kd", "qat ms"],
          [[f"{r['dataset']} s{r['seed']}", r["preset"], f"{r['fp32_acc'] * 100:.2f}",
            f"{r['ptq_acc'] * 100:.2f} ({r['ptq_change_pts']:+.2f})",
            f"{r['search_acc'] * 100:.2f} ({r['search_change_pts']:+.2f})", len(r["float_groups"]),
            f"{r['calibration']['method']} x{r['calibration']['images']} {r['calibration']['placement']}",
            *[f"{r['latency'][m]['b1_p50_ms']:.3f} / {r['latency'][m]['b64_p50_ms']:.2f}"
-             for m in ("fp32", "ptq", "ptq-search")]] for r in rows])
+             for m in ("fp32", "ptq", "ptq-search")],
+           f"{r['qat_acc'] * 100:.2f} ({r['qat_change_pts']:+.2f})" if "qat_acc" in r else "-",
+           f"{r['latency']['qat-kd']['b1_p50_ms']:.3f} / {r['latency']['qat-kd']['b64_p50_ms']:.2f}"
+           if "qat-kd" in r["latency"] else "-"] for r in rows])
     path = save(args.name, {"device": "cpu", "threads": args.threads, "max_drop_pts": args.max_drop,
                             "note": "test accuracy on the whole test split; every INT8 choice made on validation",
                             "rows": rows})

@@ -138,13 +138,15 @@ def model_problems(profile: Profile) -> list[str]:
 
 def loss_problems(profile: Profile) -> list[str]:
     """Losses of the methods that do not exist, or do not take the parameters given, or not in their range."""
-    from edgekd.config import method_losses
+    from edgekd.config import method_grid, method_losses
     from edgekd.distill.losses import LOSSES, ComposedLoss
 
     problems = []
     for method, spec in profile.methods.items():
         where = f"methods.{method}"
-        terms = {name: params for name, params in method_losses(spec).items() if isinstance(params, dict)}
+        listed = {name: params for name, params in method_losses(spec).items() if isinstance(params, dict)}
+        terms = {name: params for name, params in method_losses(method_grid(spec)[0]).items()  # built once
+                 if isinstance(params, dict)}
         built = {}
         for name, params in terms.items():
             try:  # one term at a time, so each bad one gets its line
@@ -157,10 +159,11 @@ def loss_problems(profile: Profile) -> list[str]:
             except EdgeKDError as exc:
                 problems.append(str(exc))
                 continue
-            for key, value in params.items():
+            for key, values in listed[name].items():
                 allowed, expected = LOSS_PARAMETER_RULES.get(key, (None, ""))
-                if allowed and not allowed(value):
-                    problems.append(f"profile key '{where}.{name}.{key}' must be {expected}, got {value!r}")
+                for value in values if isinstance(values, list) else [values]:  # every candidate of a grid
+                    if allowed and not allowed(value):
+                        problems.append(f"profile key '{where}.{name}.{key}' must be {expected}, got {value!r}")
         if (spec.get("teachers", ["main"]) != ["main"] and len(built) == len(terms)
                 and any(b.needs_features for b in built.values())):
             problems.append(f"{where}: feature losses learn from one teacher; drop 'teachers' or the feature terms")
@@ -218,7 +221,7 @@ def dataset_sizes(name: str, cfg: DatasetConfig) -> tuple[SourceSizes | None, li
 
 def deploy_problems(deploy: DeployConfig) -> list[str]:
     """What `edgekd study` would refuse in the profile's [deploy] table, or lack on this machine to run it."""
-    from edgekd.export.int8 import CALIB_METHODS
+    from edgekd.export.int8 import CALIB_METHODS, INT8_METHODS
     from edgekd.targets import BACKENDS, TARGETS, missing_for
 
     presets = sorted({t.preset for t in TARGETS.values() if t.preset})
@@ -228,6 +231,9 @@ def deploy_problems(deploy: DeployConfig) -> list[str]:
         "int8_presets": (set(deploy.int8_presets) <= set(presets), f"some of {', '.join(presets)}"),
         "calib_size": (deploy.calib_size >= 1, "at least 1"),
         "calib_method": (deploy.calib_method in CALIB_METHODS, ", ".join(CALIB_METHODS)),
+        "int8_method": (deploy.int8_method in INT8_METHODS, ", ".join(INT8_METHODS)),
+        "qat_epochs": (deploy.qat_epochs >= 1, "at least 1"),
+        "qat_lr": (deploy.qat_lr >= 0, "0 (a hundredth of the student's lr) or more"),
         "eval_limit": (deploy.eval_limit >= 0, "0 (the whole test split) or more"),
         "backend": (deploy.backend in BACKENDS, ", ".join(BACKENDS)),
         "batch_sizes": (bool(deploy.batch_sizes) and min(deploy.batch_sizes) >= 1, "sizes of at least 1, e.g. [1, 64]"),

@@ -267,17 +267,21 @@ def cmd_env(args) -> int:
 
 def cmd_export(args) -> int:
     from edgekd.check import export_problems, require
+    from edgekd.distill.qat import qat_trainer
     from edgekd.export.bundle import ExportOptions, export_run, find_student_runs
 
     targets = list(args.target or ["onnx"])
     if (args.int8_sensitivity or args.int8_method != "ptq") and "int8" not in targets:
         targets.append("int8")  # asking for the analysis or a method is asking for INT8
+    if args.qat_epochs < 1 or args.qat_lr < 0:
+        raise EdgeKDError("--qat-epochs must be at least 1 and --qat-lr at least 0 (0: the student's lr / 100)")
     if args.int8_max_drop < 0:
         raise EdgeKDError("--int8-max-drop is in accuracy points and cannot be negative, e.g. 1.0")
     options = ExportOptions(targets=tuple(targets), calib_size=args.calib_size,
                             calib_method=args.calib_method, int8_presets=tuple(args.int8_preset.split(",")),
                             fp16=args.fp16, eval_limit=args.eval_limit, int8_method=args.int8_method,
-                            int8_max_drop=args.int8_max_drop, int8_sensitivity=args.int8_sensitivity)
+                            int8_max_drop=args.int8_max_drop, int8_sensitivity=args.int8_sensitivity,
+                            qat_epochs=args.qat_epochs, qat_lr=args.qat_lr)
     require(export_problems(Path(args.run_dir), options.targets, options.int8_presets, options.calib_size,
                             options.eval_limit))
     runs = find_student_runs(Path(args.run_dir))
@@ -287,7 +291,8 @@ def cmd_export(args) -> int:
     for run in runs:
         label = str(run.relative_to(args.run_dir)) if run != Path(args.run_dir) else run.name
         with console.status(f"exporting {label}"):
-            bundle = export_run(run, options, log=lambda line, label=label: console.print(f"[dim]{label}: {line}"))
+            bundle = export_run(run, options, log=lambda line, label=label: console.print(f"[dim]{label}: {line}"),
+                                qat=qat_trainer(options))
         from edgekd.runio import read_json
 
         for key, m in read_json(bundle / "manifest.json")["models"].items():
@@ -531,9 +536,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8-preset", default="cpu,trt", help="cpu (ORT on CPUs), trt (TensorRT Q/DQ), or both")
     p.add_argument("--fp16", action="store_true", help="also model.fp16.onnx (and with --target trt an FP16 engine)")
     p.add_argument("--eval-limit", type=int, default=0, help="cap the bundle's eval set (0 = whole test split)")
-    p.add_argument("--int8-method", default="ptq", choices=["ptq", "ptq-search"],
+    p.add_argument("--int8-method", default="ptq", choices=["ptq", "ptq-search", "qat-kd"],
                    help="ptq: one calibration, all INT8; ptq-search: calibration and float node groups chosen on the "
-                        "validation split (implies --target int8)")
+                        "validation split; qat-kd: quantization-aware fine-tune against the run's own teacher and "
+                        "losses, learned scales exported (implies --target int8)")
+    p.add_argument("--qat-epochs", type=int, default=2, help="qat-kd: fine-tune epochs (default 2)")
+    p.add_argument("--qat-lr", type=float, default=0.0, help="qat-kd: learning rate (default: the student's / 100)")
     p.add_argument("--int8-max-drop", type=float, default=1.0,
                    help="ptq-search: allowed validation accuracy drop vs FP32, in points (default 1.0)")
     p.add_argument("--int8-sensitivity", action="store_true",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import itertools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -39,15 +40,17 @@ class DatasetConfig:
     samples_per_class: int = 60  # synthetic source only
 
 
-VARIANT_KINDS = ("base", "fraction", "per_class", "imbalance", "label_noise", "spurious", "classes", "corruption",
-                 "resolution")
+VARIANT_KINDS = ("base", "fraction", "labels", "per_class", "imbalance", "label_noise", "spurious", "classes",
+                 "corruption", "resolution")
 CORRUPTIONS = ("gaussian_noise", "blur", "contrast", "brightness", "jpeg")
 
 
 @dataclass
 class VariantConfig:
     kind: str = "base"
-    fraction: float = 1.0  # fraction: stratified share of the training set kept
+    # fraction: stratified share of the training set kept; labels: the share that keeps its labels (the rest is
+    # unlabeled: cross-entropy skips it, KD terms learn from it)
+    fraction: float = 1.0
     per_class: int = 0  # per_class: samples kept per class
     ratio: float = 1.0  # imbalance: n_max / n_min, exponential profile over classes (CIFAR-10-LT)
     rate: float = 0.0  # label_noise: share of training labels changed
@@ -118,6 +121,10 @@ class DeployConfig:
     # "ptq" or "ptq-search": plain post-training INT8 costs depthwise students points (MobileNetV3's hard-swish
     # outliers); ptq-search picks the calibration and keeps the fewest sensitive node groups float, on validation.
     int8_method: str = "ptq"
+    # qat-kd: fine-tune each student this many epochs with fake quantization, against its own teacher and losses, at
+    # qat_lr (0: a hundredth of the student's lr: the weights are trained; only the rounding is being learned).
+    qat_epochs: int = 2
+    qat_lr: float = 0.0
     eval_limit: int = 2000  # test images carried in each bundle; bench accuracy is measured on them
     backend: str = "ort"
     device: str = "cpu"
@@ -148,18 +155,52 @@ class CompressConfig:
         return f"{source}{PRUNE_TAG}{round(self.prune * 100)}"
 
 
+@dataclass
+class ExplainConfig:
+    """Where the students look (edgekd/explain.py): Grad-CAM maps of the teacher, scratch and KD students of every
+    variant on a fixed, stratified sample of test images, compared with the teacher's."""
+
+    images: int = 0  # test images per variant; 0: no maps
+    top: float = 0.2  # the share of a map's pixels that counts as where it looks (top-20% IoU)
+
+
 PRUNE_TAG = "+prune"  # kd+prune50: the kd student with half its channels pruned, then fine-tuned
 
 
 # A method table holds its losses (name -> {weight, parameters}) and two optional keys: `teachers`, the teachers
 # it learns from ("main" is [teacher]; others are [teachers.<name>]), and `combine`, how their softened outputs
 # are merged: "mean", or "val_weighted" (weights proportional to each teacher's validation accuracy).
+# A loss parameter may list candidate values (`kd = { temperature = [2, 4, 8] }`): the method is then tuned, per
+# dataset variant and student family, on the first seed by validation accuracy (never test), and every seed trains
+# with the choice (edgekd.jobs.chosen_spec).
 METHOD_OPTIONS = ("teachers", "combine")
-MethodSpec = dict[str, dict[str, float] | list[str] | str]
+MethodSpec = dict[str, dict[str, float | list[float]] | list[str] | str]
+GRID_TAG = "~"  # kd~2: the third candidate of method kd's grid
 
 
 def method_losses(spec: MethodSpec) -> dict[str, dict[str, float]]:
     return {k: v for k, v in spec.items() if k not in METHOD_OPTIONS}
+
+
+def grid_axes(spec: MethodSpec) -> list[tuple[str, str, list[float]]]:
+    """(loss, parameter, candidate values) of every loss parameter that lists values, in the table's order."""
+    return [(loss, key, values) for loss, params in method_losses(spec).items() if isinstance(params, dict)
+            for key, values in params.items() if isinstance(values, list)]
+
+
+def method_grid(spec: MethodSpec) -> list[MethodSpec]:
+    """Every candidate of a method: the cartesian product of its listed parameter values (the first listed varying
+    slowest); a method that lists none is its own only candidate."""
+    axes = grid_axes(spec)
+    if not axes:
+        return [spec]
+    out = []
+    for combo in itertools.product(*(values for _, _, values in axes)):
+        candidate = copy.deepcopy(spec)
+        for (loss, key, _), value in zip(axes, combo, strict=True):
+            candidate[loss][key] = float(value)
+        out.append(candidate)
+    return out
 
 
 def _default_methods() -> dict[str, MethodSpec]:
@@ -182,6 +223,7 @@ class Profile:
     variants: dict[str, VariantConfig] = field(default_factory=lambda: {"base": VariantConfig()})
     deploy: DeployConfig = field(default_factory=DeployConfig)
     compress: CompressConfig = field(default_factory=CompressConfig)
+    explain: ExplainConfig = field(default_factory=ExplainConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -356,6 +398,7 @@ def variant_problems(cfg: VariantConfig, where: str = "variant", classes: int | 
     indices = "the class indices" if classes is None else f"0..{classes - 1}"
     checks = {  # kind -> [(its parameter is fine, key, what it must be)]
         "fraction": [(0 < cfg.fraction <= 1, "fraction", "in (0, 1]")],
+        "labels": [(0 < cfg.fraction <= 1, "fraction", "the labeled share, in (0, 1]")],
         "per_class": [(1 <= cfg.per_class and (smallest_class is None or cfg.per_class <= smallest_class),
                        "per_class", f"between 1 and {most}")],
         "imbalance": [(cfg.ratio >= 1, "ratio", "at least 1 (n_max / n_min)")],
@@ -411,12 +454,21 @@ def profile_problems(profile: Profile) -> list[str]:
                              f"add a [teachers.{name}] table or use \"main\"")
         if spec.get("combine", "mean") not in ("mean", "val_weighted"):
             found.append(f"profile key 'methods.{method}.combine' must be 'mean' or 'val_weighted'")
+        for loss, key, values in grid_axes(spec):
+            if not values:
+                found.append(f"profile key 'methods.{method}.{loss}.{key}' lists no value: give candidates, e.g. "
+                             f"{key} = [1, 2], or one number")
+        if GRID_TAG in method:
+            found.append(f"method name {method!r} may not contain '{GRID_TAG}'")
         for key, value in method_losses(spec).items():
             if not isinstance(value, dict):
                 found.append(f"profile key 'methods.{method}.{key}' must be a table of loss parameters, "
                              f"e.g. {key} = {{ weight = 1.0 }}")
         if not method_losses(spec):
             found.append(f"profile table 'methods.{method}' names no loss: add e.g. kd = {{ weight = 0.9 }}")
+    if profile.explain.images < 0 or not 0 < profile.explain.top < 1:
+        found.append(f"profile keys 'explain.images' (0: off, or test images per variant) and 'explain.top' (a share "
+                     f"in (0, 1)) got {profile.explain.images!r} and {profile.explain.top!r}")
     c = profile.compress
     if not 0 <= c.prune < 1:
         found.append(f"profile key 'compress.prune' must be the share of channels to remove, in [0, 1), got {c.prune!r}")

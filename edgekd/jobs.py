@@ -37,7 +37,8 @@ if TYPE_CHECKING:
 
 TEACHER, SCRATCH, CACHE = "teacher", "scratch", "teacher_cache"
 BASE_VARIANT = "base"
-KINDS = ("train", "cache", "bundle", "bench")
+KINDS = ("train", "cache", "bundle", "bench", "explain")
+EXPLAIN = "explain"  # the role of a variant's Grad-CAM job (explain@family for a second student family)
 # What a finished run holds besides metrics.json: every training role (teacher, scratch, KD), and a teacher cache.
 RUN_OUTPUTS = {"training": ("model.safetensors", "predictions.safetensors"),
                CACHE: ("teacher_cache.json", "teacher_cache.safetensors")}
@@ -74,6 +75,8 @@ class Job:
             return self.run_dir / "bundle" / "manifest.json"
         if self.kind == "bench":
             return self.run_dir / "bundle" / f"{self.stage}.json"
+        if self.kind == "explain":
+            return self.run_dir / "explain.json"
         return self.run_dir / "metrics.json"
 
 
@@ -92,18 +95,29 @@ def pruned_source(base: str) -> tuple[str, float] | None:
     return (source, int(percent) / 100) if tag else None
 
 
+def grid_candidate(base: str) -> tuple[str, int] | None:
+    """`kd~2` -> ("kd", 2): a candidate run of a method's hyper-parameter grid; None for any other role."""
+    from edgekd.config import GRID_TAG
+
+    method, tag, index = base.partition(GRID_TAG)
+    return (method, int(index)) if tag else None
+
+
 def loss_method(profile: Profile, base: str) -> str:
-    """The method whose losses (and teachers) a student role trains with: its own, or for a pruned student the
-    fine-tune method `compress.method`."""
-    return profile.compress.method if pruned_source(base) else base
+    """The method whose losses (and teachers) a student role trains with: its own, a grid candidate's method, or
+    for a pruned student the fine-tune method `compress.method`."""
+    if pruned_source(base):
+        return profile.compress.method
+    candidate = grid_candidate(base)
+    return candidate[0] if candidate else base
 
 
 def uses_cache(profile: Profile, method: str) -> bool:
     """The view-keyed cache serves methods that learn from the main teacher's logits only."""
-    from edgekd.config import method_losses
+    from edgekd.config import method_grid, method_losses
     from edgekd.distill.losses import ComposedLoss
 
-    spec = profile.methods[loss_method(profile, method)]
+    spec = method_grid(profile.methods[loss_method(profile, method)])[0]  # the candidates differ in numbers only
     criterion = ComposedLoss(method_losses(spec), f"methods.{method}")
     return criterion.needs_teacher and not criterion.needs_features and spec.get("teachers", ["main"]) == ["main"]
 
@@ -133,6 +147,8 @@ def plan_jobs(profile: Profile, study_root: Path, deploy: bool = False, device: 
               cpus_per_job: float = 1.0) -> list[Job]:
     """Every job of the profile with its dependencies, in an order that respects them: teachers, teacher caches,
     students, then (deploy) bundles and benches."""
+    from edgekd.config import GRID_TAG, method_grid
+
     gpus = 1.0 if device.startswith("cuda") else 0.0
     seed0 = profile.study.teacher_seed
     cached = needs_cache(profile)
@@ -158,7 +174,10 @@ def plan_jobs(profile: Profile, study_root: Path, deploy: bool = False, device: 
                 suffix = f"@{family}" if family else ""
                 for seed in profile.study.seeds:
                     pruned = [profile.compress.role(s) for s in profile.compress.sources]
-                    for role in (SCRATCH, *profile.methods, *pruned):
+                    tuned = [f"{m}{GRID_TAG}{k}" for m, spec in profile.methods.items()
+                             for k in range(len(method_grid(spec)))
+                             if len(method_grid(spec)) > 1 and seed == profile.study.seeds[0]]
+                    for role in (*tuned, SCRATCH, *profile.methods, *pruned):
                         deps = [main]
                         if role != SCRATCH:
                             deps += [job(tv, f"{TEACHER}@{t}", seed0).label for t in
@@ -168,8 +187,23 @@ def plan_jobs(profile: Profile, study_root: Path, deploy: bool = False, device: 
                                 deps.append(cache.label)
                         if pruned_source(role):  # starts from the trained student it prunes
                             deps.append(job(variant, pruned_source(role)[0] + suffix, seed).label)
+                        tuned_by = loss_method(profile, role) if role != SCRATCH else ""
+                        grid = method_grid(profile.methods[tuned_by]) if tuned_by else []
+                        if len(grid) > 1 and not grid_candidate(role):  # waits for the choice on validation
+                            deps += [job(variant, f"{tuned_by}{GRID_TAG}{k}{suffix}", profile.study.seeds[0]).label
+                                     for k in range(len(grid))]
                         students.append(job(variant, role + suffix, seed, deps))
     jobs = teachers + caches + students
+    if profile.explain.images:  # per variant and family: the teacher and every scratch and KD student (all seeds)
+        groups: dict[tuple[str, str, str], list[str]] = {}
+        for s in students:
+            base, _, family = s.role.partition("@")
+            if not grid_candidate(base) and not pruned_source(base):
+                groups.setdefault((s.dataset, s.variant, family), [s.deps[0]]).append(s.label)
+        for (dataset, variant, family), deps in groups.items():
+            role = f"{EXPLAIN}@{family}" if family else EXPLAIN
+            jobs.append(Job(dataset, variant, role, seed0, run_dir(study_root, dataset, variant, role, seed0),
+                            kind="explain", deps=tuple(deps), num_cpus=cpus_per_job))
     if deploy:
         d = profile.deploy
         bundles = [replace(s, kind="bundle", stage="bundle", deps=(s.label,), num_cpus=1.0, num_gpus=0.0)
@@ -273,7 +307,7 @@ def train_key(profile: Profile, root: Path, job: Job) -> dict:
                                              job.seed) / "model.safetensors", f"the {source} student it prunes")
     if base not in (TEACHER, SCRATCH):
         method = loss_method(profile, base)
-        spec = profile.methods[method]
+        spec = method_spec(profile, root, job)
         config[f"methods.{method}"] = spec
         for name in spec.get("teachers", ["main"]):
             if name != "main":
@@ -290,6 +324,44 @@ def train_key(profile: Profile, root: Path, job: Job) -> dict:
         precision, channels_last, device = job.execution
         config["execution"] = {"precision": precision, "channels_last": channels_last, "device": device}
     return make_key("train", config, data_description(profile, job.dataset, job.variant), inputs)
+
+
+def grid_choice(profile: Profile, root: Path, dataset: str, variant: str, family: str, method: str) -> dict:
+    """The candidate of `method`'s grid with the best validation accuracy on the first seed (the first of equals),
+    with every candidate's: {"chosen": k, "candidates": [{"params": {loss.param: value}, "val_acc": ...}]}.
+    NotReady until every candidate has trained."""
+    from edgekd.config import GRID_TAG, grid_axes, method_grid
+
+    spec = profile.methods[method]
+    suffix = f"@{family}" if family else ""
+    axes = grid_axes(spec)
+    candidates = []
+    for k, candidate in enumerate(method_grid(spec)):
+        path = run_dir(root, dataset, variant, f"{method}{GRID_TAG}{k}{suffix}", profile.study.seeds[0])
+        try:
+            val_acc = read_json(path / "metrics.json")["val_acc"]
+        except (UnreadableFile, KeyError, TypeError):
+            raise NotReady(f"candidate {k} of {method}'s grid is not trained yet") from None
+        candidates.append({"params": {f"{loss}.{key}": candidate[loss][key] for loss, key, _ in axes},
+                           "val_acc": val_acc})
+    chosen = max(range(len(candidates)), key=lambda k: (candidates[k]["val_acc"], -k))
+    return {"chosen": chosen, "candidates": candidates, "seed": profile.study.seeds[0]}
+
+
+def method_spec(profile: Profile, root: Path, job: Job) -> dict:
+    """The losses a KD student trains with, numbers resolved: a grid candidate's own values, a tuned method's
+    choice on validation, a pruned student's fine-tune method (tuned the same way for its variant)."""
+    from edgekd.config import method_grid
+
+    base, _, family = job.role.partition("@")
+    candidate = grid_candidate(base)
+    if candidate:
+        return method_grid(profile.methods[candidate[0]])[candidate[1]]
+    method = loss_method(profile, base)
+    grid = method_grid(profile.methods[method])
+    if len(grid) == 1:
+        return grid[0]
+    return grid[grid_choice(profile, root, job.dataset, job.variant, family, method)["chosen"]]
 
 
 def cache_key(profile: Profile, root: Path, job: Job) -> dict:
@@ -313,7 +385,8 @@ def export_options(profile: Profile):
 
     d = profile.deploy
     return ExportOptions(targets=tuple(d.targets), calib_size=d.calib_size, calib_method=d.calib_method,
-                         int8_presets=tuple(d.int8_presets), eval_limit=d.eval_limit, int8_method=d.int8_method)
+                         int8_presets=tuple(d.int8_presets), eval_limit=d.eval_limit, int8_method=d.int8_method,
+                         qat_epochs=d.qat_epochs, qat_lr=d.qat_lr)
 
 
 def bench_options(profile: Profile):
@@ -340,6 +413,14 @@ def job_key(profile: Profile, root: Path, job: Job) -> dict:
         if not (job.run_dir / "metrics.json").is_file():
             raise NotReady(f"student {job.run_dir} is not trained yet")
         return export_key(job.run_dir, export_options(profile))
+    if job.kind == "explain":
+        inputs = {}
+        for label in job.deps:
+            dataset, variant, role, seed = label.split("/")
+            inputs[label] = _weights(run_dir(root, dataset, variant, role, int(seed.removeprefix("seed")))
+                                     / "model.safetensors", label)
+        return make_key("explain", {"explain": asdict(profile.explain)},
+                        data_description(profile, job.dataset, job.variant), inputs)
     if job.kind == "bench":
         from edgekd.bench.harness import bench_key
 
@@ -512,6 +593,10 @@ def _execute(profile: Profile, root: Path, job: Job, force: bool, reporter, star
             from edgekd.study import run_bench_job
 
             record, skipped = run_bench_job(profile, root, job, force)
+        elif job.kind == "explain":
+            from edgekd.explain import run_explain_job
+
+            record, skipped = run_explain_job(profile, root, job, force)
         else:
             raise EdgeKDError(f"unknown job kind {job.kind!r}")
     except EdgeKDError:

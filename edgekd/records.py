@@ -12,14 +12,17 @@ Standard library only: `edgekd report` and the bench read these on machines with
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
+import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edgekd import __version__
+from edgekd.config import GRID_TAG
 from edgekd.errors import EdgeKDError
 from edgekd.runio import UnreadableFile, read_json, sha256_file
 
@@ -36,7 +39,7 @@ T_975 = dict(enumerate([12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306,
 RUN_IDENTITY = ("dataset", "variant", "role", "method", "seed", "family", "model")
 RUN_VALUES = ("test_acc", "val_acc", "balanced_test_acc", "ece", "head_acc", "tail_acc", "worst_group_acc",
               "extra_test_acc", "teacher_agreement", "params", "epochs", "wall_s", "train_s", "images_per_s", "fill_s",
-              "teacher_forwards")
+              "teacher_forwards", "grid")
 
 
 # -- statistics ----------------------------------------------------------------------------------------------------
@@ -45,6 +48,7 @@ class Spread:
     mean: float
     std: float  # sample standard deviation over seeds (0 with one seed)
     n: int
+    values: tuple[float, ...] = field(default=(), compare=False, repr=False)  # the per-seed values, for the bootstrap
 
     @classmethod
     def of(cls, values: list[float]) -> Spread | None:
@@ -52,7 +56,22 @@ class Spread:
             return None
         mean = sum(values) / len(values)
         var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
-        return cls(mean, math.sqrt(var), len(values))
+        return cls(mean, math.sqrt(var), len(values), tuple(values))
+
+    def bootstrap95(self) -> tuple[float, float] | None:
+        """Percentile bootstrap 95% interval of the mean (None below 2 values). Over few seeds every resample is
+        enumerated (n**n of them up to n = 6), so the interval is exact and the same on every run; above, 20,000
+        resamples from a fixed seed. With 3 seeds it can only span the values' range: read it beside the t-interval,
+        not instead of it."""
+        values, n = self.values, len(self.values)
+        if n < 2:
+            return None
+        if n <= 6:
+            means = sorted(sum(values[i] for i in combo) / n for combo in itertools.product(range(n), repeat=n))
+        else:
+            rng = random.Random(0)
+            means = sorted(sum(rng.choice(values) for _ in range(n)) / n for _ in range(20000))
+        return means[int(0.025 * (len(means) - 1))], means[int(math.ceil(0.975 * (len(means) - 1)))]
 
     @property
     def ci95(self) -> float:
@@ -376,8 +395,8 @@ def group_runs(records: Iterable[RunRecord | Mapping]) -> list[RunGroup]:
     teachers = {(r["dataset"], r["variant"]): r for r in records if r["role"] == "teacher" and not r.get("family")}
     caches = {(r["dataset"], r["variant"]): r for r in records if r["role"] == "teacher_cache"}
     groups: dict[tuple[str, str, str], list[dict]] = {}
-    for r in records:
-        if r["role"] in STUDENT_ROLES:
+    for r in records:  # a grid candidate (kd~2) is how a method was tuned, not a result of the study
+        if r["role"] in STUDENT_ROLES and GRID_TAG not in (r.get("method") or ""):
             groups.setdefault((r["dataset"], r["variant"], r.get("family", "")), []).append(r)
     for key in teachers:
         if not any(k[:2] == key for k in groups):
@@ -412,6 +431,7 @@ class Selection:
     benches: list[BenchRecord]
     left_out: list[str]  # "<run dir>/<file>: why", one per record not shown
     planned: bool  # False: no plan.json (a study made before plans), every run is shown
+    explains: list[dict] = field(default_factory=list)  # Grad-CAM records (edgekd/explain.py), with their "path"
 
 
 def _bench_still_matches(bench: BenchRecord, root: Path) -> str | None:
@@ -468,7 +488,12 @@ def select_current(study_root: Path) -> Selection:
             left.append(f"{rel}: stale ({why})")
         else:
             benches.append(bench)
-    return Selection(runs, benches, left, plan is not None)
+    explains = []
+    for path in sorted(root.glob("*/*/explain*/seed*/explain.json")):
+        record = _read(path)
+        if plan is None or current(path, record.get("fingerprint", "")):
+            explains.append({**record, "path": str(path)})
+    return Selection(runs, benches, left, plan is not None, explains)
 
 
 def current_runs(study_root: Path) -> list[dict]:

@@ -75,8 +75,14 @@ def read_json(path: Path, fix: str = REMAKE) -> Any:
 def save_tensors(path: Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 
-    # safetensors refuses views that share storage; contiguous copies are cheap at these sizes.
+    # safetensors refuses tensors that share storage (views, or one module under two names: a PT2E graph's shared
+    # observer); contiguous copies are cheap at these sizes, and a second name gets its own copy.
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    seen: set[int] = set()
+    for k, v in tensors.items():
+        if v.numel() and v.untyped_storage().data_ptr() in seen:
+            tensors[k] = v.clone()
+        seen.add(tensors[k].untyped_storage().data_ptr())
     _atomic(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 

@@ -18,6 +18,7 @@ from edgekd.runio import read_json
 
 def run_bundle_job(profile: Profile, root: Path, job, force: bool = False) -> tuple[dict, bool]:
     """Export one student (its bundle), unless its manifest has the current key; returns (manifest, skipped)."""
+    from edgekd.distill.qat import qat_trainer
     from edgekd.export.bundle import export_run
     from edgekd.jobs import export_options, job_status
 
@@ -25,7 +26,8 @@ def run_bundle_job(profile: Profile, root: Path, job, force: bool = False) -> tu
     if status.current:
         return status.record, True
     with open(job.run_dir / "export.log", "a") as log:
-        bundle = export_run(job.run_dir, export_options(profile), log=lambda line: log.write(line + "\n"))
+        options = export_options(profile)
+        bundle = export_run(job.run_dir, options, log=lambda line: log.write(line + "\n"), qat=qat_trainer(options))
     return read_json(bundle / "manifest.json"), False
 
 

@@ -95,3 +95,127 @@ def test_study_prunes_kd_students_and_reruns_only_what_changed(tiny_profile, tmp
     records = run_study(load_profile(tiny_profile, [*sets[:1], "compress.prune=0.25", sets[2]]), out)
     assert {r["method"] for r in records if r["role"] == "kd"} == {"kd", "kd+prune25"}
     assert all(p.stat().st_mtime_ns == t for p, t in stamp.items())  # kd+prune50 left as it was, not shown
+
+
+QAT_PROFILE = """
+[study]
+name = "qat"
+seeds = [0]
+
+[datasets.digits]
+image_size = 8
+hflip = false
+crop_padding = 1
+
+[teacher]
+model = "test_resnet"
+epochs = 6
+batch_size = 64
+precision = "fp32"
+channels_last = "off"
+
+[student]
+model = "test_efficientnet"
+epochs = 6
+batch_size = 64
+optimizer = "adamw"
+lr = 0.01
+precision = "fp32"
+channels_last = "off"
+
+[methods.kd]
+ce = { weight = 0.5 }
+kd = { weight = 0.5, temperature = 2.0 }
+"""
+
+
+@pytest.fixture(scope="module")
+def qat_study(tmp_path_factory):
+    """A tiny KD student on real data (digits at 8x8): confident enough that INT8 parity is about the export,
+    not about near-ties of an untrained model."""
+    from edgekd.config import load_profile
+    from edgekd.distill.study import run_study
+
+    root = tmp_path_factory.mktemp("qat")
+    (root / "qat.toml").write_text(QAT_PROFILE)
+    run_study(load_profile(root / "qat.toml"), root / "runs")
+    return root / "runs" / "qat" / "digits" / "base"
+
+
+def test_qat_kd_exports_learned_scales_with_parity(qat_study):
+    """qat-kd fine-tunes with the run's own losses and teacher, exports Q/DQ ONNX that ONNX Runtime runs, agreeing
+    with the fake-quant PyTorch model on >= 99% of the test images (export_run refuses less); the trt preset passes
+    the TensorRT Q/DQ rule check; scratch fine-tunes with cross-entropy alone."""
+    import onnx
+
+    from edgekd.distill.qat import qat_int8
+    from edgekd.export.bundle import ExportOptions, export_run
+    from edgekd.runio import read_json
+
+    for role, losses in (("kd", {"ce", "kd"}), ("scratch", {"ce"})):
+        bundle = export_run(qat_study / role / "seed0", ExportOptions(
+            targets=("onnx", "int8"), int8_presets=("cpu", "trt"), int8_method="qat-kd", qat_epochs=1),
+            log=lambda line: None, qat=qat_int8)
+        models = read_json(bundle / "manifest.json")["models"]
+        for preset in ("cpu", "trt"):
+            info = models[f"onnx-int8-{preset}"]
+            assert info["method"] == "qat-kd" and set(info["losses"]) == losses
+            assert info["teacher"] is (role == "kd")
+            assert info["parity"]["top1_agreement"] >= 0.99
+            assert abs(info["accuracy_change_vs_fp32"]) < 0.05
+            ops = {n.op_type for n in onnx.load(str(bundle / info["file"])).graph.node}
+            assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+        assert models["onnx-int8-trt"]["tensorrt_qdq_check"]["ok"]
+        assert not (bundle / "qat-cpu").exists()  # the fine-tune's checkpoints are gone once the model is written
+
+
+def test_qat_kd_key_and_method_checked(qat_study, tmp_path, capsys):
+    """qat-kd's settings are part of the bundle's key (a changed qat_epochs re-exports); a bad method is one line."""
+    from edgekd.cli import main
+    from edgekd.export.bundle import ExportOptions, export_key
+
+    run = qat_study / "kd" / "seed0"
+    one, two = (export_key(run, ExportOptions(int8_method="qat-kd", qat_epochs=e)) for e in (1, 2))
+    assert one != two and export_key(run, ExportOptions()) != one
+    assert main(["export", str(run), "--int8-method", "qat-kd", "--qat-epochs", "0"]) == 2
+    assert "--qat-epochs must be at least 1" in capsys.readouterr().err
+
+
+def test_explain_maps_agreement_and_cue_share(tiny_profile, tmp_path):
+    """[explain]: a Grad-CAM job per variant after its students (captum at the last stage): each student's agreement
+    with the teacher's maps, the cue share on a spurious variant's bias-conflicting images, a grid in the report;
+    a second run finds it current."""
+    import numpy as np
+
+    from edgekd.config import load_profile
+    from edgekd.distill.study import run_study
+    from edgekd.explain import mass_share, rank_correlation, top_iou
+    from edgekd.jobs import plan_jobs
+    from edgekd.runio import read_json
+
+    a = np.random.default_rng(0).random((3, 6, 6))
+    assert rank_correlation(a, a) == pytest.approx(1.0) and rank_correlation(a, -a) == pytest.approx(-1.0)
+    assert top_iou(a, a, 0.2) == 1.0 and mass_share(a, np.ones_like(a, bool)) == pytest.approx(1.0)
+
+    sets = ["study.seeds=[0, 1]", "student.epochs=1", "teacher.epochs=2", "explain.images=8",
+            "variants={base={kind=\"base\"}, cue={kind=\"spurious\", p=0.95}}"]
+    profile = load_profile(tiny_profile, sets)
+    explain = [j for j in plan_jobs(profile, tmp_path / "tiny") if j.kind == "explain"]
+    assert [j.label for j in explain] == ["synthetic/base/explain/seed0", "synthetic/cue/explain/seed0"]
+    assert len(explain[0].deps) == 5  # the teacher, and scratch and kd of each seed
+    from edgekd.study import run_full_study
+
+    run_study(profile, tmp_path)  # `distill` runs the explain jobs too: they need the trained models only
+    record = read_json(tmp_path / "tiny" / "synthetic" / "cue" / "explain" / "seed0" / "explain.json")
+    run_full_study(profile, tmp_path, log=lambda line: None)
+    assert read_json(tmp_path / "tiny" / "synthetic" / "cue" / "explain" / "seed0" / "explain.json") == record
+    record = read_json(tmp_path / "tiny" / "synthetic" / "cue" / "explain" / "seed0" / "explain.json")
+    students = [m for m in record["models"].values() if m["role"] != "teacher"]
+    assert record["images"] == 8 and record["cue"] and len(students) == 4
+    assert all(-1 <= m["rank_corr"] <= 1 and 0 <= m["top_iou"] <= 1 and 0 <= m["cue_share"] <= 1 for m in students)
+    text = (tmp_path / "tiny" / "report" / "report.md").read_text()
+    assert "Where the students look" in text and "gradcam_synthetic_cue.png" in text
+    assert (tmp_path / "tiny" / "report" / "gradcam_synthetic_cue.png").stat().st_size > 1000
+    stamp = (tmp_path / "tiny" / "synthetic" / "cue" / "explain" / "seed0" / "explain.json").stat().st_mtime_ns
+    run_full_study(profile, tmp_path, log=lambda line: None)
+    assert (tmp_path / "tiny" / "synthetic" / "cue" / "explain" / "seed0" / "explain.json").stat().st_mtime_ns == stamp

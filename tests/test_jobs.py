@@ -214,3 +214,40 @@ def test_storage_probe_names_what_a_worker_cannot_do(tmp_path):
     (tmp_path / PROBE_DIR / "token").write_text("token")
     assert probe_storage(str(tmp_path), "token") is None
     assert len(list((tmp_path / PROBE_DIR).iterdir())) == 2  # it wrote its answer beside the driver's file
+
+
+def test_method_grid_tuned_on_validation_then_every_seed(tiny_profile, tmp_path):
+    """A loss parameter listing values is a grid: each candidate trains on the first seed, the best validation
+    accuracy wins (never test), every seed trains with the choice; candidates stay out of the study's tables and
+    the report shows the grid; a second run finds everything current."""
+    from edgekd.config import load_profile
+    from edgekd.distill.study import run_study
+    from edgekd.jobs import plan_jobs
+    from edgekd.records import group_runs
+    from edgekd.report import build_report
+    from edgekd.runio import read_json
+
+    sets = ["study.seeds=[0, 1]", "student.epochs=1", "teacher.epochs=1",
+            "methods.kd.kd={weight=0.5, temperature=[1.0, 8.0]}"]
+    profile = load_profile(tiny_profile, sets)
+    jobs = {j.label: j for j in plan_jobs(profile, tmp_path / "tiny")}
+    assert "synthetic/base/kd~0/seed0" in jobs and "synthetic/base/kd~1/seed0" in jobs
+    assert "synthetic/base/kd~0/seed1" not in jobs
+    assert {"synthetic/base/kd~0/seed0", "synthetic/base/kd~1/seed0"} <= set(jobs["synthetic/base/kd/seed1"].deps)
+
+    records = run_study(profile, tmp_path)
+    base = tmp_path / "tiny" / "synthetic" / "base"
+    vals = [read_json(base / f"kd~{k}" / "seed0" / "metrics.json")["val_acc"] for k in (0, 1)]
+    chosen = max(range(2), key=lambda k: (vals[k], -k))
+    for seed in (0, 1):
+        metrics = read_json(base / "kd" / f"seed{seed}" / "metrics.json")
+        assert metrics["losses"]["kd"]["temperature"] == [1.0, 8.0][chosen]
+        assert metrics["grid"]["chosen"] == chosen and [c["val_acc"] for c in metrics["grid"]["candidates"]] == vals
+    assert all("~" not in m for grp in group_runs(records) for m in grp.methods)
+    report = build_report(tmp_path / "tiny")
+    text = report.files["md"].read_text()
+    assert "Hyper-parameters chosen on validation" in text and "kd.temperature 1:" in text
+
+    stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "tiny").rglob("metrics.json")}
+    run_study(profile, tmp_path)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "tiny").rglob("metrics.json")} == stamp

@@ -182,3 +182,17 @@ def test_records_import_on_python_310_without_third_party_packages():
             "assert r.Spread.of([0.1, 0.3]).n == 2; assert 'numpy' not in sys.modules")
     result = subprocess.run([python, "-I", "-c", code, str(ROOT)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_bootstrap_interval_beside_the_t_interval():
+    """The paired bootstrap enumerates every resample of few seeds (exact, the same on every run); with 3 seeds it
+    spans their range, narrower than the t-interval; one seed has none."""
+    from edgekd.records import Spread
+
+    gain = Spread.of([0.01, 0.03, 0.02])
+    assert gain.bootstrap95() == (0.01, 0.03)
+    assert gain.mean - gain.ci95 < 0.01 and Spread.of([0.05]).bootstrap95() is None
+    many = Spread.of([0.01 * i for i in range(8)])
+    lo, hi = many.bootstrap95()
+    assert 0 < lo < many.mean < hi < 0.07 and many.bootstrap95() == (lo, hi)
+    assert Spread(0.02, 0.01, 3) == gain  # equality is about the numbers shown, not the stored values

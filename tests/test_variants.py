@@ -117,3 +117,36 @@ def test_shift_on_any_variant_changes_no_training_data(splits):
                                             resolution=7))
     assert set(v.extra_tests) == {"blur@2", "resolution@7"}
     assert torch.equal(v.splits.train.images, splits.train.images)
+
+
+def test_labels_keep_a_stratified_share_and_unlabel_the_rest(splits):
+    """labels: every training image stays; a stratified share (at least one per class) keeps its label, the rest
+    get UNLABELED; validation keeps its labels (checkpoints are chosen on them); the test split is untouched."""
+    from edgekd.data.sampling import UNLABELED
+
+    v = apply_variant(splits, VariantConfig(kind="labels", fraction=0.05))
+    train = v.splits.train
+    assert len(train) == len(splits.train) and torch.equal(train.images, splits.train.images)
+    labeled = train.labels >= 0
+    assert torch.bincount(train.labels[labeled], minlength=5).tolist() == [4] * 5  # round(80 * 0.05)
+    assert (train.labels[~labeled] == UNLABELED).all()
+    assert torch.equal(train.labels[labeled], splits.train.labels[labeled])  # the kept labels are the true ones
+    assert torch.equal(v.splits.val.labels, splits.val.labels) and torch.equal(v.splits.test.labels, splits.test.labels)
+    assert (v.stats["labeled"], v.stats["unlabeled"], v.stats["train_per_class"]) == (20, 380, [4] * 5)
+    tiny = apply_variant(splits, VariantConfig(kind="labels", fraction=0.001))
+    assert torch.bincount(tiny.splits.train.labels[tiny.splits.train.labels >= 0], minlength=5).tolist() == [1] * 5
+
+
+def test_cross_entropy_skips_unlabeled_images_and_dkd_uses_the_teachers_class():
+    from edgekd.distill.losses import LOSSES, StepOutputs
+
+    logits, teacher = torch.randn(6, 4), torch.randn(6, 4)
+    targets = torch.tensor([0, -1, 2, -1, 3, 1])
+    ce = LOSSES.get("ce")()
+    kept = targets >= 0
+    expected = torch.nn.functional.cross_entropy(logits[kept], targets[kept])
+    torch.testing.assert_close(ce(StepOutputs(logits, targets)), expected)
+    assert ce(StepOutputs(logits, torch.full((6,), -1))).item() == 0.0  # a batch without labels: no CE, no nan
+    dkd = LOSSES.get("dkd")(alpha=1.0, beta=8.0, temperature=4.0)
+    filled = torch.where(kept, targets, teacher.argmax(1))
+    torch.testing.assert_close(dkd(StepOutputs(logits, targets, teacher)), dkd(StepOutputs(logits, filled, teacher)))

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import torch
 
+UNLABELED = -1  # the label of a training image whose label a `labels` variant removed
+
 
 def class_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    return torch.bincount(labels, minlength=num_classes)
+    """Images per class; unlabeled images (UNLABELED) are not counted."""
+    return torch.bincount(labels[labels >= 0], minlength=num_classes)
 
 
 def stratified_take(labels: torch.Tensor, per_class: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from edgekd.config import CORRUPTIONS, VariantConfig, variant_problems
-from edgekd.data.sampling import class_counts, stratified_take
+from edgekd.data.sampling import UNLABELED, class_counts, stratified_take
 from edgekd.data.types import DataSplits, ImageSet
 from edgekd.errors import EdgeKDError
 
@@ -117,6 +117,15 @@ def _transform_training_like(s: ImageSet, cfg: VariantConfig, classes: int, g: t
     counts = class_counts(s.labels, classes)
     if cfg.kind == "fraction":
         return s.subset(stratified_take(s.labels, torch.round(counts * cfg.fraction).long(), g))
+    if cfg.kind == "labels":
+        if share != 1.0:  # the validation split keeps its labels: checkpoints are chosen on them
+            return s
+        keep = stratified_take(s.labels, torch.round(counts * cfg.fraction).long().clamp_min(1), g)
+        labels = torch.full_like(s.labels, UNLABELED)
+        labels[keep] = s.labels[keep]
+        if stats is not None:
+            stats.update(labeled=len(keep), unlabeled=len(s) - len(keep))
+        return ImageSet(s.images, labels)
     if cfg.kind == "per_class":
         n = cfg.per_class if share == 1.0 else max(1, round(cfg.per_class * share))
         return s.subset(stratified_take(s.labels, torch.full((classes,), n), g))

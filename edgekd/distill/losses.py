@@ -43,14 +43,17 @@ def register_loss(name: str, needs_teacher: bool = True, needs_features: bool = 
 
 @register_loss("ce", needs_teacher=False)
 class CrossEntropy(nn.Module):
-    """The hard-label term; label smoothing comes from the student's training config."""
+    """The hard-label term; label smoothing comes from the student's training config. Images without a label (a
+    `labels` variant's, target -1) are skipped: the mean is over the batch's labeled images, 0 when it has none."""
 
     def __init__(self, label_smoothing: float = 0.0):
         super().__init__()
         self.label_smoothing = label_smoothing
 
     def forward(self, out: StepOutputs) -> torch.Tensor:
-        return F.cross_entropy(out.student_logits.float(), out.targets, label_smoothing=self.label_smoothing)
+        total = F.cross_entropy(out.student_logits.float(), out.targets, ignore_index=-1, reduction="sum",
+                                label_smoothing=self.label_smoothing)
+        return total / (out.targets >= 0).sum().clamp_min(1)
 
 
 def kd_divergence(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -101,7 +104,9 @@ class DecoupledKD(nn.Module):
         T = self.temperature
         dtype = torch.promote_types(out.student_logits.dtype, torch.float32)
         s, t = out.student_logits.to(dtype) / T, out.teacher_logits.to(dtype) / T
-        gt = F.one_hot(out.targets, s.shape[1]).bool()
+        # An unlabeled image (a `labels` variant) splits target from non-target at the teacher's class.
+        target = torch.where(out.targets >= 0, out.targets, out.teacher_logits.argmax(1))
+        gt = F.one_hot(target, s.shape[1]).bool()
         b_s, q_s = self.log_probs(s, gt)
         b_t, q_t = self.log_probs(t, gt)
         tckd = F.kl_div(b_s, b_t, reduction="batchmean", log_target=True) * T**2

@@ -40,9 +40,12 @@ from edgekd.jobs import (  # noqa: F401 - the graph's names, also edgekd.distill
     NotReady,
     cache_dir,
     cache_needs,
+    grid_candidate,
+    grid_choice,
     job_key,
     job_status,
     loss_method,
+    method_spec,
     plan_jobs,
     previous_execution,
     pruned_source,
@@ -295,6 +298,18 @@ class StudyRunner:
         return {"dataset": job.dataset, "variant": job.variant, "role": role, "method": method, "seed": job.seed,
                 "family": family, "model": model}
 
+    def _grid(self, job: Job, base: str, family: str) -> dict:
+        """A tuned method's run records its grid and the choice; a candidate run, which one it is."""
+        from edgekd.config import method_grid
+
+        candidate = grid_candidate(base)
+        if candidate:
+            return {"grid": {"candidate": candidate[1]}}
+        if base in (TEACHER, SCRATCH) or len(method_grid(self.profile.methods[loss_method(self.profile, base)])) < 2:
+            return {}
+        return {"grid": grid_choice(self.profile, self.root, job.dataset, job.variant, family,
+                                    loss_method(self.profile, base))}
+
     def _train_job(self, job: Job, variant: VariantData, log: _RunLog, start: float, key: dict) -> dict:
         data = variant.splits
         base, _, family = job.role.partition("@")
@@ -327,7 +342,7 @@ class StudyRunner:
             log(f"teacher weights from {cfg.checkpoint}, not trained")
         else:
             method = loss_method(self.profile, base)
-            spec = {"ce": {"weight": 1.0}} if base in (TEACHER, SCRATCH) else self.profile.methods[method]
+            spec = {"ce": {"weight": 1.0}} if base in (TEACHER, SCRATCH) else method_spec(self.profile, self.root, job)
             criterion = ComposedLoss(method_losses(spec), f"methods.{method}", cfg.label_smoothing).to(self.device)
             if criterion.needs_teacher and spec.get("teachers", ["main"]) != ["main"]:
                 if criterion.needs_features:
@@ -370,9 +385,11 @@ class StudyRunner:
             "train_s": round(history["train_s"], 2),
             "images_per_s": round(images / history["train_s"], 1) if history["train_s"] else None,
             "execution": asdict(ex), "teacher_cache": isinstance(teacher_source, TeacherCache),
-            "losses": self.profile.methods.get(loss_method(self.profile, base), {"ce": {"weight": 1.0}}),
+            "losses": ({"ce": {"weight": 1.0}} if base in (TEACHER, SCRATCH)
+                       else method_spec(self.profile, self.root, job)),
             "teachers": self.profile.methods.get(loss_method(self.profile, base), {}).get("teachers", ["main"])
             if not is_teacher else [],
+            **self._grid(job, base, family),
             **({"pruned": {"source": str(source_dir), "share": pruned[1], "params_before": before}} if pruned else {}),
             "history": history["history"], "data": data.describe(), "variant_stats": variant.stats,
             "schema_version": key["schema_version"], "key": key, "fingerprint": fingerprint(key),

@@ -8,6 +8,7 @@ and per model its parity or accuracy against FP32).
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -44,6 +45,8 @@ class ExportOptions:
     int8_method: str = "ptq"
     int8_max_drop: float = 1.0  # points: ptq-search's target for the validation drop vs FP32
     int8_sensitivity: bool = False
+    qat_epochs: int = 2  # qat-kd: fine-tune epochs with fake quantization (edgekd.export.qat)
+    qat_lr: float = 0.0  # qat-kd: 0 = the student's lr / 100
 
 
 def find_student_runs(path: Path) -> list[Path]:
@@ -85,10 +88,15 @@ def export_key(run: Path, options: ExportOptions) -> dict:
     dataset = read_json(run / "profile.json")["profile"]["datasets"][name]
     config = {"deploy": {"calib_size": options.calib_size, "calib_method": options.calib_method,
                          "int8_method": options.int8_method, "int8_max_drop": options.int8_max_drop,
-                         "eval_limit": options.eval_limit},
+                         "eval_limit": options.eval_limit,
+                         **({"qat_epochs": options.qat_epochs, "qat_lr": options.qat_lr}
+                            if options.int8_method == "qat-kd" else {})},
               "export": {"atol": options.atol, "min_agreement": options.min_agreement, "opset": OPSET}}
     data = {f"datasets.{name}": {k: v for k, v in dataset.items() if k not in ("data_dir", "download")}}
-    return make_key("bundle", config, data, {"student": sha256(run / "model.safetensors")})
+    inputs = {"student": sha256(run / "model.safetensors")}
+    if options.int8_method == "qat-kd":  # the fine-tune learns from the run's teacher and data
+        inputs["training"] = read_json(run / "metrics.json").get("fingerprint")
+    return make_key("bundle", config, data, inputs)
 
 
 def refresh_distill_records(study_root: Path) -> list[Path]:
@@ -120,6 +128,28 @@ def _torch_model(run: Path, profile: dict, data):
     cfg = profile.get("train") or profile["profile"]["student"]  # the run's own student family (older runs: the one)
     model = create_model(cfg["model"], data.num_classes, data.channels, cfg["small_input"])
     return load_weights(model, run / "model.safetensors").eval(), cfg
+
+
+def _qat_int8(run: Path, model, preset: str, path: Path, options: ExportOptions, x: np.ndarray, log, qat) -> dict:
+    """qat-kd's INT8 model for one preset, made by `qat` (edgekd.distill.qat.qat_int8), checked against the
+    fake-quant PyTorch model it came from: it must agree on at least 99% of the evaluation images."""
+    import copy
+
+    if qat is None:
+        raise EdgeKDError("int8_method 'qat-kd' trains: export_run needs qat=edgekd.distill.qat.qat_int8 from its "
+                          "caller (edgekd export and edgekd study pass it)")
+    info, fake_quant = qat(run, copy.deepcopy(model), preset, path, options.qat_epochs, options.qat_lr, x,
+                                OPSET, log)
+    runner = OrtRunner(path)
+    logits = np.concatenate([runner.infer(x[i : i + 512]) for i in range(0, len(x), 512)])
+    agreement = float((logits.argmax(1) == fake_quant.argmax(1)).mean())
+    info["parity"] = {"reference": "fake-quant PyTorch model", "top1_agreement": agreement,
+                      "max_abs_logit_diff": float(np.abs(logits - fake_quant).max())}
+    log(f"qat-kd {preset}: ONNX agrees with the fake-quant model on {agreement:.2%} of the evaluation images")
+    if agreement < 0.99 and os.environ.get("EDGEKD_QAT_PARITY_WARN_ONLY") != "1":
+        raise EdgeKDError(f"{run}: the qat-kd {preset} ONNX model agrees with its fake-quant PyTorch model on only "
+                          f"{agreement:.2%} of the images (< 99%): the export is wrong; use int8_method = 'ptq-search'")
+    return info
 
 
 def _export_onnx(model, path: Path, shape: tuple[int, ...], half: bool = False) -> None:
@@ -160,7 +190,9 @@ def _fp16_parity(bundle: Path, reference: np.ndarray, images: np.ndarray, labels
                        "top1_agreement": float((logits.argmax(1) == reference.argmax(1)).mean())}}
 
 
-def export_run(run: Path, options: ExportOptions, log=print) -> Path:
+def export_run(run: Path, options: ExportOptions, log=print, qat=None) -> Path:
+    """Export a student run's bundle. `qat`: the quantization-aware trainer for int8_method 'qat-kd'
+    (edgekd.distill.qat.qat_int8), passed in by the caller: training is distill's, and export does not import it."""
     import torch
 
     from edgekd.config import DatasetConfig
@@ -235,7 +267,7 @@ def export_run(run: Path, options: ExportOptions, log=print) -> Path:
         # Every INT8 choice (calibration, float groups) is made on the validation split, never on eval.npz (test);
         # a small one with its training-augmentation views (see validation_views).
         val = None
-        if options.int8_method != "ptq" or options.int8_sensitivity:
+        if options.int8_method == "ptq-search" or options.int8_sensitivity:
             dcfg = DatasetConfig(**profile["profile"]["datasets"][name])
             val_x, val_y, views = validation_views(data.val.images, data.val.labels.numpy(), dcfg.crop_padding,
                                                    dcfg.hflip)
@@ -244,9 +276,13 @@ def export_run(run: Path, options: ExportOptions, log=print) -> Path:
                                            "scored": len(val_y)}
         for preset in options.int8_presets:
             file = f"model.int8-{preset}.onnx"
-            info, sensitivity = make_int8(bundle / "model.onnx", bundle / file, preset, calibration, len(data.train),
-                                          options.int8_method, options.calib_method, options.calib_size, val,
-                                          options.int8_max_drop / 100, options.int8_sensitivity, log)
+            if options.int8_method == "qat-kd":
+                info, sensitivity = _qat_int8(run, model, preset, bundle / file, options, x, log, qat), None
+            else:
+                info, sensitivity = make_int8(bundle / "model.onnx", bundle / file, preset, calibration,
+                                              len(data.train), options.int8_method, options.calib_method,
+                                              options.calib_size, val, options.int8_max_drop / 100,
+                                              options.int8_sensitivity, log)
             acc = accuracy(predict(OrtRunner(bundle / file), images, data.mean, data.std), labels)
             info = {"preset": preset, **info, "accuracy": acc,
                     "accuracy_change_vs_fp32": acc - manifest["models"]["onnx-fp32"]["accuracy"]}

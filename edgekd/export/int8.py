@@ -47,6 +47,7 @@ import numpy as np
 from edgekd.errors import EdgeKDError
 
 CALIB_METHODS = ("minmax", "entropy", "percentile")
+INT8_METHODS = ("ptq", "ptq-search", "qat-kd")  # qat-kd: edgekd.export.qat
 INT8_METHODS = ("ptq", "ptq-search")
 PLACEMENTS = ("all", "inputs")  # Q/DQ on every quantizable tensor, or on the inputs of weighted ops only
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")

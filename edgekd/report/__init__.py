@@ -34,6 +34,8 @@ class Report:
     deploy: list[dict]
     retention: list[dict]
     ladder: list[dict] = field(default_factory=list)  # compression ladder stages, when the study pruned students
+    grids: list[dict] = field(default_factory=list)  # run records of tuned methods (their `grid` field)
+    explains: list[dict] = field(default_factory=list)  # Grad-CAM records (edgekd/explain.py)
     files: dict[str, Path] = field(default_factory=dict)
     left_out: list[str] = field(default_factory=list)  # records on disk not current for the study's last plan
 
@@ -105,7 +107,60 @@ def _markdown_tables(report: Report) -> list[str]:
             lines.append(f"| {r['dataset']} | {r['variant']} | {r['method']} | {r['deployed']} | "
                          f"{100 * g32.mean:+.2f} ± {100 * g32.std:.2f} | {100 * g8.mean:+.2f} ± {100 * g8.std:.2f} | {kept} |")
     lines += _ladder_table(report.ladder)
+    lines += _grid_table(report.grids)
+    lines += _explain_table(report.explains)
     return lines
+
+
+def _explain_table(explains: list[dict]) -> list[str]:
+    """Per variant and student kind: agreement of Grad-CAM maps with the teacher's, mean ± std over seeds; on a
+    spurious variant, the share of map mass on the (misleading) cue patch of bias-conflicting images."""
+    if not explains:
+        return []
+    lines = ["", "Where the students look (Grad-CAM for the true class at the deepest stage with maps of at least 4x4, captum): agreement with "
+             "the teacher's maps on the same test images, Spearman rank correlation and IoU of the top pixels, mean "
+             "± std over seeds. Cue share: the part of a map on the spurious cue patch of bias-conflicting images, "
+             "where the cue points to another class (lower: the model uses the cue less).", "",
+             "| dataset | variant | student | images | rank correlation | top IoU | cue share (teacher → student) |",
+             "|---|---|---|---|---|---|---|"]
+    for e in explains:
+        models = e["models"].values()
+        teacher = next((m for m in models if m["role"] == "teacher"), {})
+        kinds = sorted({(m["role"], m.get("method", "")) for m in models if m["role"] != "teacher"})
+        for role, method in kinds:
+            mine = [m for m in models if (m["role"], m.get("method", "")) == (role, method)]
+            corr, iou = Spread.of([m["rank_corr"] for m in mine]), Spread.of([m["top_iou"] for m in mine])
+            cue = "-"
+            if e.get("cue"):
+                share = Spread.of([m["cue_share"] for m in mine])
+                cue = f"{100 * teacher.get('cue_share', float('nan')):.1f}% → {100 * share.mean:.1f} ± {100 * share.std:.1f}%"
+            who = method or role
+            lines.append(f"| {e['dataset']} | {variant_label(e['variant'], e.get('family', ''))} | {who} | "
+                         f"{e['images']} | {corr.mean:.3f} ± {corr.std:.3f} | {iou.mean:.3f} ± {iou.std:.3f} | {cue} |")
+    return lines
+
+
+def _grid_table(records: list[dict]) -> list[str]:
+    """Each tuned method's candidates with their validation accuracy on the first seed, the chosen one in bold."""
+    seen, lines = set(), []
+    for r in records:
+        grid = r.get("grid") or {}
+        key = (r["dataset"], variant_label(r["variant"], r.get("family", "")), r["method"])
+        if "chosen" not in grid or key in seen:
+            continue
+        seen.add(key)
+        cells = []
+        for k, c in enumerate(grid["candidates"]):
+            params = ", ".join(f"{name} {value:g}" for name, value in c["params"].items())
+            text = f"{params}: {100 * c['val_acc']:.2f}"
+            cells.append(f"**{text}**" if k == grid["chosen"] else text)
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {grid['seed']} | " + "; ".join(cells) + " |")
+    if not lines:
+        return []
+    return ["", "Hyper-parameters chosen on validation: each candidate trained on one seed, validation accuracy (%), "
+            "the choice in bold; every seed of the method then trained with it. Test accuracy played no part.", "",
+            "| dataset | variant | method | seed | candidates: validation accuracy |", "|---|---|---|---|---|",
+            *lines]
 
 
 def _ladder_table(ladder: list[dict]) -> list[str]:
@@ -163,7 +218,9 @@ def build_report(study_root: Path) -> Report:
     out.mkdir(exist_ok=True)
     deploy = deploy_rows(study_root, selection.benches)
     report = Report(study_root, variant_rows(records), deploy, int8_retention(deploy),
-                    compression_ladder(deploy, records), left_out=selection.left_out)
+                    compression_ladder(deploy, records), [r for r in records if (r.get("grid") or {}).get("chosen")
+                                                          is not None], selection.explains,
+                    left_out=selection.left_out)
     write_csv(out / "runs.csv", records)
     write_csv(out / "variants.csv", report.variants)
     write_csv(out / "deploy.csv", deploy)
@@ -179,6 +236,9 @@ def build_report(study_root: Path) -> Report:
         "int8_retention": plots.int8_retention(report.retention),
         "shift_curves": plots.shift_curves(report.variants),
         "compression_ladder": plots.compression_ladder(report.ladder),
+        **{f"gradcam_{e['dataset']}_{variant_label(e['variant'], e.get('family', ''))}": plots.gradcam_grid(
+            Path(e["path"]).parent / "maps.npz", f"Grad-CAM, {e['dataset']} {e['variant']}: image, teacher, scratch "
+            "and KD students (first seed), true class") for e in report.explains},
     }
     figures = {k: v for k, v in figures.items() if v}
     for name, png in figures.items():
@@ -196,7 +256,7 @@ def build_report(study_root: Path) -> Report:
     if figures:
         md += ["## Figures", ""]
         for name in figures:
-            note = FIGURE_NOTES.get(name.rstrip("0123456789").removesuffix("_b"))
+            note = next((text for key, text in FIGURE_NOTES.items() if name.startswith(key)), None)
             md += [f"![{name}]({name}.png)", *([f"*{note}*"] if note else []), ""]
     md += what_was_run(study_root, records, report.variants, setups)
     if selection.left_out:
@@ -224,6 +284,7 @@ FIGURE_NOTES = {
                            "counted in the panel's title.",
     "int8_retention": "KD gain on the FP32 ONNX model beside each INT8 model's, paired by seed.",
     "shift_curves": "Accuracy of scratch and KD students on corrupted test sets, by severity.",
+    "gradcam": "Grad-CAM maps for the true class over a few test images of the variant.",
     "compression_ladder": "Each compression stage of a KD student: accuracy against p50 latency at the largest "
                           "batch benched, stages joined in ladder order.",
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import textwrap
 from collections import defaultdict
+from pathlib import Path
 
 import matplotlib
 import matplotlib.ticker
@@ -13,7 +14,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 COLORS = {"clean": "#4c72b0", "size": "#55a868", "imbalance": "#c44e52", "label noise": "#8172b2",
-          "spurious bias": "#ccb974", "domain shift": "#64b5cd", "class subset": "#8c8c8c"}
+          "spurious bias": "#ccb974", "domain shift": "#64b5cd", "class subset": "#8c8c8c",
+          "labeled fraction": "#dd8452"}
 
 
 def _png(fig) -> bytes:
@@ -201,6 +203,37 @@ def compression_ladder(ladder: list[dict]) -> bytes | None:
     ax.set_ylabel("accuracy on the bundle's evaluation images (%)")
     _title(ax, "Compression ladder: what each stage costs in accuracy and buys in latency", 10)
     ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def gradcam_grid(maps_file: Path, title: str) -> bytes | None:
+    """A few test images of a variant beside the Grad-CAM maps of the teacher and the first seed's scratch and KD
+    students (edgekd/explain.py's maps.npz), each map over its image."""
+    import numpy as np
+
+    try:
+        data = np.load(maps_file)
+    except (OSError, ValueError):
+        return None
+    images = data["images"]
+    columns = [k for k in data.files if k.startswith("map:teacher")] + sorted(
+        k for k in data.files if k.startswith("map:") and not k.startswith("map:teacher"))
+    fig, axes = plt.subplots(len(images), 1 + len(columns), figsize=(1.6 * (1 + len(columns)), 1.6 * len(images)),
+                             squeeze=False)
+    for i, image in enumerate(images):
+        gray = image.transpose(1, 2, 0).squeeze(-1) if image.shape[0] == 1 else image.transpose(1, 2, 0)
+        axes[i, 0].imshow(gray, cmap="gray" if gray.ndim == 2 else None)
+        for j, key in enumerate(columns, start=1):
+            axes[i, j].imshow(gray, cmap="gray" if gray.ndim == 2 else None)
+            axes[i, j].imshow(data[key][i], cmap="jet", alpha=0.5)
+        if i == 0:
+            axes[0, 0].set_title("image", fontsize=8)
+            for j, key in enumerate(columns, start=1):
+                _, role, method = key.split(":")
+                axes[0, j].set_title(method or role, fontsize=8)
+    for ax in axes.flat:
+        ax.axis("off")
+    _suptitle(fig, title, 9)
     return _png(fig)
 
 

@@ -48,6 +48,9 @@ def gain_verdict(gain: Spread) -> str:
         return f"KD {_pts(gain.mean)} points from one seed: no interval, so it cannot be told from zero"
     lo, hi = gain.mean - gain.ci95, gain.mean + gain.ci95
     text = f"KD {_pts(gain.mean)} points [{_pts(lo)}, {_pts(hi)}], {gain.n} seeds"
+    boot = gain.bootstrap95()
+    if boot:
+        text += f" (paired bootstrap [{_pts(boot[0])}, {_pts(boot[1])}])"
     if lo > 0:
         return f"{text}: a gain distinguishable from zero"
     if hi < 0:

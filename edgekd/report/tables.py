@@ -17,7 +17,7 @@ from edgekd.records import (
 )
 from edgekd.targets import TARGETS, timing_kind
 
-FACTOR = {"base": "clean", "fraction": "size", "per_class": "size", "imbalance": "imbalance",
+FACTOR = {"base": "clean", "fraction": "size", "labels": "labeled fraction", "per_class": "size", "imbalance": "imbalance",
           "label_noise": "label noise", "spurious": "spurious bias", "classes": "class subset",
           "corruption": "domain shift", "resolution": "domain shift"}
 
