@@ -67,21 +67,22 @@ def latency(models: dict[str, Path], shape: list[int], batches: list[int], threa
 
 def qat_model(run: Path, bundle: Path, preset: str, out: Path, epochs: int, images, mean, std, log) -> dict:
     """qat-kd's INT8 model for `preset` written to `out` (not into the bundle, whose INT8 model is ptq-search's),
-    with its parity against the fake-quant PyTorch model and its TensorRT rule check."""
+    with its parity against the fake-quant PyTorch graph and its TensorRT rule check; `logits`: ONNX Runtime's, as
+    deployed."""
     from edgekd.config import DatasetConfig
     from edgekd.data.splits import load_splits
     from edgekd.distill.qat import qat_int8
-    from edgekd.export.bundle import OPSET, _torch_model
+    from edgekd.export.bundle import OPSET, _torch_model, qdq_parity
     from edgekd.export.qdq_rules import check_tensorrt_qdq
 
     profile, metrics = read_json(run / "profile.json"), read_json(run / "metrics.json")
     data = load_splits(metrics["dataset"], DatasetConfig(**profile["profile"]["datasets"][metrics["dataset"]]))
     model, _ = _torch_model(run, profile, data)
     x = normalize(images, mean, std)
-    info, fake_quant = qat_int8(run, model, preset, out, epochs, 0.0, x, OPSET, log)
+    info, reference = qat_int8(run, model, preset, out, epochs, 0.0, x, OPSET, log)
     runner = OrtRunner(out)
     logits = np.concatenate([runner.infer(x[i : i + 512]) for i in range(0, len(x), 512)])
-    return {**info, "parity_top1_agreement": float((logits.argmax(1) == fake_quant.argmax(1)).mean()),
+    return {**info, "parity": qdq_parity(out, x, reference),
             "tensorrt_qdq_ok": check_tensorrt_qdq(out).ok if preset == "trt" else None, "logits": logits}
 
 

@@ -207,7 +207,7 @@ def plan_jobs(profile: Profile, study_root: Path, deploy: bool = False, device: 
     if deploy:
         d = profile.deploy
         bundles = [replace(s, kind="bundle", stage="bundle", deps=(s.label,), num_cpus=1.0, num_gpus=0.0)
-                   for s in students]
+                   for s in students if not grid_candidate(s.role.partition("@")[0])]  # tuning runs stay runs
         benches = [replace(b, kind="bench", stage=f"bench-{d.backend}-{d.device}", deps=(b.label,),
                            num_gpus=1.0 if d.device == "cuda" else 0.0, exclusive=True) for b in bundles]
         jobs += bundles + benches

@@ -97,48 +97,22 @@ def test_study_prunes_kd_students_and_reruns_only_what_changed(tiny_profile, tmp
     assert all(p.stat().st_mtime_ns == t for p, t in stamp.items())  # kd+prune50 left as it was, not shown
 
 
-QAT_PROFILE = """
-[study]
-name = "qat"
-seeds = [0]
-
-[datasets.digits]
-image_size = 8
-hflip = false
-crop_padding = 1
-
-[teacher]
-model = "test_resnet"
-epochs = 6
-batch_size = 64
-precision = "fp32"
-channels_last = "off"
-
-[student]
-model = "test_efficientnet"
-epochs = 6
-batch_size = 64
-optimizer = "adamw"
-lr = 0.01
-precision = "fp32"
-channels_last = "off"
-
-[methods.kd]
-ce = { weight = 0.5 }
-kd = { weight = 0.5, temperature = 2.0 }
-"""
+QAT_SETS = ["study.name=qat", "study.seeds=[0]", "datasets={digits={image_size=8, hflip=false, crop_padding=1}}",
+            "teacher.epochs=6", "student.epochs=6", "teacher.batch_size=64", "student.batch_size=64"]
 
 
 @pytest.fixture(scope="module")
 def qat_study(tmp_path_factory):
     """A tiny KD student on real data (digits at 8x8): confident enough that INT8 parity is about the export,
     not about near-ties of an untrained model."""
+    from conftest import TINY_PROFILE
+
     from edgekd.config import load_profile
     from edgekd.distill.study import run_study
 
     root = tmp_path_factory.mktemp("qat")
-    (root / "qat.toml").write_text(QAT_PROFILE)
-    run_study(load_profile(root / "qat.toml"), root / "runs")
+    (root / "qat.toml").write_text(TINY_PROFILE)
+    run_study(load_profile(root / "qat.toml", QAT_SETS), root / "runs")
     return root / "runs" / "qat" / "digits" / "base"
 
 

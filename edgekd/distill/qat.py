@@ -95,8 +95,9 @@ def prepare(model, example, preset: str):
     return prepared
 
 
-def export_qdq(prepared, example, path: Path, opset: int) -> None:
-    """The fine-tuned fake-quant graph converted to Q/DQ operators and written as ONNX with a dynamic batch."""
+def export_qdq(prepared, example, path: Path, opset: int):
+    """The fine-tuned fake-quant graph converted to Q/DQ operators (torchao's reference representation: quantize
+    and dequantize in float) and written as ONNX with a dynamic batch; returns the converted PyTorch graph."""
     import torch
 
     allow_train_eval, *_, convert_pt2e, _, _, _, _ = _torchao()
@@ -110,6 +111,14 @@ def export_qdq(prepared, example, path: Path, opset: int) -> None:
                           verbose=False)
     except Exception as exc:
         raise EdgeKDError(f"qat-kd: ONNX export of {path.name} failed ({type(exc).__name__}: {str(exc)[:200]})") from None
+    return converted
+
+
+def _logits(model, images: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return np.concatenate([model(torch.from_numpy(images[i : i + 512])).numpy() for i in range(0, len(images), 512)])
 
 
 def student_losses(profile, metrics: dict) -> tuple[dict, str]:
@@ -126,8 +135,9 @@ def student_losses(profile, metrics: dict) -> tuple[dict, str]:
 def qat_int8(run: Path, model, preset: str, out: Path, epochs: int, lr: float, images: np.ndarray,
              opset: int, log=print) -> tuple[dict, np.ndarray]:
     """Fine-tune `model` (the run's trained student) with fake quantization for `preset` against its own teacher and
-    losses, write the Q/DQ ONNX to `out`, and return what was done with the fake-quant model's logits on `images`
-    (the bundle's normalised evaluation images: the parity reference for the ONNX model)."""
+    losses, write the Q/DQ ONNX to `out`, and return what was done with the logits of the converted fake-quant
+    PyTorch graph (Q/DQ in float, exactly what was exported) on `images` (the bundle's normalised evaluation
+    images): the parity reference for the ONNX model."""
     import torch
 
     from edgekd.config import method_losses, profile_from_dict
@@ -166,14 +176,14 @@ def qat_int8(run: Path, model, preset: str, out: Path, epochs: int, lr: float, i
                     workdir, teacher, profile.study.eval_batch_size, None, lambda line: log(f"qat-kd {preset}: {line}"))
     prepared = prepared.to("cpu")
     prepared.eval()
-    with torch.no_grad():
-        fake_quant = np.concatenate([prepared(torch.from_numpy(images[i : i + 512])).numpy()
-                                     for i in range(0, len(images), 512)])
-    export_qdq(prepared, example, out, opset)
+    fake_quant = _logits(prepared, images)  # as trained: BatchNorm beside the conv, fake quantizers on its output
+    converted = _logits(export_qdq(prepared, example, out, opset), images)  # BN folded, Q/DQ as exported
     shutil.rmtree(workdir, ignore_errors=True)
     info = {"method": "qat-kd", "losses": spec, "teacher": criterion.needs_teacher, "epochs": history["epoch"],
             "best_epoch": history["best_epoch"], "lr": cfg.lr, "fake_quant_val_acc": max(
                 (h.get("val_acc", 0.0) for h in history["history"]), default=None),
             "library": "torchao PT2E (prepare_qat_pt2e, convert_pt2e), X86InductorQuantizer",
-            "seconds": round(time.perf_counter() - start, 1)}
-    return info, fake_quant
+            "seconds": round(time.perf_counter() - start, 1),
+            # how far PT2E's conversion (BN folded into the conv, its weights quantized again) moves the model
+            "converted_vs_trained_agreement": float((converted.argmax(1) == fake_quant.argmax(1)).mean())}
+    return info, converted
