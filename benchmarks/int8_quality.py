@@ -12,6 +12,9 @@ timed in alternating rounds so that a busy machine slows them alike).
     python benchmarks/int8_quality.py /tmp/q/quickstart/digits/base/kd/seed* --name int8_quality-digits
     python benchmarks/int8_quality.py /tmp/f/fashion-mnist-study/fashion-mnist/base/kd/seed* \\
         --name int8_quality-fashion-mnist
+    # quantization-aware distillation against plain ptq (no ptq-search):
+    python benchmarks/int8_quality.py /tmp/q/quickstart/digits/base/kd/seed* --qat-only --qat-epochs 2 \\
+        --name int8_quality-digits-qat
 
 Each run's bundle is exported with `--int8-method ptq-search --int8-sensitivity` (its manifest keeps the choices
 and the analysis); the `ptq` model is made beside it from the same FP32 ONNX and calibration images.
@@ -146,6 +149,35 @@ def measure(run: Path, presets: tuple[str, ...], max_drop: float, threads: int, 
     return rows
 
 
+def measure_qat(run: Path, presets: tuple[str, ...], epochs: int, threads: int, log) -> list[dict]:
+    """Plain ptq (the bundle's INT8) against qat-kd, per preset, without the (slow) ptq-search."""
+    from edgekd.export.bundle import ExportOptions, export_run
+    from edgekd.export.qdq_rules import check_tensorrt_qdq
+
+    bundle = export_run(run, ExportOptions(targets=("onnx", "int8"), int8_presets=presets), log=log)
+    manifest, metrics = read_json(bundle / "manifest.json"), read_json(run / "metrics.json")
+    images, labels = load_eval(bundle)
+    mean, std = manifest["normalization"]["mean"], manifest["normalization"]["std"]
+    fp32 = manifest["models"]["onnx-fp32"]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for preset in presets:
+            ptq = manifest["models"][f"onnx-int8-{preset}"]
+            models = {"fp32": bundle / "model.onnx", "ptq": bundle / ptq["file"], "qat-kd": Path(tmp) / "qat.onnx"}
+            qat = qat_model(run, bundle, preset, models["qat-kd"], epochs, images, mean, std, log)
+            qat_acc = accuracy(qat.pop("logits"), labels)
+            rows.append({
+                "run": str(run), "dataset": manifest["dataset"], "variant": manifest["variant"],
+                "student": manifest["student"]["model"], "seed": metrics["seed"], "preset": preset,
+                "test_images": int(len(labels)), "fp32_acc": fp32["accuracy"], "ptq_acc": ptq["accuracy"],
+                "ptq_change_pts": ptq["accuracy_change_vs_fp32"] * 100, "qat_acc": qat_acc,
+                "qat_change_pts": (qat_acc - fp32["accuracy"]) * 100, "qat": qat,
+                "ptq_tensorrt_qdq_ok": check_tensorrt_qdq(bundle / ptq["file"]).ok if preset == "trt" else None,
+                "latency": latency(models, manifest["input_shape"], [1, 64], threads)})
+            log(f"{run}: {preset}: FP32 {fp32['accuracy']:.4f}, ptq {ptq['accuracy']:.4f}, qat-kd {qat_acc:.4f}")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="student run directories (edgekd distill ... kd/seedN)")
@@ -153,12 +185,31 @@ def main() -> None:
     parser.add_argument("--max-drop", type=float, default=1.0, help="ptq-search target, points")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--name", default="int8_quality")
+    parser.add_argument("--qat-only", action="store_true", help="plain ptq against qat-kd, no ptq-search")
     parser.add_argument("--no-sensitivity", action="store_true",
                         help="skip the per-group sensitivity analysis (the slow part; ptq-search still runs)")
     parser.add_argument("--qat-epochs", type=int, default=0,
                         help="also qat-kd (edgekd.export.qat) with this many fine-tune epochs, beside ptq-search")
     args = parser.parse_args()
     rows = []
+    if args.qat_only:
+        for run in map(Path, args.runs):
+            rows += measure_qat(run, tuple(args.presets.split(",")), args.qat_epochs or 2, args.threads,
+                                log=lambda line: print(line, flush=True))
+        show("INT8: plain ptq vs qat-kd (test accuracy %, change in points; p50 ms at batch 1 / 64)",
+             ["student", "preset", "FP32", "ptq", "qat-kd", "ONNX = fake-quant %", "TRT rules", "FP32 ms", "ptq ms",
+              "qat ms"],
+             [[f"{r['dataset']} s{r['seed']}", r["preset"], f"{r['fp32_acc'] * 100:.2f}",
+               f"{r['ptq_acc'] * 100:.2f} ({r['ptq_change_pts']:+.2f})",
+               f"{r['qat_acc'] * 100:.2f} ({r['qat_change_pts']:+.2f})",
+               f"{100 * r['qat']['parity']['top1_agreement']:.2f}", r["qat"]["tensorrt_qdq_ok"],
+               *[f"{r['latency'][m]['b1_p50_ms']:.3f} / {r['latency'][m]['b64_p50_ms']:.2f}"
+                 for m in ("fp32", "ptq", "qat-kd")]] for r in rows])
+        path = save(args.name, {"device": "cpu", "threads": args.threads, "qat_epochs": args.qat_epochs or 2,
+                                "note": "test accuracy on the bundle's evaluation images; qat-kd checkpoints chosen "
+                                        "on validation", "rows": rows})
+        print(f"written {path}")
+        return
     for run in map(Path, args.runs):
         rows += measure(run, tuple(args.presets.split(",")), args.max_drop, args.threads,
                         log=lambda line: print(line, flush=True), qat_epochs=args.qat_epochs,

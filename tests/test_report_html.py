@@ -25,7 +25,7 @@ def test_kept_is_shown_only_for_positive_fp32_gains():
     assert kept_share(Spread(-0.0167, 0.01, 3), Spread(-0.025, 0.01, 3)) == DASH  # not "150%": a loss is not kept
     assert kept_share(Spread(0.005, 0.01, 3), Spread(0.004, 0.01, 3)) == DASH  # under 1 point: a ratio of noise
     assert kept_share(Spread(0.042, 0.01, 3), Spread(0.046, 0.01, 3)) == "110%"
-    assert kept_share(Spread(0.042, 0.01, 3), Spread(-0.01, 0.01, 3)) == "-24%"  # a gain turned loss stays visible
+    assert kept_share(Spread(0.042, 0.01, 3), Spread(-0.01, 0.01, 3)) == "none (KD now hurts)"  # not "-24%"
 
 
 def test_the_retention_table_uses_the_kept_rule():
@@ -62,7 +62,7 @@ def test_answers_say_what_the_intervals_allow():
     assert len(paragraphs) == 3  # one per factor
     noise, size, imbalance = paragraphs
     assert noise.startswith("**label noise**: noise30 (30% symmetric label noise) — m: KD +10.43 points [+")
-    assert noise.endswith("3 seeds: a gain distinguishable from zero, the largest such gain.")
+    assert noise.endswith("3 seeds (paired bootstrap [+10.00, +11.00]): a gain distinguishable from zero, the largest such gain.")
     assert size.startswith("**size**: size10 — m: KD +0.67 points [-") and "not distinguishable from zero" in size
     assert "largest" not in size
     assert "KD -3.00 points [" in imbalance and "KD hurts, distinguishably from zero" in imbalance  # a negative gain

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgekd.config import PRUNE_TAG
 from edgekd.errors import EdgeKDError
 from edgekd.records import Spread, paired_gain, select_current, variant_label
 from edgekd.report import plots
@@ -146,7 +147,7 @@ def _grid_table(records: list[dict]) -> list[str]:
     for r in records:
         grid = r.get("grid") or {}
         key = (r["dataset"], variant_label(r["variant"], r.get("family", "")), r["method"])
-        if "chosen" not in grid or key in seen:
+        if "chosen" not in grid or key in seen or PRUNE_TAG in r["method"]:  # a pruned run repeats its method's
             continue
         seen.add(key)
         cells = []

@@ -35,9 +35,12 @@ def duration(seconds: float) -> str:
 
 def kept_share(gain_fp32: Spread, gain_int8: Spread) -> str:
     """The INT8 KD gain as a share of the FP32 one, only where the FP32 gain is positive and at least 1 point:
-    a share of a loss is not "kept", and a ratio of two small numbers says nothing."""
+    a share of a loss is not "kept", and a ratio of two small numbers says nothing; a compressed gain below zero
+    keeps none."""
     if gain_fp32.mean < 0.01:
         return DASH
+    if gain_int8.mean < 0:  # the compressed student is worse than scratch: nothing of the gain is left
+        return "none (KD now hurts)"
     return f"{100 * gain_int8.mean / gain_fp32.mean:.0f}%"
 
 
