@@ -136,6 +136,8 @@ def _done_line(job, m: dict) -> str:
             batch, s = next(iter(r["latency"].items()))
             times.append(f"{r['model']} {s['p50_ms']:.2f} ms (batch {batch})")
         return f"{', '.join(times)}  {wall}"
+    if kind == "explain":
+        return f"Grad-CAM of {len(m.get('models', {}))} models on {m.get('images', 0)} test images  {wall}"
     return f"test {m['test_acc'] * 100:.2f}%  val {m['val_acc'] * 100:.2f}%  {wall}"
 
 

@@ -193,3 +193,12 @@ def test_explain_maps_agreement_and_cue_share(tiny_profile, tmp_path):
     stamp = (tmp_path / "tiny" / "synthetic" / "cue" / "explain" / "seed0" / "explain.json").stat().st_mtime_ns
     run_full_study(profile, tmp_path, log=lambda line: None)
     assert (tmp_path / "tiny" / "synthetic" / "cue" / "explain" / "seed0" / "explain.json").stat().st_mtime_ns == stamp
+
+
+def test_cli_done_line_of_an_explain_job():
+    from edgekd.cli import _done_line
+    from edgekd.jobs import Job
+
+    job = Job("d", "base", "explain", 0, __import__("pathlib").Path("x"), kind="explain")
+    assert _done_line(job, {"models": {"a": {}, "b": {}}, "images": 8, "wall_s": 1.0}).startswith(
+        "Grad-CAM of 2 models on 8 test images")
