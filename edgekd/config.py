@@ -22,6 +22,7 @@ except ModuleNotFoundError:  # Python 3.10 (JetPack 6): the same parser, from Py
     import tomli as tomllib
 
 from edgekd.errors import EdgeKDError
+from edgekd.records import GRID_TAG
 
 
 @dataclass
@@ -175,7 +176,6 @@ PRUNE_TAG = "+prune"  # kd+prune50: the kd student with half its channels pruned
 # with the choice (edgekd.jobs.chosen_spec).
 METHOD_OPTIONS = ("teachers", "combine")
 MethodSpec = dict[str, dict[str, float | list[float]] | list[str] | str]
-GRID_TAG = "~"  # kd~2: the third candidate of method kd's grid
 
 
 def method_losses(spec: MethodSpec) -> dict[str, dict[str, float]]:

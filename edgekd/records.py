@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from edgekd import __version__
-from edgekd.config import GRID_TAG
 from edgekd.errors import EdgeKDError
 from edgekd.runio import UnreadableFile, read_json, sha256_file
 
@@ -40,6 +39,9 @@ RUN_IDENTITY = ("dataset", "variant", "role", "method", "seed", "family", "model
 RUN_VALUES = ("test_acc", "val_acc", "balanced_test_acc", "ece", "head_acc", "tail_acc", "worst_group_acc",
               "extra_test_acc", "teacher_agreement", "params", "epochs", "wall_s", "train_s", "images_per_s", "fill_s",
               "teacher_forwards", "grid")
+
+
+GRID_TAG = "~"  # kd~2: the third candidate of method kd's hyper-parameter grid (edgekd.config.method_grid)
 
 
 # -- statistics ----------------------------------------------------------------------------------------------------
