@@ -105,6 +105,7 @@ def export_qdq(prepared, example, path: Path, opset: int):
     converted = convert_pt2e(prepared)
     allow_train_eval(converted)
     converted.eval()
+    converted.training = False  # torchao's eval() swaps the ops but leaves the flag, which torch.onnx warns about
     try:
         torch.onnx.export(converted, (example,), str(path), opset_version=opset, dynamo=True, external_data=False,
                           input_names=["input"], output_names=["logits"], dynamic_shapes=(_batch_dim(torch),),
