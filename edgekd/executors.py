@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 from edgekd.errors import EdgeKDError
@@ -42,7 +43,7 @@ def default_threads(profile) -> int:
     return profile.study.threads or torch.get_num_threads()
 
 
-class Executor:
+class Executor(ABC):
     name = "executor"
 
     def job_cpus(self, profile) -> float:
@@ -55,8 +56,8 @@ class Executor:
     def __exit__(self, *exc):
         self.close()
 
-    def close(self) -> None:
-        pass
+    def close(self) -> None:  # noqa: B027 - most executors hold nothing to release; Ray stops its local cluster
+        return None
 
     def resolve_device(self, name: str) -> str:
         from edgekd.distill.execution import resolve_device
@@ -67,8 +68,9 @@ class Executor:
         """Run a plan-time measurement where the jobs will run (here: this process, before any job starts)."""
         return fn(*args)
 
+    @abstractmethod
     def run(self, profile, root: Path, jobs: list[Job], force: bool, driver) -> None:
-        raise NotImplementedError
+        """Run `jobs` (dependencies first), reporting each start, finish and failure to `driver`."""
 
 
 def _blocked_by(job: Job, failed: set[str]) -> str | None:

@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from edgekd.errors import EdgeKDError
+from edgekd.export.qdq_rules import graph_links
 
 CALIB_METHODS = ("minmax", "entropy", "percentile")
 INT8_METHODS = ("ptq", "ptq-search", "qat-kd")  # qat-kd: edgekd.export.qat
@@ -144,11 +145,7 @@ def node_groups(model) -> list[NodeGroup]:
     """The model's quantizable node groups in graph order, named after their weights where they have one."""
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    producers = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    producers, consumers = graph_links(graph)
     quantizable = quantizable_op_types()
     weighted = {n.name for n in graph.node if n.op_type in WEIGHTED_OPS and len(n.input) > 1 and n.input[1] in inits}
 
@@ -403,11 +400,7 @@ def ort_requantized(model_path: Path) -> list[tuple[str, str]]:
     model = onnx.load(str(model_path), load_external_data=False)
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    producers = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    producers, consumers = graph_links(graph)
     found = []
     for n in graph.node:
         if n.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(n.input) < 2 or n.input[1] not in inits:

@@ -49,6 +49,16 @@ def _attr(node, name: str, default):
     return default if a is None else onnx.helper.get_attribute_value(a)
 
 
+def graph_links(graph) -> tuple[dict, dict[str, list]]:
+    """An ONNX graph's producer of each tensor and the consumers of each tensor."""
+    producers = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    return producers, consumers
+
+
 def weight_channel_axis(node, rank: int) -> tuple[int | None, str]:
     """The weight axis TensorRT quantizes per channel for this node, and why; None where it has none."""
     if node.op_type == "Conv":
@@ -87,11 +97,7 @@ def check_tensorrt_qdq(model_or_path) -> QdqReport:
     elem_types = {vi.name: vi.type.tensor_type.elem_type
                   for vi in (*graph.input, *graph.value_info, *graph.output)
                   if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type}
-    producers = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    producers, consumers = graph_links(graph)
 
     def quantized_dtype(n) -> np.dtype | None:
         """The integer type a QuantizeLinear makes or a DequantizeLinear reads; None if it can't be told."""
