@@ -61,10 +61,10 @@ def explain_stage(model: torch.nn.Module, image_shape: tuple[int, ...]) -> tuple
     return name, model.get_submodule(name), sizes[name]
 
 
-def gradcam(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor, batch: int = 64) -> np.ndarray:
+def gradcam(model: torch.nn.Module, layer: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor,
+            batch: int = 64) -> np.ndarray:
     """Grad-CAM maps [N, H, W] of `model` for `targets` on normalised `images`, ReLU'd, at the input's size."""
     LayerGradCam, LayerAttribution = _captum()  # noqa: N806
-    _, layer, _ = explain_stage(model, tuple(images.shape[1:]))
     cam = LayerGradCam(model, layer)
     out = []
     for i in range(0, len(images), batch):
@@ -112,16 +112,18 @@ def mass_share(maps: np.ndarray, masks: np.ndarray) -> float:
 def explain_models(models: dict[str, torch.nn.Module], teacher: str, images: torch.Tensor, labels: torch.Tensor,
                    top: float, cue: tuple[torch.Tensor, np.ndarray] | None = None) -> tuple[dict, dict]:
     """Maps of every model, each student's agreement with the teacher and (with `cue`: the bias-conflicting
-    images and their cue masks) each model's share of map mass on the cue. Returns (per model results, maps)."""
-    maps = {name: gradcam(model.eval(), images, labels) for name, model in models.items()}
+    images and their cue masks) each model's share of map mass on the cue; each model's layer and map size are in
+    its results. Returns (per model results, maps)."""
+    stages = {name: explain_stage(model, tuple(images.shape[1:])) for name, model in models.items()}
+    maps = {name: gradcam(model.eval(), stages[name][1], images, labels) for name, model in models.items()}
     results = {}
     for name in models:
-        r = {}
+        r = {"layer": stages[name][0], "map_size": stages[name][2]}
         if name != teacher:
-            r = {"rank_corr": rank_correlation(maps[name], maps[teacher]),
-                 "top_iou": top_iou(maps[name], maps[teacher], top)}
+            r.update(rank_corr=rank_correlation(maps[name], maps[teacher]),
+                     top_iou=top_iou(maps[name], maps[teacher], top))
         if cue is not None:
-            r["cue_share"] = mass_share(gradcam(models[name].eval(), cue[0], labels), cue[1])
+            r["cue_share"] = mass_share(gradcam(models[name].eval(), stages[name][1], cue[0], labels), cue[1])
         results[name] = r
     return results, maps
 
@@ -171,11 +173,9 @@ def run_explain_job(profile, root: Path, job, force: bool = False) -> tuple[dict
     if teacher is None:
         raise EdgeKDError(f"{job.label}: no teacher among its inputs")
     results, maps = explain_models(models, teacher, images, labels, cfg.top, cue)
-    layers = {k: dict(zip(("layer", "map_size"), explain_stage(m, tuple(images.shape[1:]))[::2], strict=True))
-              for k, m in models.items()}
     record = {"dataset": job.dataset, "variant": job.variant, "family": job.role.partition("@")[2],
               "images": int(len(chosen)), "top": cfg.top, "target": "true class", "cue": cue is not None,
-              "library": "captum LayerGradCam", "models": {k: {**runs[k], **layers[k], **results[k]}
+              "library": "captum LayerGradCam", "models": {k: {**runs[k], **results[k]}
                                                            for k in models},
               "wall_s": round(time.perf_counter() - start, 2), "key": status.key,
               "fingerprint": fingerprint(status.key)}
