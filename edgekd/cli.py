@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from edgekd.errors import EdgeKDError
+from edgekd.export.int8 import CALIB_METHODS, INT8_METHODS
 from edgekd.targets import BACKENDS, EXPORT_TARGETS
 
 TRAINING_STACK = {"torch", "torchvision", "timm", "safetensors", "sklearn", "PIL", "onnx", "onnxscript", "matplotlib"}
@@ -534,11 +535,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a student run directory, or a study directory (all its students)")
     p.add_argument("--target", action="append", choices=EXPORT_TARGETS, help="repeatable; default onnx")
     p.add_argument("--calib-size", type=int, default=512, help="training images used to calibrate INT8")
-    p.add_argument("--calib-method", default="minmax", choices=["minmax", "entropy", "percentile"])
+    p.add_argument("--calib-method", default="minmax", choices=CALIB_METHODS)
     p.add_argument("--int8-preset", default="cpu,trt", help="cpu (ORT on CPUs), trt (TensorRT Q/DQ), or both")
     p.add_argument("--fp16", action="store_true", help="also model.fp16.onnx (and with --target trt an FP16 engine)")
     p.add_argument("--eval-limit", type=int, default=0, help="cap the bundle's eval set (0 = whole test split)")
-    p.add_argument("--int8-method", default="ptq", choices=["ptq", "ptq-search", "qat-kd"],
+    p.add_argument("--int8-method", default="ptq", choices=INT8_METHODS,
                    help="ptq: one calibration, all INT8; ptq-search: calibration and float node groups chosen on the "
                         "validation split; qat-kd: quantization-aware fine-tune against the run's own teacher and "
                         "losses, learned scales exported (implies --target int8)")

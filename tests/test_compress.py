@@ -1,6 +1,8 @@
 """The compression ladder's pruning stage: Torch-Pruning on timm students, pruned weights that load into a fresh
 model, and a study whose KD students are pruned, fine-tuned with KD, exported and re-run only when they must be."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -153,6 +155,11 @@ def test_qat_kd_key_and_method_checked(qat_study, tmp_path, capsys):
     assert one != two and export_key(run, ExportOptions()) != one
     assert main(["export", str(run), "--int8-method", "qat-kd", "--qat-epochs", "0"]) == 2
     assert "--qat-epochs must be at least 1" in capsys.readouterr().err
+    # a profile may ask for it too (the check once knew only the post-training methods and refused it)
+    quickstart = str(Path(__file__).parents[1] / "profiles" / "quickstart.toml")
+    assert main(["check", quickstart, "--set", "deploy.int8_method=qat-kd"]) == 0
+    assert main(["check", quickstart, "--set", "deploy.int8_method=qat"]) == 2
+    assert "must be ptq, ptq-search, qat-kd, got 'qat'" in capsys.readouterr().err
 
 
 def test_explain_maps_agreement_and_cue_share(tiny_profile, tmp_path):

@@ -182,3 +182,20 @@ def test_trt_preset_output_passes(tmp_path):
     report = check_tensorrt_qdq(model)
     assert report.ok, report.problems
     assert report.quantized_weights == 3
+
+
+def test_a_float_weighted_layer_is_listed_not_failed():
+    """A Gemm with a float weight and no Q/DQ runs in floating point under TensorRT's explicit quantization: the
+    check passes and lists it; a quantized one beside it still counts."""
+    nodes, inits = _act_qdq()
+    inits |= {"w": np.ones((N, K), np.float32), "w8": np.ones((N, N), np.int8), "w_s": np.full(N, 0.1, np.float32),
+              "w_z": np.zeros(N, np.int8)}
+    nodes += [helper.make_node("Gemm", ["xd", "w"], ["h"], name="float_fc", transB=1),
+              helper.make_node("DequantizeLinear", ["w8", "w_s", "w_z"], ["wd"], name="dq_w", axis=0),
+              helper.make_node("Gemm", ["h", "wd"], ["y"], name="int8_fc", transB=1)]
+    model = _model(nodes, inits, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, K])])
+    _runs_in_onnxruntime(model)
+    report = check_tensorrt_qdq(model)
+    assert report.ok, report.problems
+    assert report.float_layers == ["float_fc"] and report.quantized_weights == 1
+    assert report.to_dict()["float_layers"] == ["float_fc"]

@@ -21,8 +21,9 @@ tensors quantized by its neighbours and gains nothing (measured). Two runtime fa
   region grows until there are none.
 - 16-bit activations for the float groups (ORT's `TensorQuantOverrides`, QUInt16) are as accurate but ran 2x
   slower than the closure (ORT's CPU kernels have no 8x16-bit paths), so they are not used.
-The `trt` preset may only keep float what TensorRT's rule check (qdq_rules.py) accepts: its closure may hold no
-Conv/Gemm (their weights must stay INT8). Its `inputs` placement (OpTypesToExcludeOutputQuantization for
+Both presets may keep any group float, Conv/Gemm included: TensorRT runs a layer without Q/DQ in floating point
+(explicit quantization converts precision only where Q/DQ nodes say so), and its rule check (qdq_rules.py) lists
+such layers rather than failing them. The `trt` preset's `inputs` placement (OpTypesToExcludeOutputQuantization for
 Conv/Gemm/MatMul: Q/DQ on the inputs of weighted ops, TensorRT's recommended placement) is a candidate the search
 weighs against the default one.
 
@@ -48,8 +49,8 @@ from edgekd.errors import EdgeKDError
 from edgekd.export.qdq_rules import graph_links
 
 CALIB_METHODS = ("minmax", "entropy", "percentile")
-INT8_METHODS = ("ptq", "ptq-search", "qat-kd")  # qat-kd: edgekd.export.qat
-INT8_METHODS = ("ptq", "ptq-search")
+PTQ_METHODS = ("ptq", "ptq-search")  # post-training, here
+INT8_METHODS = (*PTQ_METHODS, "qat-kd")  # qat-kd: quantization-aware KD fine-tune, edgekd.distill.qat
 PLACEMENTS = ("all", "inputs")  # Q/DQ on every quantizable tensor, or on the inputs of weighted ops only
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 REMOVABLE_ACTIVATIONS = ("Relu", "Clip")  # ORT folds these into the producer's output Q/DQ
@@ -75,15 +76,14 @@ class Preset:
     symmetric_activations: bool
     dedicated_pairs: bool
     quantize_bias: bool  # TensorRT takes float biases and fuses them; int32 bias Q/DQ is not for it
-    float_weights: bool  # may a float group hold a Conv/Gemm? (the TensorRT rule check wants their weights INT8)
     placements: tuple[str, ...]  # what ptq-search may choose from
 
 
 PRESETS = {
     "cpu": Preset("QUInt8", symmetric_activations=False, dedicated_pairs=False, quantize_bias=True,
-                  float_weights=True, placements=("all",)),
+                  placements=("all",)),
     "trt": Preset("QInt8", symmetric_activations=True, dedicated_pairs=True, quantize_bias=False,
-                  float_weights=False, placements=PLACEMENTS),
+                  placements=PLACEMENTS),
 }
 
 
@@ -299,10 +299,6 @@ class Quantizer:
         tensors = {t for n in names for t in self.group(n).tensors}
         return [g for g in self.groups if g.name in names or tensors & set(g.tensors)]
 
-    def can_float(self, group: NodeGroup) -> bool:
-        """Can this preset keep the group in float? `trt` only where the TensorRT rule check still passes."""
-        return self.preset.float_weights or not any(g.op in WEIGHTED_OPS for g in self.closure([group.name]))
-
     def quantize(self, out: Path, calibration: np.ndarray, recipe: Recipe = Recipe(),
                  only: Sequence[str] | None = None) -> Path:
         """Quantize to `out` as `recipe` says (its `images` are `calibration`); `only` (group names), if given, are
@@ -322,10 +318,6 @@ class Quantizer:
                  "DedicatedQDQPair": p.dedicated_pairs, "QuantizeBias": p.quantize_bias}
         if recipe.placement == "inputs":
             extra["OpTypesToExcludeOutputQuantization"] = list(WEIGHTED_OPS)
-        refused = [g for g in recipe.float_groups if not self.can_float(self.group(g))]
-        if refused:
-            raise EdgeKDError(f"the {self.preset_name} preset cannot keep {', '.join(refused)} in float: the "
-                              "TensorRT rule check requires quantized Conv/Gemm weights")
         left_out = self.closure(recipe.float_groups) if recipe.float_groups else []
         cache = self.calibrate(calibration, recipe.method)
         for _ in range(8):
@@ -349,7 +341,7 @@ class Quantizer:
             # A float conv between Q/DQ: leave out what quantizes its input and output too.
             tensors = {t for n in trapped for t in n}
             grow = [g for g in self.groups if g not in left_out and tensors & set(g.tensors)]
-            if not grow or (not p.float_weights and any(g.op in WEIGHTED_OPS for g in grow)):
+            if not grow:
                 break
             left_out += grow
         raise EdgeKDError(f"ONNX Runtime would re-quantize float node(s) {', '.join(str(t) for t in trapped)} with "
@@ -558,6 +550,7 @@ def search_ptq(q: Quantizer, out: Path, calibration: Callable[[int], np.ndarray]
     if missed and report is not None:
         order, result.ranking = float_order(report)
         best, chosen_groups, covered = (recipe, full), [], set()
+        weighted = {g.name for g in q.groups if g.op in WEIGHTED_OPS}
         for name in order:
             if len(chosen_groups) >= max_float:
                 break
@@ -565,7 +558,12 @@ def search_ptq(q: Quantizer, out: Path, calibration: Callable[[int], np.ndarray]
                 continue
             chosen_groups.append(name)
             candidate = Recipe(recipe.method, recipe.images, recipe.placement, tuple(chosen_groups))
-            s = val.score(q.quantize(q.scratch("mixed"), images, candidate))
+            path = q.quantize(q.scratch("mixed"), images, candidate)
+            if weighted <= set(q.last_float):  # nothing weighted left in INT8: that is the FP32 model, not an INT8 one
+                log(f"{q.preset_name}: mixed precision stops before k={len(chosen_groups)}: +{name} would leave "
+                    "no weighted layer in INT8")
+                break
+            s = val.score(path)
             covered |= set(q.last_float)
             k = len(chosen_groups)
             result.mixed_precision_steps.append({"k": k, "float": name, "left_out": len(covered), **s.to_dict(),
@@ -618,8 +616,9 @@ def make_int8(fp32_onnx: Path, out: Path, preset: str, calibration: Callable[[in
     or None). `calibration(n)` gives n preprocessed training images; `val` scores candidates on validation."""
     from edgekd.export.sensitivity import analyse
 
-    if method not in INT8_METHODS:
-        raise EdgeKDError(f"unknown INT8 method {method!r}: use {', '.join(INT8_METHODS)}")
+    if method not in PTQ_METHODS:
+        raise EdgeKDError(f"unknown INT8 method {method!r} for post-training quantization: use "
+                          f"{', '.join(PTQ_METHODS)} (qat-kd fine-tunes in edgekd.distill.qat)")
     if (method == "ptq-search" or sensitivity) and val is None:
         raise EdgeKDError(f"INT8 method {method!r} and the sensitivity analysis need the validation split")
     with Quantizer(fp32_onnx, preset) as q:

@@ -18,6 +18,11 @@ to that axis. The axis depends on the op and on the weight's layout:
 
 ONNX's QuantizeLinear without a zero point produces uint8 (its default), not int8: such a node is reported.
 A DequantizeLinear without one takes its input's type: fine on int8 weights, reported on uint8.
+
+A weighted op whose weight has no DequantizeLinear is a float layer, not a broken rule: in explicit quantization
+TensorRT performs only the precision conversions the Q/DQ nodes dictate, so such a layer runs in floating point
+(FP32, or FP16 where the network says so), as NVIDIA's Model Optimizer leaves its excluded layers. The report lists
+them (`float_layers`) so a mostly-INT8 model says which of its layers are not.
 """
 
 from __future__ import annotations
@@ -36,10 +41,11 @@ class QdqReport:
     problems: list[str] = field(default_factory=list)
     quantized_weights: int = 0
     activation_pairs: int = 0
+    float_layers: list[str] = field(default_factory=list)  # weighted ops TensorRT will run in floating point
 
     def to_dict(self) -> dict:
         return {"ok": self.ok, "problems": self.problems, "quantized_weights": self.quantized_weights,
-                "activation_pairs": self.activation_pairs}
+                "activation_pairs": self.activation_pairs, "float_layers": self.float_layers}
 
 
 def _attr(node, name: str, default):
@@ -148,6 +154,7 @@ def check_tensorrt_qdq(model_or_path) -> QdqReport:
                 problems.append(f"{n.op_type} '{n.name}': no zero point: {why}, TensorRT needs int8 (add an "
                                 "int8 zero point of 0: the `trt` preset)")
     weights = pairs = 0
+    float_layers = []
     for n in graph.node:
         if n.op_type == "QuantizeLinear":
             users = consumers.get(n.output[0], [])
@@ -155,8 +162,12 @@ def check_tensorrt_qdq(model_or_path) -> QdqReport:
                 problems.append(f"QuantizeLinear '{n.name}' feeds {len(users)} nodes, not one "
                                 "DequantizeLinear (use dedicated Q/DQ pairs)")
         if n.op_type in WEIGHT_OPS and len(n.input) > WEIGHT_OPS[n.op_type]:
+            w_in = n.input[WEIGHT_OPS[n.op_type]]
+            dq = producers.get(w_in)
+            if w_in in inits and n.op_type != "MatMul" and (dq is None or dq.op_type != "DequantizeLinear"):
+                float_layers.append(n.name or n.output[0])
+                continue
             problems += _weight_problems(n, inits, producers)
-            dq = producers.get(n.input[WEIGHT_OPS[n.op_type]])
             if dq is not None and dq.op_type == "DequantizeLinear" \
                     and _constant_weight(dq, inits, producers) is not None:
                 weights += 1
@@ -164,7 +175,7 @@ def check_tensorrt_qdq(model_or_path) -> QdqReport:
             q = producers.get(n.input[0])
             if q is not None and q.op_type == "QuantizeLinear" and q.input[0] not in inits:
                 pairs += 1  # an activation pair (weights quantized from float initializers are not counted)
-    return QdqReport(not problems, problems, weights, pairs)
+    return QdqReport(not problems, problems, weights, pairs, float_layers)
 
 
 def _constant_weight(dq, inits, producers) -> np.ndarray | None:
@@ -181,8 +192,6 @@ def _weight_problems(n, inits, producers) -> list[str]:
     w_in = n.input[WEIGHT_OPS[n.op_type]]
     dq = producers.get(w_in)
     if dq is None or dq.op_type != "DequantizeLinear":
-        if w_in in inits and n.op_type != "MatMul":
-            return [f"{n.op_type} '{n.name}': weight is not quantized (no DequantizeLinear)"]
         return []
     weight = _constant_weight(dq, inits, producers)
     if weight is None:  # an activation (MatMul of two activations) or a weight computed at run time

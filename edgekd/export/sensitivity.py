@@ -75,8 +75,7 @@ def analyse(q: Quantizer, images: np.ndarray, recipe: Recipe, val: Evaluator,
             groups: Sequence[NodeGroup] | None = None, single: bool = True, leave_one_out: bool = True,
             log: Callable[[str], None] = lambda line: None) -> SensitivityReport:
     """Quantize each group alone and/or all but each group (with `recipe`'s calibration and placement, `images`
-    its calibration images); score each on `val`. Leave-one-out is measured where the preset can keep the group
-    float."""
+    its calibration images); score each on `val`."""
     groups = list(groups or q.groups)
     base = Recipe(recipe.method, recipe.images, recipe.placement)
     full = val.score(q.quantize(q.scratch("all"), images, base))
@@ -85,7 +84,7 @@ def analyse(q: Quantizer, images: np.ndarray, recipe: Recipe, val: Evaluator,
         row = GroupSensitivity(g)
         if single:
             row.only = val.score(q.quantize(q.scratch("only"), images, base, only=[g.name]))
-        if leave_one_out and q.can_float(g):
+        if leave_one_out:
             loo = Recipe(base.method, base.images, base.placement, (g.name,))
             row.leave_one_out = val.score(q.quantize(q.scratch("loo"), images, loo))
             row.closure = tuple(q.last_float)
@@ -99,7 +98,7 @@ def float_order(report: SensitivityReport) -> tuple[list[str], str]:
     """The order in which mixed precision keeps groups float: most leave-one-out KL removed (KL to FP32 orders
     the groups where a small validation split's accuracy moves by single images) per group left out with it
     (its closure: what floating it takes), so that of two ways to float the same tensors the smaller comes first.
-    Groups the preset cannot keep float are not in it."""
+    Groups without a leave-one-out measurement are not in it."""
     rows = [r for r in report.rows if r.leave_one_out]
     rows.sort(key=lambda r: (-(report.int8_all.kl - r.leave_one_out.kl) / max(1, len(r.closure)),
                              -r.leave_one_out.accuracy))
@@ -115,7 +114,7 @@ def sensitivity_table(record: dict, title: str, top: int = 10):
                   f"{record['fp32']['accuracy'] * 100:.2f}%, all INT8 {record['int8_all']['accuracy'] * 100:.2f}% "
                   f"(KL {record['int8_all']['kl']:.4f}; {c['method']}, {c['images']} train images, {c['placement']} "
                   "Q/DQ); only = this group INT8, the rest float (pts vs FP32); leave-one-out = all INT8 but this "
-                  "group (pts vs all INT8; '-' = the preset cannot keep it float)")
+                  "group (pts vs all INT8; '-' = not measured)")
     for col in ("group", "op", "tags", "only pts", "only KL", "leave-one-out pts", "leave-one-out KL"):
         table.add_column(col, justify="left" if col in ("group", "op", "tags") else "right")
     for g in record["groups"][:top]:
