@@ -232,6 +232,7 @@ def deploy_problems(deploy: DeployConfig) -> list[str]:
         "calib_size": (deploy.calib_size >= 1, "at least 1"),
         "calib_method": (deploy.calib_method in CALIB_METHODS, ", ".join(CALIB_METHODS)),
         "int8_method": (deploy.int8_method in INT8_METHODS, ", ".join(INT8_METHODS)),
+        "int8_compare": (set(deploy.int8_compare) <= set(INT8_METHODS), f"a list of {', '.join(INT8_METHODS)}"),
         "qat_epochs": (deploy.qat_epochs >= 1, "at least 1"),
         "qat_lr": (deploy.qat_lr >= 0, "0 (a hundredth of the student's lr) or more"),
         "eval_limit": (deploy.eval_limit >= 0, "0 (the whole test split) or more"),

@@ -274,17 +274,21 @@ def cmd_export(args) -> int:
     from edgekd.export.bundle import ExportOptions, export_run, find_student_runs
 
     targets = list(args.target or ["onnx"])
-    if (args.int8_sensitivity or args.int8_method != "ptq") and "int8" not in targets:
+    if (args.int8_sensitivity or args.int8_method != "ptq" or args.int8_compare) and "int8" not in targets:
         targets.append("int8")  # asking for the analysis or a method is asking for INT8
     if args.qat_epochs < 1 or args.qat_lr < 0:
         raise EdgeKDError("--qat-epochs must be at least 1 and --qat-lr at least 0 (0: the student's lr / 100)")
     if args.int8_max_drop < 0:
         raise EdgeKDError("--int8-max-drop is in accuracy points and cannot be negative, e.g. 1.0")
+    unknown = [m for m in (args.int8_compare or "").split(",") if m and m not in INT8_METHODS]
+    if unknown:
+        raise EdgeKDError(f"--int8-compare {','.join(unknown)!r}: use some of {', '.join(INT8_METHODS)}, e.g. ptq,qat-kd")
     options = ExportOptions(targets=tuple(targets), calib_size=args.calib_size,
                             calib_method=args.calib_method, int8_presets=tuple(args.int8_preset.split(",")),
                             fp16=args.fp16, eval_limit=args.eval_limit, int8_method=args.int8_method,
                             int8_max_drop=args.int8_max_drop, int8_sensitivity=args.int8_sensitivity,
-                            qat_epochs=args.qat_epochs, qat_lr=args.qat_lr)
+                            qat_epochs=args.qat_epochs, qat_lr=args.qat_lr,
+                            int8_compare=tuple(m for m in (args.int8_compare or "").split(",") if m))
     require(export_problems(Path(args.run_dir), options.targets, options.int8_presets, options.calib_size,
                             options.eval_limit))
     runs = find_student_runs(Path(args.run_dir))
@@ -543,6 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ptq: one calibration, all INT8; ptq-search: calibration and float node groups chosen on the "
                         "validation split; qat-kd: quantization-aware fine-tune against the run's own teacher and "
                         "losses, learned scales exported (implies --target int8)")
+    p.add_argument("--int8-compare", default="", metavar="METHODS",
+                   help="other INT8 methods (comma-separated, e.g. ptq,qat-kd) made beside --int8-method, scored on "
+                        "the evaluation images and recorded in the manifest, not kept: the report compares them")
     p.add_argument("--qat-epochs", type=int, default=2, help="qat-kd: fine-tune epochs (default 2)")
     p.add_argument("--qat-lr", type=float, default=0.0, help="qat-kd: learning rate (default: the student's / 100)")
     p.add_argument("--int8-max-drop", type=float, default=1.0,

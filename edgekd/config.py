@@ -126,6 +126,10 @@ class DeployConfig:
     # qat_lr (0: a hundredth of the student's lr: the weights are trained; only the rounding is being learned).
     qat_epochs: int = 2
     qat_lr: float = 0.0
+    # Other INT8 methods to score beside int8_method (e.g. ["ptq", "qat-kd"]): each is made per preset, scored on
+    # the bundle's evaluation images and recorded, not deployed, so the report's "KD gain kept after INT8" table
+    # has a row per method. Each costs an export (or a qat fine-tune) per student.
+    int8_compare: list[str] = field(default_factory=list)
     eval_limit: int = 2000  # test images carried in each bundle; bench accuracy is measured on them
     backend: str = "ort"
     device: str = "cpu"

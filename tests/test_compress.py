@@ -209,3 +209,28 @@ def test_cli_done_line_of_an_explain_job():
     job = Job("d", "base", "explain", 0, __import__("pathlib").Path("x"), kind="explain")
     assert _done_line(job, {"models": {"a": {}, "b": {}}, "images": 8, "wall_s": 1.0}).startswith(
         "Grad-CAM of 2 models on 8 test images")
+
+
+def test_int8_compare_scores_other_methods_for_the_retention_table(tiny_profile, tmp_path, capsys):
+    """deploy.int8_compare: each bundle scores the other INT8 methods on its evaluation images and records them
+    (nothing of them left in the bundle); the report's retention table gets a row per method and preset."""
+    import csv
+    import json
+
+    from edgekd.cli import main
+
+    args = ["study", str(tiny_profile), "--out", str(tmp_path), "--set", "study.seeds=[0]", "--set",
+            "student.epochs=1", "--set", "deploy.iters=3", "--set", "deploy.batch_sizes=[1]",
+            "--set", "deploy.int8_presets=['cpu', 'trt']", "--set", "deploy.int8_compare=['ptq-search']"]
+    assert main(args) == 0
+    bundle = tmp_path / "tiny" / "synthetic" / "base" / "kd" / "seed0" / "bundle"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    for preset in ("cpu", "trt"):
+        other = manifest["int8_compare"][preset]["ptq-search"]
+        assert 0 <= other["accuracy"] <= 1 and "mixed_precision" in other
+        assert manifest["models"][f"onnx-int8-{preset}"]["method"] == "ptq"
+    assert not [p for p in bundle.iterdir() if p.is_dir()]  # the compared models were scored, not kept
+    rows = list(csv.DictReader(open(tmp_path / "tiny" / "report" / "int8_retention.csv")))
+    assert {r["deployed"] for r in rows} == {f"onnx-int8-{p} ({m})" for p in ("cpu", "trt") for m in ("ptq", "ptq-search")}
+    assert main(["check", str(tiny_profile), "--set", "deploy.int8_compare=['qat']"]) == 2
+    assert "deploy.int8_compare" in capsys.readouterr().err

@@ -159,6 +159,16 @@ def test_int8_retention_keeps_each_preset_apart():
     assert rows["onnx-int8-cpu"]["gain_int8"].mean == pytest.approx((0.14 + 0.02) / 2)
     assert rows["onnx-int8-trt"]["gain_int8"].mean == pytest.approx(-0.01)  # negative gains stay negative
 
+    # with the method each INT8 model was made by, and other methods the bundles scored (deploy.int8_compare)
+    for r in deploy:
+        r["int8_method"] = "ptq" if "int8" in r["deployed"] else ""
+    compared = [{**row(role, seed, "onnx-int8-cpu", acc), "int8_method": "qat-kd"}
+                for role, accs in (("scratch", (0.79, 0.81)), ("kd", (0.85, 0.84))) for seed, acc in enumerate(accs)]
+    rows = {r["deployed"]: r for r in int8_retention(deploy, compared)}
+    assert set(rows) == {"onnx-int8-cpu (ptq)", "onnx-int8-trt (ptq)", "onnx-int8-cpu (qat-kd)"}
+    assert rows["onnx-int8-cpu (qat-kd)"]["gain_int8"].mean == pytest.approx((0.06 + 0.03) / 2)
+    assert rows["onnx-int8-cpu (qat-kd)"]["gain_fp32"].mean == rows["onnx-int8-cpu (ptq)"]["gain_fp32"].mean
+
 
 def test_methods_by_variants_table_and_heatmap():
     from edgekd.report import _method_table

@@ -9,8 +9,9 @@ and per model its parity or accuracy against FP32).
 from __future__ import annotations
 
 import shutil
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,9 @@ class ExportOptions:
     int8_sensitivity: bool = False
     qat_epochs: int = 2  # qat-kd: fine-tune epochs with fake quantization (edgekd.export.qat)
     qat_lr: float = 0.0  # qat-kd: 0 = the student's lr / 100
+    # Other INT8 methods made beside the deployed one, scored on the evaluation images and recorded in the manifest
+    # (`int8_compare`), not kept: what the report's "KD gain kept after INT8" table compares methods with.
+    int8_compare: tuple[str, ...] = ()
 
 
 def find_student_runs(path: Path) -> list[Path]:
@@ -89,11 +93,12 @@ def export_key(run: Path, options: ExportOptions) -> dict:
                          "int8_method": options.int8_method, "int8_max_drop": options.int8_max_drop,
                          "eval_limit": options.eval_limit,
                          **({"qat_epochs": options.qat_epochs, "qat_lr": options.qat_lr}
-                            if options.int8_method == "qat-kd" else {})},
+                            if "qat-kd" in (options.int8_method, *options.int8_compare) else {}),
+                         **({"int8_compare": sorted(options.int8_compare)} if options.int8_compare else {})},
               "export": {"atol": options.atol, "min_agreement": options.min_agreement, "opset": OPSET}}
     data = {f"datasets.{name}": {k: v for k, v in dataset.items() if k not in ("data_dir", "download")}}
     inputs = {"student": sha256(run / "model.safetensors")}
-    if options.int8_method == "qat-kd":  # the fine-tune learns from the run's teacher and data
+    if "qat-kd" in (options.int8_method, *options.int8_compare):  # the fine-tune learns from the run's teacher and data
         inputs["training"] = read_json(run / "metrics.json").get("fingerprint")
     return make_key("bundle", config, data, inputs)
 
@@ -286,32 +291,48 @@ def export_run(run: Path, options: ExportOptions, log=print, qat=None) -> Path:
         # Every INT8 choice (calibration, float groups) is made on the validation split, never on eval.npz (test);
         # a small one with its training-augmentation views (see validation_views).
         val = None
-        if options.int8_method == "ptq-search" or options.int8_sensitivity:
+        if "ptq-search" in (options.int8_method, *options.int8_compare) or options.int8_sensitivity:
             dcfg = DatasetConfig(**profile["profile"]["datasets"][name])
             val_x, val_y, views = validation_views(data.val.images, data.val.labels.numpy(), dcfg.crop_padding,
                                                    dcfg.hflip)
             val = Evaluator(bundle / "model.onnx", normalize(val_x, data.mean, data.std), val_y)
             manifest["int8_validation"] = {"split": "validation", "images": len(data.val), "views": views,
                                            "scored": len(val_y)}
+        fp32_onnx_acc = manifest["models"]["onnx-fp32"]["accuracy"]
+
+        def make(method: str, preset: str, path: Path, sensitivity: bool) -> tuple[dict, dict | None]:
+            """One INT8 model by `method`, scored on the evaluation images like every model of the bundle."""
+            if method == "qat-kd":
+                info, analysis = _qat_int8(run, model, preset, path, replace(options, int8_method=method), x, log,
+                                           qat), None
+            else:
+                info, analysis = make_int8(bundle / "model.onnx", path, preset, calibration, len(data.train), method,
+                                           options.calib_method, options.calib_size, val,
+                                           options.int8_max_drop / 100, sensitivity, log)
+            acc = accuracy(predict(OrtRunner(path), images, data.mean, data.std), labels)
+            return {"preset": preset, **info, "accuracy": acc, "accuracy_change_vs_fp32": acc - fp32_onnx_acc}, analysis
+
         for preset in options.int8_presets:
             file = f"model.int8-{preset}.onnx"
-            if options.int8_method == "qat-kd":
-                info, sensitivity = _qat_int8(run, model, preset, bundle / file, options, x, log, qat), None
-            else:
-                info, sensitivity = make_int8(bundle / "model.onnx", bundle / file, preset, calibration,
-                                              len(data.train), options.int8_method, options.calib_method,
-                                              options.calib_size, val, options.int8_max_drop / 100,
-                                              options.int8_sensitivity, log)
-            acc = accuracy(predict(OrtRunner(bundle / file), images, data.mean, data.std), labels)
-            info = {"preset": preset, **info, "accuracy": acc,
-                    "accuracy_change_vs_fp32": acc - manifest["models"]["onnx-fp32"]["accuracy"]}
+            info, sensitivity = make(options.int8_method, preset, bundle / file, options.int8_sensitivity)
             if preset == "trt":
                 info["tensorrt_qdq_check"] = check_tensorrt_qdq(bundle / file).to_dict()
             if sensitivity is not None:
                 manifest.setdefault("int8_sensitivity", {})[preset] = sensitivity
             add(f"onnx-int8-{preset}", file, "int8", **info)
-            log(f"int8 {preset} ({options.int8_method}): accuracy {acc:.4f} "
+            log(f"int8 {preset} ({options.int8_method}): accuracy {info['accuracy']:.4f} "
                 f"({info['accuracy_change_vs_fp32'] * 100:+.2f} pts vs FP32)")
+            # The other methods, for the report's "KD gain kept after INT8" rows per method: scored on the same
+            # images, recorded, not kept (a bundle deploys one INT8 model per preset).
+            for method in (m for m in options.int8_compare if m != options.int8_method):
+                with tempfile.TemporaryDirectory(dir=bundle) as tmp:
+                    other, _ = make(method, preset, Path(tmp) / file, False)
+                keep = ("accuracy", "accuracy_change_vs_fp32", "calibration", "mixed_precision", "epochs")
+                manifest.setdefault("int8_compare", {}).setdefault(preset, {})[method] = {
+                    k: other[k] for k in keep if k in other}
+                write_json(bundle / "manifest.json", manifest)
+                log(f"int8 {preset} ({method}, compared, not kept): accuracy {other['accuracy']:.4f} "
+                    f"({other['accuracy_change_vs_fp32'] * 100:+.2f} pts vs FP32)")
     if options.fp16:  # what a strongly typed TensorRT network builds FP16 from
         _export_onnx(model, bundle / "model.fp16.onnx", shape, half=True)
         add("onnx-fp16", "model.fp16.onnx", "fp16", opset=OPSET, **_fp16_parity(bundle, reference, images, labels, data))

@@ -24,7 +24,7 @@ from edgekd.report.sections import (
     variant_descriptions,
     what_was_run,
 )
-from edgekd.report.tables import compression_ladder, deploy_rows, variant_rows, write_csv
+from edgekd.report.tables import compression_ladder, deploy_rows, int8_compare_rows, variant_rows, write_csv
 from edgekd.runio import write_json
 
 
@@ -41,16 +41,17 @@ class Report:
     left_out: list[str] = field(default_factory=list)  # records on disk not current for the study's last plan
 
 
-def int8_retention(deploy: list[dict]) -> list[dict]:
-    """KD gain on each deployed INT8 model next to the gain on the FP32 ONNX model, paired by seed.
+def int8_retention(deploy: list[dict], compared: list[dict] = ()) -> list[dict]:
+    """KD gain on each INT8 model next to the gain on the FP32 ONNX model, paired by seed.
 
-    Both are measured on the bundle's evaluation images by the same runner, so the two gains compare like with
-    like; each INT8 preset (cpu, trt) gets its own row.
+    All are measured on the bundle's evaluation images, so the gains compare like with like; each INT8 preset (cpu,
+    trt) and each INT8 method (the deployed one, and those of deploy.int8_compare, `compared`) gets its own row.
     """
     acc: dict[tuple, float] = {}
-    for r in deploy:
+    for r in (*deploy, *compared):
         variant = variant_label(r["variant"], r.get("family", ""))
-        acc[(r["dataset"], variant, r["method"] if r["role"] == "kd" else "", r["seed"], r["deployed"])] = r["accuracy"]
+        deployed = f"{r['deployed']} ({r['int8_method']})" if r.get("int8_method") else r["deployed"]
+        acc[(r["dataset"], variant, r["method"] if r["role"] == "kd" else "", r["seed"], deployed)] = r["accuracy"]
 
     def gain(dataset, variant, method, deployed):
         by_seed = {role: {k[3]: v for k, v in acc.items() if k[:3] == (dataset, variant, m) and k[4] == deployed}
@@ -218,7 +219,8 @@ def build_report(study_root: Path) -> Report:
     out = study_root / "report"
     out.mkdir(exist_ok=True)
     deploy = deploy_rows(study_root, selection.benches)
-    report = Report(study_root, variant_rows(records), deploy, int8_retention(deploy),
+    report = Report(study_root, variant_rows(records), deploy,
+                    int8_retention(deploy, int8_compare_rows(selection.benches)),
                     compression_ladder(deploy, records), [r for r in records if (r.get("grid") or {}).get("chosen")
                                                           is not None], selection.explains,
                     left_out=selection.left_out)

@@ -15,6 +15,7 @@ from edgekd.records import (
     read_benches,
     variant_label,
 )
+from edgekd.runio import UnreadableFile, read_json
 from edgekd.targets import TARGETS, timing_kind
 
 FACTOR = {"base": "clean", "fraction": "size", "labels": "labeled fraction", "per_class": "size", "imbalance": "imbalance",
@@ -73,12 +74,16 @@ def deploy_rows(study_root: Path, benches: list[BenchRecord] | None = None) -> l
         run = record.run
         if run is None:  # a bundle in the study tree without its run's metrics.json: not a study result
             continue
+        made = _bundle_manifest(record).get("models", {})
         for r in record.results:
             for batch, s in r["latency"].items():
                 rows.append({"dataset": run.dataset, "variant": run.variant, "role": run.role,
                              "family": run.family,
                              "method": run.method, "seed": run.seed, "model": run.model,
                              "deployed": r["model"], "backend": r["backend"], "device": r["device"],
+                             # how its INT8 was made (ptq, ptq-search, qat-kd), from the bundle's manifest
+                             "int8_method": made.get(r["model"], {}).get("method", "") if r["precision"] == "int8"
+                             else "",
                              "precision": r["precision"], "batch": int(batch), "accuracy": r["accuracy"],
                              "p50_ms": s["p50_ms"], "p90_ms": s["p90_ms"], "p99_ms": s["p99_ms"],
                              "throughput_ips": s["throughput_ips"], "file_mib": r["file_bytes"] / 2**20,
@@ -87,6 +92,31 @@ def deploy_rows(study_root: Path, benches: list[BenchRecord] | None = None) -> l
                              "timing": r.get("timing") or timing_kind(r["backend"], r["device"]),
                              "meant_for_device": r.get("meant_for_device", r["device"] in
                                                        TARGETS.get(r["model"], TARGETS["onnx-fp32"]).meant_for)})
+    return rows
+
+
+def _bundle_manifest(record: BenchRecord) -> dict:
+    try:
+        return read_json(record.path.parent / "manifest.json")
+    except UnreadableFile:
+        return {}
+
+
+def int8_compare_rows(benches: list[BenchRecord]) -> list[dict]:
+    """The INT8 methods each benched bundle scored beside its deployed one (manifest `int8_compare`, made with
+    deploy.int8_compare): one row per (student run, preset, method) with its accuracy on the bundle's evaluation
+    images, the images every deploy row's accuracy is measured on."""
+    rows, seen = [], set()
+    for record in benches:
+        run = record.run
+        if run is None or record.path.parent in seen:
+            continue
+        seen.add(record.path.parent)
+        for preset, methods in _bundle_manifest(record).get("int8_compare", {}).items():
+            for method, info in methods.items():
+                rows.append({"dataset": run.dataset, "variant": run.variant, "role": run.role, "family": run.family,
+                             "method": run.method, "seed": run.seed, "deployed": f"onnx-int8-{preset}",
+                             "int8_method": method, "accuracy": info["accuracy"]})
     return rows
 
 
