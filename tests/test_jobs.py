@@ -243,6 +243,14 @@ def test_method_grid_tuned_on_validation_then_every_seed(tiny_profile, tmp_path)
         metrics = read_json(base / "kd" / f"seed{seed}" / "metrics.json")
         assert metrics["losses"]["kd"]["temperature"] == [1.0, 8.0][chosen]
         assert metrics["grid"]["chosen"] == chosen and [c["val_acc"] for c in metrics["grid"]["candidates"]] == vals
+    # the first seed trains exactly as the chosen candidate did (same key): copied, not trained again
+    first, candidate = (read_json(base / r / "seed0" / "metrics.json") for r in ("kd", f"kd~{chosen}"))
+    assert first["copied_from"] == str(base / f"kd~{chosen}" / "seed0") and first["wall_s"] == 0.0
+    assert first["fingerprint"] == candidate["fingerprint"] and first["test_acc"] == candidate["test_acc"]
+    assert first["role"] == "kd" and first["method"] == "kd" and "candidate" not in first["grid"]
+    assert (base / "kd" / "seed0" / "model.safetensors").read_bytes() == \
+        (base / f"kd~{chosen}" / "seed0" / "model.safetensors").read_bytes()
+    assert "copied_from" not in read_json(base / "kd" / "seed1" / "metrics.json")
     assert all("~" not in m for grp in group_runs(records) for m in grp.methods)
     report = build_report(tmp_path / "tiny")
     text = report.files["md"].read_text()

@@ -269,6 +269,11 @@ class StudyRunner:
         except NotReady as exc:
             raise EdgeKDError(f"{job.label}: {exc}: run the jobs it needs first") from None
         self._clear(job, key)
+        if job.kind == "train":
+            reused = self._reuse_chosen_candidate(job, key)
+            if reused is not None:
+                self.reporter.finish(job, reused, skipped=False)
+                return reused
         metrics_path = job.run_dir / "metrics.json"
         variant = dataset_splits(self.profile, job.dataset, job.variant)
         data = variant.splits
@@ -309,6 +314,38 @@ class StudyRunner:
             return {}
         return {"grid": grid_choice(self.profile, self.root, job.dataset, job.variant, family,
                                     loss_method(self.profile, base))}
+
+    def _reuse_chosen_candidate(self, job: Job, key: dict) -> dict | None:
+        """A tuned method's first seed trains exactly as its chosen grid candidate did (the same losses, seed, data,
+        teacher and numerics: the same key), so that run is copied, not trained again. None where there is none."""
+        from edgekd.config import GRID_TAG, method_grid
+
+        base, _, family = job.role.partition("@")
+        if base in (TEACHER, SCRATCH) or grid_candidate(base) or job.seed != self.profile.study.seeds[0]:
+            return None
+        method = loss_method(self.profile, base)
+        if len(method_grid(self.profile.methods[method])) < 2:
+            return None
+        chosen = grid_choice(self.profile, self.root, job.dataset, job.variant, family, method)["chosen"]
+        source = run_dir(self.root, job.dataset, job.variant, f"{method}{GRID_TAG}{chosen}" + (f"@{family}" if family
+                                                                                                  else ""), job.seed)
+        try:
+            record = read_json(source / "metrics.json")
+        except UnreadableFile:
+            return None
+        if record.get("fingerprint") != fingerprint(key):
+            return None
+        job.run_dir.mkdir(parents=True, exist_ok=True)
+        for path in source.iterdir():
+            if path.is_file() and path.name not in ("metrics.json", "profile.json") \
+                    and not path.name.startswith("checkpoint"):
+                shutil.copyfile(path, job.run_dir / path.name)
+        profile = read_json(source / "profile.json")
+        write_json(job.run_dir / "profile.json", {**profile, "job": {**asdict(job), "run_dir": str(job.run_dir)}})
+        metrics = {**record, **self._identity(job, record["model"]), **self._grid(job, base, family),
+                   "wall_s": 0.0, "copied_from": str(source)}  # its time was spent, and counted, by the candidate
+        write_json(job.run_dir / "metrics.json", metrics)
+        return metrics
 
     def _train_job(self, job: Job, variant: VariantData, log: _RunLog, start: float, key: dict) -> dict:
         data = variant.splits
