@@ -232,5 +232,10 @@ def test_int8_compare_scores_other_methods_for_the_retention_table(tiny_profile,
     assert not [p for p in bundle.iterdir() if p.is_dir()]  # the compared models were scored, not kept
     rows = list(csv.DictReader(open(tmp_path / "tiny" / "report" / "int8_retention.csv")))
     assert {r["deployed"] for r in rows} == {f"onnx-int8-{p} ({m})" for p in ("cpu", "trt") for m in ("ptq", "ptq-search")}
+    from edgekd.distill.qat import qat_int8, qat_trainer
+    from edgekd.export.bundle import ExportOptions
+
+    assert qat_trainer(ExportOptions(int8_compare=("qat-kd",))) is qat_int8  # a compared qat-kd trains too
+    assert qat_trainer(ExportOptions(int8_compare=("ptq-search",))) is None
     assert main(["check", str(tiny_profile), "--set", "deploy.int8_compare=['qat']"]) == 2
     assert "deploy.int8_compare" in capsys.readouterr().err

@@ -33,8 +33,8 @@ from edgekd.errors import EdgeKDError
 
 
 def qat_trainer(options):
-    """The trainer export_run needs for `options` (None unless int8_method is qat-kd)."""
-    return qat_int8 if options.int8_method == "qat-kd" else None
+    """The trainer export_run needs for `options` (None unless it makes a qat-kd model, deployed or compared)."""
+    return qat_int8 if "qat-kd" in (options.int8_method, *options.int8_compare) else None
 
 
 def _torchao():
