@@ -119,6 +119,17 @@ def test_trt_target_without_tensorrt_says_where_it_works(tiny_study, tmp_path):
     assert not (run / "bundle").exists()
 
 
+def test_a_run_copied_out_of_its_study_exports(tiny_study, tmp_path, monkeypatch):
+    """A run directory on its own (copied elsewhere, given as a relative path) exports; its bundle simply has no
+    study accuracies to summarise (it once failed with an IndexError on the missing study levels)."""
+    shutil.copytree(tiny_study / "synthetic" / "base" / "kd" / "seed0", tmp_path / "seed0",
+                    ignore=shutil.ignore_patterns("bundle"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "seed0"]) == 0
+    distill = json.loads((tmp_path / "seed0" / "bundle" / "manifest.json").read_text())["distill"]
+    assert distill["role"] == "kd" and "scratch_acc" not in distill
+
+
 def test_export_errors(tiny_study, tmp_path, capsys):
     with pytest.raises(EdgeKDError, match="does not exist"):
         find_student_runs(tmp_path / "nope")

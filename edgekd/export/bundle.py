@@ -65,10 +65,14 @@ def find_student_runs(path: Path) -> list[Path]:
 
 
 def _distill_record(run: Path, metrics: dict) -> dict:
-    """The accuracies of this student's dataset variant, from the study the run belongs to."""
-    study_root = run.parents[3]
+    """The accuracies of this student's dataset variant, from the study the run belongs to (none for a run that was
+    copied out of its study: <study>/<dataset>/<variant>/<role>/seedN is where the others would be)."""
     record = {"role": metrics["role"], "method": metrics["method"], "seed": metrics["seed"],
               "test_acc": metrics["test_acc"], "val_acc": metrics["val_acc"]}
+    parents = Path(run).resolve().parents
+    if len(parents) < 4 or parents[1].name != metrics["variant"] or parents[2].name != metrics["dataset"]:
+        return record
+    study_root = parents[3]
     label = variant_label(metrics["variant"], metrics.get("family", ""))
     for g in group_runs(current_runs(study_root)):  # the runs current for the study's last plan
         if (g.dataset, g.label) == (metrics["dataset"], label):
