@@ -274,13 +274,14 @@ def cmd_export(args) -> int:
     from edgekd.export.bundle import ExportOptions, export_run, find_student_runs
 
     targets = list(args.target or ["onnx"])
-    if (args.int8_sensitivity or args.int8_method != "ptq" or args.int8_compare) and "int8" not in targets:
+    compare = tuple(m for m in args.int8_compare.split(",") if m)
+    if (args.int8_sensitivity or args.int8_method != "ptq" or compare) and "int8" not in targets:
         targets.append("int8")  # asking for the analysis or a method is asking for INT8
     if args.qat_epochs < 1 or args.qat_lr < 0:
         raise EdgeKDError("--qat-epochs must be at least 1 and --qat-lr at least 0 (0: the student's lr / 100)")
     if args.int8_max_drop < 0:
         raise EdgeKDError("--int8-max-drop is in accuracy points and cannot be negative, e.g. 1.0")
-    unknown = [m for m in (args.int8_compare or "").split(",") if m and m not in INT8_METHODS]
+    unknown = [m for m in compare if m not in INT8_METHODS]
     if unknown:
         raise EdgeKDError(f"--int8-compare {','.join(unknown)!r}: use some of {', '.join(INT8_METHODS)}, e.g. ptq,qat-kd")
     options = ExportOptions(targets=tuple(targets), calib_size=args.calib_size,
@@ -288,7 +289,7 @@ def cmd_export(args) -> int:
                             fp16=args.fp16, eval_limit=args.eval_limit, int8_method=args.int8_method,
                             int8_max_drop=args.int8_max_drop, int8_sensitivity=args.int8_sensitivity,
                             qat_epochs=args.qat_epochs, qat_lr=args.qat_lr,
-                            int8_compare=tuple(m for m in (args.int8_compare or "").split(",") if m))
+                            int8_compare=compare)
     require(export_problems(Path(args.run_dir), options.targets, options.int8_presets, options.calib_size,
                             options.eval_limit))
     runs = find_student_runs(Path(args.run_dir))

@@ -239,3 +239,5 @@ def test_int8_compare_scores_other_methods_for_the_retention_table(tiny_profile,
     assert qat_trainer(ExportOptions(int8_compare=("ptq-search",))) is None
     assert main(["check", str(tiny_profile), "--set", "deploy.int8_compare=['qat']"]) == 2
     assert "deploy.int8_compare" in capsys.readouterr().err
+    assert main(["export", str(bundle.parent), "--int8-compare", "ptq,qat"]) == 2
+    assert "--int8-compare 'qat': use some of ptq, ptq-search, qat-kd" in capsys.readouterr().err
