@@ -476,6 +476,10 @@ def select_current(study_root: Path) -> Selection:
         return False
 
     runs = [r for r in read_runs(root) if plan is None or current(root / r.run_dir / "metrics.json", r.fingerprint)]
+    # The plan lists jobs in the profile's order (variants as written: base, labels25, labels10, labels5), which
+    # is the order a reader expects in every table and plot; the path order would sort "labels10" before "labels5".
+    order = {record: i for i, record in enumerate(jobs)}
+    runs.sort(key=lambda r: order.get(f"{r.run_dir}/metrics.json", len(order)))
     kept = {r.run_dir for r in runs}
     benches = []
     for bench in read_benches(root):
@@ -490,6 +494,7 @@ def select_current(study_root: Path) -> Selection:
             left.append(f"{rel}: stale ({why})")
         else:
             benches.append(bench)
+    benches.sort(key=lambda b: order.get(f"{b.run.run_dir}/metrics.json", len(order)) if b.run else len(order))
     explains = []
     for path in sorted(root.glob("*/*/explain*/seed*/explain.json")):
         record = _read(path)

@@ -106,6 +106,20 @@ def test_report_shows_current_records_and_names_the_rest(tmp_path):
     assert len(select_current(tmp_path).runs) == 3
 
 
+def test_report_lists_variants_in_the_profiles_order(tmp_path):
+    """The plan's order (the profile's), not the path order that puts "labels10" before "labels5"."""
+    jobs = []
+    for variant in ("base", "labels25", "labels5", "labels10"):
+        path = tmp_path / "d" / variant / "scratch" / "seed0" / "metrics.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"dataset": "d", "variant": variant, "role": "scratch", "method": "", "seed": 0,
+                                    "test_acc": 0.5, "fingerprint": "f"}))
+        jobs.append({"id": variant, "kind": "train", "record": path.relative_to(tmp_path).as_posix(),
+                     "fingerprint": "f"})
+    (tmp_path / PLAN_FILE).write_text(json.dumps({"jobs": jobs}))
+    assert [r.variant for r in select_current(tmp_path).runs] == ["base", "labels25", "labels5", "labels10"]
+
+
 def _kill_and_resume(args: list[str], root: Path, tmp_path: Path, capsys) -> dict[str, int]:
     """Start a study in another process, SIGKILL it while the scratch student trains, run it again here: nothing
     finished is redone (the teacher's files are untouched), nothing is lost (the student resumes from its last
