@@ -498,6 +498,16 @@ def _track(uri: str | None, study_root: Path) -> None:
 MLFLOW_HELP = "also log runs (params, per-epoch metrics, bundles) to this MLflow tracking URI (or MLFLOW_TRACKING_URI)"
 
 
+def _profile_options(p: argparse.ArgumentParser) -> None:
+    """What `distill` and `study` share: a profile, where its runs go, overrides, and where the jobs run."""
+    p.add_argument("profile", help="study profile (TOML), e.g. profiles/quickstart.toml")
+    p.add_argument("--out", default="runs", help="runs directory (default: runs)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a profile key, e.g. student.epochs=3")
+    p.add_argument("--force", action="store_true", help="retrain finished runs")
+    p.add_argument("--mlflow", metavar="URI", help=MLFLOW_HELP)
+    _executor_options(p)
+
+
 def _executor_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--executor", choices=["local", "processes", "ray"],
                    help="where jobs run: local (one at a time in this process; the default), processes (--jobs N "
@@ -516,22 +526,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      "dataset, on my edge device?")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("distill", help="train teacher, scratch and KD students over seeds; report the KD gain")
-    p.add_argument("profile", help="study profile (TOML), e.g. profiles/quickstart.toml")
-    p.add_argument("--out", default="runs", help="runs directory (default: runs)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a profile key, e.g. student.epochs=3")
-    p.add_argument("--force", action="store_true", help="rerun finished runs")
+    _profile_options(p)
     p.add_argument("--data-dir", help="where dataset files live (overrides the profile)")
     p.add_argument("--download", action="store_true", help="let torchvision download missing datasets")
-    p.add_argument("--mlflow", metavar="URI", help=MLFLOW_HELP)
-    _executor_options(p)
     p.set_defaults(func=cmd_distill)
     p = sub.add_parser("study", help="distill, export, bench and report every dataset variant of a profile")
-    p.add_argument("profile", help="study profile (TOML), e.g. profiles/quickstart.toml")
-    p.add_argument("--out", default="runs", help="runs directory (default: runs)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a profile key")
-    p.add_argument("--force", action="store_true", help="retrain finished runs")
-    p.add_argument("--mlflow", metavar="URI", help=MLFLOW_HELP)
-    _executor_options(p)
+    _profile_options(p)
     p.set_defaults(func=cmd_study)
     p = sub.add_parser("report", help="tables and plots of a study: report.md, report.html, CSV")
     p.add_argument("runs_dir", help="a study directory, e.g. runs/quickstart")
