@@ -69,6 +69,24 @@ def test_answers_say_what_the_intervals_allow():
     assert "warning" not in " ".join(paragraphs)  # the teacher (95%) beats every student
 
 
+def test_answers_for_many_methods_sort_them_by_what_the_intervals_allow():
+    from edgekd.report.tables import variant_rows
+
+    records = [{"dataset": "fm", "variant": "base", "role": "teacher", "method": "", "seed": 0, "model": "t",
+                "test_acc": 0.95, "kind": "base"}]
+    gains = {"rkd": [0.05, 0.06, 0.055], "sp": [0.04, -0.03, 0.01], "dist": [-0.02, -0.021, -0.019]}
+    for seed in range(3):
+        records.append({"dataset": "fm", "variant": "pc100", "role": "scratch", "method": "", "seed": seed,
+                        "model": "m", "test_acc": 0.70, "kind": "per_class"})
+        records += [{"dataset": "fm", "variant": "pc100", "role": "kd", "method": m, "seed": seed, "model": "m",
+                     "test_acc": 0.70 + g[seed], "kind": "per_class"} for m, g in gains.items()]
+    (answer, _) = factor_answers(variant_rows(records))
+    assert answer.startswith("**size**: pc100 — m, KD gain in points [95% interval] over 3 seeds — ")
+    assert "distinguishable gains: rkd +5.50 [+4.26, +6.74] (the largest such gain); " in answer
+    assert "distinguishable losses: dist -2.00 [" in answer
+    assert answer.endswith("not distinguishable from zero: sp +0.67 [-8.06, +9.39].")
+
+
 def test_answers_with_one_seed_have_no_interval_and_flag_a_weak_teacher():
     (answer, _) = factor_answers(_rows({"noise30": [0.05]}, teacher=0.72))
     assert "KD +5.00 points from one seed: no interval, so it cannot be told from zero" in answer
@@ -132,7 +150,7 @@ def test_report_says_what_was_run(reported_study):
     assert "Classes of synthetic: bar0, bar1, bar2, bar3." in md
     assert "| synthetic | test_resnet | base |" in md  # the teacher, checked against its students
     assert "| student (kd, scratch) | 2 | test_efficientnet |" in md and "| teacher | 1 | test_resnet |" in md
-    assert "- kd: ce (weight 0.5) + kd (weight 0.5, temperature 2.0)" in md
+    assert "- kd: ce (weight 0.5) + kd (weight 0.5, temperature 2)" in md
     assert "speed-relevant CPU flags:" in md and "not recorded (benched before" not in md
     times = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith(("| distill |",
                                                                                                "| export |", "| bench |"))}
@@ -196,3 +214,17 @@ def test_report_html_renders_in_chromium_without_overflow(reported_study, tmp_pa
     assert wide["overflowing"] == [] and wide["scrollWidth"] <= wide["width"], wide
     narrow = _layout(page, 700)  # a narrow one: wide tables scroll inside their box, the page does not
     assert narrow["scrollWidth"] <= narrow["width"], narrow
+
+
+def test_a_tuned_method_lists_its_setting_per_variant_and_no_grid_candidates():
+    from edgekd.report.sections import _training_section
+
+    def setup(variant, method, weight):
+        return ({"role": "kd", "method": method, "variant": variant, "epochs": 8},
+                {"train": {"model": "m", "epochs": 8}, "losses": {"ce": {"weight": 1.0}, "fitnet": {"weight": weight}}})
+
+    lines = _training_section([setup("pc100", "fitnet~0", 1.0), setup("pc100", "fitnet", 10.0),
+                               setup("pc500", "fitnet", 1.0), setup("pc1000", "fitnet", 1.0)])
+    assert [x for x in lines if x.startswith("- ")] == [
+        "- fitnet (pc100): ce (weight 1) + fitnet (weight 10)",
+        "- fitnet (pc500, pc1000): ce (weight 1) + fitnet (weight 1)"]

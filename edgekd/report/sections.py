@@ -9,7 +9,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from edgekd.records import Spread, read_bundles, read_run_setup, select_current, teacher_for
+from edgekd.records import GRID_TAG, Spread, read_bundles, read_run_setup, select_current, teacher_for
 
 DASH = "—"
 
@@ -88,6 +88,36 @@ def _clear_gain(gain: Spread) -> bool:
     return gain.n >= 2 and gain.mean - gain.ci95 > 0
 
 
+def _interval(gain: Spread) -> str:
+    if gain.n < 2:
+        return f"{_pts(gain.mean)}, one seed"
+    return f"{_pts(gain.mean)} [{_pts(gain.mean - gain.ci95)}, {_pts(gain.mean + gain.ci95)}]"
+
+
+def _methods_verdict(rows: list[dict], top_clear: dict | None, where: str) -> str:
+    """One student's methods on one variant, sorted into what the intervals allow, each group by mean gain: with a
+    dozen methods, a verdict per method is a wall of text; these three lists are what a reader acts on."""
+    rows = sorted(rows, key=lambda r: -r["gain"].mean)
+    helps = [r for r in rows if _clear_gain(r["gain"])]
+    hurts = [r for r in rows if r["gain"].n >= 2 and r["gain"].mean + r["gain"].ci95 < 0]
+    unclear = [r for r in rows if r not in helps and r not in hurts]
+
+    def listed(group):
+        return ", ".join(f"{r['method']} {_interval(r['gain'])}"
+                         + (f" (the largest such gain{where})" if r is top_clear else "") for r in group) or "none"
+
+    seeds = sorted({r["gain"].n for r in rows})
+    text = (f"{rows[0]['student']}, KD gain in points [95% interval] over {'/'.join(map(str, seeds))} seeds — "
+            f"distinguishable gains: {listed(helps)}; distinguishable losses: {listed(hurts)}; "
+            f"not distinguishable from zero: {listed(unclear)}")
+    weak = [r for r in rows if r.get("teacher_acc") is not None and r["kd_acc"] is not None
+            and r["teacher_acc"] <= r["kd_acc"].mean]
+    if weak:
+        text += (f" (warning: the teacher, {100 * weak[0]['teacher_acc']:.2f}%, is no better than the "
+                 f"{', '.join(r['method'] for r in weak)} students)")
+    return text
+
+
 def factor_answers(rows: list[dict], described: dict[tuple[str, str], str] | None = None) -> list[str]:
     """One markdown paragraph per (dataset,) factor: each variant's KD gain per student with its 95% interval and
     whether it is distinguishable from zero; the largest such gain named (and the largest mean gain where that one
@@ -106,8 +136,16 @@ def factor_answers(rows: list[dict], described: dict[tuple[str, str], str] | Non
         for factor in dict.fromkeys(r["factor"] for r in mine):
             sentences = []
             for variant in dict.fromkeys(r["variant"] for r in mine if r["factor"] == factor):
+                what = described.get((dataset, variant))
+                here = [r for r in mine if r["factor"] == factor and r["variant"] == variant]
+                if several_methods:
+                    sentences.append(f"{variant}{f' ({what})' if what else ''} — "
+                                     + "; ".join(_methods_verdict([r for r in here if r["student"] == student],
+                                                                  top_clear, where)
+                                                 for student in dict.fromkeys(r["student"] for r in here)) + ".")
+                    continue
                 phrases = []
-                for r in (r for r in mine if r["factor"] == factor and r["variant"] == variant):
+                for r in here:
                     who = r["student"] + (f", {r['method']}" if several_methods else "")
                     phrase = f"{who}: {gain_verdict(r['gain'])}"
                     if len(mine) > 1 and r is top_clear:
@@ -119,7 +157,6 @@ def factor_answers(rows: list[dict], described: dict[tuple[str, str], str] | Non
                         phrase += (f" (warning: the teacher, {100 * r['teacher_acc']:.2f}%, is no better than "
                                    f"these students, {100 * max(students):.2f}%)")
                     phrases.append(phrase)
-                what = described.get((dataset, variant))
                 sentences.append(f"{variant}{f' ({what})' if what else ''} — " + "; ".join(phrases) + ".")
             head = f"**{factor}**" + (f" ({dataset})" if len(datasets) > 1 else "")
             out += [f"{head}: " + " ".join(sentences), ""]
@@ -206,20 +243,38 @@ def _role(r: dict) -> str:
     return "student" + (f" {r['family']}" if r.get("family") else "")
 
 
+def _value(v) -> str:
+    if isinstance(v, list):
+        return ", ".join(map(_value, v))
+    return f"{v:g}" if isinstance(v, float) else str(v)  # a stage -2.0 read back from JSON is the -2 written
+
+
 def _loss_text(losses: dict) -> str:
     terms = []
     for name, spec in losses.items():
         if isinstance(spec, dict):
-            params = ", ".join(f"{k} {v}" for k, v in spec.items())
+            params = ", ".join(f"{k} {_value(v)}" for k, v in spec.items())
             terms.append(f"{name} ({params})" if params else name)
         else:
-            terms.append(f"{name} {spec}")
+            terms.append(f"{name} {_value(spec)}")
     return " + ".join(terms)
+
+
+def _method_lines(methods: dict[str, dict[str, list[str]]]) -> list[str]:
+    """One line per method; a method tuned on validation may train with other values per variant, so each of its
+    settings is named with the variants that used it."""
+    lines = []
+    for method, settings in methods.items():
+        if len(settings) == 1:
+            lines.append(f"- {method}: {next(iter(settings))}")
+        else:
+            lines += [f"- {method} ({', '.join(variants)}): {text}" for text, variants in settings.items()]
+    return lines
 
 
 def _training_section(setups: list[tuple[dict, dict]]) -> list[str]:
     groups: dict[str, dict] = {}
-    methods: dict[str, str] = {}
+    methods: dict[str, dict[str, list[str]]] = {}  # method -> its loss text -> the variants that trained with it
     for r, s in setups:
         if "train" not in s:
             continue
@@ -233,8 +288,11 @@ def _training_section(setups: list[tuple[dict, dict]]) -> list[str]:
         for key in ("precision", "channels_last", "device"):
             if key in ex:  # channels_last is configured as auto | on | off and recorded as run, True or False
                 g[key].add({True: "on", False: "off"}.get(ex[key], str(ex[key])))
-        if r["role"] == "kd" and s.get("losses"):
-            methods.setdefault(r["method"], _loss_text(s["losses"]))
+        # Grid candidates (kd~1) are listed in the grid table; here only what the study's students trained with.
+        if r["role"] == "kd" and s.get("losses") and GRID_TAG not in r["method"]:
+            variants = methods.setdefault(r["method"], {}).setdefault(_loss_text(s["losses"]), [])
+            if r["variant"] not in variants:
+                variants.append(r["variant"])
     if not groups:
         return []
     lines = ["### Training settings", "", "As each role's runs recorded them (profile.json; precision and channels "
@@ -264,7 +322,7 @@ def _training_section(setups: list[tuple[dict, dict]]) -> list[str]:
                      f"{as_run('channels_last')} | {', '.join(sorted(g['device'])) or DASH} |")
     lines.append("")
     if methods:
-        lines += ["KD methods (loss terms and weights):", "", *[f"- {m}: {text}" for m, text in methods.items()], ""]
+        lines += ["KD methods (loss terms and weights):", "", *_method_lines(methods), ""]
     return lines
 
 
