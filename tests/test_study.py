@@ -122,6 +122,29 @@ def test_multi_teacher_method(tiny_profile, tmp_path):
         load_profile(tiny_profile, ["methods={m={teachers=['main', 'nope'], kd={weight=1.0}}}"])
 
 
+def test_a_labels_variants_scratch_student_trains_on_its_labeled_images_for_every_images_steps(tiny_profile, tmp_path):
+    """The supervised baseline of a `labels` variant: cross-entropy on the labeled images in full batches, as many
+    steps as a run over every image; the KD student sees every image. The teacher (regime "variant") is the same
+    kind of baseline."""
+    from edgekd.config import load_profile
+    from edgekd.distill.study import run_study
+
+    sets = ["study.seeds=[0]", "study.teacher_regime='variant'", "teacher.epochs=1", "student.epochs=2",
+            "student.batch_size=8", "variants={lab={kind='labels', fraction=0.25}}"]
+    run_study(load_profile(tiny_profile, sets), tmp_path)
+    root = tmp_path / "tiny" / "synthetic" / "lab"
+    scratch, kd, teacher = (json.loads((root / role / "seed0" / "metrics.json").read_text())
+                            for role in ("scratch", "kd", "teacher"))
+    every = kd["data"]["sizes"]["train"]
+    labeled = scratch["labeled_only"]["images"]
+    assert labeled == kd["variant_stats"]["labeled"] and labeled < every / 3
+    assert scratch["labeled_only"]["min_steps"] == 2 * (every // 8)  # the KD student's steps
+    assert scratch["epochs"] == -(-2 * (every // 8) // (labeled // 8)) > 2
+    assert "labeled_only" not in kd and kd["epochs"] == 2
+    assert teacher["labeled_only"]["images"] == labeled
+    assert scratch["data"] == kd["data"]  # the variant's description, not the subset's
+
+
 def _record(role, seed, acc, shifted=None):
     return {"dataset": "d", "variant": "base", "role": role, "method": role, "seed": seed, "test_acc": acc,
             "model": "m", "kind": "base", "extra_test_acc": shifted or {}}

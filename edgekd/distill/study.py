@@ -14,13 +14,14 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
 from edgekd.config import DatasetConfig, Profile, TrainConfig, VariantConfig, method_losses
 from edgekd.data.augment import ViewAugment
+from edgekd.data.sampling import UNLABELED
 from edgekd.data.splits import load_splits
 from edgekd.data.types import DataSplits
 from edgekd.data.variants import VariantData, apply_variant
@@ -52,6 +53,7 @@ from edgekd.jobs import (  # noqa: F401 - the graph's names, also edgekd.distill
     teacher_dir,
     teacher_variant,
     train_config,
+    trains_on_labeled_only,
     uses_cache,
 )
 from edgekd.models import count_parameters, create_model, load_weights
@@ -398,6 +400,12 @@ class StudyRunner:
                 tdir = self._teacher_dir(job)
                 if (tdir / "predictions.safetensors").is_file():
                     teacher_logits = load_tensors(tdir / "predictions.safetensors")["test_logits"]
+            if trains_on_labeled_only(self.profile, job):
+                every = len(data.train)
+                data = replace(data, train=data.train.subset((data.train.labels != UNLABELED).nonzero().flatten()))
+                cfg = replace(cfg, min_steps=max(cfg.min_steps, cfg.epochs_for(every) * max(1, every // cfg.batch_size)))
+                log(f"{job.label}: cross-entropy only: the {len(data.train):,} labeled of {every:,} training images, "
+                    f"{cfg.epochs_for(len(data.train))} epochs ({cfg.min_steps:,} steps, as many as every image's)")
             augment = augment_for(self.profile.datasets[job.dataset])
             steps = max(1, len(data.train) // cfg.batch_size)
             self.reporter.start(job, steps * cfg.epochs_for(len(data.train)))
@@ -428,7 +436,9 @@ class StudyRunner:
             if not is_teacher else [],
             **self._grid(job, base, family),
             **({"pruned": {"source": str(source_dir), "share": pruned[1], "params_before": before}} if pruned else {}),
-            "history": history["history"], "data": data.describe(), "variant_stats": variant.stats,
+            **({"labeled_only": {"images": len(data.train), "min_steps": cfg.min_steps}}
+               if trains_on_labeled_only(self.profile, job) and not (is_teacher and cfg.checkpoint) else {}),
+            "history": history["history"], "data": variant.splits.describe(), "variant_stats": variant.stats,
             "schema_version": key["schema_version"], "key": key, "fingerprint": fingerprint(key),
         }
         write_json(job.run_dir / "metrics.json", metrics)
