@@ -50,7 +50,7 @@ CORRUPTIONS = ("gaussian_noise", "blur", "contrast", "brightness", "jpeg")
 class VariantConfig:
     kind: str = "base"
     # fraction: stratified share of the training set kept; labels: the share that keeps its labels (the rest is
-    # unlabeled: cross-entropy skips it, KD terms learn from it)
+    # unlabeled: cross-entropy skips it, KD terms learn from it; validation keeps only that labeled share)
     fraction: float = 1.0
     per_class: int = 0  # per_class: samples kept per class
     ratio: float = 1.0  # imbalance: n_max / n_min, exponential profile over classes (CIFAR-10-LT)

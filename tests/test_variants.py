@@ -121,7 +121,8 @@ def test_shift_on_any_variant_changes_no_training_data(splits):
 
 def test_labels_keep_a_stratified_share_and_unlabel_the_rest(splits):
     """labels: every training image stays; a stratified share (at least one per class) keeps its label, the rest
-    get UNLABELED; validation keeps its labels (checkpoints are chosen on them); the test split is untouched."""
+    get UNLABELED; validation keeps the same labeled share (a user with 5% of the labels has no more held out), the
+    test split is untouched."""
     from edgekd.data.sampling import UNLABELED
 
     v = apply_variant(splits, VariantConfig(kind="labels", fraction=0.05))
@@ -131,7 +132,9 @@ def test_labels_keep_a_stratified_share_and_unlabel_the_rest(splits):
     assert torch.bincount(train.labels[labeled], minlength=5).tolist() == [4] * 5  # round(80 * 0.05)
     assert (train.labels[~labeled] == UNLABELED).all()
     assert torch.equal(train.labels[labeled], splits.train.labels[labeled])  # the kept labels are the true ones
-    assert torch.equal(v.splits.val.labels, splits.val.labels) and torch.equal(v.splits.test.labels, splits.test.labels)
+    assert torch.equal(v.splits.test.labels, splits.test.labels)
+    val_counts = torch.bincount(splits.val.labels, minlength=5)
+    assert torch.bincount(v.splits.val.labels, minlength=5).tolist() == torch.round(val_counts * 0.05).clamp_min(1).long().tolist()
     assert (v.stats["labeled"], v.stats["unlabeled"], v.stats["train_per_class"]) == (20, 380, [4] * 5)
     tiny = apply_variant(splits, VariantConfig(kind="labels", fraction=0.001))
     assert torch.bincount(tiny.splits.train.labels[tiny.splits.train.labels >= 0], minlength=5).tolist() == [1] * 5

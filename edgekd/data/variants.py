@@ -118,9 +118,9 @@ def _transform_training_like(s: ImageSet, cfg: VariantConfig, classes: int, g: t
     if cfg.kind == "fraction":
         return s.subset(stratified_take(s.labels, torch.round(counts * cfg.fraction).long(), g))
     if cfg.kind == "labels":
-        if share != 1.0:  # the validation split keeps its labels: checkpoints are chosen on them
-            return s
         keep = stratified_take(s.labels, torch.round(counts * cfg.fraction).long().clamp_min(1), g)
+        if share != 1.0:  # validation: a user with 5% of the labels holds out 5% too, and an unlabeled one is no use
+            return s.subset(keep)
         labels = torch.full_like(s.labels, UNLABELED)
         labels[keep] = s.labels[keep]
         if stats is not None:
