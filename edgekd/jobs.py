@@ -253,12 +253,15 @@ def data_description(profile: Profile, dataset: str, variant: str) -> dict:
     """The data a job trains on: the dataset's settings (not where its files live), the variant's, and the source's
     split sizes."""
     from edgekd.config import VariantConfig
+    from edgekd.data.variants import REVISIONS
 
     cfg = profile.datasets[dataset]
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("data_dir", "download")}
-    return {f"datasets.{dataset}": settings,
-            f"variants.{variant}": asdict(profile.variants.get(variant, VariantConfig())),
-            "sizes": _source_sizes(cfg)}
+    config = profile.variants.get(variant, VariantConfig())
+    described = {f"datasets.{dataset}": settings, f"variants.{variant}": asdict(config), "sizes": _source_sizes(cfg)}
+    if config.kind in REVISIONS:  # runs made by an earlier version of the kind's transformation are stale
+        described["variant_revision"] = REVISIONS[config.kind]
+    return described
 
 
 def _config_name(role: str) -> str:

@@ -143,6 +143,8 @@ def test_a_labels_variants_scratch_student_trains_on_its_labeled_images_for_ever
     assert "labeled_only" not in kd and kd["epochs"] == 2
     assert teacher["labeled_only"]["images"] == labeled
     assert scratch["data"] == kd["data"]  # the variant's description, not the subset's
+    assert kd["data"]["sizes"]["val"] < scratch["data"]["sizes"]["train"] / 3  # validation: the labeled share
+    assert kd["key"]["data"]["variant_revision"] == 2  # runs of the kind's earlier version are stale
 
 
 def _record(role, seed, acc, shifted=None):

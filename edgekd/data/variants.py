@@ -26,6 +26,11 @@ class VariantData:
     extra_tests: dict[str, ImageSet]  # name -> test set (e.g. "aligned", "conflicting", "blur@3")
     stats: dict
 
+# A kind whose transformation changed keeps its profile keys but makes other data: its number here goes up, so the
+# study's keys change and runs made the old way are retrained, never reused. labels 2: validation keeps only the
+# labeled share (it kept every label before).
+REVISIONS = {"labels": 2}
+
 
 def _generator(cfg: VariantConfig) -> torch.Generator:
     return torch.Generator().manual_seed(9_176 + cfg.seed)
