@@ -373,7 +373,7 @@ class StudyRunner:
                 f"{count_parameters(model):,} parameters")
         ex = self._execution(cfg, data, job)
         log(f"{job.label}: {cfg.model}, {count_parameters(model):,} parameters, {ex}")
-        teacher_logits, teacher_source, history = None, None, {}
+        teacher_logits, teacher_source, history, labeled_only = None, None, {}, None
         if is_teacher and cfg.checkpoint:
             load_weights(model, cfg.checkpoint)
             ex.prepare(model)
@@ -406,6 +406,7 @@ class StudyRunner:
                 cfg = replace(cfg, min_steps=max(cfg.min_steps, cfg.epochs_for(every) * max(1, every // cfg.batch_size)))
                 log(f"{job.label}: cross-entropy only: the {len(data.train):,} labeled of {every:,} training images, "
                     f"{cfg.epochs_for(len(data.train))} epochs ({cfg.min_steps:,} steps, as many as every image's)")
+                labeled_only = {"images": len(data.train), "min_steps": cfg.min_steps}
             augment = augment_for(self.profile.datasets[job.dataset])
             steps = max(1, len(data.train) // cfg.batch_size)
             self.reporter.start(job, steps * cfg.epochs_for(len(data.train)))
@@ -436,8 +437,7 @@ class StudyRunner:
             if not is_teacher else [],
             **self._grid(job, base, family),
             **({"pruned": {"source": str(source_dir), "share": pruned[1], "params_before": before}} if pruned else {}),
-            **({"labeled_only": {"images": len(data.train), "min_steps": cfg.min_steps}}
-               if trains_on_labeled_only(self.profile, job) and not (is_teacher and cfg.checkpoint) else {}),
+            **({"labeled_only": labeled_only} if labeled_only else {}),
             "history": history["history"], "data": variant.splits.describe(), "variant_stats": variant.stats,
             "schema_version": key["schema_version"], "key": key, "fingerprint": fingerprint(key),
         }

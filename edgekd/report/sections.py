@@ -88,6 +88,10 @@ def _clear_gain(gain: Spread) -> bool:
     return gain.n >= 2 and gain.mean - gain.ci95 > 0
 
 
+def _clear_loss(gain: Spread) -> bool:
+    return gain.n >= 2 and gain.mean + gain.ci95 < 0
+
+
 def _interval(gain: Spread) -> str:
     if gain.n < 2:
         return f"{_pts(gain.mean)}, one seed"
@@ -99,7 +103,7 @@ def _methods_verdict(rows: list[dict], top_clear: dict | None, where: str) -> st
     dozen methods, a verdict per method is a wall of text; these three lists are what a reader acts on."""
     rows = sorted(rows, key=lambda r: -r["gain"].mean)
     helps = [r for r in rows if _clear_gain(r["gain"])]
-    hurts = [r for r in rows if r["gain"].n >= 2 and r["gain"].mean + r["gain"].ci95 < 0]
+    hurts = [r for r in rows if _clear_loss(r["gain"])]
     unclear = [r for r in rows if r not in helps and r not in hurts]
 
     def listed(group):
