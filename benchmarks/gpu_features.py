@@ -79,7 +79,7 @@ def main() -> int:
 
     from edgekd.config import load_profile
     from edgekd.runio import read_json
-    from edgekd.study import run_full_study
+    from edgekd.workflows import study as run_full_study
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_features: this PyTorch sees no CUDA GPU: run it on the GPU machine", file=sys.stderr)
@@ -90,7 +90,7 @@ def main() -> int:
     path.write_text(PROFILE.format(device=args.device, teacher_epochs=args.epochs, student_epochs=args.epochs,
                                    finetune_epochs=max(1, args.epochs // 3)))
     start = time.perf_counter()
-    report = run_full_study(load_profile(path), out / "runs", log=print)
+    report = run_full_study(load_profile(path), out / "runs")
     wall = time.perf_counter() - start
     root = out / "runs" / "gpu-features"
     plan = read_json(root / "plan.json")

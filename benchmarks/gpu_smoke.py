@@ -50,8 +50,9 @@ DATASET_KEYS = {"digits": "image_size = 16\nhflip = false\ncrop_padding = 1",
 def gpu_facts(torch) -> tuple[dict, dict]:
     """The GPU as cuda-python sees it (edgekd.gpu, what TensorRT engines are tied to), and the cuda-python event
     clock the TensorRT runner uses checked against PyTorch's own CUDA events on the same work: both must agree."""
-    from edgekd.bench.runners import CudaEventClock, TorchEventClock
+    from edgekd.bench.torch_runner import TorchEventClock
     from edgekd.gpu import gpu_identity, import_cudart
+    from edgekd.runtime.runners import CudaEventClock
 
     try:
         identity = gpu_identity()
@@ -94,8 +95,8 @@ def main() -> int:
         return 2
     from edgekd.bench.harness import BenchOptions, bench_bundle
     from edgekd.config import load_profile
-    from edgekd.distill.study import run_study
     from edgekd.export.bundle import ExportOptions, export_run
+    from edgekd.workflows import distill as run_study
 
     out = Path(args.out or tempfile.mkdtemp(prefix="gpu-smoke-"))
     profile_path = out / "gpu-smoke.toml"

@@ -20,9 +20,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import save, show  # noqa: E402
 
-from edgekd.bench.evalset import accuracy, load_eval, normalize, predict  # noqa: E402
-from edgekd.bench.harness import latency_stats, read_manifest  # noqa: E402
-from edgekd.bench.runners import OrtRunner, TorchRunner  # noqa: E402
+from edgekd.bench.harness import latency_stats  # noqa: E402
+from edgekd.bench.torch_runner import TorchRunner  # noqa: E402
+from edgekd.runtime.evalset import accuracy, load_eval, normalize, predict  # noqa: E402
+from edgekd.runtime.manifest import read_manifest  # noqa: E402
+from edgekd.runtime.runners import OrtRunner  # noqa: E402
 
 MODELS = [("torch eager fp32", "torch", "model.safetensors"), ("ORT fp32", "ort", "model.onnx"),
           ("ORT int8 cpu preset", "ort", "model.int8-cpu.onnx"), ("ORT int8 trt preset", "ort", "model.int8-trt.onnx")]

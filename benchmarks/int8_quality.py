@@ -34,9 +34,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import save, show  # noqa: E402
 
-from edgekd.bench.evalset import accuracy, load_eval, normalize, predict  # noqa: E402
-from edgekd.bench.runners import OrtRunner  # noqa: E402
 from edgekd.runio import read_json  # noqa: E402
+from edgekd.runtime.evalset import accuracy, load_eval, normalize, predict  # noqa: E402
+from edgekd.runtime.runners import OrtRunner  # noqa: E402
 
 
 def latency(models: dict[str, Path], shape: list[int], batches: list[int], threads: int, rounds: int = 30,

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgekd.errors import EdgeKDError
-from edgekd.runio import UnreadableFile, read_json, sha256_file, tensor_shapes
+from edgekd.runio import METRICS, RUN_PROFILE, WEIGHTS, UnreadableFile, read_json, sha256_file, tensor_shapes
 
 if TYPE_CHECKING:
     from edgekd.config import DatasetConfig, DeployConfig, Profile
@@ -64,7 +64,7 @@ class ProfileCheck:
 
     def summary(self) -> str:
         """One line: what the plan trains, on what, and how many jobs."""
-        from edgekd.distill.study import plan
+        from edgekd.workflows import plan_jobs
 
         p = self.profile
         data = "; ".join(f"{name} ({', '.join(f'{n:,} {split}' for split, n in sizes.items())})"
@@ -72,7 +72,7 @@ class ProfileCheck:
         students = ", ".join(cfg.model for where, cfg in p.trainings() if where.startswith("student"))
         teachers = ", ".join(cfg.model + (" (from checkpoint)" if cfg.checkpoint else "")
                              for where, cfg in p.trainings() if where.startswith("teacher"))
-        jobs = len(plan(p, Path(p.study.name)))
+        jobs = len(plan_jobs(p, Path(p.study.name)))
         return (f"{p.study.name}: {data}; {len(p.variants)} variant(s); teacher {teachers}; student {students}; "
                 f"{len(p.methods)} method(s) ({', '.join(p.methods) or 'scratch only'}); seeds "
                 f"{', '.join(map(str, p.study.seeds))}: {jobs} jobs")
@@ -256,14 +256,15 @@ def deploy_problems(deploy: DeployConfig) -> list[str]:
 def stale_run_problems(profile: Profile, study_root: Path) -> list[str]:
     """Finished runs in the study directory that the profile would reuse although it now names another model for
     them: their weights are not the profile's (a changed teacher.model would teach every student from the old one)."""
-    from edgekd.distill.study import plan, train_config
+    from edgekd.distill.plan import train_config
     from edgekd.models import unknown_model
+    from edgekd.workflows import plan_jobs
 
     problems = []
-    for job in plan(profile, study_root) if study_root.is_dir() else []:
-        cfg = train_config(profile, job.role)
+    for job in plan_jobs(profile, study_root) if study_root.is_dir() else []:
+        cfg = train_config(profile, job.role) if job.kind == "train" else None
         try:
-            made = read_json(job.run_dir / "metrics.json").get("model") if cfg else None
+            made = read_json(job.run_dir / METRICS).get("model") if cfg else None
         except (UnreadableFile, AttributeError):  # absent, or damaged: it runs again anyway
             continue
         if made and made != cfg.model and not unknown_model(cfg.model):  # an unknown one has its own line
@@ -306,7 +307,7 @@ def export_problems(run_dir: Path, targets: tuple[str, ...], int8_presets: tuple
         if missing_for("trt"):
             problems.append(f"--target trt needs TensorRT, which is not installed here: {missing_for('trt')}")
         else:
-            from edgekd.export.tensorrt_build import engine_builder
+            from edgekd.runtime.tensorrt import engine_builder
 
             try:
                 engine_builder()  # TensorRT's bindings and the GPU it builds for
@@ -326,8 +327,8 @@ def export_problems(run_dir: Path, targets: tuple[str, ...], int8_presets: tuple
     seen_data: set[str] = set()
     for run in runs:
         try:
-            tensor_shapes(run / "model.safetensors", fix=RETRAIN)
-            profile = read_json(run / "profile.json", fix=RETRAIN)
+            tensor_shapes(run / WEIGHTS, fix=RETRAIN)
+            profile = read_json(run / RUN_PROFILE, fix=RETRAIN)
             name = profile["job"]["dataset"]
             cfg = profile["profile"]["datasets"][name]
         except UnreadableFile as exc:
@@ -363,7 +364,7 @@ def _missing(module: str) -> bool:
 def bundle_problems(bundle: Path) -> list[str]:
     """What `edgekd bench` / `edgekd build` would trip over in a bundle: its manifest (damaged, or newer than this
     edgekd reads), and each file it lists (missing, or not the file exported: its sha256 differs), eval.npz."""
-    from edgekd.bench.harness import read_manifest
+    from edgekd.runtime.manifest import read_manifest
 
     bundle = Path(bundle)
     try:

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from edgekd.errors import EdgeKDError
 from edgekd.export.int8 import CALIB_METHODS, INT8_METHODS
+from edgekd.runio import MANIFEST
 from edgekd.targets import BACKENDS, EXPORT_TARGETS
 
 TRAINING_STACK = {"torch", "torchvision", "timm", "safetensors", "sklearn", "PIL", "onnx", "onnxscript", "matplotlib"}
@@ -139,7 +140,9 @@ def _done_line(job, m: dict) -> str:
         return f"{', '.join(times)}  {wall}"
     if kind == "explain":
         return f"Grad-CAM of {len(m.get('models', {}))} models on {m.get('images', 0)} test images  {wall}"
-    return f"test {m['test_acc'] * 100:.2f}%  val {m['val_acc'] * 100:.2f}%  {wall}"
+    if "test_acc" in m:
+        return f"test {m['test_acc'] * 100:.2f}%  val {m['val_acc'] * 100:.2f}%  {wall}"
+    return wall  # a kind of job this line has no summary for: its wall time
 
 
 def distill_table(summaries) -> Table:
@@ -164,29 +167,41 @@ def distill_table(summaries) -> Table:
     return table
 
 
-def cmd_distill(args) -> int:
+def _run_profile(args, deploy: bool, show) -> int:
+    """What `distill` and `study` share: check the profile's whole plan, run it on the chosen executor with the
+    jobs view, `show(profile, result, seconds)` what it made, then log to MLflow when asked and name the failed
+    jobs (exit status 1)."""
     from edgekd.check import checked_profile
-    from edgekd.distill.study import run_study
-    from edgekd.distill.summary import summarize
-    from edgekd.jobs import JobsFailed
+    from edgekd.pipeline.driver import JobsFailed
+    from edgekd.workflows import run
 
     executor = _executor(args)
     profile = checked_profile(args.profile, _profile_overrides(args, args.profile), Path(args.out), args.force,
-                              jobs=args.jobs)
+                              jobs=args.jobs, deploy=deploy)
     mlflow_uri = _mlflow_uri(args)  # before training: mlflow missing is one line, not a lost study
     start = time.perf_counter()
-    failed = {}
+    result, failed = None, {}
     with RichReporter() as reporter:
         try:
-            records = run_study(profile, Path(args.out), reporter, force=args.force, jobs=args.jobs,
-                                executor=executor, address=args.address, cpus_per_job=args.cpus_per_job)
+            result = run(profile, Path(args.out), reporter, force=args.force, jobs=args.jobs, executor=executor,
+                         address=args.address, cpus_per_job=args.cpus_per_job, deploy=deploy)
         except JobsFailed as exc:
-            records, failed = exc.result or [], exc.failed
-    console.print(distill_table(summarize(records)))
-    console.print(f"[dim]{len(records)} runs in {Path(args.out) / profile.study.name}, "
-                  f"{time.perf_counter() - start:.0f} s; summary.json written there[/dim]")
+            result, failed = exc.result, exc.failed
+    show(profile, result, time.perf_counter() - start)
     _track(mlflow_uri, Path(args.out) / profile.study.name)
     return _failed_jobs(failed)
+
+
+def cmd_distill(args) -> int:
+    from edgekd.distill.summary import summarize
+
+    def show(profile, result, seconds):
+        records = result.records if result else []
+        console.print(distill_table(summarize(records)))
+        console.print(f"[dim]{len(records)} runs in {Path(args.out) / profile.study.name}, {seconds:.0f} s; "
+                      "summary.json written there[/dim]")
+
+    return _run_profile(args, False, show)
 
 
 def _executor(args) -> str:
@@ -202,7 +217,7 @@ def _executor(args) -> str:
                           + ("runs one job at a time" if executor == "local" else "runs as many jobs at once as "
                              "the cluster's CPUs allow"))
     if executor == "ray":
-        from edgekd.executors import RAY_INSTALL
+        from edgekd.pipeline.executors import RAY_INSTALL
 
         if importlib.util.find_spec("ray") is None:
             raise EdgeKDError(f"--executor ray needs Ray, which is not installed here: {RAY_INSTALL}")
@@ -303,12 +318,12 @@ def cmd_export(args) -> int:
                                 qat=qat_trainer(options))
         from edgekd.runio import read_json
 
-        for key, m in read_json(bundle / "manifest.json")["models"].items():
+        for key, m in read_json(bundle / MANIFEST)["models"].items():
             check = (f"Δ {m['parity']['max_abs_logit_diff']:.1e}" if "parity" in m else
                      f"{m['accuracy_change_vs_fp32'] * 100:+.2f} pts" if "accuracy_change_vs_fp32" in m else "")
             acc = f"{m['accuracy'] * 100:.2f}" if "accuracy" in m else "-"
             table.add_row(label, key, m["precision"], acc, check, f"{m['bytes'] / 2**20:.2f}")
-        manifest = read_json(bundle / "manifest.json")
+        manifest = read_json(bundle / MANIFEST)
         for preset, record in manifest.get("int8_sensitivity", {}).items():
             from edgekd.export.sensitivity import sensitivity_table
 
@@ -428,28 +443,12 @@ def report_table(report) -> Table:
 
 
 def cmd_study(args) -> int:
-    from edgekd.check import checked_profile
-    from edgekd.jobs import JobsFailed
-    from edgekd.study import run_full_study
+    def show(profile, result, seconds):
+        if result is not None and result.report is not None:
+            console.print(report_table(result.report))
+            console.print(f"report: {result.report.files['html']}  ({seconds:.0f} s)")
 
-    executor = _executor(args)
-    profile = checked_profile(args.profile, list(args.set or []), Path(args.out), args.force, jobs=args.jobs,
-                              deploy=True)
-    mlflow_uri = _mlflow_uri(args)
-    start = time.perf_counter()
-    failed = {}
-    with RichReporter() as reporter:
-        try:
-            report = run_full_study(profile, Path(args.out), reporter, jobs=args.jobs, force=args.force,
-                                    log=lambda line: console.print(f"[dim]{escape(line)}[/dim]"), executor=executor,
-                                    address=args.address, cpus_per_job=args.cpus_per_job)
-        except JobsFailed as exc:
-            report, failed = exc.result, exc.failed
-    if report is not None:
-        console.print(report_table(report))
-        console.print(f"report: {report.files['html']}  ({time.perf_counter() - start:.0f} s)")
-    _track(mlflow_uri, Path(args.out) / profile.study.name)
-    return _failed_jobs(failed)
+    return _run_profile(args, True, show)
 
 
 def cmd_check(args) -> int:

@@ -22,7 +22,7 @@ except ModuleNotFoundError:  # Python 3.10 (JetPack 6): the same parser, from Py
     import tomli as tomllib
 
 from edgekd.errors import EdgeKDError
-from edgekd.records import GRID_TAG
+from edgekd.roles import FAMILY_TAG, GRID_TAG, PRUNE_TAG, pruned_role, segment_problem
 
 
 @dataclass
@@ -157,7 +157,7 @@ class CompressConfig:
         return (self.students or [self.method]) if self.prune else []
 
     def role(self, source: str) -> str:
-        return f"{source}{PRUNE_TAG}{round(self.prune * 100)}"
+        return pruned_role(source, self.prune)
 
 
 @dataclass
@@ -169,15 +169,12 @@ class ExplainConfig:
     top: float = 0.2  # the share of a map's pixels that counts as where it looks (top-20% IoU)
 
 
-PRUNE_TAG = "+prune"  # kd+prune50: the kd student with half its channels pruned, then fine-tuned
-
-
 # A method table holds its losses (name -> {weight, parameters}) and two optional keys: `teachers`, the teachers
 # it learns from ("main" is [teacher]; others are [teachers.<name>]), and `combine`, how their softened outputs
 # are merged: "mean", or "val_weighted" (weights proportional to each teacher's validation accuracy).
 # A loss parameter may list candidate values (`kd = { temperature = [2, 4, 8] }`): the method is then tuned, per
 # dataset variant and student family, on the first seed by validation accuracy (never test), and every seed trains
-# with the choice (edgekd.jobs.chosen_spec).
+# with the choice (edgekd.distill.plan.method_spec).
 METHOD_OPTIONS = ("teachers", "combine")
 MethodSpec = dict[str, dict[str, float | list[float]] | list[str] | str]
 
@@ -487,11 +484,28 @@ def profile_problems(profile: Profile) -> list[str]:
                     found.append(f"profile key 'compress.{key}' names {name!r}, which is not a method: use one of "
                                  f"{', '.join(profile.methods) or '(none: add a [methods.kd] table)'}")
     for method in profile.methods:
-        if PRUNE_TAG in method or "@" in method or "/" in method:
-            found.append(f"method name {method!r} may not contain '{PRUNE_TAG}', '@' or '/'")
+        if PRUNE_TAG in method or FAMILY_TAG in method or "/" in method:
+            found.append(f"method name {method!r} may not contain '{PRUNE_TAG}', '{FAMILY_TAG}' or '/'")
     for family in [*profile.students, *profile.teachers]:
-        if "@" in family or "/" in family:
-            found.append(f"student or teacher name {family!r} may not contain '@' or '/'")
+        if FAMILY_TAG in family or "/" in family:
+            found.append(f"student or teacher name {family!r} may not contain '{FAMILY_TAG}' or '/'")
+    return found + _path_problems(profile)
+
+
+def _path_problems(profile: Profile) -> list[str]:
+    """Every name that becomes a directory level of a run's path (edgekd.roles) must be one path segment; a name
+    already refused for holding a role tag is not named twice."""
+    tagged = (GRID_TAG, PRUNE_TAG, FAMILY_TAG, "/")
+    names = [("study name", [profile.study.name]), ("dataset name", [*profile.datasets]),
+             ("variant name", [*profile.variants]), ("method name", [*profile.methods]),
+             ("student or teacher name", [*profile.students, *profile.teachers])]
+    found = []
+    for what, values in names:
+        for name in values:
+            problem = segment_problem(name, what)
+            if problem and (what in ("study name", "dataset name", "variant name")
+                            or not any(tag in name for tag in tagged)):
+                found.append(problem)
     return found
 
 

@@ -8,18 +8,26 @@ seeds. On a `spurious` variant the maps are also computed on the bias-conflictin
 points to another class) and the share of each map's mass on the cue patch is recorded: does KD copy the teacher's
 shortcut, or shed the student's? The record is `<variant>/explain[@family]/seed<k>/explain.json`, with a few
 images and maps in `maps.npz` for the report's grid.
+
+The stage's job kind `explain` (one job per dataset variant and student family, after its students) is
+registered here, beside the code it runs.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from edgekd.data.describe import data_description
 from edgekd.errors import EdgeKDError
-from edgekd.runio import read_json, write_json
+from edgekd.pipeline.graph import Job, JobKind, input_fingerprint, register_kind
+from edgekd.records import fingerprint, make_key
+from edgekd.roles import EXPLAIN, Label, Role
+from edgekd.runio import EXPLAIN_RECORD, METRICS, RUN_PROFILE, WEIGHTS, read_json, run_dir, write_json
 
 GRID_IMAGES = 4  # images in the report's grid per variant
 
@@ -128,19 +136,54 @@ def explain_models(models: dict[str, torch.nn.Module], teacher: str, images: tor
     return results, maps
 
 
-def run_explain_job(profile, root: Path, job, force: bool = False) -> tuple[dict, bool]:
+class ExplainKind(JobKind):
+    """Per dataset variant and student family: Grad-CAM of the teacher and every scratch and KD student (all
+    seeds; grid candidates and pruned students stay out)."""
+
+    name = "explain"
+
+    def plan(self, ctx, planned):
+        if not ctx.profile.explain.images:
+            return []
+        groups: dict[tuple[str, str, str], list[str]] = {}
+        for s in planned:
+            role = Role.parse(s.role)
+            if s.kind == "train" and not role.is_teacher and not role.grid and not role.pruned:
+                groups.setdefault((s.dataset, s.variant, role.family), [s.deps[0]]).append(s.label)
+        seed0 = ctx.profile.study.teacher_seed
+        jobs = []
+        for (dataset, variant, family), deps in groups.items():
+            role = str(Role(EXPLAIN, family))
+            jobs.append(Job(dataset, variant, role, seed0, run_dir(ctx.root, dataset, variant, role, seed0),
+                            kind=self.name, deps=tuple(deps), num_cpus=ctx.cpus_per_job))
+        return jobs
+
+    def record(self, job):
+        return job.run_dir / EXPLAIN_RECORD
+
+    def key(self, ctx, job):
+        inputs = {}
+        for label in job.deps:
+            at = Label.parse(label)
+            inputs[label] = input_fingerprint(run_dir(ctx.root, at.dataset, at.variant, at.role, at.seed) / WEIGHTS,
+                                              label)
+        return make_key("explain", {"explain": asdict(ctx.profile.explain)},
+                        data_description(ctx.profile, job.dataset, job.variant), inputs)
+
+    def run(self, ctx, job, status):
+        return run_explain(ctx.profile, ctx.root, job, status.key)
+
+
+register_kind(ExplainKind())
+
+
+def run_explain(profile, root: Path, job, key: dict) -> dict:
     """Grad-CAM for one (dataset, variant, family): the teacher and the student runs the job depends on."""
     from edgekd.data.sampling import cap_per_class, class_counts, stratified_take
     from edgekd.data.splits import SPLIT_SEED
-    from edgekd.distill.study import dataset_splits
-    from edgekd.jobs import job_status
+    from edgekd.distill.runner import dataset_splits
     from edgekd.models import create_model, load_weights
-    from edgekd.records import fingerprint
-    from edgekd.runio import run_dir
 
-    status = job_status(profile, root, job, force)
-    if status.current:
-        return status.record, True
     start = time.perf_counter()
     variant = dataset_splits(profile, job.dataset, job.variant)
     data, cfg = variant.splits, profile.explain
@@ -161,24 +204,24 @@ def run_explain_job(profile, root: Path, job, force: bool = False) -> tuple[dict
         cue = (normalized(conflicting), mask)
     models, runs = {}, {}
     for label in job.deps:
-        dataset, variant_name, role, seed = label.split("/")
-        path = run_dir(root, dataset, variant_name, role, int(seed.removeprefix("seed")))
-        metrics = read_json(path / "metrics.json")
-        train = read_json(path / "profile.json")["train"]
+        at = Label.parse(label)
+        path = run_dir(root, at.dataset, at.variant, at.role, at.seed)
+        metrics = read_json(path / METRICS)
+        train = read_json(path / RUN_PROFILE)["train"]
         model = create_model(train["model"], data.num_classes, data.channels, train["small_input"])
-        models[label] = load_weights(model, path / "model.safetensors")
+        models[label] = load_weights(model, path / WEIGHTS)
         runs[label] = {"role": metrics["role"], "method": metrics.get("method", ""), "seed": metrics["seed"],
                        "model": metrics.get("model", "")}
     teacher = next((k for k, r in runs.items() if r["role"] == "teacher"), None)
     if teacher is None:
         raise EdgeKDError(f"{job.label}: no teacher among its inputs")
     results, maps = explain_models(models, teacher, images, labels, cfg.top, cue)
-    record = {"dataset": job.dataset, "variant": job.variant, "family": job.role.partition("@")[2],
+    record = {"dataset": job.dataset, "variant": job.variant, "family": Role.parse(job.role).family,
               "images": int(len(chosen)), "top": cfg.top, "target": "true class", "cue": cue is not None,
               "library": "captum LayerGradCam", "models": {k: {**runs[k], **results[k]}
                                                            for k in models},
-              "wall_s": round(time.perf_counter() - start, 2), "key": status.key,
-              "fingerprint": fingerprint(status.key)}
+              "wall_s": round(time.perf_counter() - start, 2), "key": key,
+              "fingerprint": fingerprint(key)}
     job.run_dir.mkdir(parents=True, exist_ok=True)
     grid = {"images": test.images[chosen][:GRID_IMAGES].numpy(), "labels": labels[:GRID_IMAGES].numpy()}
     for k, r in runs.items():  # the teacher and the first seed's scratch and KD students
@@ -186,4 +229,4 @@ def run_explain_job(profile, root: Path, job, force: bool = False) -> tuple[dict
             grid[f"map:{r['role']}:{r['method']}"] = maps[k][:GRID_IMAGES]
     np.savez_compressed(job.run_dir / "maps.npz", **grid)
     write_json(job.record, record)
-    return record, False
+    return record

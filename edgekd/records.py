@@ -23,10 +23,10 @@ from typing import Any
 
 from edgekd import __version__
 from edgekd.errors import EdgeKDError
-from edgekd.runio import UnreadableFile, read_json, sha256_file
+from edgekd.roles import BASE_VARIANT, GRID_TAG
+from edgekd.runio import MANIFEST, METRICS, RUN_PROFILE, WEIGHTS, UnreadableFile, read_json, sha256_file
 
 SCHEMA_VERSION = 1  # the newest record format this edgekd reads and writes
-BASE_VARIANT = "base"  # the clean data: where a variant's teacher lives unless study.teacher_regime = "variant"
 STUDENT_ROLES = ("scratch", "kd")
 
 # Student's t quantile 0.975 by degrees of freedom (no scipy dependency for a table lookup)
@@ -39,9 +39,6 @@ RUN_IDENTITY = ("dataset", "variant", "role", "method", "seed", "family", "model
 RUN_VALUES = ("test_acc", "val_acc", "balanced_test_acc", "ece", "head_acc", "tail_acc", "worst_group_acc",
               "extra_test_acc", "teacher_agreement", "params", "epochs", "wall_s", "train_s", "images_per_s", "fill_s",
               "teacher_forwards", "grid")
-
-
-GRID_TAG = "~"  # kd~2: the third candidate of method kd's hyper-parameter grid (edgekd.config.method_grid)
 
 
 # -- statistics ----------------------------------------------------------------------------------------------------
@@ -210,7 +207,7 @@ class RunRecord:
     fingerprint: str = ""  # of the key the run was made for ("" in records written before keys)
 
     @classmethod
-    def from_metrics(cls, metrics: Mapping, run_dir: str = "", source: Path | str = "metrics.json") -> RunRecord:
+    def from_metrics(cls, metrics: Mapping, run_dir: str = "", source: Path | str = METRICS) -> RunRecord:
         """From a run's metrics.json (the variant's kind is in its variant_stats)."""
         kind = (metrics.get("variant_stats") or {}).get("kind", BASE_VARIANT)
         return cls._make(metrics, kind, run_dir, source)
@@ -268,7 +265,7 @@ class BundleRecord:
     @classmethod
     def read(cls, bundle: Path) -> BundleRecord:
         bundle = Path(bundle)
-        path = bundle / "manifest.json"
+        path = bundle / MANIFEST
         if not path.is_file():
             raise EdgeKDError(f"{bundle} is not a bundle (no manifest.json): pass a directory made by `edgekd export`")
         m = _read(path)
@@ -297,7 +294,7 @@ class BenchRecord:
     def read(cls, path: Path, study_root: Path | None = None) -> BenchRecord:
         path = Path(path)
         b = _read(path)
-        metrics = path.parent.parent / "metrics.json"
+        metrics = path.parent.parent / METRICS
         run = RunRecord.read(metrics, study_root) if metrics.is_file() else None
         opts = b.get("options", {})
         return cls(path, b["dataset"], b["variant"], opts.get("backend", ""), opts.get("device", ""), b["results"],
@@ -331,8 +328,8 @@ def read_run_setup(run_dir: Path) -> dict:
     skipped), the variant's statistics and profile entry, the training settings, losses and the execution
     (precision, device) it ran with, from its metrics.json and profile.json; a field a record lacks is absent."""
     run_dir = Path(run_dir)
-    metrics = _read(run_dir / "metrics.json")
-    profile = _read(run_dir / "profile.json") if (run_dir / "profile.json").is_file() else {}
+    metrics = _read(run_dir / METRICS)
+    profile = _read(run_dir / RUN_PROFILE) if (run_dir / RUN_PROFILE).is_file() else {}
     setup = {"data": metrics.get("data") or profile.get("data"), "variant_stats": metrics.get("variant_stats"),
              "variant_config": ((profile.get("profile") or {}).get("variants") or {}).get(metrics.get("variant")),
              "train": profile.get("train"), "execution": metrics.get("execution"), "losses": metrics.get("losses")}
@@ -440,8 +437,8 @@ def _bench_still_matches(bench: BenchRecord, root: Path) -> str | None:
     """Why a bench record no longer describes its bundle and run (None when it does); for benches no plan covers."""
     bundle = bench.path.parent
     try:
-        manifest = read_json(bundle / "manifest.json")
-        weights = sha256_file(bundle.parent / "model.safetensors")
+        manifest = read_json(bundle / MANIFEST)
+        weights = sha256_file(bundle.parent / WEIGHTS)
     except (UnreadableFile, OSError):
         return "its bundle or run is gone"
     if manifest.get("source", {}).get("checkpoint_sha256") != weights:
@@ -475,7 +472,7 @@ def select_current(study_root: Path) -> Selection:
             return True
         return False
 
-    runs = [r for r in read_runs(root) if plan is None or current(root / r.run_dir / "metrics.json", r.fingerprint)]
+    runs = [r for r in read_runs(root) if plan is None or current(root / r.run_dir / METRICS, r.fingerprint)]
     # The plan lists jobs in the profile's order (variants as written: base, labels25, labels10, labels5), which
     # is the order a reader expects in every table and plot; the path order would sort "labels10" before "labels5".
     order = {record: i for i, record in enumerate(jobs)}

@@ -43,3 +43,7 @@ class Registry(Generic[T]):
 
     def items(self) -> list[tuple[str, T]]:
         return sorted(self._items.items())
+
+    def registered(self) -> list[T]:
+        """Every entry in the order it was registered (where that order means something, e.g. job kinds)."""
+        return list(self._items.values())

@@ -14,9 +14,28 @@ from typing import Any
 
 from edgekd.errors import EdgeKDError
 
+# The files every stage agrees on, named once.
+RUN_PROFILE = "profile.json"  # a run's resolved profile, job and data description, written when it starts
+METRICS = "metrics.json"  # a training's (or teacher cache's) record: written last, so its presence means done
+WEIGHTS = "model.safetensors"  # the weights chosen on the validation split
+PREDICTIONS = "predictions.safetensors"  # test logits
+CHECKPOINTS = ("checkpoint.json", "checkpoint.safetensors")  # an unfinished training's last epoch
+TRAIN_LOG = "train.log"
+BUNDLE = "bundle"  # a student's deployable bundle, a directory in its run directory
+MANIFEST = "manifest.json"  # the bundle's record
+EXPLAIN_RECORD = "explain.json"
+ERROR_LOG = "error.log"  # a failed job's traceback, beside its record
+RUN_DEPTH = 4  # <dataset>/<variant>/<role>/seed<k>: how far a run directory sits below its study root
+
 
 def run_dir(study_root: Path, dataset: str, variant: str, role: str, seed: int) -> Path:
     return study_root / dataset / variant / role / f"seed{seed}"
+
+
+def study_root_of(run: Path) -> Path:
+    """The study root a run directory sits in (the inverse of run_dir); a directory too shallow is its own root."""
+    run = Path(run)
+    return run.parents[RUN_DEPTH - 1] if len(run.parents) >= RUN_DEPTH else run
 
 
 def _atomic(path: Path, write) -> None:

@@ -2,7 +2,7 @@
 export, CLI and benchmarks): which files a bundle holds, which `edgekd export` / `edgekd build` makes them,
 which backends open them on which devices, and what each backend needs installed.
 
-Adding a backend (OpenVINO, LiteRT) is one `Backend` entry, its targets, and one runner in `edgekd/bench/`.
+Adding a backend (OpenVINO, LiteRT) is one `Backend` entry, its targets, and one runner in `edgekd/runtime/`.
 Standard library only: the bench, `edgekd build` and the report read this table on devices without PyTorch.
 """
 
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
+
+from edgekd.runio import WEIGHTS
 
 # What a latency figure measures. The report never puts the two on one axis.
 HOST_WALL = "host_wall"  # host clock around a synchronous call (ONNX Runtime; PyTorch on CPU)
@@ -67,7 +69,7 @@ TARGETS: dict[str, Target] = {t.key: t for t in (
     Target("trt-fp32", "trt-fp32.engine", "fp32", "trt", ("trt",), ("cuda",), builds_from="model.onnx"),
     Target("trt-fp16", "trt-fp16.engine", "fp16", "trt", ("trt",), ("cuda",), builds_from="model.fp16.onnx"),
     Target("trt-int8", "trt-int8.engine", "int8", "trt", ("trt",), ("cuda",), builds_from="model.int8-trt.onnx"),
-    Target("torch-fp32", "model.safetensors", "fp32", "onnx", ("torch",), ("cpu", "cuda")),
+    Target("torch-fp32", WEIGHTS, "fp32", "onnx", ("torch",), ("cpu", "cuda")),
 )}
 
 EXPORT_TARGETS = ("onnx", "int8", "trt")  # `edgekd export --target` choices
@@ -93,3 +95,14 @@ def missing_for(backend: str) -> str | None:
     except (ImportError, ValueError):
         found = False
     return None if found else BACKENDS[backend].install
+
+
+def int8_target(preset: str) -> Target:
+    """The ONNX Q/DQ model an INT8 preset makes (`cpu` -> onnx-int8-cpu)."""
+    return next(t for t in TARGETS.values() if t.made_by == "int8" and t.preset == preset)
+
+
+def exported_target(precision: str) -> Target:
+    """The ONNX model `edgekd export --target onnx` makes in this precision (fp32 -> onnx-fp32)."""
+    return next(t for t in TARGETS.values() if t.made_by == "onnx" and t.file.endswith(".onnx")
+                and t.precision == precision)

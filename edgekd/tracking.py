@@ -20,6 +20,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from edgekd.errors import EdgeKDError
+from edgekd.runio import MANIFEST, METRICS, RUN_PROFILE, TRAIN_LOG
 
 INSTALL = "pip install 'edgekd[mlflow]'"
 ENV = "MLFLOW_TRACKING_URI"
@@ -162,22 +163,22 @@ def sync_study(study_root: Path, uri: str, log: Callable[[str], None] = print) -
         if record.role == "teacher_cache":
             continue
         where = study_root / record.run_dir
-        metrics = read_json(where / "metrics.json")
-        digest = _digest([where / "metrics.json"])
+        metrics = read_json(where / METRICS)
+        digest = _digest([where / METRICS])
         run = tracked.get(record.run_dir)
         if run is not None and run.data.tags.get(TAG_RECORD) == digest:
             run_id = run.info.run_id
             done.unchanged += 1
         else:
             setup = read_run_setup(where)
-            profile = read_json(where / "profile.json").get("profile", {}) if (where / "profile.json").is_file() else {}
+            profile = read_json(where / RUN_PROFILE).get("profile", {}) if (where / RUN_PROFILE).is_file() else {}
             setup["dataset_config"] = (profile.get("datasets") or {}).get(record.dataset)
             label = f"{record.dataset}/{record.variant}/{Path(record.run_dir).parent.name}/seed{record.seed}"
             run_id = client.create_run(experiment_id, run_name=label, tags={
                 TAG_RUN: record.run_dir, TAG_RECORD: digest, "edgekd.study_root": str(study_root.resolve()),
                 "edgekd.role": record.role}).info.run_id
             _log_batch(client, run_id, run_params(metrics, setup), *run_metrics(metrics))
-            for name in ("metrics.json", "profile.json", "train.log"):
+            for name in (METRICS, RUN_PROFILE, TRAIN_LOG):
                 if (where / name).is_file():
                     client.log_artifact(run_id, str(where / name), "record")
             client.set_terminated(run_id, "FINISHED")
@@ -186,7 +187,7 @@ def sync_study(study_root: Path, uri: str, log: Callable[[str], None] = print) -
                 run = None
             done.logged += 1
         bundle = where / "bundle"
-        if (bundle / "manifest.json").is_file():
+        if (bundle / MANIFEST).is_file():
             files = sorted(p for p in bundle.iterdir() if p.is_file() and p.suffix == ".json")
             bundle_digest = _digest(files)
             if run is None or run.data.tags.get(TAG_BUNDLE) != bundle_digest:

@@ -59,7 +59,7 @@ def needs_fashion_mnist():
 def tiny_study(tmp_path_factory):
     """A finished tiny study (synthetic data, tiny timm models), shared by the export and bench tests."""
     from edgekd.config import load_profile
-    from edgekd.distill.study import run_study
+    from edgekd.workflows import distill as run_study
 
     root = tmp_path_factory.mktemp("study")
     (root / "tiny.toml").write_text(TINY_PROFILE)

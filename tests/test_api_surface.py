@@ -51,9 +51,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "api"
 TRT_BUILD = "edgekd/export/tensorrt_build.py"
-RUNNERS = "edgekd/bench/runners.py"
+TRT_RUNTIME = "edgekd/runtime/tensorrt.py"  # TensorRT's import and the engine check, for the build and the runner
+RUNNERS = "edgekd/runtime/runners.py"
 GPU = "edgekd/gpu.py"  # cuda-python helpers both of the others call
-DEVICE_FILES = (TRT_BUILD, RUNNERS, GPU)
+DEVICE_FILES = (TRT_BUILD, TRT_RUNTIME, RUNNERS, GPU)
 TRT_SNAPSHOTS = {"10": "tensorrt-10.txt", "11": "tensorrt-11.txt"}
 CUDA_SNAPSHOTS = {"12": "cuda-python-12.txt", "13": "cuda-python-13.txt"}
 ORT_OPTIONS = "onnxruntime-provider-options.txt"
@@ -1023,7 +1024,7 @@ def _read(rel: str) -> str | None:
 @pytest.fixture(scope="module")
 def sources() -> dict[str, str]:
     found = {rel: text for rel in DEVICE_FILES if (text := _read(rel)) is not None}
-    assert TRT_BUILD in found and RUNNERS in found, "the TensorRT code moved: update DEVICE_FILES"
+    assert {TRT_BUILD, TRT_RUNTIME, RUNNERS} <= set(found), "the TensorRT code moved: update DEVICE_FILES"
     return found
 
 
@@ -1097,6 +1098,8 @@ def test_tensorrt_names_exist_in_tensorrt_10_and_11(sources, trt_apis):
     uses = [u for u in result.uses if u.lib == "trt"]
     # Not vacuous: the builder and the runner are still tracked, from the module down to the engine's methods.
     assert any(u.path == TRT_BUILD and u.owner == "Builder" for u in uses), "no Builder use in the build code"
+    assert any(u.path == TRT_RUNTIME and u.scope == "check_engine_matches" for u in uses), \
+        "no TensorRT use found in the engine check"
     assert any(u.path == RUNNERS and u.scope.startswith("TrtRunner.") and u.owner == "IExecutionContext"
                for u in uses), "no execution-context use found in TrtRunner"
     _fail(problems)

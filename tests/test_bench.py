@@ -8,9 +8,9 @@ from onnx import TensorProto, helper, numpy_helper, save
 
 from edgekd.bench.harness import BenchOptions, bench_bundle, latency_stats
 from edgekd.bench.monitor import find_power_reader, integrate_power
-from edgekd.bench.runners import RUNNERS
 from edgekd.cli import main
 from edgekd.errors import EdgeKDError
+from edgekd.runtime.runners import RUNNERS
 
 FAST = BenchOptions(batch_sizes=(1, 4), iters=5, warmup=1, threads=1)
 

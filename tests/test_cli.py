@@ -6,7 +6,8 @@ import pytest
 
 from edgekd.cli import main
 from edgekd.config import load_profile
-from edgekd.distill.study import Reporter, run_study
+from edgekd.pipeline.events import Reporter
+from edgekd.workflows import distill as run_study
 
 
 def test_distill_end_to_end(tiny_profile, tmp_path, capsys):

@@ -68,9 +68,9 @@ def test_study_prunes_kd_students_and_reruns_only_what_changed(tiny_profile, tmp
     bundle with ONNX parity; re-running skips it; changing compress.prune makes a new pruned run and retrains
     nothing else."""
     from edgekd.config import load_profile
-    from edgekd.distill.study import run_study
     from edgekd.export.bundle import ExportOptions, export_run
     from edgekd.runio import read_json
+    from edgekd.workflows import distill as run_study
 
     sets = ["study.seeds=[0]", "compress.prune=0.5", "compress.finetune_epochs=1"]
     out = tmp_path / "runs"
@@ -110,7 +110,7 @@ def qat_study(tmp_path_factory):
     from conftest import TINY_PROFILE
 
     from edgekd.config import load_profile
-    from edgekd.distill.study import run_study
+    from edgekd.workflows import distill as run_study
 
     root = tmp_path_factory.mktemp("qat")
     (root / "qat.toml").write_text(TINY_PROFILE)
@@ -169,10 +169,10 @@ def test_explain_maps_agreement_and_cue_share(tiny_profile, tmp_path):
     import numpy as np
 
     from edgekd.config import load_profile
-    from edgekd.distill.study import run_study
     from edgekd.explain import mass_share, rank_correlation, top_iou
-    from edgekd.jobs import plan_jobs
     from edgekd.runio import read_json
+    from edgekd.workflows import distill as run_study
+    from edgekd.workflows import plan_jobs
 
     a = np.random.default_rng(0).random((3, 6, 6))
     assert rank_correlation(a, a) == pytest.approx(1.0) and rank_correlation(a, -a) == pytest.approx(-1.0)
@@ -184,11 +184,11 @@ def test_explain_maps_agreement_and_cue_share(tiny_profile, tmp_path):
     explain = [j for j in plan_jobs(profile, tmp_path / "tiny") if j.kind == "explain"]
     assert [j.label for j in explain] == ["synthetic/base/explain/seed0", "synthetic/cue/explain/seed0"]
     assert len(explain[0].deps) == 5  # the teacher, and scratch and kd of each seed
-    from edgekd.study import run_full_study
+    from edgekd.workflows import study as run_full_study
 
     run_study(profile, tmp_path)  # `distill` runs the explain jobs too: they need the trained models only
     record = read_json(tmp_path / "tiny" / "synthetic" / "cue" / "explain" / "seed0" / "explain.json")
-    run_full_study(profile, tmp_path, log=lambda line: None)
+    run_full_study(profile, tmp_path)
     assert read_json(tmp_path / "tiny" / "synthetic" / "cue" / "explain" / "seed0" / "explain.json") == record
     record = read_json(tmp_path / "tiny" / "synthetic" / "cue" / "explain" / "seed0" / "explain.json")
     students = [m for m in record["models"].values() if m["role"] != "teacher"]
@@ -198,13 +198,13 @@ def test_explain_maps_agreement_and_cue_share(tiny_profile, tmp_path):
     assert "Where the students look" in text and "gradcam_synthetic_cue.png" in text
     assert (tmp_path / "tiny" / "report" / "gradcam_synthetic_cue.png").stat().st_size > 1000
     stamp = (tmp_path / "tiny" / "synthetic" / "cue" / "explain" / "seed0" / "explain.json").stat().st_mtime_ns
-    run_full_study(profile, tmp_path, log=lambda line: None)
+    run_full_study(profile, tmp_path)
     assert (tmp_path / "tiny" / "synthetic" / "cue" / "explain" / "seed0" / "explain.json").stat().st_mtime_ns == stamp
 
 
 def test_cli_done_line_of_an_explain_job():
     from edgekd.cli import _done_line
-    from edgekd.jobs import Job
+    from edgekd.pipeline.graph import Job
 
     job = Job("d", "base", "explain", 0, __import__("pathlib").Path("x"), kind="explain")
     assert _done_line(job, {"models": {"a": {}, "b": {}}, "images": 8, "wall_s": 1.0}).startswith(

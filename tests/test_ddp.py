@@ -11,11 +11,13 @@ from conftest import TINY_PROFILE
 
 from edgekd.config import load_profile
 from edgekd.data.augment import ViewAugment
-from edgekd.distill.study import Reporter, StudyRunner, plan
 from edgekd.distill.train import shard
 from edgekd.distill.worker import main as worker
 from edgekd.distill.worker import prepare
+from edgekd.pipeline.events import Reporter
 from edgekd.runio import read_json
+from edgekd.workflows import plan_jobs as plan
+from edgekd.workflows import run_job
 
 # Enough test images that 0.5 points is less than one image: the two results must agree image for image.
 OVERRIDES = ["study.seeds=[0]", "teacher.epochs=1", "student.epochs=4", "datasets.synthetic.samples_per_class=100"]
@@ -71,7 +73,7 @@ def test_two_gloo_processes_train_like_one_and_resume_its_checkpoint(tmp_path, o
     profile = load_profile(tmp_path / "tiny.toml", OVERRIDES)
     one, two = tmp_path / "one" / "tiny", tmp_path / "two" / "tiny"
     for job in plan(profile, one):  # teacher, its cache, scratch and KD students: one process
-        StudyRunner(profile, one).run_job(job)
+        run_job(profile, one, job)
     jobs = {}
     for job in plan(profile, two):  # the two-process students learn from the same teacher and cache
         if job.role in ("teacher", "teacher_cache"):
@@ -80,7 +82,7 @@ def test_two_gloo_processes_train_like_one_and_resume_its_checkpoint(tmp_path, o
             jobs[job.role] = job
             prepare(profile, job)
     with pytest.raises(Interrupt):  # one process trains the scratch student's first epoch, then is killed
-        StudyRunner(profile, two, StopInEpochTwo()).run_job(jobs["scratch"])
+        run_job(profile, two, jobs["scratch"], StopInEpochTwo())
     assert read_json(jobs["scratch"].run_dir / "checkpoint.json")["epoch"] == 1
 
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",

@@ -17,11 +17,13 @@ import types
 import pytest
 from conftest import run_without_torch
 
-from edgekd.bench.harness import BenchOptions, _entries, bench_bundle, read_manifest
-from edgekd.bench.runners import RUNNERS
+from edgekd.bench.harness import BenchOptions, _entries, bench_bundle
 from edgekd.cli import build_parser, main
 from edgekd.errors import EdgeKDError
 from edgekd.export import tensorrt_build
+from edgekd.runtime import tensorrt as trt_runtime
+from edgekd.runtime.manifest import read_manifest
+from edgekd.runtime.runners import RUNNERS
 from edgekd.targets import BACKENDS, EXPORT_TARGETS, TARGETS, timing_kind
 
 FAST = BenchOptions(batch_sizes=(1, 4), iters=5, warmup=1, threads=1)
@@ -248,19 +250,16 @@ def test_build_records_engines_strongly_typed_without_tf32(tiny_bundle, tmp_path
 def test_engine_check_compares_the_gpu_model(monkeypatch):
     trt = FakeTensorRT("10.3.0")
     here = {"gpu": "NVIDIA L4", "compute_capability": "8.9", "uuid": "GPU-2"}
-    monkeypatch.setattr(tensorrt_build, "engine_builder", lambda: (trt, here))
+    monkeypatch.setattr(trt_runtime, "engine_builder", lambda: (trt, here))
     # Same compute capability (8.9), another GPU model: refused, and the fix is `edgekd build`.
     rtx = {"file": "trt-fp32.engine", "tensorrt": "10.3.0", "gpu": "NVIDIA GeForce RTX 4090", "compute_capability": "8.9"}
     with pytest.raises(EdgeKDError, match="rebuild it here with `edgekd build b`"):
-        tensorrt_build.check_engine_matches(rtx, "b")
+        trt_runtime.check_engine_matches(rtx, "b")
     with pytest.raises(EdgeKDError, match="TensorRT 10.1.0"):
-        tensorrt_build.check_engine_matches({**rtx, "gpu": "NVIDIA L4", "tensorrt": "10.1.0"}, "b")
-    assert tensorrt_build.check_engine_matches({**rtx, "gpu": "NVIDIA L4", "uuid": "GPU-1"}, "b") == here
-    from edgekd.bench.harness import (
-        _engine_note,  # another L4 than the one it was built on: allowed, and recorded
-    )
-
-    assert _engine_note({**rtx, "gpu": "NVIDIA L4", "uuid": "GPU-1"}, "b") == {
+        trt_runtime.check_engine_matches({**rtx, "gpu": "NVIDIA L4", "tensorrt": "10.1.0"}, "b")
+    assert trt_runtime.check_engine_matches({**rtx, "gpu": "NVIDIA L4", "uuid": "GPU-1"}, "b") == here
+    # another L4 than the one it was built on: allowed, and recorded
+    assert trt_runtime.engine_note({**rtx, "gpu": "NVIDIA L4", "uuid": "GPU-1"}, "b") == {
         "built_on": "GPU-1", "running_on": "GPU-2", "same_gpu": False}
 
 
@@ -309,7 +308,7 @@ def test_tensorrt_provider_list_builds_engines_before_timing(tiny_bundle):
     """TensorRT, then CUDA, then CPU; engine cache beside the model; a profile that covers every batch."""
     import onnxruntime
 
-    from edgekd.bench.runners import OrtRunner
+    from edgekd.runtime.runners import OrtRunner
 
     runner = object.__new__(OrtRunner)
     runner.ort = onnxruntime

@@ -143,7 +143,7 @@ def test_feature_distilled_student_exports_without_its_adapter(tmp_path, tiny_pr
     from safetensors.torch import load_file
 
     from edgekd.config import load_profile
-    from edgekd.distill.study import run_study
+    from edgekd.workflows import distill as run_study
 
     profile = load_profile(tiny_profile, ["study.seeds=[0]", "student.epochs=1",
                                           "methods={fitnet={ce={weight=1.0}, fitnet={weight=1.0}}, "

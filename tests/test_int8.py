@@ -14,12 +14,12 @@ from edgekd.export.int8 import (
     Quantizer,
     Recipe,
     make_int8,
-    ort_requantized,
     search_calibration,
     search_ptq,
     validation_views,
 )
 from edgekd.export.qdq_rules import check_tensorrt_qdq
+from edgekd.export.quantize import ort_requantized
 from edgekd.export.sensitivity import analyse, float_order, sensitivity_table
 
 CLASSES = 4

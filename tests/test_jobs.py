@@ -15,8 +15,8 @@ import pytest
 
 from edgekd.cli import main
 from edgekd.config import load_profile
-from edgekd.jobs import plan_jobs
 from edgekd.records import PLAN_FILE, fingerprint, key_changes, make_key, select_current
+from edgekd.workflows import plan_jobs
 
 HAS_RAY = importlib.util.find_spec("ray") is not None
 FAST = ["--set", "study.seeds=[0]", "--set", "teacher.epochs=1", "--set", "deploy.targets=['onnx']",
@@ -221,7 +221,7 @@ def test_ray_missing_or_misused_is_one_line(tiny_profile, tmp_path, capsys, monk
 
 
 def test_storage_probe_names_what_a_worker_cannot_do(tmp_path):
-    from edgekd.executors import PROBE_DIR, probe_storage
+    from edgekd.pipeline.executors import PROBE_DIR, probe_storage
 
     assert "cannot see the files" in probe_storage(str(tmp_path), "token")  # another machine's disk
     (tmp_path / PROBE_DIR).mkdir()
@@ -235,11 +235,11 @@ def test_method_grid_tuned_on_validation_then_every_seed(tiny_profile, tmp_path)
     accuracy wins (never test), every seed trains with the choice; candidates stay out of the study's tables and
     the report shows the grid; a second run finds everything current."""
     from edgekd.config import load_profile
-    from edgekd.distill.study import run_study
-    from edgekd.jobs import plan_jobs
     from edgekd.records import group_runs
     from edgekd.report import build_report
     from edgekd.runio import read_json
+    from edgekd.workflows import distill as run_study
+    from edgekd.workflows import plan_jobs
 
     sets = ["study.seeds=[0, 1]", "student.epochs=1", "teacher.epochs=1",
             "methods.kd.kd={weight=0.5, temperature=[1.0, 8.0]}"]
@@ -273,3 +273,24 @@ def test_method_grid_tuned_on_validation_then_every_seed(tiny_profile, tmp_path)
     stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "tiny").rglob("metrics.json")}
     run_study(profile, tmp_path)
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "tiny").rglob("metrics.json")} == stamp
+
+
+def test_a_worker_trains_with_its_share_of_the_threads(tiny_profile, tmp_path):
+    """study.threads = 2 with --jobs 2: each worker process trains with 1 thread (2 // 2), the share the executor
+    gave it; the training stage never sets threads again (it reset them to study.threads: 2 per worker, 4 in all)."""
+    args = ["distill", str(tiny_profile), "--out", str(tmp_path), *FAST[:4], "--set", "student.epochs=1",
+            "--set", "study.threads=2", "--jobs", "2"]
+    assert main(args) == 0
+    runs = [json.loads(p.read_text()) for p in (tmp_path / "tiny").rglob("metrics.json")]
+    trained = {r["role"]: r["threads"] for r in runs if "threads" in r}
+    assert trained == {"teacher": 1, "scratch": 1, "kd": 1}
+
+
+def test_a_name_that_is_not_one_path_segment_is_refused_before_any_work(tiny_profile, tmp_path, capsys):
+    """A variant named "a/b" would become two directory levels of every run of it: the plan check refuses it (and
+    any other name that cannot be one directory), with the fix, before anything trains."""
+    assert main(["distill", str(tiny_profile), "--out", str(tmp_path), "--set",
+                 "variants={'a/b'={kind='base'}, '..'={kind='base'}}"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "variant name 'a/b' cannot name a directory" in err and "variant name '..' cannot name a directory" in err
+    assert not (tmp_path / "tiny").exists()

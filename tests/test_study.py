@@ -81,8 +81,8 @@ def test_summary_json_is_rewritten_by_the_report(tiny_study):
 
 def test_two_student_families_pair_within_their_family(tiny_profile, tmp_path):
     from edgekd.config import load_profile
-    from edgekd.distill.study import run_study
     from edgekd.distill.summary import summarize
+    from edgekd.workflows import distill as run_study
 
     profile = load_profile(tiny_profile, [
         "study.seeds=[0]", "student.epochs=1",
@@ -104,7 +104,7 @@ def test_two_student_families_pair_within_their_family(tiny_profile, tmp_path):
 
 def test_multi_teacher_method(tiny_profile, tmp_path):
     from edgekd.config import ProfileError, load_profile
-    from edgekd.distill.study import run_study
+    from edgekd.workflows import distill as run_study
 
     sets = ["study.seeds=[0]", "student.epochs=1",
             "teachers={second={model='test_efficientnet', epochs=1, batch_size=32, precision='fp32', "
@@ -127,7 +127,7 @@ def test_a_labels_variants_scratch_student_trains_on_its_labeled_images_for_ever
     steps as a run over every image; the KD student sees every image. The teacher (regime "variant") is the same
     kind of baseline."""
     from edgekd.config import load_profile
-    from edgekd.distill.study import run_study
+    from edgekd.workflows import distill as run_study
 
     sets = ["study.seeds=[0]", "study.teacher_regime='variant'", "teacher.epochs=1", "student.epochs=2",
             "student.batch_size=8", "variants={lab={kind='labels', fraction=0.25}}"]

@@ -1,6 +1,10 @@
 """`edgekd bench`: accuracy, latency percentiles, throughput and memory of a bundle's models on this device.
 
 Reads only the bundle (manifest.json, eval.npz, the model files): no PyTorch unless --backend torch.
+
+Layering: bench, above edgekd.runtime (runners, eval set, manifest, TensorRT engine checks) and beside export,
+which it does not import: a bundle and this package are all a device needs. The PyTorch reference runner is
+bench's own (edgekd.bench.torch_runner), registered in the runtime's RUNNERS by importing it here.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgekd.bench.evalset import accuracy, load_eval, normalize, predict
+from edgekd.bench import torch_runner  # noqa: F401 - registers the "torch" runner in RUNNERS
 from edgekd.bench.monitor import (
     Sampler,
     find_power_reader,
@@ -23,10 +27,13 @@ from edgekd.bench.monitor import (
     jetson_info,
     rss_bytes,
 )
-from edgekd.bench.runners import RUNNERS
 from edgekd.envinfo import environment
 from edgekd.errors import EdgeKDError
-from edgekd.runio import read_json, sha256_file, write_json
+from edgekd.runio import sha256_file, write_json
+from edgekd.runtime.evalset import accuracy, load_eval, normalize, predict
+from edgekd.runtime.manifest import read_manifest
+from edgekd.runtime.runners import RUNNERS
+from edgekd.runtime.tensorrt import engine_note
 from edgekd.targets import BACKENDS, TARGETS, Target, targets_for
 
 
@@ -50,21 +57,6 @@ def latency_stats(times: list[float], batch: int) -> dict:
             "throughput_ips": batch * 1000.0 / float(t.mean())}
 
 
-def read_manifest(bundle: Path) -> dict:
-    """The bundle's manifest.json; a damaged one, or one newer than this edgekd reads, is a one-line error."""
-    from edgekd.records import check_schema
-
-    path = Path(bundle) / "manifest.json"
-    if not path.is_file():
-        raise EdgeKDError(f"{bundle} is not a bundle (no manifest.json): pass a directory made by `edgekd export`")
-    fix = f"export the run again (edgekd export {Path(bundle).parent})"
-    manifest = read_json(path, fix=fix)
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("models"), dict):
-        raise EdgeKDError(f"{path} is not an edgekd bundle manifest (no 'models' table): {fix}")
-    check_schema(manifest, path)
-    return manifest
-
-
 def _entries(bundle: Path, manifest: dict, options: BenchOptions) -> list[tuple[Target, dict]]:
     """The bundle's models this backend opens (the targets table says which), or those `--model` names."""
     present = dict(manifest["models"])
@@ -85,15 +77,6 @@ def _entries(bundle: Path, manifest: dict, options: BenchOptions) -> list[tuple[
         named = " named " + ",".join(options.models) if options.models else ""
         raise EdgeKDError(f"the bundle has no {options.backend} models{named} (it has: {have}): make them with {fix}")
     return found
-
-
-def _engine_note(entry: dict, bundle: Path) -> dict:
-    """Refuses an engine for another GPU model or TensorRT; records whether it is the very GPU it was built on."""
-    from edgekd.export.tensorrt_build import check_engine_matches
-
-    here = check_engine_matches(entry, bundle)
-    return {"built_on": entry.get("uuid"), "running_on": here.get("uuid"),
-            "same_gpu": entry.get("uuid") == here.get("uuid") if entry.get("uuid") and here.get("uuid") else None}
 
 
 def _open(bundle: Path, target: Target, entry: dict, manifest: dict, options: BenchOptions):
@@ -146,7 +129,7 @@ def bench_bundle(bundle: Path, options: BenchOptions, progress=None) -> dict:
     power_reader = find_power_reader()
     results = []
     for target, entry in _entries(bundle, manifest, options):
-        engine = _engine_note(entry, bundle) if options.backend == "trt" else None  # before any GPU memory
+        engine = engine_note(entry, bundle) if options.backend == "trt" else None  # before any GPU memory
         rss_before = rss_bytes()
         with Sampler(rss_bytes, 0.02) as memory:
             runner = _open(bundle, target, entry, manifest, options)

@@ -3,7 +3,7 @@
 On the 2-core CPU of this project, channels_last makes MobileNet-class students train about 3x faster while
 bf16 autocast helps ResNets and slows depthwise nets; on CUDA, AMP and channels_last usually win. Habit gets
 this wrong, so each (model, device, input, batch) is timed once. A study does it at plan time, before any job
-runs (edgekd/jobs.py `choose_executions`), and records the choice in its plan; jobs only read it.
+runs (edgekd/distill/stage.py `choose_execution`), and records the choice in its plan; jobs only read it.
 """
 
 from __future__ import annotations

@@ -125,7 +125,7 @@ def _logits(model, images: np.ndarray) -> np.ndarray:
 def student_losses(profile, metrics: dict) -> tuple[dict, str]:
     """The losses the run was trained with (its record's: a tuned method's chosen values, a pruned run's fine-tune
     method) and their profile key; cross-entropy for a scratch student."""
-    from edgekd.jobs import loss_method
+    from edgekd.distill.plan import loss_method
 
     if metrics["role"] != "kd":
         return {"ce": {"weight": 1.0}}, "scratch"
@@ -144,25 +144,23 @@ def qat_int8(run: Path, model, preset: str, out: Path, epochs: int, lr: float, i
     from edgekd.config import method_losses, profile_from_dict
     from edgekd.distill.execution import Execution, resolve_device
     from edgekd.distill.losses import ComposedLoss
-    from edgekd.distill.study import StudyRunner, augment_for, dataset_splits
+    from edgekd.distill.plan import train_config
+    from edgekd.distill.runner import augment_for, dataset_splits, job_from_data, trained_teacher
     from edgekd.distill.train import train
-    from edgekd.jobs import Job, train_config
-    from edgekd.runio import read_json
+    from edgekd.runio import BUNDLE, METRICS, RUN_PROFILE, read_json, study_root_of
 
     start = time.perf_counter()
-    saved, metrics = read_json(run / "profile.json"), read_json(run / "metrics.json")
+    saved, metrics = read_json(run / RUN_PROFILE), read_json(run / METRICS)
     profile = profile_from_dict(saved["profile"])
     spec, where = student_losses(profile, metrics)
     criterion = ComposedLoss(method_losses(spec), where)
     if criterion.needs_features:
         raise EdgeKDError(f"qat-kd fine-tunes with logit losses; {where} has feature terms: export this run with "
                           "int8_method = 'ptq-search'")
-    job_data = saved["job"]
-    job = Job(job_data["dataset"], job_data["variant"], job_data["role"], job_data["seed"], run)
+    job = job_from_data(saved["job"], run)
     variant = dataset_splits(profile, job.dataset, job.variant)
     data = variant.splits
-    runner = StudyRunner(profile, run.parents[3])
-    teacher = runner._teacher(job, data)[0] if criterion.needs_teacher else None
+    teacher = trained_teacher(profile, study_root_of(run), job, data)[0] if criterion.needs_teacher else None
     student = train_config(profile, job.role)
     cfg = replace(student, epochs=epochs, min_steps=0, warmup_epochs=0.0, lr=lr or student.lr / 100)
     device = resolve_device(profile.study.device)
@@ -170,11 +168,12 @@ def qat_int8(run: Path, model, preset: str, out: Path, epochs: int, lr: float, i
     example = torch.zeros(2, data.channels, data.image_size, data.image_size)
     prepared = prepare(model, example, preset)
     criterion = criterion.to(device)
-    workdir = run / "bundle" / f"qat-{preset}"  # the fine-tune's checkpoints; never resumed from an older export
+    workdir = run / BUNDLE / f"qat-{preset}"  # the fine-tune's checkpoints; never resumed from an older export
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
-    history = train(prepared, data, cfg, criterion, ex, augment_for(profile.datasets[job.dataset]), job.seed,
-                    workdir, teacher, profile.study.eval_batch_size, None, lambda line: log(f"qat-kd {preset}: {line}"))
+    history = train(prepared, data, cfg, criterion, ex, augment_for(profile.datasets[job.dataset]),
+                    seed=job.seed, run_dir=workdir, teacher=teacher, eval_batch_size=profile.study.eval_batch_size,
+                    log=lambda line: log(f"qat-kd {preset}: {line}"))
     prepared = prepared.to("cpu")
     prepared.eval()
     fake_quant = _logits(prepared, images)  # as trained: BatchNorm beside the conv, fake quantizers on its output

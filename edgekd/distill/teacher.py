@@ -19,6 +19,9 @@ from edgekd.distill.execution import Execution
 from edgekd.distill.features import FeatureTap
 from edgekd.runio import load_tensors, read_json, save_tensors, write_json
 
+CACHE_STEM = "teacher_cache"  # a cache job's run directory holds teacher_cache.json and teacher_cache.safetensors
+CACHE_FILES = (f"{CACHE_STEM}.json", f"{CACHE_STEM}.safetensors")
+
 
 class Normalize:
     def __init__(self, mean: list[float], std: list[float], device: str):

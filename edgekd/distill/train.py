@@ -270,12 +270,16 @@ def discard_unusable_checkpoint(run_dir: Path) -> str | None:
 
 
 def train(model: nn.Module, data: DataSplits, cfg: TrainConfig, criterion: ComposedLoss, ex: Execution,
-          augment: ViewAugment, seed: int, run_dir: Path, teacher=None, eval_batch_size: int = 512,
+          augment: ViewAugment, *, seed: int, run_dir: Path, teacher=None, eval_batch_size: int = 512,
           on_step: Callable[[EpochReport], None] | None = None, log: Callable[[str], None] = print) -> dict:
     """Train, keep the best weights by validation accuracy, and return the history. Resumes from run_dir.
 
     Inside `ranks(...)`, trains together with the other ranks (see the module's docstring); rank 0 reads and
-    writes run_dir, the others never touch it and raise `FollowerDone` at the end."""
+    writes run_dir, the others never touch it and raise `FollowerDone` at the end.
+
+    Over 80 lines on purpose: the training loop on one screen (as nanoGPT's and airbench's), so the order of
+    seeding, drawing views, the step, the epoch's one host sync, validation and checkpointing reads top to bottom;
+    split into helpers, that order (which resuming and the ranks' lockstep depend on) would be spread out."""
     group = _RANKS
     rank, world = (group.rank, group.world) if group else (0, 1)
     lead = rank == 0

@@ -19,7 +19,6 @@ with it (`edgekd.distill.train`). Without torchrun (no WORLD_SIZE), the worker t
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import shutil
 import sys
@@ -31,9 +30,11 @@ from datetime import timedelta
 from pathlib import Path
 
 from edgekd.distill.execution import resolve_device
-from edgekd.distill.study import CACHE, Job, Reporter, StudyRunner, plan
 from edgekd.distill.train import FollowerDone, Ranks, from_rank0, ranks
 from edgekd.errors import EdgeKDError
+from edgekd.pipeline.events import Reporter
+from edgekd.pipeline.graph import Job
+from edgekd.roles import Role
 
 TIMEOUT_ENV = "EDGEKD_DDP_TIMEOUT_S"  # how long ranks wait for each other (rank 0 fills the teacher cache alone)
 
@@ -41,39 +42,39 @@ TIMEOUT_ENV = "EDGEKD_DDP_TIMEOUT_S"  # how long ranks wait for each other (rank
 def prepare(profile, job: Job) -> Path:
     """Write what the worker needs into the job's run directory; returns the directory. What an interrupted run
     wrote there besides (the key its checkpoint was made for) is kept, so preparing again never costs a resume."""
-    from edgekd.runio import UnreadableFile, read_json, write_json
+    from edgekd.distill.runner import job_data
+    from edgekd.runio import RUN_PROFILE, UnreadableFile, read_json, write_json
 
-    path = job.run_dir / "profile.json"
+    path = job.run_dir / RUN_PROFILE
     try:
         kept = read_json(path) if path.is_file() else {}
     except UnreadableFile:
         kept = {}
     kept = kept if isinstance(kept, dict) else {}
-    write_json(path, {**kept, "job": {**dataclasses.asdict(job), "run_dir": str(job.run_dir)},
-                      "profile": profile.to_dict()})
+    write_json(path, {**kept, "job": job_data(job), "profile": profile.to_dict()})
     return job.run_dir
 
 
 def read_run_dir(path: Path):
     """(profile, job, study root) of a prepared run directory, checked against where the study keeps the job."""
     from edgekd.config import ProfileError, profile_from_dict
-    from edgekd.runio import read_json, run_dir
+    from edgekd.distill.runner import job_from_data
+    from edgekd.runio import RUN_PROFILE, read_json, run_dir, study_root_of
 
     path = Path(path).resolve()
-    saved = read_json(path / "profile.json", "prepare it: python -m edgekd.distill.worker --prepare PROFILE")
+    saved = read_json(path / RUN_PROFILE, "prepare it: python -m edgekd.distill.worker --prepare PROFILE")
     if not isinstance(saved, dict) or not {"job", "profile"} <= set(saved):
-        raise EdgeKDError(f"{path / 'profile.json'} names no job: prepare the directory with "
+        raise EdgeKDError(f"{path / RUN_PROFILE} names no job: prepare the directory with "
                           "python -m edgekd.distill.worker --prepare PROFILE")
     try:
         profile = profile_from_dict(saved["profile"])
     except ProfileError as exc:
-        raise EdgeKDError(f"{path / 'profile.json'}: {exc}") from None
-    j, fields = saved["job"], {f.name for f in dataclasses.fields(Job)} - {"run_dir"}
-    root = path.parents[3] if len(path.parents) > 3 else path
-    try:  # what a plan gave the job (its precision and layout, say) travels with it; JSON made tuples lists
-        job = Job(**{k: tuple(v) if isinstance(v, list) else v for k, v in j.items() if k in fields}, run_dir=path)
+        raise EdgeKDError(f"{path / RUN_PROFILE}: {exc}") from None
+    root = study_root_of(path)
+    try:
+        job = job_from_data(saved["job"], path)
     except TypeError as exc:
-        raise EdgeKDError(f"{path / 'profile.json'} describes no job edgekd knows ({exc}): prepare it again") from None
+        raise EdgeKDError(f"{path / RUN_PROFILE} describes no job edgekd knows ({exc}): prepare it again") from None
     if run_dir(root, job.dataset, job.variant, job.role, job.seed) != path:
         raise EdgeKDError(f"{path} holds job {job.label}, which its study keeps in <study>/{job.label}: train it "
                           "there (the teacher and its cache are found from it), or prepare this directory again")
@@ -109,6 +110,8 @@ class LineReporter(Reporter):
 
 
 def _train_one(path: Path, rank: int, world: int, global_bn: bool, force: bool) -> None:
+    from edgekd.workflows import run_job
+
     profile, job, root = read_run_dir(path)
     if world > 1 and profile.study.device.startswith("cuda:"):
         raise EdgeKDError(f"study.device = {profile.study.device!r} puts every process on one GPU; torchrun gives each "
@@ -125,7 +128,7 @@ def _train_one(path: Path, rank: int, world: int, global_bn: bool, force: bool) 
         reporter = LineReporter(world)
         try:
             with ranks(replace(group, on_start=on_start)):
-                StudyRunner(profile, root, reporter, force).run_job(job)
+                run_job(profile, root, job, reporter, force)
         except Exception as exc:
             if world > 1 and not started:
                 from_rank0(("failed", f"{exc}"), 0)
@@ -138,12 +141,12 @@ def _train_one(path: Path, rank: int, world: int, global_bn: bool, force: bool) 
         raise EdgeKDError(f"rank {rank}: rank 0 stopped before training {job.label}: {detail}")
     if message == "done":
         return
-    if "execution" in {f.name for f in dataclasses.fields(Job)}:
-        job = replace(job, execution=tuple(detail))  # rank 0's numerics: nothing to measure here
+    execution = dict(zip(("precision", "channels_last", "device"), detail, strict=True))
+    job = replace(job, params={**job.params, "execution": execution})  # rank 0's numerics: nothing to measure here
     scratch = Path(tempfile.mkdtemp(prefix=f"edgekd-rank{rank}-"))  # this rank's records, never kept
     try:
         with ranks(group):
-            StudyRunner(profile, root).run_job(replace(job, run_dir=scratch))
+            run_job(profile, root, replace(job, run_dir=scratch))
         raise EdgeKDError(f"rank {rank}: {job.label} finished without training together with rank 0")
     except FollowerDone:
         pass
@@ -153,12 +156,13 @@ def _train_one(path: Path, rank: int, world: int, global_bn: bool, force: bool) 
 
 def _prepare_cli(args) -> int:
     from edgekd.check import checked_profile
+    from edgekd.workflows import plan_jobs
 
     profile = checked_profile(args.prepare, list(args.set or []), Path(args.out))
     root = Path(args.out) / profile.study.name
-    for job in plan(profile, root):
-        base = job.role.partition("@")[0]
-        if job.role == CACHE or (args.only and job.role not in args.only and base not in args.only):
+    for job in plan_jobs(profile, root):
+        base = Role.parse(job.role).base
+        if job.kind != "train" or (args.only and job.role not in args.only and base not in args.only):
             continue
         print(prepare(profile, job))
     return 0

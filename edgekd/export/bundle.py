@@ -4,6 +4,10 @@
 (the PyTorch reference), eval.npz (the preprocessed test split, or a capped deterministic subset) and
 manifest.json (dataset, classes, input, normalisation, distill accuracies and KD gain, hashes, versions,
 and per model its parity or accuracy against FP32).
+
+Layering: export, above edgekd.runtime, whose ONNX Runtime runner and eval-set functions score every model here
+exactly as `edgekd bench` will on the device; it imports no bench. PyTorch, the models and the data are imported
+inside the functions that need them.
 """
 
 from __future__ import annotations
@@ -11,21 +15,29 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edgekd.bench.evalset import accuracy, normalize, predict
-from edgekd.bench.runners import OrtRunner
+from edgekd.config import DatasetConfig
 from edgekd.envinfo import package_versions
 from edgekd.errors import EdgeKDError
 from edgekd.export.int8 import Evaluator, make_int8, validation_views
 from edgekd.export.qdq_rules import check_tensorrt_qdq
 from edgekd.records import SCHEMA_VERSION, current_runs, fingerprint, group_runs, make_key, variant_label
-from edgekd.runio import read_json, write_json
+from edgekd.runio import METRICS, RUN_PROFILE, WEIGHTS, read_json, write_json
 from edgekd.runio import sha256_file as sha256
-from edgekd.targets import EXPORT_TARGETS
+from edgekd.runtime.evalset import accuracy, normalize, predict
+from edgekd.runtime.manifest import MANIFEST, write_manifest
+from edgekd.runtime.runners import OrtRunner
+from edgekd.runtime.tensorrt import engine_builder
+from edgekd.targets import EXPORT_TARGETS, exported_target, int8_target
+
+if TYPE_CHECKING:
+    from edgekd.data.types import DataSplits
 
 OPSET = 18
 
@@ -56,9 +68,9 @@ def find_student_runs(path: Path) -> list[Path]:
     path = Path(path)
     if not path.exists():
         raise EdgeKDError(f"{str(path)!r} does not exist: pass a run directory or a study directory under runs/")
-    candidates = [path] if (path / "metrics.json").is_file() else sorted(p.parent for p in path.rglob("metrics.json"))
-    runs = [p for p in candidates if read_json(p / "metrics.json").get("role") in ("scratch", "kd")
-            and (p / "model.safetensors").is_file()]
+    candidates = [path] if (path / METRICS).is_file() else sorted(p.parent for p in path.rglob(METRICS))
+    runs = [p for p in candidates if read_json(p / METRICS).get("role") in ("scratch", "kd")
+            and (p / WEIGHTS).is_file()]
     if not runs:
         raise EdgeKDError(f"no finished student runs under {str(path)!r}: run `edgekd distill` first")
     return runs
@@ -91,8 +103,8 @@ def export_key(run: Path, options: ExportOptions) -> dict:
     """What a bundle is a function of: the student's weights, its dataset's settings (the eval and calibration images
     come from them) and the export options that change a model; `targets`, `int8_presets` and `fp16` only say which
     models a bundle has, so exports of other targets with the same key add to one bundle."""
-    name = read_json(run / "metrics.json")["dataset"]
-    dataset = read_json(run / "profile.json")["profile"]["datasets"][name]
+    name = read_json(run / METRICS)["dataset"]
+    dataset = read_json(run / RUN_PROFILE)["profile"]["datasets"][name]
     config = {"deploy": {"calib_size": options.calib_size, "calib_method": options.calib_method,
                          "int8_method": options.int8_method, "int8_max_drop": options.int8_max_drop,
                          "eval_limit": options.eval_limit,
@@ -101,9 +113,9 @@ def export_key(run: Path, options: ExportOptions) -> dict:
                          **({"int8_compare": sorted(options.int8_compare)} if options.int8_compare else {})},
               "export": {"atol": options.atol, "min_agreement": options.min_agreement, "opset": OPSET}}
     data = {f"datasets.{name}": {k: v for k, v in dataset.items() if k not in ("data_dir", "download")}}
-    inputs = {"student": sha256(run / "model.safetensors")}
+    inputs = {"student": sha256(run / WEIGHTS)}
     if "qat-kd" in (options.int8_method, *options.int8_compare):  # the fine-tune learns from the run's teacher and data
-        inputs["training"] = read_json(run / "metrics.json").get("fingerprint")
+        inputs["training"] = read_json(run / METRICS).get("fingerprint")
     return make_key("bundle", config, data, inputs)
 
 
@@ -114,7 +126,7 @@ def refresh_distill_records(study_root: Path) -> list[Path]:
     for manifest_path in sorted(Path(study_root).glob("*/*/*/seed*/bundle/manifest.json")):
         run = manifest_path.parent.parent
         try:
-            manifest, metrics = read_json(manifest_path), read_json(run / "metrics.json")
+            manifest, metrics = read_json(manifest_path), read_json(run / METRICS)
         except EdgeKDError:
             continue
         record = _distill_record(run, metrics)
@@ -135,7 +147,7 @@ def _torch_model(run: Path, profile: dict, data):
 
     cfg = profile.get("train") or profile["profile"]["student"]  # the run's own student family (older runs: the one)
     model = create_model(cfg["model"], data.num_classes, data.channels, cfg["small_input"])
-    return load_weights(model, run / "model.safetensors").eval(), cfg
+    return load_weights(model, run / WEIGHTS).eval(), cfg
 
 
 def qdq_parity(path: Path, x: np.ndarray, reference: np.ndarray) -> dict:
@@ -218,33 +230,66 @@ def _fp16_parity(bundle: Path, reference: np.ndarray, images: np.ndarray, labels
                        "top1_agreement": float((logits.argmax(1) == reference.argmax(1)).mean())}}
 
 
-def export_run(run: Path, options: ExportOptions, log=print, qat=None) -> Path:
-    """Export a student run's bundle. `qat`: the quantization-aware trainer for int8_method 'qat-kd'
-    (edgekd.distill.qat.qat_int8), passed in by the caller: training is distill's, and export does not import it."""
-    import torch
+# -- export_run, phase by phase -------------------------------------------------------------------------------
+@dataclass
+class _Export:
+    """One export in progress: what every phase reads, and the manifest each adds its models to."""
 
-    from edgekd.config import DatasetConfig
-    from edgekd.data.splits import SPLIT_SEED, load_splits, stratified_cap
+    run: Path
+    options: ExportOptions
+    log: Callable[[str], None]
+    start: float  # perf_counter at the start: the manifest's export_s
+    dataset: DatasetConfig
+    data: DataSplits
+    model: object  # the PyTorch student, in eval mode
+    shape: tuple[int, ...]  # one input image: (channels, size, size)
+    bundle: Path
+    images: np.ndarray  # eval.npz: the (capped) test split, uint8
+    labels: np.ndarray
+    manifest: dict
+    x: np.ndarray | None = None  # `images` normalised, as every model takes them
+    reference: np.ndarray | None = None  # the PyTorch student's logits on `x`: what each export is checked against
 
-    start = time.perf_counter()
+    def accuracy_of(self, path: Path) -> tuple[np.ndarray, float]:
+        """An ONNX model's logits on the evaluation images and its accuracy, as `edgekd bench` would score it."""
+        logits = predict(OrtRunner(path), self.images, self.data.mean, self.data.std)
+        return logits, accuracy(logits, self.labels)
+
+    def add(self, key: str, file: str, precision: str, **info) -> None:
+        """Record one model of the bundle, and write the manifest at once: nothing made is lost to a later failure."""
+        path = self.bundle / file
+        self.manifest["models"][key] = {"file": file, "precision": precision, "bytes": path.stat().st_size,
+                                        "sha256": sha256(path), **info}
+        # this export's time so far: the report's phase
+        self.manifest["export_s"] = round(time.perf_counter() - self.start, 2)
+        write_manifest(self.bundle, self.manifest)
+
+
+def _check_targets(options: ExportOptions) -> None:
+    """Unknown targets, and TensorRT with a GPU for `trt`, refused before the ONNX and INT8 work, not after it."""
     for target in options.targets:
         if target not in EXPORT_TARGETS:
             raise EdgeKDError(f"unknown export target {target!r}: use {', '.join(EXPORT_TARGETS)}")
     if "trt" in options.targets:
-        from edgekd.export.tensorrt_build import engine_builder
+        engine_builder()
 
-        engine_builder()  # TensorRT and a GPU, checked before the ONNX and INT8 work, not after it
-    profile, metrics = read_json(run / "profile.json"), read_json(run / "metrics.json")
-    key = export_key(run, options)
+
+def _start_bundle(run: Path, options: ExportOptions, key: dict, profile: dict, metrics: dict, log,
+                  start: float) -> _Export:
+    """The bundle's directory with its data files (eval.npz, model.safetensors) and a manifest with no new models
+    yet; those an earlier export with the same key made (other targets) are kept, so exports add to one bundle."""
+    from edgekd.data.splits import SPLIT_SEED, load_splits, stratified_cap
+
     name = metrics["dataset"]
-    data = load_splits(name, DatasetConfig(**profile["profile"]["datasets"][name]))
+    dataset = DatasetConfig(**profile["profile"]["datasets"][name])
+    data = load_splits(name, dataset)
     model, cfg = _torch_model(run, profile, data)
     bundle = run / "bundle"
     bundle.mkdir(exist_ok=True)
     test = stratified_cap(data.test, options.eval_limit, data.num_classes, SPLIT_SEED + 3)
     images, labels = test.images.numpy(), test.labels.numpy()
     np.savez_compressed(bundle / "eval.npz", images=images, labels=labels)
-    shutil.copyfile(run / "model.safetensors", bundle / "model.safetensors")
+    shutil.copyfile(run / WEIGHTS, bundle / WEIGHTS)
     shape = (data.channels, data.image_size, data.image_size)
     manifest = {
         "schema_version": SCHEMA_VERSION,  # `edgekd bench` refuses a bundle newer than it reads
@@ -254,101 +299,158 @@ def export_run(run: Path, options: ExportOptions, log=print, qat=None) -> Path:
         "student": {"model": cfg["model"], "params": metrics["params"], "num_classes": data.num_classes,
                     "in_chans": data.channels, "small_input": cfg["small_input"]},
         "distill": _distill_record(run, metrics),
-        "source": {"run_dir": str(run), "checkpoint_sha256": sha256(run / "model.safetensors")},
+        "source": {"run_dir": str(run), "checkpoint_sha256": sha256(run / WEIGHTS)},
         "eval": {"file": "eval.npz", "split": "test", "samples": int(len(labels)),
                  "subset": bool(len(labels) < len(data.test)), "of": len(data.test)},
         "packages": package_versions(), "models": {},
     }
-    if (bundle / "manifest.json").is_file():  # keep what an earlier export of other targets made with this key
-        earlier = read_json(bundle / "manifest.json")
+    if (bundle / MANIFEST).is_file():
+        earlier = read_json(bundle / MANIFEST)
         if isinstance(earlier, dict) and earlier.get("fingerprint") == fingerprint(key):
             manifest["models"] = earlier.get("models", {})
+    return _Export(run, options, log, start, dataset, data, model, shape, bundle, images, labels, manifest)
+
+
+def _pytorch_reference(ex: _Export) -> None:
+    """The student's own logits on the evaluation images: every exported model is checked against them."""
+    import torch
 
     with torch.inference_mode():
-        x = normalize(images, data.mean, data.std)
-        reference = np.concatenate([model(torch.from_numpy(x[i : i + 512])).numpy() for i in range(0, len(x), 512)])
-    fp32_acc = accuracy(reference, labels)
-    manifest["pytorch_accuracy"] = fp32_acc
+        ex.x = normalize(ex.images, ex.data.mean, ex.data.std)
+        ex.reference = np.concatenate([ex.model(torch.from_numpy(ex.x[i : i + 512])).numpy()
+                                       for i in range(0, len(ex.x), 512)])
+    ex.manifest["pytorch_accuracy"] = accuracy(ex.reference, ex.labels)
 
-    def add(key, file, precision, **info):
-        manifest["models"][key] = {"file": file, "precision": precision, "bytes": (bundle / file).stat().st_size,
-                                   "sha256": sha256(bundle / file), **info}
-        manifest["export_s"] = round(time.perf_counter() - start, 2)  # this export's time so far: the report's phase
-        write_json(bundle / "manifest.json", manifest)  # after each model: nothing made is lost to a later failure
 
+def _export_fp32(ex: _Export) -> None:
+    """model.onnx, which the INT8 models and the engines are made from: refused unless it matches PyTorch."""
+    fp32 = exported_target("fp32")
+    _export_onnx(ex.model, ex.bundle / fp32.file, ex.shape)
+    logits, acc = ex.accuracy_of(ex.bundle / fp32.file)
+    max_diff = float(np.abs(logits - ex.reference).max())
+    agreement = float((logits.argmax(1) == ex.reference.argmax(1)).mean())
+    ex.add(fp32.key, fp32.file, fp32.precision, opset=OPSET, accuracy=acc,
+           parity={"max_abs_logit_diff": max_diff, "top1_agreement": agreement})
+    ex.log(f"onnx: max |Δlogit| {max_diff:.2e}, top-1 agreement {agreement:.4%}")
+    if max_diff > ex.options.atol or agreement < ex.options.min_agreement:
+        raise EdgeKDError(f"{ex.run}: ONNX output differs from PyTorch (max |Δlogit| {max_diff:.3g}, agreement "
+                          f"{agreement:.4%}): the export is wrong for this model; do not deploy it")
+
+
+def _int8_validation(ex: _Export) -> Evaluator | None:
+    """What ptq-search and the sensitivity analysis score their choices on: the validation split, never eval.npz
+    (test); a small one with its training-augmentation views (see validation_views). None when nothing scores."""
+    options = ex.options
+    if "ptq-search" not in (options.int8_method, *options.int8_compare) and not options.int8_sensitivity:
+        return None
+    data = ex.data
+    val_x, val_y, views = validation_views(data.val.images, data.val.labels.numpy(), ex.dataset.crop_padding,
+                                           ex.dataset.hflip)
+    val = Evaluator(ex.bundle / "model.onnx", normalize(val_x, data.mean, data.std), val_y)
+    ex.manifest["int8_validation"] = {"split": "validation", "images": len(data.val), "views": views,
+                                      "scored": len(val_y)}
+    return val
+
+
+def _make_int8(ex: _Export, method: str, preset: str, path: Path, val: Evaluator | None, sensitivity: bool,
+               qat) -> tuple[dict, dict | None]:
+    """One INT8 model by `method` at `path`, scored on the evaluation images like every model of the bundle.
+    Returns (its manifest entry's info, the sensitivity analysis or None)."""
+    from edgekd.data.splits import SPLIT_SEED, stratified_cap
+
+    options, data = ex.options, ex.data
+
+    def calibration(size: int) -> np.ndarray:  # training images; the same draw as ever for --calib-size
+        calib = stratified_cap(data.train, size, data.num_classes, SPLIT_SEED + 4)
+        return normalize(calib.images.numpy(), data.mean, data.std)
+
+    if method == "qat-kd":
+        info, analysis = _qat_int8(ex.run, ex.model, preset, path, replace(options, int8_method=method), ex.x,
+                                   ex.log, qat), None
+    else:
+        info, analysis = make_int8(ex.bundle / "model.onnx", path, preset, calibration, len(data.train), method,
+                                   options.calib_method, options.calib_size, val, options.int8_max_drop / 100,
+                                   sensitivity, ex.log)
+    _, acc = ex.accuracy_of(path)
+    change = acc - ex.manifest["models"][exported_target("fp32").key]["accuracy"]
+    return {"preset": preset, **info, "accuracy": acc, "accuracy_change_vs_fp32": change}, analysis
+
+
+def _export_int8(ex: _Export, qat) -> None:
+    """One deployed INT8 model per preset by int8_method; int8_compare's other methods beside it, not kept."""
+    options = ex.options
+    val = _int8_validation(ex)
+    for preset in options.int8_presets:
+        target = int8_target(preset)
+        file = target.file
+        info, sensitivity = _make_int8(ex, options.int8_method, preset, ex.bundle / file, val,
+                                       options.int8_sensitivity, qat)
+        if preset == "trt":
+            info["tensorrt_qdq_check"] = check_tensorrt_qdq(ex.bundle / file).to_dict()
+        if sensitivity is not None:
+            ex.manifest.setdefault("int8_sensitivity", {})[preset] = sensitivity
+        ex.add(target.key, file, target.precision, **info)
+        ex.log(f"int8 {preset} ({options.int8_method}): accuracy {info['accuracy']:.4f} "
+               f"({info['accuracy_change_vs_fp32'] * 100:+.2f} pts vs FP32)")
+        for method in (m for m in options.int8_compare if m != options.int8_method):
+            _compare_int8(ex, method, preset, file, val, qat)
+
+
+def _compare_int8(ex: _Export, method: str, preset: str, file: str, val: Evaluator | None, qat) -> None:
+    """Another INT8 method for the report's "KD gain kept after INT8" rows per method: made in a scratch directory,
+    scored on the same images and recorded; not kept, since a bundle deploys one INT8 model per preset."""
+    with tempfile.TemporaryDirectory(dir=ex.bundle) as tmp:
+        other, _ = _make_int8(ex, method, preset, Path(tmp) / file, val, False, qat)
+    keep = ("accuracy", "accuracy_change_vs_fp32", "calibration", "mixed_precision", "epochs")
+    compared = ex.manifest.setdefault("int8_compare", {}).setdefault(preset, {})
+    compared[method] = {k: other[k] for k in keep if k in other}
+    write_manifest(ex.bundle, ex.manifest)
+    ex.log(f"int8 {preset} ({method}, compared, not kept): accuracy {other['accuracy']:.4f} "
+           f"({other['accuracy_change_vs_fp32'] * 100:+.2f} pts vs FP32)")
+
+
+def _export_fp16(ex: _Export) -> None:
+    """model.fp16.onnx: what a strongly typed TensorRT network builds FP16 from."""
+    fp16 = exported_target("fp16")
+    _export_onnx(ex.model, ex.bundle / fp16.file, ex.shape, half=True)
+    ex.add(fp16.key, fp16.file, fp16.precision, opset=OPSET,
+           **_fp16_parity(ex.bundle, ex.reference, ex.images, ex.labels, ex.data))
+
+
+def _build_trt(ex: _Export, key: dict) -> None:
+    """The bundle's TensorRT engines, built here as `edgekd build` would on the device."""
+    from edgekd.export.tensorrt_build import build_engines
+
+    options = ex.options
+    precisions = ("fp32", *(["fp16"] if options.fp16 else []), *(["int8"] if "trt" in options.int8_presets else []))
+    ex.manifest.update(key=key, fingerprint=fingerprint(key))  # the engines add to a finished bundle
+    write_manifest(ex.bundle, ex.manifest)
+    build_engines(ex.bundle, precisions, log=lambda line: ex.log(f"trt {line}"))
+
+
+def _seal(bundle: Path, manifest: dict, key: dict) -> None:
+    """The key last: a bundle whose export was cut short has none, so a study exports it again. The manifest is
+    read back first because build_engines wrote its engines into the file, not into `manifest`."""
+    written = read_json(bundle / MANIFEST) if (bundle / MANIFEST).is_file() else manifest
+    write_manifest(bundle, {**written, "key": key, "fingerprint": fingerprint(key)})
+
+
+def export_run(run: Path, options: ExportOptions, log=print, qat=None) -> Path:
+    """Export a student run's bundle. `qat`: the quantization-aware trainer for int8_method 'qat-kd'
+    (edgekd.distill.qat.qat_int8), passed in by the caller: training is distill's, and export does not import it."""
+    start = time.perf_counter()
+    _check_targets(options)
+    profile, metrics = read_json(run / RUN_PROFILE), read_json(run / METRICS)
+    key = export_key(run, options)
+    ex = _start_bundle(run, options, key, profile, metrics, log, start)
+    _pytorch_reference(ex)
     if "onnx" in options.targets or "int8" in options.targets or "trt" in options.targets:
-        _export_onnx(model, bundle / "model.onnx", shape)
-        logits = predict(OrtRunner(bundle / "model.onnx"), images, data.mean, data.std)
-        max_diff = float(np.abs(logits - reference).max())
-        agreement = float((logits.argmax(1) == reference.argmax(1)).mean())
-        add("onnx-fp32", "model.onnx", "fp32", opset=OPSET, accuracy=accuracy(logits, labels),
-            parity={"max_abs_logit_diff": max_diff, "top1_agreement": agreement})
-        log(f"onnx: max |Δlogit| {max_diff:.2e}, top-1 agreement {agreement:.4%}")
-        if max_diff > options.atol or agreement < options.min_agreement:
-            raise EdgeKDError(f"{run}: ONNX output differs from PyTorch (max |Δlogit| {max_diff:.3g}, agreement "
-                              f"{agreement:.4%}): the export is wrong for this model; do not deploy it")
+        _export_fp32(ex)
     if "int8" in options.targets or ("trt" in options.targets and "trt" in options.int8_presets):
-        def calibration(size: int) -> np.ndarray:  # training images; the same draw as ever for --calib-size
-            calib = stratified_cap(data.train, size, data.num_classes, SPLIT_SEED + 4)
-            return normalize(calib.images.numpy(), data.mean, data.std)
-
-        # Every INT8 choice (calibration, float groups) is made on the validation split, never on eval.npz (test);
-        # a small one with its training-augmentation views (see validation_views).
-        val = None
-        if "ptq-search" in (options.int8_method, *options.int8_compare) or options.int8_sensitivity:
-            dcfg = DatasetConfig(**profile["profile"]["datasets"][name])
-            val_x, val_y, views = validation_views(data.val.images, data.val.labels.numpy(), dcfg.crop_padding,
-                                                   dcfg.hflip)
-            val = Evaluator(bundle / "model.onnx", normalize(val_x, data.mean, data.std), val_y)
-            manifest["int8_validation"] = {"split": "validation", "images": len(data.val), "views": views,
-                                           "scored": len(val_y)}
-        fp32_onnx_acc = manifest["models"]["onnx-fp32"]["accuracy"]
-
-        def make(method: str, preset: str, path: Path, sensitivity: bool) -> tuple[dict, dict | None]:
-            """One INT8 model by `method`, scored on the evaluation images like every model of the bundle."""
-            if method == "qat-kd":
-                info, analysis = _qat_int8(run, model, preset, path, replace(options, int8_method=method), x, log,
-                                           qat), None
-            else:
-                info, analysis = make_int8(bundle / "model.onnx", path, preset, calibration, len(data.train), method,
-                                           options.calib_method, options.calib_size, val,
-                                           options.int8_max_drop / 100, sensitivity, log)
-            acc = accuracy(predict(OrtRunner(path), images, data.mean, data.std), labels)
-            return {"preset": preset, **info, "accuracy": acc, "accuracy_change_vs_fp32": acc - fp32_onnx_acc}, analysis
-
-        for preset in options.int8_presets:
-            file = f"model.int8-{preset}.onnx"
-            info, sensitivity = make(options.int8_method, preset, bundle / file, options.int8_sensitivity)
-            if preset == "trt":
-                info["tensorrt_qdq_check"] = check_tensorrt_qdq(bundle / file).to_dict()
-            if sensitivity is not None:
-                manifest.setdefault("int8_sensitivity", {})[preset] = sensitivity
-            add(f"onnx-int8-{preset}", file, "int8", **info)
-            log(f"int8 {preset} ({options.int8_method}): accuracy {info['accuracy']:.4f} "
-                f"({info['accuracy_change_vs_fp32'] * 100:+.2f} pts vs FP32)")
-            # The other methods, for the report's "KD gain kept after INT8" rows per method: scored on the same
-            # images, recorded, not kept (a bundle deploys one INT8 model per preset).
-            for method in (m for m in options.int8_compare if m != options.int8_method):
-                with tempfile.TemporaryDirectory(dir=bundle) as tmp:
-                    other, _ = make(method, preset, Path(tmp) / file, False)
-                keep = ("accuracy", "accuracy_change_vs_fp32", "calibration", "mixed_precision", "epochs")
-                manifest.setdefault("int8_compare", {}).setdefault(preset, {})[method] = {
-                    k: other[k] for k in keep if k in other}
-                write_json(bundle / "manifest.json", manifest)
-                log(f"int8 {preset} ({method}, compared, not kept): accuracy {other['accuracy']:.4f} "
-                    f"({other['accuracy_change_vs_fp32'] * 100:+.2f} pts vs FP32)")
-    if options.fp16:  # what a strongly typed TensorRT network builds FP16 from
-        _export_onnx(model, bundle / "model.fp16.onnx", shape, half=True)
-        add("onnx-fp16", "model.fp16.onnx", "fp16", opset=OPSET, **_fp16_parity(bundle, reference, images, labels, data))
+        _export_int8(ex, qat)
+    if options.fp16:
+        _export_fp16(ex)
     if "trt" in options.targets:
-        from edgekd.export.tensorrt_build import build_engines
-
-        precisions = ("fp32", *(["fp16"] if options.fp16 else []), *(["int8"] if "trt" in options.int8_presets else []))
-        manifest.update(key=key, fingerprint=fingerprint(key))  # the engines add to a finished bundle
-        write_json(bundle / "manifest.json", manifest)
-        build_engines(bundle, precisions, log=lambda line: log(f"trt {line}"))
-    # The key last: a bundle whose export was cut short has none, so a study exports it again.
-    written = read_json(bundle / "manifest.json") if (bundle / "manifest.json").is_file() else manifest
-    manifest = {**written, "key": key, "fingerprint": fingerprint(key)}
-    write_json(bundle / "manifest.json", manifest)
-    return bundle
+        _build_trt(ex, key)
+    _seal(ex.bundle, ex.manifest, key)
+    return ex.bundle

@@ -84,14 +84,13 @@ def weight_channel_axis(node, rank: int) -> tuple[int | None, str]:
     return None, ""
 
 
-def check_tensorrt_qdq(model_or_path) -> QdqReport:
+def _constants(graph) -> dict[str, np.ndarray]:
+    """Initializers, plus Constant nodes and Identity/Cast of constants: exporters hand weights and zero points
+    through them, and the checks below must see those as constants too. One pass: nodes are in order."""
     import onnx
     from onnx import TensorProto, numpy_helper
 
-    model = onnx.load(str(model_or_path)) if isinstance(model_or_path, (str, Path)) else model_or_path
-    graph = model.graph
     inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    # Constant nodes, and Identity/Cast of constants, count as initializers (one pass: nodes are in order)
     for node in graph.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
             inits[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
@@ -100,81 +99,132 @@ def check_tensorrt_qdq(model_or_path) -> QdqReport:
         elif node.op_type == "Cast" and node.input[0] in inits:  # pytorch-quantization's int8 zero points
             to = onnx.helper.tensor_dtype_to_np_dtype(_attr(node, "to", TensorProto.FLOAT))
             inits[node.output[0]] = inits[node.input[0]].astype(to)
-    elem_types = {vi.name: vi.type.tensor_type.elem_type
-                  for vi in (*graph.input, *graph.value_info, *graph.output)
-                  if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type}
-    producers, consumers = graph_links(graph)
+    return inits
 
-    def quantized_dtype(n) -> np.dtype | None:
-        """The integer type a QuantizeLinear makes or a DequantizeLinear reads; None if it can't be told."""
-        zp_name = n.input[2] if len(n.input) > 2 else ""
-        if zp_name and zp_name in inits:
-            return inits[zp_name].dtype
-        if n.op_type == "QuantizeLinear":
-            out = _attr(n, "output_dtype", 0)  # opset 21+; without it or a zero point, the type is uint8
-            return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(out)) if out else np.dtype(np.uint8)
-        x = n.input[0]
-        if x in inits:
-            return inits[x].dtype
-        if x in producers and producers[x].op_type == "QuantizeLinear":
-            return quantized_dtype(producers[x])
-        if x in elem_types:
-            return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_types[x]))
-        return None
 
+def _elem_types(graph) -> dict[str, int]:
+    """The declared element type of each typed tensor: what a Q/DQ without a zero point has left to go by."""
+    return {vi.name: vi.type.tensor_type.elem_type
+            for vi in (*graph.input, *graph.value_info, *graph.output)
+            if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type}
+
+
+def _quantized_dtype(n, inits, producers, elem_types) -> np.dtype | None:
+    """The integer type a QuantizeLinear makes or a DequantizeLinear reads; None if it can't be told."""
+    import onnx
+
+    zp_name = n.input[2] if len(n.input) > 2 else ""
+    if zp_name and zp_name in inits:
+        return inits[zp_name].dtype
+    if n.op_type == "QuantizeLinear":
+        out = _attr(n, "output_dtype", 0)  # opset 21+; without it or a zero point, the type is uint8
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(out)) if out else np.dtype(np.uint8)
+    x = n.input[0]
+    if x in inits:
+        return inits[x].dtype
+    if x in producers and producers[x].op_type == "QuantizeLinear":
+        return _quantized_dtype(producers[x], inits, producers, elem_types)
+    if x in elem_types:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_types[x]))
+    return None
+
+
+def _graph_problems(model, qnodes: list) -> list[str]:
+    """Problems of the graph as a whole, before any node's."""
     problems = []
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < 13:
         problems.append(f"opset {opset} < 13: per-channel Q/DQ needs opset 13 or later (export with a newer "
                         "opset)")
-    qnodes = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
     if not qnodes:
         problems.append("no QuantizeLinear/DequantizeLinear nodes: this is not an explicitly quantized graph")
+    return problems
+
+
+def _zero_point_problems(n, inits, producers, elem_types) -> list[str]:
+    """A Q/DQ node's zero point against TensorRT's signed, symmetric INT8. A missing zero point is judged by the
+    type it leaves the node with, since ONNX's default for QuantizeLinear is uint8."""
+    problems = []
+    zp_name = n.input[2] if len(n.input) > 2 else ""
+    zp = inits.get(zp_name) if zp_name else None
+    if zp is not None:
+        if zp.dtype == np.int32:
+            problems.append(f"{n.op_type} '{n.name}': an int32 (bias) Q/DQ; TensorRT takes float biases "
+                            "(quantize without bias quantization)")
+        elif zp.dtype != np.int8:
+            problems.append(f"{n.op_type} '{n.name}': zero point is {zp.dtype}, TensorRT needs int8 (use "
+                            "symmetric S8 activations: the `trt` preset)")
+        if np.any(zp != 0):
+            problems.append(f"{n.op_type} '{n.name}': zero point {zp.ravel()[:4].tolist()} is not 0 "
+                            "(TensorRT supports symmetric quantization only)")
+    elif not zp_name:
+        dtype = _quantized_dtype(n, inits, producers, elem_types)
+        if dtype is None:
+            problems.append(f"{n.op_type} '{n.name}': no zero point and its input type is unknown; "
+                            "TensorRT needs int8 (add an int8 zero point of 0)")
+        elif dtype != np.int8:
+            why = ("defaults to uint8 (ONNX QuantizeLinear's default output type)"
+                   if n.op_type == "QuantizeLinear" else f"its input is {dtype}")
+            problems.append(f"{n.op_type} '{n.name}': no zero point: {why}, TensorRT needs int8 (add an "
+                            "int8 zero point of 0: the `trt` preset)")
+    return problems
+
+
+def _sharing_problems(q, consumers) -> list[str]:
+    """TensorRT fuses a QuantizeLinear with the one DequantizeLinear it feeds; a shared Q cannot be fused."""
+    users = consumers.get(q.output[0], [])
+    if len(users) != 1 or users[0].op_type != "DequantizeLinear":
+        return [f"QuantizeLinear '{q.name}' feeds {len(users)} nodes, not one DequantizeLinear (use dedicated "
+                "Q/DQ pairs)"]
+    return []
+
+
+def _is_float_layer(n, inits, producers) -> bool:
+    """A weighted op whose constant weight reaches it without a DequantizeLinear: TensorRT runs it in floating
+    point, which is a choice, not a broken rule. (A MatMul's "weight" may be an activation, so it is never one.)"""
+    w_in = n.input[WEIGHT_OPS[n.op_type]]
+    dq = producers.get(w_in)
+    return w_in in inits and n.op_type != "MatMul" and (dq is None or dq.op_type != "DequantizeLinear")
+
+
+def _has_quantized_weight(n, inits, producers) -> bool:
+    dq = producers.get(n.input[WEIGHT_OPS[n.op_type]])
+    return dq is not None and dq.op_type == "DequantizeLinear" and _constant_weight(dq, inits, producers) is not None
+
+
+def _is_activation_pair(dq, inits, producers) -> bool:
+    """A DequantizeLinear fed by a QuantizeLinear of a tensor computed at run time; weights quantized from float
+    initializers make Q/DQ pairs too, and are counted as weights instead."""
+    if dq.op_type != "DequantizeLinear" or dq.input[0] in inits:
+        return False
+    q = producers.get(dq.input[0])
+    return q is not None and q.op_type == "QuantizeLinear" and q.input[0] not in inits
+
+
+def check_tensorrt_qdq(model_or_path) -> QdqReport:
+    import onnx
+
+    model = onnx.load(str(model_or_path)) if isinstance(model_or_path, (str, Path)) else model_or_path
+    graph = model.graph
+    inits = _constants(graph)
+    elem_types = _elem_types(graph)
+    producers, consumers = graph_links(graph)
+    qnodes = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    problems = _graph_problems(model, qnodes)
     for n in qnodes:
-        zp_name = n.input[2] if len(n.input) > 2 else ""
-        zp = inits.get(zp_name) if zp_name else None
-        if zp is not None:
-            if zp.dtype == np.int32:
-                problems.append(f"{n.op_type} '{n.name}': an int32 (bias) Q/DQ; TensorRT takes float biases "
-                                "(quantize without bias quantization)")
-            elif zp.dtype != np.int8:
-                problems.append(f"{n.op_type} '{n.name}': zero point is {zp.dtype}, TensorRT needs int8 (use "
-                                "symmetric S8 activations: the `trt` preset)")
-            if np.any(zp != 0):
-                problems.append(f"{n.op_type} '{n.name}': zero point {zp.ravel()[:4].tolist()} is not 0 "
-                                "(TensorRT supports symmetric quantization only)")
-        elif not zp_name:
-            dtype = quantized_dtype(n)
-            if dtype is None:
-                problems.append(f"{n.op_type} '{n.name}': no zero point and its input type is unknown; "
-                                "TensorRT needs int8 (add an int8 zero point of 0)")
-            elif dtype != np.int8:
-                why = ("defaults to uint8 (ONNX QuantizeLinear's default output type)"
-                       if n.op_type == "QuantizeLinear" else f"its input is {dtype}")
-                problems.append(f"{n.op_type} '{n.name}': no zero point: {why}, TensorRT needs int8 (add an "
-                                "int8 zero point of 0: the `trt` preset)")
+        problems += _zero_point_problems(n, inits, producers, elem_types)
     weights = pairs = 0
     float_layers = []
-    for n in graph.node:
+    for n in graph.node:  # one pass in node order, so that problems are listed in the order of the graph
         if n.op_type == "QuantizeLinear":
-            users = consumers.get(n.output[0], [])
-            if len(users) != 1 or users[0].op_type != "DequantizeLinear":
-                problems.append(f"QuantizeLinear '{n.name}' feeds {len(users)} nodes, not one "
-                                "DequantizeLinear (use dedicated Q/DQ pairs)")
+            problems += _sharing_problems(n, consumers)
         if n.op_type in WEIGHT_OPS and len(n.input) > WEIGHT_OPS[n.op_type]:
-            w_in = n.input[WEIGHT_OPS[n.op_type]]
-            dq = producers.get(w_in)
-            if w_in in inits and n.op_type != "MatMul" and (dq is None or dq.op_type != "DequantizeLinear"):
+            if _is_float_layer(n, inits, producers):
                 float_layers.append(n.name or n.output[0])
                 continue
             problems += _weight_problems(n, inits, producers)
-            if dq is not None and dq.op_type == "DequantizeLinear" \
-                    and _constant_weight(dq, inits, producers) is not None:
-                weights += 1
-        if n.op_type == "DequantizeLinear" and n.input[0] not in inits:
-            q = producers.get(n.input[0])
-            if q is not None and q.op_type == "QuantizeLinear" and q.input[0] not in inits:
-                pairs += 1  # an activation pair (weights quantized from float initializers are not counted)
+            weights += _has_quantized_weight(n, inits, producers)
+        pairs += _is_activation_pair(n, inits, producers)
     return QdqReport(not problems, problems, weights, pairs, float_layers)
 
 

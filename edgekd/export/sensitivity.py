@@ -1,16 +1,19 @@
 """Which node groups does INT8 hurt? Per-group sensitivity on the validation split (`edgekd export --int8-sensitivity`).
 
-Two measurements per node group (edgekd.export.int8.NodeGroup: a Conv/Gemm/MatMul with its activation and
+Two measurements per node group (edgekd.export.quantize.NodeGroup: a Conv/Gemm/MatMul with its activation and
 weight Q/DQ, or one Add/Mul/pooling node), each a full ONNX Runtime quantization with its include/exclude lists
 and one shared calibration:
 
 - only: this group INT8, everything else float. The damage the group does on its own.
 - leave-one-out: everything INT8 except this group, kept float the way the preset keeps groups float (`cpu`: its
-  activations in 16-bit Q/DQ; `trt`: its nodes left out, for groups without weights only: see edgekd.export.int8).
+  activations in 16-bit Q/DQ; `trt`: its nodes left out, for groups without weights only: see edgekd.export.quantize).
   What keeping it float gives back; mixed precision keeps groups float in this order.
 
 Scores are validation accuracy, top-1 agreement with FP32 and KL(FP32 || INT8): on a small validation split
 accuracy moves in steps of one image, and KL orders the groups that accuracy cannot tell apart.
+
+It quantizes through edgekd.export.quantize only: edgekd.export.int8's ptq-search calls it, so importing int8
+here would make the two import each other.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgekd.export.int8 import Evaluator, NodeGroup, Quantizer, Recipe, Score
+from edgekd.export.quantize import Evaluator, NodeGroup, Quantizer, Recipe, Score
 
 
 @dataclass

@@ -4,6 +4,9 @@ Engines are specific to the GPU model and the TensorRT version, so they are buil
 bundle alone: no PyTorch, no dataset. Networks are strongly typed (TensorRT 11 knows no other kind, and its
 FP16/INT8 builder flags are gone): precision comes from the ONNX itself. FP32 builds from model.onnx (TF32
 cleared, so "fp32" means FP32), FP16 from model.fp16.onnx, INT8 from the `trt` preset's Q/DQ model.
+
+Layering: export, above edgekd.runtime. TensorRT's import, the GPU check and the engine-identity check that bench
+also needs are in edgekd.runtime.tensorrt, the manifest in edgekd.runtime.manifest: this module imports no bench.
 """
 
 from __future__ import annotations
@@ -13,33 +16,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from edgekd.errors import EdgeKDError
+from edgekd.runio import sha256_file
+from edgekd.runtime.manifest import read_manifest, write_manifest
+from edgekd.runtime.tensorrt import engine_builder, trt_major
 from edgekd.targets import ENGINE_PRECISIONS, engine_target
-
-WHERE = ("TensorRT engines are built and run on an NVIDIA GPU with TensorRT 10 or 11: JetPack's own TensorRT on a "
-         "Jetson (a venv with --system-site-packages), pip install 'edgekd[trt-cu12]' or 'edgekd[trt-cu13]' on an "
-         "x86 server")
-
-
-def import_tensorrt():
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise EdgeKDError(f"TensorRT is not installed here: {WHERE}") from None
-    if not hasattr(trt, "Builder"):  # PyPI's placeholder package imports but has no bindings
-        raise EdgeKDError(f"the installed tensorrt package has no runtime libraries: {WHERE}")
-    return trt
-
-
-def trt_major(trt) -> int:
-    return int(trt.__version__.split(".")[0])
-
-
-def engine_builder():
-    """TensorRT and the GPU it will build for, checked before any work: (trt module, GPU identity)."""
-    from edgekd.gpu import gpu_identity
-
-    trt = import_tensorrt()
-    return trt, gpu_identity()
 
 
 def build_engine(trt, onnx_path: Path, engine_path: Path, input_shape: tuple[int, ...],
@@ -82,9 +62,6 @@ def build_engines(bundle: Path, precisions: tuple[str, ...] = ("fp32",), batch_r
     An engine already in the manifest is kept when it was built from the same ONNX file, by the same TensorRT,
     for the same GPU model, with the same batch range and workspace; anything else is rebuilt.
     """
-    from edgekd.bench.harness import read_manifest
-    from edgekd.runio import sha256_file, write_json
-
     bundle = Path(bundle)
     for p in precisions:
         if p not in ENGINE_PRECISIONS:
@@ -120,24 +97,7 @@ def build_engines(bundle: Path, precisions: tuple[str, ...] = ("fp32",), batch_r
         entry = {"file": t.file, "precision": t.precision, "format": "tensorrt", "bytes": (bundle / t.file).stat().st_size,
                  "sha256": sha256_file(bundle / t.file), **wanted, **identity, **info}
         manifest["models"][t.key] = entry
-        write_json(bundle / "manifest.json", manifest)  # after each engine: nothing built is lost to a later failure
+        write_manifest(bundle, manifest)  # after each engine: nothing built is lost to a later failure
         built[t.key] = entry
         log(f"{t.key}: {entry['bytes'] / 2**20:.2f} MiB in {info['build_s']:.1f} s")
     return built
-
-
-def check_engine_matches(record: dict, bundle: Path | None = None) -> dict:
-    """Refuse an engine built for another GPU model or TensorRT version: TensorRT engines are not portable.
-
-    Returns this GPU's identity. Same model, another physical GPU (UUID) is allowed: NVIDIA ties engines to the
-    GPU model, and a fleet of identical GPUs shares one build; the bench record says when the UUID differs.
-    """
-    trt, here = engine_builder()
-    theirs = (record.get("tensorrt"), record.get("gpu"), record.get("compute_capability"))
-    ours = (trt.__version__, here["gpu"], here["compute_capability"])
-    if theirs != ours:
-        raise EdgeKDError(
-            f"engine {record.get('file')} was built with TensorRT {theirs[0]} for {theirs[1]} (sm {theirs[2]}), this "
-            f"is TensorRT {ours[0]} on {ours[1]} (sm {ours[2]}): rebuild it here with `edgekd build "
-            f"{bundle or 'BUNDLE'}`")
-    return here

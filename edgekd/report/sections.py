@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from edgekd.records import GRID_TAG, Spread, read_bundles, read_run_setup, select_current, teacher_for
+from edgekd.runio import METRICS
 
 DASH = "—"
 
@@ -395,7 +396,7 @@ def study_setups(root: Path, records: list[dict]) -> list[tuple[dict, dict]]:
     """(summary record, run setup) for each run in `records` whose directory holds its metrics.json."""
     root = Path(root)
     return [(r, read_run_setup(root / r["run_dir"])) for r in records
-            if r.get("run_dir") and (root / r["run_dir"] / "metrics.json").is_file()]
+            if r.get("run_dir") and (root / r["run_dir"] / METRICS).is_file()]
 
 
 def variant_descriptions(setups: list[tuple[dict, dict]]) -> dict[tuple[str, str], str]:

@@ -6,7 +6,6 @@ import csv
 from pathlib import Path
 
 from edgekd.records import (
-    BASE_VARIANT,
     BenchRecord,
     RunRecord,
     Spread,
@@ -15,8 +14,9 @@ from edgekd.records import (
     read_benches,
     variant_label,
 )
-from edgekd.runio import UnreadableFile, read_json
-from edgekd.targets import TARGETS, timing_kind
+from edgekd.roles import BASE_VARIANT, Role, pruned_source
+from edgekd.runio import MANIFEST, UnreadableFile, read_json
+from edgekd.targets import TARGETS, exported_target, int8_target, timing_kind
 
 FACTOR = {"base": "clean", "fraction": "size", "labels": "labeled fraction", "per_class": "size", "imbalance": "imbalance",
           "label_noise": "label noise", "spurious": "spurious bias", "classes": "class subset",
@@ -91,13 +91,13 @@ def deploy_rows(study_root: Path, benches: list[BenchRecord] | None = None) -> l
                              # records before the timing field: the targets table says what their clock was
                              "timing": r.get("timing") or timing_kind(r["backend"], r["device"]),
                              "meant_for_device": r.get("meant_for_device", r["device"] in
-                                                       TARGETS.get(r["model"], TARGETS["onnx-fp32"]).meant_for)})
+                                                       TARGETS.get(r["model"], exported_target("fp32")).meant_for)})
     return rows
 
 
 def _bundle_manifest(record: BenchRecord) -> dict:
     try:
-        return read_json(record.path.parent / "manifest.json")
+        return read_json(record.path.parent / MANIFEST)
     except UnreadableFile:
         return {}
 
@@ -115,7 +115,7 @@ def int8_compare_rows(benches: list[BenchRecord]) -> list[dict]:
         for preset, methods in _bundle_manifest(record).get("int8_compare", {}).items():
             for method, info in methods.items():
                 rows.append({"dataset": run.dataset, "variant": run.variant, "role": run.role, "family": run.family,
-                             "method": run.method, "seed": run.seed, "deployed": f"onnx-int8-{preset}",
+                             "method": run.method, "seed": run.seed, "deployed": int8_target(preset).key,
                              "int8_method": method, "accuracy": info["accuracy"]})
     return rows
 
@@ -123,17 +123,17 @@ def int8_compare_rows(benches: list[BenchRecord]) -> list[dict]:
 def _stage(method: str, deployed: str) -> tuple[str, str, str] | None:
     """(source method, stage name, sort key) of a deployed model on the compression ladder, None when it is not on
     one: FP32, INT8 (per preset), pruned p% FP32, pruned p% + INT8."""
-    from edgekd.config import PRUNE_TAG
-
-    source, tag, percent = method.partition(PRUNE_TAG)
-    if deployed == "onnx-fp32":
+    target = TARGETS.get(deployed)
+    if target is not None and target == exported_target("fp32"):
         precision = "FP32"
-    elif deployed.startswith("onnx-int8-"):
-        precision = f"INT8 {deployed.removeprefix('onnx-int8-')}"
+    elif target is not None and target.made_by == "int8":
+        precision = f"INT8 {target.preset}"
     else:
         return None
-    name = f"pruned {percent}% + {precision}" if tag and precision != "FP32" else \
-        f"pruned {percent}% FP32" if tag else precision
+    pruned = Role(method).pruned
+    source, percent = (pruned[0], str(round(pruned[1] * 100))) if pruned else (method, "")
+    name = f"pruned {percent}% + {precision}" if pruned and precision != "FP32" else \
+        f"pruned {percent}% FP32" if pruned else precision
     return source, name, f"{int(percent or 0):03d} {precision != 'FP32'} {precision}"
 
 
@@ -142,9 +142,7 @@ def compression_ladder(deploy: list[dict], records: list[dict]) -> list[dict]:
     pruned -> pruned + INT8) with accuracy on the bundles' evaluation images and the KD gain over the FP32 scratch
     student on the same images, paired by seed; parameters, file size, and p50 latency per batch size. Empty when
     the study pruned nothing."""
-    from edgekd.config import PRUNE_TAG
-
-    pruned_sources = {r["method"].partition(PRUNE_TAG)[0] for r in records if PRUNE_TAG in (r.get("method") or "")}
+    pruned_sources = {pruned_source(r["method"]) for r in records if pruned_source(r.get("method") or "")}
     if not pruned_sources:
         return []
     params = {(r["dataset"], r["variant"], r.get("family", ""), r["method"], r["seed"]): r.get("params")
@@ -153,7 +151,7 @@ def compression_ladder(deploy: list[dict], records: list[dict]) -> list[dict]:
     stages: dict[tuple, dict] = {}
     for r in deploy:
         variant = (r["dataset"], r["variant"], r.get("family", ""))
-        if r["role"] == "scratch" and r["deployed"] == "onnx-fp32":
+        if r["role"] == "scratch" and r["deployed"] == exported_target("fp32").key:
             scratch.setdefault(variant, {})[r["seed"]] = r["accuracy"]
             continue
         stage = _stage(r["method"], r["deployed"]) if r["role"] == "kd" else None

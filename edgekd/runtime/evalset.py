@@ -1,4 +1,8 @@
-"""The bundle's own evaluation data (eval.npz) and accuracy of any runner on it; numpy only."""
+"""The bundle's own evaluation data (eval.npz) and the accuracy of any runner on it; numpy only.
+
+Layering: edgekd.runtime. `edgekd export` writes eval.npz and scores each exported model with these functions,
+`edgekd bench` reads it back and scores them again on the device: one normalisation, so the two agree.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +14,14 @@ from edgekd.errors import EdgeKDError
 
 
 def normalize(images: np.ndarray, mean: list[float], std: list[float]) -> np.ndarray:
+    """uint8 NCHW images as the model takes them: x / 255, then (x - mean) / std per channel, float32."""
     m = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
     s = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
     return ((images.astype(np.float32) / 255.0 - m) / s).astype(np.float32)
 
 
 def load_eval(bundle: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The bundle's evaluation images (uint8 NCHW) and labels; a missing or damaged eval.npz is a one-line error."""
     path = Path(bundle) / "eval.npz"
     if not path.is_file():
         raise EdgeKDError(f"{path} is missing: run `edgekd export` again for this bundle")
@@ -28,9 +34,11 @@ def load_eval(bundle: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def predict(runner, images: np.ndarray, mean, std, batch_size: int = 256) -> np.ndarray:
+    """Logits of any runner (its `infer`) on raw images, normalised batch by batch."""
     out = [runner.infer(normalize(images[i : i + batch_size], mean, std)) for i in range(0, len(images), batch_size)]
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy; NaN for no images."""
     return float((logits.argmax(1) == labels).mean()) if len(labels) else float("nan")

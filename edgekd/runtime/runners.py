@@ -1,4 +1,8 @@
-"""One runner interface for every backend (as Polygraphy does): ONNX Runtime, TensorRT engines, PyTorch eager.
+"""One runner interface for every backend (as Polygraphy does), the ONNX Runtime and TensorRT runners, RUNNERS.
+
+Layering: edgekd.runtime, below export, build and bench. `edgekd export` runs its ONNX models here for parity and
+accuracy, `edgekd bench` times them; this module imports neither, nor PyTorch. The PyTorch reference runner needs
+the model code, so it lives in edgekd.bench.torch_runner and registers itself in RUNNERS when bench imports it.
 
 Heavy backends are imported lazily, inside the runner that needs them: bench must run on a device that has
 ONNX Runtime or TensorRT and no PyTorch at all. A runner takes a float32 NCHW batch and returns logits.
@@ -34,6 +38,7 @@ RUNNERS: Registry[type] = Registry("backend")
 
 
 def require(module: str, backend: str):
+    """`module` imported now (the lazy import of a backend), or the one-line error that says how to install it."""
     try:
         return importlib.import_module(module)
     except ImportError:
@@ -41,7 +46,8 @@ def require(module: str, backend: str):
                           f"{BACKENDS[backend].install}") from None
 
 
-def _check_file(path: Path) -> Path:
+def check_model_file(path: Path) -> Path:
+    """`path`, if it is a file with something in it; otherwise the one-line error that says to export again."""
     path = Path(path)
     if not path.is_file() or path.stat().st_size == 0:
         raise EdgeKDError(f"model file {str(path)!r} is missing or empty: run `edgekd export` again for this bundle")
@@ -82,21 +88,6 @@ class CudaEventClock:
         return self.check(cudart.cudaEventElapsedTime(self.start, self.end), "reading a CUDA event") / 1000.0
 
 
-class TorchEventClock:
-    kind = DEVICE_EVENTS
-
-    def __init__(self, torch):
-        self.start = torch.cuda.Event(enable_timing=True)
-        self.end = torch.cuda.Event(enable_timing=True)
-
-    def measure(self, step):
-        self.start.record()
-        step()
-        self.end.record()
-        self.end.synchronize()
-        return self.start.elapsed_time(self.end) / 1000.0
-
-
 @dataclass
 class Timings:
     seconds: list[float]  # one per timed call
@@ -105,6 +96,8 @@ class Timings:
 
 
 class Runner(ABC):
+    """A model opened by one backend. Subclasses register in RUNNERS under their backend name (targets.BACKENDS)."""
+
     backend = ""
 
     @abstractmethod
@@ -200,7 +193,7 @@ class OrtRunner(Runner):
         if wanted not in available:
             raise EdgeKDError(f"ONNX Runtime here has no {wanted} (it has {', '.join(available)}): "
                               f"{_gpu_ort_install()}, or bench with --device cpu")
-        model = _check_file(model)
+        model = check_model_file(model)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
@@ -280,49 +273,6 @@ class OrtTensorrtRunner(OrtRunner):
         super().__init__(model, device, threads, provider="tensorrt", max_batch=max_batch)
 
 
-# -- PyTorch ---------------------------------------------------------------------------------------------------
-@RUNNERS.register("torch")
-class TorchRunner(Runner):
-    """PyTorch eager: the reference the exports are checked against. Needs the bundle's model.safetensors."""
-
-    backend = "torch"
-
-    def __init__(self, weights: Path, device: str = "cpu", threads: int = 0, model_info: dict | None = None):
-        torch = require("torch", self.backend)
-        from edgekd.models import create_model, load_weights
-
-        if threads:
-            torch.set_num_threads(threads)
-        if device == "cuda" and not torch.cuda.is_available():
-            raise EdgeKDError("--backend torch --device cuda: this PyTorch sees no CUDA GPU (a CPU-only build, or "
-                              "no driver): install a CUDA build of torch or bench with --device cpu")
-        info = model_info or {}
-        self.torch = torch
-        self.model = load_weights(create_model(info["model"], info["num_classes"], info["in_chans"],
-                                               info.get("small_input", True)), _check_file(weights))
-        self.model = self.model.to(device).eval()
-        self.device = device
-
-    def infer(self, x: np.ndarray) -> np.ndarray:
-        with self.torch.inference_mode():
-            return self.model(self.torch.from_numpy(x).to(self.device)).float().cpu().numpy()
-
-    def prepare(self, x):
-        if self.device == "cpu":
-            return super().prepare(x)
-        resident = self.torch.from_numpy(x).to(self.device)
-        model, torch = self.model, self.torch
-
-        def step():
-            with torch.inference_mode():
-                return model(resident)
-
-        return step
-
-    def clock(self):
-        return TorchEventClock(self.torch) if self.device == "cuda" else HostClock()
-
-
 # -- TensorRT --------------------------------------------------------------------------------------------------
 @RUNNERS.register("trt")
 class TrtRunner(Runner):
@@ -331,15 +281,15 @@ class TrtRunner(Runner):
     backend = "trt"
 
     def __init__(self, engine: Path, device: str = "cuda", threads: int = 0):
-        from edgekd.export.tensorrt_build import import_tensorrt
         from edgekd.gpu import check, import_cudart
+        from edgekd.runtime.tensorrt import import_tensorrt
 
         trt = import_tensorrt()
         cudart = import_cudart()
         self.trt, self.cudart = trt, cudart
         self.check = functools.partial(check, cudart)
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = self.runtime.deserialize_cuda_engine(_check_file(engine).read_bytes())
+        self.engine = self.runtime.deserialize_cuda_engine(check_model_file(engine).read_bytes())
         if self.engine is None:
             raise EdgeKDError(f"engine {str(engine)!r} cannot be deserialized here: rebuild it on this device "
                               f"with `edgekd build {Path(engine).parent}`")

@@ -1,44 +1,16 @@
-"""Distillation losses, composed by name and weight from the profile (as torchdistill does).
+"""Logit distillation losses (KD, DKD, DIST, LSKD) and the hard-label cross-entropy, registered by name.
 
-Each loss takes the step's outputs and returns its value; `ComposedLoss` weights and sums them and returns
-every component, so the trainer can log each one per epoch.
+They read the step's logits only (`StepOutputs.student_logits` / `teacher_logits`), so a teacher cache serves them;
+the feature and relation losses, which need stage outputs, are in `feature.py`.
 """
 
 from __future__ import annotations
-
-import inspect
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from edgekd.errors import EdgeKDError
-from edgekd.registry import Registry
-
-
-@dataclass
-class StepOutputs:
-    student_logits: torch.Tensor
-    targets: torch.Tensor
-    teacher_logits: torch.Tensor | None = None
-    student_features: dict[int, torch.Tensor] = field(default_factory=dict)  # stage -> output
-    teacher_features: dict[int, torch.Tensor] = field(default_factory=dict)
-    progress: float = 1.0  # fraction of training done, for terms that ramp in
-
-
-LOSSES: Registry[type[nn.Module]] = Registry("loss")
-
-
-def register_loss(name: str, needs_teacher: bool = True, needs_features: bool = False):
-    """Losses with `needs_features` read `student_stage` / `teacher_stage` outputs; the teacher cache holds logits
-    only, so their teacher runs live on each batch."""
-
-    def add(cls):
-        cls.needs_teacher, cls.needs_features = needs_teacher, needs_features
-        return LOSSES.register(name)(cls)
-
-    return add
+from edgekd.distill.losses._registry import StepOutputs, register_loss
 
 
 @register_loss("ce", needs_teacher=False)
@@ -155,74 +127,3 @@ class LogitStandardizedKD(nn.Module):
     def forward(self, out: StepOutputs) -> torch.Tensor:
         return kd_divergence(self.standardize(out.student_logits), self.standardize(out.teacher_logits),
                              self.temperature)
-
-
-class ComposedLoss(nn.Module):
-    """sum_i weight_i * loss_i, with every component returned for logging.
-
-    A term's `ramp` (a fraction of training) raises its weight linearly from zero over that part of training, as
-    DKD does in its paper (20 of 240 epochs): a strong KD term on a random student otherwise diverges.
-    """
-
-    def __init__(self, spec: dict[str, dict[str, float]], where: str = "methods", label_smoothing: float = 0.0):
-        super().__init__()
-        self.weights: dict[str, float] = {}
-        self.ramps: dict[str, float] = {}
-        self.terms = nn.ModuleDict()
-        for name, params in spec.items():
-            params = dict(params)
-            weight = float(params.pop("weight", 1.0))
-            ramp = float(params.pop("ramp", 0.0))
-            if not 0.0 <= ramp <= 1.0:
-                raise EdgeKDError(f"profile key '{where}.{name}.ramp' is {ramp}: use a fraction of training, 0 to 1")
-            cls = LOSSES.get(name)
-            accepted = list(inspect.signature(cls.__init__).parameters)[1:]
-            for key in params:
-                if key not in accepted:
-                    raise EdgeKDError(
-                        f"unknown profile key '{where}.{name}.{key}': loss {name!r} takes "
-                        f"{', '.join(['weight', 'ramp', *accepted])}"
-                    )
-            if name == "ce" and "label_smoothing" not in params:
-                params["label_smoothing"] = label_smoothing
-            self.terms[name] = cls(**params)
-            self.weights[name] = weight
-            self.ramps[name] = ramp
-        if not self.terms:
-            raise EdgeKDError(f"profile table '{where}' names no loss: add e.g. kd = {{ weight = 0.9 }}")
-
-    @property
-    def needs_teacher(self) -> bool:
-        return any(term.needs_teacher for term in self.terms.values())
-
-    @property
-    def needs_features(self) -> bool:
-        return any(term.needs_features for term in self.terms.values())
-
-    def stages(self) -> tuple[set[int], set[int]]:
-        """(student stages, teacher stages) whose features the terms read."""
-        terms = [t for t in self.terms.values() if t.needs_features]
-        return {t.student_stage for t in terms}, {t.teacher_stage for t in terms}
-
-    def bind(self, student: nn.Module, teacher: nn.Module | None) -> ComposedLoss:
-        """Give feature terms the two models' stage shapes, so adapters exist before the optimizer is made."""
-        for term in self.terms.values():
-            if hasattr(term, "bind"):
-                term.bind(student, teacher)
-        return self
-
-    def forward(self, out: StepOutputs) -> dict[str, torch.Tensor]:
-        parts, total = {}, 0.0
-        for name, term in self.terms.items():
-            value = term(out)
-            if isinstance(value, dict):  # a term with components logs each of them
-                parts.update({f"{name}.{k}": v for k, v in value.items() if k != "loss"})
-                value = value["loss"]
-            parts[name] = value
-            ramp = self.ramps[name]
-            total = total + self.weights[name] * (min(1.0, out.progress / ramp) if ramp else 1.0) * value
-        parts["loss"] = total
-        return parts
-
-
-from edgekd.distill import feature_losses  # noqa: E402,F401  (registers the feature and relation losses)

@@ -1,10 +1,11 @@
 """Where a study's jobs run: `local` (one after the other in this process), `processes` (a pool of N processes on
 this machine) or `ray` (a Ray task per job, on a Ray started for the run or an existing cluster).
 
-Every executor runs the same pure job function (`edgekd.jobs.execute`) on the jobs the driver hands it, starts a
-job only once the jobs it needs have finished, keeps going when one fails (jobs that need a failed one are not
-run, with a line saying so) and reports each start, result and failure to the driver (`edgekd.jobs.Driver`).
-A job marked exclusive (a bench: it times latency) runs with nothing else beside it on its machine.
+An executor runs plain tasks (edgekd.pipeline.driver.Task: a callable, its arguments, the ids it waits for and its
+resource ask); it knows no job kind, no profile and no torch. It starts a task only once the tasks it needs have
+finished, keeps going when one fails (tasks that need a failed one are not run, with a line saying so) and reports
+each start, result and failure to the driver by task id. A task marked exclusive (a bench: it times latency) runs
+with nothing else beside it on its machine.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 
 from edgekd.errors import EdgeKDError
-from edgekd.jobs import Job, execute, execute_in_worker, one_line
+from edgekd.pipeline.driver import Task, one_line
 
 EXECUTORS = ("local", "processes", "ray")
 RAY_INSTALL = "pip install 'edgekd[ray]' (or pip install 'ray[default]>=2.9')"
@@ -35,20 +36,12 @@ def make_executor(name: str | None = None, jobs: int = 1, address: str | None = 
     raise EdgeKDError(f"unknown executor {name!r}: use {', '.join(EXECUTORS)}")
 
 
-def default_threads(profile) -> int:
-    """A training's CPU threads when nothing else says: study.threads, else all of this machine's (torch's default).
-    Float results depend on them, so every executor trains with the same count unless told otherwise."""
-    import torch
-
-    return profile.study.threads or torch.get_num_threads()
-
-
 class Executor(ABC):
     name = "executor"
 
-    def job_cpus(self, profile) -> float:
-        """The CPUs (and torch threads) of one training job."""
-        return float(default_threads(profile))
+    def job_cpus(self, threads: int) -> float:
+        """The CPUs (and torch threads) of one training job, given a training's threads on this machine."""
+        return float(threads)
 
     def __enter__(self):
         return self
@@ -59,22 +52,21 @@ class Executor(ABC):
     def close(self) -> None:  # noqa: B027 - most executors hold nothing to release; Ray stops its local cluster
         return None
 
-    def resolve_device(self, name: str) -> str:
-        from edgekd.distill.execution import resolve_device
+    def cluster_has_gpu(self) -> bool | None:
+        """Whether the machines the jobs run on have a GPU, when that is not this machine (None: ask this one)."""
+        return None
 
-        return resolve_device(name)
-
-    def measure(self, fn, *args):
+    def measure(self, fn, *args, num_gpus: float = 0.0):
         """Run a plan-time measurement where the jobs will run (here: this process, before any job starts)."""
         return fn(*args)
 
     @abstractmethod
-    def run(self, profile, root: Path, jobs: list[Job], force: bool, driver) -> None:
-        """Run `jobs` (dependencies first), reporting each start, finish and failure to `driver`."""
+    def run(self, tasks: list[Task], driver) -> None:
+        """Run `tasks` (dependencies first), reporting each start, finish and failure to `driver` by task id."""
 
 
-def _blocked_by(job: Job, failed: set[str]) -> str | None:
-    return next((d for d in job.deps if d in failed), None)
+def _blocked_by(task: Task, failed: set[str]) -> str | None:
+    return next((d for d in task.deps if d in failed), None)
 
 
 def _not_run(dep: str) -> str:
@@ -86,22 +78,22 @@ class LocalExecutor(Executor):
 
     name = "local"
 
-    def run(self, profile, root, jobs, force, driver):
+    def run(self, tasks, driver):
         failed: set[str] = set()
-        for job in jobs:
-            dep = _blocked_by(job, failed)
+        for task in tasks:
+            dep = _blocked_by(task, failed)
             if dep:
-                failed.add(job.label)
-                driver.failed(job, _not_run(dep))
+                failed.add(task.id)
+                driver.failed(task.id, _not_run(dep))
                 continue
-            driver.running(job)
+            driver.running(task.id)
             try:
-                result = execute(profile, root, job, force, driver.reporter)
+                result = task.here()
             except Exception as exc:  # KeyboardInterrupt is not caught: a stopped study stops
-                failed.add(job.label)
-                driver.failed(job, one_line(exc))
+                failed.add(task.id)
+                driver.failed(task.id, one_line(exc))
                 continue
-            driver.done(job, result)
+            driver.done(task.id, result)
 
 
 class ProcessExecutor(Executor):
@@ -113,49 +105,49 @@ class ProcessExecutor(Executor):
     def __init__(self, workers: int):
         self.workers = workers
 
-    def job_cpus(self, profile) -> float:
-        return float(max(1, default_threads(profile) // self.workers))
+    def job_cpus(self, threads: int) -> float:
+        return float(max(1, threads // self.workers))
 
-    def run(self, profile, root, jobs, force, driver):
+    def run(self, tasks, driver):
         import multiprocessing
         from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-        data, labels = profile.to_dict(), {j.label for j in jobs}
-        waiting, running, done, failed = list(jobs), {}, set(), set()
+        ids = {t.id for t in tasks}
+        waiting, running, done, failed = list(tasks), {}, set(), set()
         with ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             while waiting or running:
-                for job in list(waiting):
-                    dep = _blocked_by(job, failed)
+                for task in list(waiting):
+                    dep = _blocked_by(task, failed)
                     if dep:
-                        waiting.remove(job)
-                        failed.add(job.label)
-                        driver.failed(job, _not_run(dep))
+                        waiting.remove(task)
+                        failed.add(task.id)
+                        driver.failed(task.id, _not_run(dep))
                         continue
-                    if any(d in labels and d not in done for d in job.deps):
+                    if any(d in ids and d not in done for d in task.deps):
                         continue
-                    if any(j.exclusive for j in running.values()) or len(running) >= self.workers:
+                    if any(t.exclusive for t in running.values()) or len(running) >= self.workers:
                         break
-                    if job.exclusive and running:
-                        break  # nothing new starts until the running jobs are done and it has the machine
-                    waiting.remove(job)
-                    threads = max(1, int(job.num_cpus))
-                    running[pool.submit(execute_in_worker, data, str(root), job, force, threads)] = job
-                    driver.running(job)
-                    if job.exclusive:
+                    if task.exclusive and running:
+                        break  # nothing new starts until the running tasks are done and it has the machine
+                    waiting.remove(task)
+                    threads = max(1, int(task.num_cpus))
+                    running[pool.submit(task.fn, threads, None, *task.args)] = task
+                    driver.running(task.id)
+                    if task.exclusive:
                         break
                 if not running:
                     continue
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in finished:
-                    job = running.pop(future)
+                    task = running.pop(future)
                     try:
                         result = future.result()
                     except Exception as exc:
-                        failed.add(job.label)
-                        driver.failed(job, one_line(exc))
+                        failed.add(task.id)
+                        driver.failed(task.id, one_line(exc))
                         continue
-                    done.add(job.label)
-                    driver.done(job, result)
+                    done.add(task.id)
+                    driver.done(task.id, result)
 
 
 # -- Ray -----------------------------------------------------------------------------------------------------------
@@ -216,8 +208,8 @@ class RayExecutor(Executor):
         self.cpus_per_job = cpus_per_job
         self.started = False
 
-    def job_cpus(self, profile) -> float:
-        return float(self.cpus_per_job or default_threads(profile))
+    def job_cpus(self, threads: int) -> float:
+        return float(self.cpus_per_job or threads)
 
     def _start(self) -> None:
         import logging
@@ -241,18 +233,17 @@ class RayExecutor(Executor):
             self.ray.shutdown()
             self.started = False
 
-    def resolve_device(self, name: str) -> str:
-        if name != "auto" or not self.address:
-            return super().resolve_device(name)
+    def cluster_has_gpu(self) -> bool | None:
+        if not self.address:  # a local Ray runs on this machine
+            return None
         self._start()
-        return "cuda" if self.ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+        return self.ray.cluster_resources().get("GPU", 0) > 0
 
-    def measure(self, fn, *args):
+    def measure(self, fn, *args, num_gpus: float = 0.0):
         if not self.address:  # a local Ray runs on this machine: measure here, before any task
             return fn(*args)
         self._start()
-        gpus = 1 if str(args[-1]).startswith("cuda") else 0
-        return self.ray.get(self.ray.remote(num_cpus=1, num_gpus=gpus, max_retries=0)(fn).remote(*args))
+        return self.ray.get(self.ray.remote(num_cpus=1, num_gpus=num_gpus, max_retries=0)(fn).remote(*args))
 
     def _check_storage(self, root: Path) -> None:
         """Fail with one line when a node's workers cannot read and write the study root."""
@@ -283,36 +274,35 @@ class RayExecutor(Executor):
             except OSError:
                 pass
 
-    def run(self, profile, root, jobs, force, driver):
+    def run(self, tasks, driver):
         ray = self.ray
         self._start()
-        self._check_storage(root)
+        self._check_storage(driver.ctx.root)
         node_cpus = max((n.get("Resources", {}).get("CPU", 1) for n in ray.nodes() if n.get("Alive")), default=1)
         started = ray.remote(num_cpus=0)(_Started).remote()
-        task = ray.remote(max_retries=0)(execute_in_worker)
-        data, refs, by_ref = profile.to_dict(), {}, {}
-        for job in jobs:
-            cpus = node_cpus if job.exclusive else min(job.num_cpus, node_cpus)  # never more than a node has
+        refs, by_ref, remotes = {}, {}, {}
+        for task in tasks:
+            cpus = node_cpus if task.exclusive else min(task.num_cpus, node_cpus)  # never more than a node has
             threads = max(1, int(cpus))
-            deps = [refs[d] for d in job.deps if d in refs]
-            ref = task.options(num_cpus=cpus, num_gpus=job.num_gpus, name=job.label).remote(
-                data, str(root), job, force, threads, started, *deps)
-            refs[job.label], by_ref[ref] = ref, job
-        order = {job.label: i for i, job in enumerate(jobs)}
-        by_label = {job.label: job for job in jobs}
+            deps = [refs[d] for d in task.deps if d in refs]
+            remote = remotes.setdefault(task.fn, ray.remote(max_retries=0)(task.fn))
+            ref = remote.options(num_cpus=cpus, num_gpus=task.num_gpus, name=task.id).remote(
+                threads, started, *task.args, *deps)
+            refs[task.id], by_ref[ref] = ref, task
+        order = {task.id: i for i, task in enumerate(tasks)}
         failed: set[str] = set()
         pending = dict(by_ref)
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0.5)
             for label in ray.get(started.drain.remote()):
-                driver.running(by_label[label])
-            for ref in sorted(ready, key=lambda r: order[pending[r].label]):
-                job = pending.pop(ref)
+                driver.running(label)
+            for ref in sorted(ready, key=lambda r: order[pending[r].id]):
+                task = pending.pop(ref)
                 try:
                     result = ray.get(ref)
-                except Exception as exc:  # the task's own error, or the one of a job it needed
-                    dep = _blocked_by(job, failed)
-                    failed.add(job.label)
-                    driver.failed(job, _not_run(dep) if dep else one_line(exc))
+                except Exception as exc:  # the task's own error, or the one of a task it needed
+                    dep = _blocked_by(task, failed)
+                    failed.add(task.id)
+                    driver.failed(task.id, _not_run(dep) if dep else one_line(exc))
                     continue
-                driver.done(job, result)
+                driver.done(task.id, result)

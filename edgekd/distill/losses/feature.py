@@ -4,6 +4,9 @@ Feature terms compare one student stage with one teacher stage (timm `feature_in
 with a learned adapter create it in `bind`, from the two models' channel counts. The adapter belongs to the loss,
 not to the student, so it never reaches the exported model. Relation terms compare how samples of a batch relate
 to each other, so they are invariant to any shared reordering of the batch.
+
+This was `edgekd.distill.feature_losses`, which imported the module that imported it back to register its
+losses; it now registers into the `_registry` leaf, as `logit.py` does.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from edgekd.distill.features import stage_info
-from edgekd.distill.losses import StepOutputs, register_loss
+from edgekd.distill.losses._registry import StepOutputs, register_loss
 from edgekd.errors import EdgeKDError
 
 

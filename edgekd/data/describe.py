@@ -1,0 +1,45 @@
+"""What a job's record says about its data: the dataset's settings (not where its files live), the variant's, and
+the source's split sizes, counted without loading the images. Every stage's key includes it, so a changed dataset
+or variant makes its runs, bundles and maps stale."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+from edgekd.errors import EdgeKDError
+
+_SIZES: dict[str, dict | None] = {}
+
+
+def _source_sizes(cfg) -> dict | None:
+    """Images and classes of a data source's splits, counted without loading them (None: not knowable yet)."""
+    from edgekd.data.sources import SOURCES
+
+    memo = json.dumps(asdict(cfg), sort_keys=True)
+    if memo not in _SIZES:
+        try:
+            sizes = SOURCES.get(cfg.source).sizes(cfg)
+        except EdgeKDError:
+            sizes = None
+        _SIZES[memo] = None if sizes is None else {"classes": len(sizes.classes), "train": int(sizes.train.sum()),
+                                                   "test": int(sizes.test.sum())}
+    return _SIZES[memo]
+
+
+def data_settings(profile, dataset: str) -> dict:
+    """A dataset's settings without where its files live (moving the files changes no result)."""
+    return {k: v for k, v in asdict(profile.datasets[dataset]).items() if k not in ("data_dir", "download")}
+
+
+def data_description(profile, dataset: str, variant: str) -> dict:
+    """The data a job trains on: the dataset's settings, the variant's, and the source's split sizes."""
+    from edgekd.config import VariantConfig
+    from edgekd.data.variants import REVISIONS
+
+    config = profile.variants.get(variant, VariantConfig())
+    described = {f"datasets.{dataset}": data_settings(profile, dataset), f"variants.{variant}": asdict(config),
+                 "sizes": _source_sizes(profile.datasets[dataset])}
+    if config.kind in REVISIONS:  # runs made by an earlier version of the kind's transformation are stale
+        described["variant_revision"] = REVISIONS[config.kind]
+    return described

@@ -1,0 +1,211 @@
+"""The training stage's job kinds: `train` (a teacher, scratch or KD student) and `cache` (a variant's teacher
+outputs per view), with their keys, output checks and plan-time precision choice.
+
+Precision and memory format are chosen at plan time, once per (model, device, input), before any job runs: fixed
+by the profile, taken from the plan file's table of earlier measurements, or measured (where the jobs will run)
+and recorded there; the choice travels in each training job's `params["execution"]` and is part of its key.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from edgekd.data.describe import data_description, data_settings
+from edgekd.distill.plan import (
+    cache_dir,
+    cache_needs,
+    config_name,
+    loss_method,
+    method_spec,
+    plan_training,
+    teacher_dir,
+    train_config,
+    trains_on_labeled_only,
+    uses_cache,
+)
+from edgekd.pipeline.graph import (
+    Context,
+    Job,
+    JobKind,
+    NotReady,
+    PlanContext,
+    Status,
+    input_fingerprint,
+    register_kind,
+)
+from edgekd.records import fingerprint, make_key
+from edgekd.roles import Role
+from edgekd.runio import METRICS, PREDICTIONS, WEIGHTS, UnreadableFile, read_json, run_dir, tensor_shapes
+
+EXECUTION_FIELDS = ("precision", "channels_last", "device")
+
+
+def _check_run_files(job: Job, record: dict, files: tuple[str, ...]) -> str | None:
+    """What is wrong with a finished run's files (None: whole); cheap, headers only."""
+    if "role" not in record:
+        return f"{job.record} holds no run metrics"
+    for name in files:
+        (read_json if name.endswith(".json") else tensor_shapes)(job.run_dir / name)
+    return None
+
+
+class TrainKind(JobKind):
+    name = "train"
+
+    def plan(self, ctx, planned):
+        return plan_training(ctx, planned)
+
+    def record(self, job):
+        return job.run_dir / METRICS
+
+    def key(self, ctx, job):
+        return train_key(ctx.profile, ctx.root, job)
+
+    def damage(self, ctx, job, record):
+        return _check_run_files(job, record, (WEIGHTS, PREDICTIONS))
+
+    def run(self, ctx, job, status):
+        from edgekd.distill.runner import run_training
+
+        return run_training(ctx, job, status.key)
+
+    def prepare(self, ctx, jobs, measured):
+        return [choose_execution(ctx, job, measured) if job.kind == self.name else job for job in jobs]
+
+
+class CacheKind(JobKind):
+    name = "cache"
+    derived = True  # built on demand when a job that needs it runs alone: it is cheap, and a function of its teacher
+
+    def record(self, job):
+        return job.run_dir / METRICS
+
+    def key(self, ctx, job):
+        return cache_key(ctx.profile, ctx.root, job)
+
+    def damage(self, ctx, job, record):
+        from edgekd.distill.teacher import CACHE_FILES
+
+        return _check_run_files(job, record, CACHE_FILES)
+
+    def outgrown(self, ctx, job, record):
+        covered, samples = record.get("coverage") or {}, record.get("samples", 0)
+        needs = cache_needs(ctx.profile, samples)
+        if set(needs["seeds"]) <= set(covered.get("seeds", [])) and needs["epochs"] <= covered.get("epochs", 0):
+            return None
+        return (f"extends seeds {covered.get('seeds')} x {covered.get('epochs')} epochs to {needs['seeds']} x "
+                f"{needs['epochs']} (only the new views are computed)")
+
+    def run(self, ctx: Context, job: Job, status: Status) -> dict:
+        from edgekd.distill.runner import run_cache
+
+        return run_cache(ctx, job, status.key)
+
+
+register_kind(TrainKind())
+register_kind(CacheKind())
+
+
+# -- keys ----------------------------------------------------------------------------------------------------------
+def _recorded_execution(tdir: Path) -> dict:
+    try:
+        return read_json(tdir / METRICS)["execution"]
+    except (UnreadableFile, KeyError, TypeError):
+        raise NotReady(f"the teacher in {tdir} is not finished yet") from None
+
+
+def train_key(profile, root: Path, job: Job) -> dict:
+    """The key of a teacher, scratch or KD student run."""
+    role = Role.parse(job.role)
+    cfg = train_config(profile, job.role)
+    config: dict[str, Any] = {config_name(job.role): asdict(cfg), "seed": job.seed}
+    inputs = {}
+    if trains_on_labeled_only(profile, job):
+        config["train_images"] = "labeled only, the steps of every image"
+    if role.is_teacher and cfg.checkpoint:
+        inputs["checkpoint"] = input_fingerprint(Path(cfg.checkpoint).expanduser(),
+                                                 f"teacher checkpoint {cfg.checkpoint}")
+    if not role.is_teacher:
+        inputs["teacher"] = input_fingerprint(teacher_dir(profile, root, job) / WEIGHTS, "its teacher")
+    if role.pruned:
+        source, ratio = role.pruned
+        config["compress"] = {"prune": ratio, "method": profile.compress.method}
+        inputs["student"] = input_fingerprint(run_dir(root, job.dataset, job.variant, str(role.with_base(source)),
+                                                      job.seed) / WEIGHTS, f"the {source} student it prunes")
+    if not role.ce_only:
+        spec = method_spec(profile, root, job)
+        config[f"methods.{loss_method(profile, role.base)}"] = spec
+        for name in spec.get("teachers", ["main"]):
+            if name != "main":
+                inputs[f"teacher@{name}"] = input_fingerprint(teacher_dir(profile, root, job, name) / WEIGHTS,
+                                                              f"teacher {name}")
+        if uses_cache(profile, role.base):
+            config["study.teacher_cache"] = profile.study.teacher_cache
+            if profile.study.teacher_cache:
+                try:
+                    inputs["teacher_cache"] = read_json(cache_dir(profile, root, job) / METRICS)["fingerprint"]
+                except (UnreadableFile, KeyError, TypeError):
+                    raise NotReady("its teacher cache is not built yet") from None
+    if job.params.get("execution") is not None:
+        config["execution"] = {k: job.params["execution"][k] for k in EXECUTION_FIELDS}
+    return make_key("train", config, data_description(profile, job.dataset, job.variant), inputs)
+
+
+def cache_key(profile, root: Path, job: Job) -> dict:
+    """The key of a teacher cache: what its stored values are a function of (the teacher's weights and numerics,
+    the data and its augmentation, top-k). Which (seed, epoch) views it holds is its coverage, not its key: more
+    seeds or epochs extend a cache, they do not invalidate it."""
+    tdir = teacher_dir(profile, root, job)
+    inputs = {"teacher": input_fingerprint(tdir / WEIGHTS, "its teacher")}
+    config = {"study.cache_topk": profile.study.cache_topk, "teacher_execution": _recorded_execution(tdir)}
+    return make_key("cache", config, data_description(profile, job.dataset, job.variant), inputs)
+
+
+# -- precision and memory format, at plan time -----------------------------------------------------------------------
+def _execution_slot(profile, job: Job, device: str) -> str:
+    cfg = train_config(profile, job.role)
+    data = json.dumps(data_settings(profile, job.dataset), sort_keys=True)
+    return (f"{cfg.model}|small_input={cfg.small_input}|{device}|{job.dataset}:{fingerprint({'d': data})}|"
+            f"batch={cfg.batch_size}|{cfg.precision}|{cfg.channels_last}")
+
+
+def measure_execution(profile, dataset: str, role: str, device: str) -> dict:
+    """Time the (precision, layout) candidates of one training configuration on this machine's `device`; runs
+    before any job (locally, or as one task on the cluster) so nothing else loads the machine meanwhile."""
+    from edgekd.distill.execution import measure_candidates
+    from edgekd.distill.runner import dataset_splits
+    from edgekd.models import create_model
+
+    cfg = train_config(profile, role)
+    data = dataset_splits(profile, dataset).splits
+    shape = (cfg.batch_size, data.channels, data.image_size, data.image_size)
+    best, speeds = measure_candidates(
+        lambda: create_model(cfg.model, data.num_classes, data.channels, cfg.small_input, cfg.pretrained),
+        cfg, device, shape, data.num_classes)
+    return {"choice": {"precision": best.precision, "channels_last": best.channels_last, "device": best.device},
+            "images_per_s": speeds, "shape": list(shape)}
+
+
+def choose_execution(ctx: PlanContext, job: Job, measured: dict) -> Job:
+    """A training job with its precision and memory format: fixed by the profile, taken from the study's table of
+    earlier measurements, or measured now (once per model, device and input) with the executor's `measure`."""
+    from dataclasses import replace
+
+    if job.params.get("execution") is not None:  # chosen already (a torchrun follower gets rank 0's)
+        return job
+    cfg = train_config(ctx.profile, job.role)
+    if cfg.precision != "auto" and cfg.channels_last != "auto":
+        choice = {"precision": cfg.precision, "channels_last": cfg.channels_last == "on", "device": ctx.device}
+    else:
+        slot = _execution_slot(ctx.profile, job, ctx.device)
+        if slot not in measured:
+            gpus = 1.0 if ctx.device.startswith("cuda") else 0.0
+            measured[slot] = ctx.measure(measure_execution, ctx.profile, job.dataset, job.role, ctx.device,
+                                         num_gpus=gpus)
+        choice = measured[slot]["choice"]
+    execution = {"precision": choice["precision"], "channels_last": bool(choice["channels_last"]),
+                 "device": choice["device"]}
+    return replace(job, params={**job.params, "execution": execution})

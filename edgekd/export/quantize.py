@@ -1,0 +1,496 @@
+"""The INT8 mechanism: ONNX Runtime static quantization of one FP32 model, and the scoring of what it makes.
+
+Two presets: `cpu` (U8 activations, S8 per-channel weights, Q/DQ: fast on ORT's x86/ARM kernels) and `trt`
+(symmetric S8 activations and weights, per-channel weights, dedicated Q/DQ pairs: TensorRT's explicit
+quantization). The FP32 graph goes through ORT's quantization pre-processing first: without it, initializers the
+exporter shares through Identity nodes leave convolutions unquantised and the "INT8" model runs slower than FP32.
+
+Everything goes through ONNX Runtime's quantizer: a float group is left out with `nodes_to_exclude`, together with
+every group that would still put a Q/DQ on one of its activations (its "closure"): leaving out one node leaves its
+tensors quantized by its neighbours and gains nothing (measured). Two runtime facts shape this:
+- ORT's session-time WeightBiasQuantization pass re-quantizes a float Conv/Gemm that sits between a
+  DequantizeLinear and a QuantizeLinear with *per-tensor* INT8 weights; on a depthwise conv that took a digits
+  student from 91% to 10%. Every quantized model is checked for such convs (`ort_requantized`) and the float
+  region grows until there are none.
+- 16-bit activations for the float groups (ORT's `TensorQuantOverrides`, QUInt16) are as accurate but ran 2x
+  slower than the closure (ORT's CPU kernels have no 8x16-bit paths), so they are not used.
+Both presets may keep any group float, Conv/Gemm included: TensorRT runs a layer without Q/DQ in floating point
+(explicit quantization converts precision only where Q/DQ nodes say so), and its rule check (qdq_rules.py) lists
+such layers rather than failing them. The `trt` preset's `inputs` placement (OpTypesToExcludeOutputQuantization for
+Conv/Gemm/MatMul: Q/DQ on the inputs of weighted ops, TensorRT's recommended placement) is a candidate the search
+weighs against the default one.
+
+Calibration is ORT's own (`create_calibrator`), run once per (method, images) and kept in ORT's calibration-cache
+format, so the dozens of quantizations of a search or a sensitivity analysis calibrate once.
+
+Split from edgekd.export.int8 (which keeps the policy: which methods exist and how ptq-search chooses) so that
+edgekd.export.sensitivity, which int8's search calls, needs this module only and never int8.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+import math
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgekd.errors import EdgeKDError
+from edgekd.export.qdq_rules import graph_links
+
+CALIB_METHODS = ("minmax", "entropy", "percentile")
+PLACEMENTS = ("all", "inputs")  # Q/DQ on every quantizable tensor, or on the inputs of weighted ops only
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+REMOVABLE_ACTIVATIONS = ("Relu", "Clip")  # ORT folds these into the producer's output Q/DQ
+GATES = ("HardSigmoid", "Sigmoid")
+POOLS = ("ReduceMean", "GlobalAveragePool")
+ENTROPY_BINS = 512  # ORT's default (128) gives one candidate threshold; 2048 (TensorRT's) took 3 min per calibration
+PERCENTILE = 99.999
+Z = 2.0  # the validation drop plus two standard errors (its sampling noise, ~97.5% one-sided) must be within max_drop
+
+
+def _ort_method(method: str):
+    from onnxruntime.quantization import CalibrationMethod
+
+    return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile}[method]
+
+
+@dataclass(frozen=True)
+class Preset:
+    activation: str  # QUInt8 | QInt8
+    symmetric_activations: bool
+    dedicated_pairs: bool
+    quantize_bias: bool  # TensorRT takes float biases and fuses them; int32 bias Q/DQ is not for it
+    placements: tuple[str, ...]  # what ptq-search may choose from
+
+
+PRESETS = {
+    "cpu": Preset("QUInt8", symmetric_activations=False, dedicated_pairs=False, quantize_bias=True,
+                  placements=("all",)),
+    "trt": Preset("QInt8", symmetric_activations=True, dedicated_pairs=True, quantize_bias=False,
+                  placements=PLACEMENTS),
+}
+
+
+class _Batches:
+    """ONNX Runtime's CalibrationDataReader protocol over an array of preprocessed training images."""
+
+    def __init__(self, input_name: str, images: np.ndarray, batch_size: int = 32):
+        self.input_name = input_name
+        # Equal batches only: the entropy and percentile calibrators stack per-batch outputs into one array.
+        batch_size = min(batch_size, len(images))
+        usable = len(images) - len(images) % batch_size
+        self.batches = iter([images[i : i + batch_size] for i in range(0, usable, batch_size)])
+
+    def get_next(self):
+        batch = next(self.batches, None)
+        return None if batch is None else {self.input_name: batch}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything a quantization is made of, apart from the model and the preset."""
+
+    method: str = "minmax"
+    images: int = 512
+    placement: str = "all"
+    float_groups: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "images": self.images, "placement": self.placement,
+                "float_groups": list(self.float_groups)}
+
+
+@dataclass(frozen=True)
+class NodeGroup:
+    """What one sensitivity row quantizes or keeps float: a weighted op (Conv/Gemm/MatMul) with the Relu/Clip ORT
+    folds into it, or one other quantizable node (Add, Mul, pooling, reshape). Its nodes go to ORT's
+    `nodes_to_quantize` / `nodes_to_exclude`; quantizing a weighted op quantizes its input and output activations
+    and its weights."""
+
+    name: str  # readable: the weight's name (blocks.2.0.conv_dw), or the nearest upstream weight's name + op
+    nodes: tuple[str, ...]
+    op: str
+    tags: tuple[str, ...] = ()  # stem, classifier, depthwise, se, gate, hardswish, residual
+    tensors: tuple[str, ...] = ()  # the activations its nodes quantize (inputs and output)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "op": self.op, "nodes": list(self.nodes), "tags": list(self.tags),
+                "activations": list(self.tensors)}
+
+
+def quantizable_op_types() -> set[str]:
+    """The op types ORT's quantize_static quantizes by default in Q/DQ format (its own registries)."""
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    return set(QDQRegistry) | set(QLinearOpsRegistry)
+
+
+def _label(n) -> str:
+    w = n.input[1]
+    return w[: -len(".weight")] if w.endswith(".weight") else (n.name or w)
+
+
+class _Topology:
+    """One graph's initializers, producer/consumer links and weighted nodes, which every grouping walk reads:
+    built once, not per node."""
+
+    def __init__(self, graph):
+        self.graph = graph
+        self.inits = {t.name: t for t in graph.initializer}
+        self.producers, self.consumers = graph_links(graph)
+        self.outputs = {o.name for o in graph.output}
+        self.weighted = {n.name for n in graph.node
+                         if n.op_type in WEIGHTED_OPS and len(n.input) > 1 and n.input[1] in self.inits}
+
+    def upstream_weighted(self, n):
+        """The nearest weighted node above n (breadth first over its inputs), or None."""
+        producers = self.producers
+        seen, frontier = set(), [i for i in n.input if i in producers]
+        while frontier:
+            nxt = []
+            for t in frontier:
+                p = producers[t]
+                if p.name in self.weighted:
+                    return p
+                if p.name not in seen:
+                    seen.add(p.name)
+                    nxt += [i for i in p.input if i in producers]
+            frontier = nxt
+        return None
+
+    def reaches_output(self, start: str) -> bool:
+        """Does tensor `start` reach a graph output without passing a weighted node? Then its op is the classifier:
+        nothing weighted comes after it."""
+        seen, frontier = set(), [start]
+        while frontier:
+            t = frontier.pop()
+            if t in self.outputs:
+                return True
+            for c in self.consumers.get(t, []):
+                if c.name in seen or c.name in self.weighted:
+                    continue
+                seen.add(c.name)
+                frontier += list(c.output)
+        return False
+
+    def gate_of(self, n):
+        """The (hard) sigmoid feeding Mul n, if any."""
+        producers = self.producers
+        return next((producers[i] for i in n.input if i in producers and producers[i].op_type in GATES), None)
+
+    def is_swish(self, n) -> bool:
+        """Mul(x, HardSigmoid(x)): a HardSwish (or SiLU) ORT's pre-processing decomposed."""
+        g = self.gate_of(n) if n.op_type == "Mul" else None
+        return g is not None and g.input[0] in n.input
+
+    def squeeze_excitation(self) -> tuple[set[str], set[str]]:
+        """(gating Muls, weighted nodes inside their branch) of the squeeze-excitation blocks: pool -> conv -> act
+        -> conv -> (hard) sigmoid -> Mul with the features. A gated Mul without a pool upstream is not one."""
+        se_nodes: set[str] = set()
+        gates: set[str] = set()
+        for n in self.graph.node:
+            if n.op_type != "Mul" or self.gate_of(n) is None or self.is_swish(n):
+                continue
+            frontier, seen, found, pooled = list(self.gate_of(n).input), set(), set(), False
+            while frontier:
+                p = self.producers.get(frontier.pop())
+                if p is None or p.name in seen:
+                    continue
+                seen.add(p.name)
+                if p.op_type in POOLS:
+                    pooled = True
+                elif (p.name in self.weighted or p.op_type in (*REMOVABLE_ACTIVATIONS, *GATES, "HardSwish")
+                      or self.is_swish(p)):
+                    found |= {p.name} & self.weighted
+                    frontier += list(p.input)
+            if pooled:
+                gates.add(n.name)
+                se_nodes |= found
+        return gates, se_nodes
+
+    def weighted_group(self, n, se_nodes: set[str]) -> tuple[list[str], str, list[str]]:
+        """(nodes, name, tags) of a weighted op's group: the op and a lone Relu/Clip after it, which ORT folds into
+        the op's output Q/DQ and so cannot be quantized apart from it."""
+        nodes = [n.name]
+        users = self.consumers.get(n.output[0], [])
+        if len(users) == 1 and users[0].op_type in REMOVABLE_ACTIVATIONS:
+            nodes.append(users[0].name)
+        tags = []
+        if self.upstream_weighted(n) is None:
+            tags.append("stem")
+        if self.reaches_output(n.output[0]):
+            tags.append("classifier")
+        w = self.inits[n.input[1]]
+        group_attr = next((a.i for a in n.attribute if a.name == "group"), 1)
+        if n.op_type == "Conv" and group_attr > 1 and len(w.dims) > 1 and w.dims[1] == 1:
+            tags.append("depthwise")
+        if n.name in se_nodes:
+            tags.append("se")
+        return nodes, _label(n), tags
+
+    def other_group(self, n, gates: set[str]) -> tuple[list[str], str, list[str]]:
+        """(nodes, name, tags) of a node without weights: named after the nearest weight above it, which is what a
+        reader can find in the model."""
+        anchor = self.upstream_weighted(n)
+        name = f"{_label(anchor) if anchor is not None else 'input'}/{n.op_type}"
+        tags = ["se", "gate"] if n.name in gates else ["hardswish"] if self.is_swish(n) else []
+        if n.op_type == "Add" and sum(i in self.producers for i in n.input) == 2:
+            tags.append("residual")
+        return [n.name], name, tags
+
+    def activations(self, n, nodes: list[str]) -> tuple[str, ...]:
+        """The activations a group quantizes: its first node's inputs (a weighted op's data input only: the rest
+        are its weight and bias) and its last node's outputs."""
+        last = next(m for m in self.graph.node if m.name == nodes[-1])
+        tensors = [i for i in (n.input[:1] if n.name in self.weighted else n.input) if i and i not in self.inits]
+        tensors += [o for o in last.output if o]
+        return tuple(dict.fromkeys(tensors))
+
+
+def node_groups(model) -> list[NodeGroup]:
+    """The model's quantizable node groups in graph order, named after their weights where they have one."""
+    topo = _Topology(model.graph)
+    quantizable = quantizable_op_types()
+    gates, se_nodes = topo.squeeze_excitation()
+    groups, taken, names = [], set(), {}
+    for n in model.graph.node:
+        if n.name in taken or n.op_type not in quantizable:
+            continue
+        if n.name in topo.weighted:
+            nodes, name, tags = topo.weighted_group(n, se_nodes)
+        else:
+            nodes, name, tags = topo.other_group(n, gates)
+        taken.update(nodes)
+        count = names.get(name, 0)  # e.g. two Adds below one conv: names address groups, so #2 keeps them apart
+        names[name] = count + 1
+        groups.append(NodeGroup(name if not count else f"{name}#{count + 1}", tuple(nodes), n.op_type, tuple(tags),
+                                topo.activations(n, nodes)))
+    return groups
+
+
+class Quantizer:
+    """One FP32 model and one preset: pre-processed once, calibrated once per (method, images), quantized as often
+    as a search or a sensitivity analysis needs. Use as a context manager (it owns a temporary directory)."""
+
+    def __init__(self, fp32_onnx: Path, preset: str):
+        import onnx
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        if preset not in PRESETS:
+            raise EdgeKDError(f"unknown INT8 preset {preset!r}: use cpu or trt")
+        self.preset_name, self.preset = preset, PRESETS[preset]
+        self._tmp = tempfile.TemporaryDirectory(prefix="edgekd-int8-")
+        self.dir = Path(self._tmp.name)
+        self.pre = self.dir / "pre.onnx"
+        quant_pre_process(str(fp32_onnx), str(self.pre), skip_symbolic_shape=True)
+        model = onnx.load(str(self.pre))
+        unnamed = [n for n in model.graph.node if not n.name]
+        for i, n in enumerate(unnamed):  # node names are how ORT's include/exclude lists address nodes
+            n.name = f"edgekd_{n.op_type}_{i}"
+        if unnamed:
+            onnx.save(model, str(self.pre))
+        self.input_name = model.graph.input[0].name
+        self.groups = node_groups(model)
+        self.by_name = {g.name: g for g in self.groups}
+        self.last_float: list[str] = []  # the groups the last quantize() left out (a recipe's groups and closure)
+        self._count = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        self._tmp.cleanup()
+
+    def group(self, name: str) -> NodeGroup:
+        if name not in self.by_name:
+            raise EdgeKDError(f"unknown node group {name!r}: the model has "
+                              f"{', '.join(g.name for g in self.groups[:6])}, ... ({len(self.groups)} groups)")
+        return self.by_name[name]
+
+    def closure(self, names: Sequence[str]) -> list[NodeGroup]:
+        """The groups to leave out so that the named groups' activations carry no Q/DQ: them, and every group that
+        quantizes one of their tensors."""
+        tensors = {t for n in names for t in self.group(n).tensors}
+        return [g for g in self.groups if g.name in names or tensors & set(g.tensors)]
+
+    def quantize(self, out: Path, calibration: np.ndarray, recipe: Recipe = Recipe(),
+                 only: Sequence[str] | None = None) -> Path:
+        """Quantize to `out` as `recipe` says (its `images` are `calibration`); `only` (group names), if given, are
+        all that is quantized, the rest stays float."""
+        from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+        if recipe.method not in CALIB_METHODS:
+            raise EdgeKDError(f"unknown calibration method {recipe.method!r}: use {', '.join(CALIB_METHODS)}")
+        if recipe.placement not in PLACEMENTS:
+            raise EdgeKDError(f"unknown Q/DQ placement {recipe.placement!r}: use {', '.join(PLACEMENTS)}")
+        if len(calibration) == 0:
+            raise EdgeKDError("no calibration images: raise --calib-size")
+        if only is not None and not only:
+            raise EdgeKDError("`only` names no groups (ORT would read an empty list as 'quantize everything')")
+        p = self.preset
+        extra = {"ActivationSymmetric": p.symmetric_activations, "WeightSymmetric": True,
+                 "DedicatedQDQPair": p.dedicated_pairs, "QuantizeBias": p.quantize_bias}
+        if recipe.placement == "inputs":
+            extra["OpTypesToExcludeOutputQuantization"] = list(WEIGHTED_OPS)
+        left_out = self.closure(recipe.float_groups) if recipe.float_groups else []
+        cache = self.calibrate(calibration, recipe.method)
+        for _ in range(8):
+            noisy = logging.getLogger()
+            level = noisy.level
+            noisy.setLevel(logging.ERROR)  # "please pre-process": it is done
+            try:
+                quantize_static(str(self.pre), str(out), None, quant_format=QuantFormat.QDQ, per_channel=True,
+                                reduce_range=False, activation_type=getattr(QuantType, p.activation),
+                                weight_type=QuantType.QInt8,
+                                nodes_to_quantize=[n for g in only for n in self.group(g).nodes] if only else None,
+                                nodes_to_exclude=[n for g in left_out for n in g.nodes] or None,
+                                calibrate_method=_ort_method(recipe.method), extra_options=extra,
+                                calibration_cache_path=str(cache))
+            finally:
+                noisy.setLevel(level)
+            trapped = [] if only else ort_requantized(out)  # `only` measures what ORT runs, whatever it is
+            if not trapped:
+                self.last_float = [g.name for g in left_out]
+                return Path(out)
+            # A float conv between Q/DQ: leave out what quantizes its input and output too.
+            tensors = {t for n in trapped for t in n}
+            grow = [g for g in self.groups if g not in left_out and tensors & set(g.tensors)]
+            if not grow:
+                break
+            left_out += grow
+        raise EdgeKDError(f"ONNX Runtime would re-quantize float node(s) {', '.join(str(t) for t in trapped)} with "
+                          "per-tensor weights (its WeightBiasQuantization pass): keep fewer groups float")
+
+    def calibrate(self, calibration: np.ndarray, method: str) -> Path:
+        """ORT's calibration of (method, images), computed once and kept as ORT's own calibration cache.
+
+        Computed here with ORT's `create_calibrator` rather than inside `quantize_static`, because
+        `quantize_static` does not pass the histogram settings on: its entropy calibrator then has 128 bins for 128
+        quantized bins, one candidate threshold, and returns the min/max range (entropy == minmax); and its
+        percentile calibrator is symmetric (|x| histograms), which gives asymmetric U8 activations a negative half
+        that post-ReLU tensors never use (microsoft/onnxruntime#10571). Here: entropy with ENTROPY_BINS bins, and
+        percentile symmetric only where the preset's activations are."""
+        from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+
+        digest = hashlib.sha1(np.ascontiguousarray(calibration).tobytes()).hexdigest()[:16]
+        cache = self.dir / f"calib-{method}-{digest}.json"
+        if cache.is_file():
+            return cache
+        options = {"entropy": {"num_bins": ENTROPY_BINS, "num_quantized_bins": 128},
+                   "percentile": {"num_bins": 2048, "percentile": PERCENTILE,
+                                  "symmetric": self.preset.symmetric_activations}}.get(method, {})
+        calibrator = create_calibrator(self.pre, sorted(quantizable_op_types()),
+                                       augmented_model_path=str(self.dir / "augmented.onnx"),
+                                       calibrate_method=_ort_method(method), extra_options=options)
+        chunk = 256  # the histogram calibrators hold every intermediate output of a collect_data call in memory
+        with contextlib.redirect_stdout(io.StringIO()):  # they print progress
+            for i in range(0, len(calibration), chunk):
+                calibrator.collect_data(_Batches(self.input_name, calibration[i : i + chunk]))
+            save_tensors_data(calibrator.compute_data(), cache)
+        del calibrator
+        return cache
+
+    def scratch(self, tag: str = "q") -> Path:
+        """A fresh file name in the working directory for a candidate model."""
+        self._count += 1
+        return self.dir / f"{tag}-{self._count}.onnx"
+
+
+def ort_requantized(model_path: Path) -> list[tuple[str, str]]:
+    """Float Conv/Gemm nodes ORT's CPU session would turn into INT8 ones with per-tensor weights (its
+    WeightBiasQuantization pass, onnxruntime/core/optimizer/qdq_transformer/weight_bias_quantization.cc): a float
+    weight initializer, the input from a per-tensor DequantizeLinear, the output (through Relu/Clip, unbranched)
+    into a QuantizeLinear. Returns their (input, output) tensors."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    producers, consumers = graph_links(graph)
+    found = []
+    for n in graph.node:
+        if n.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(n.input) < 2 or n.input[1] not in inits:
+            continue
+        dq = producers.get(n.input[0])
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[1] not in inits \
+                or math.prod(inits[dq.input[1]].dims) != 1:
+            continue
+        tensor, users = n.output[0], consumers.get(n.output[0], [])
+        while len(users) == 1 and users[0].op_type in REMOVABLE_ACTIVATIONS:
+            tensor, users = users[0].output[0], consumers.get(users[0].output[0], [])
+        if len(users) == 1 and users[0].op_type == "QuantizeLinear":
+            q = producers.get(dq.input[0])
+            found.append((q.input[0] if q is not None and q.op_type == "QuantizeLinear" else n.input[0], tensor))
+    return found
+
+
+@dataclass(frozen=True)
+class Score:
+    accuracy: float
+    agreement: float  # top-1 agreement with the FP32 model on the same images
+    kl: float  # mean KL(FP32 softmax || candidate softmax): finer than accuracy on a small split
+    drop_se: float = 0.0  # standard error of (FP32 - candidate) accuracy, paired on the same images
+
+    def drop(self, fp32: Score) -> float:
+        return fp32.accuracy - self.accuracy
+
+    def drop_bound(self, fp32: Score) -> float:
+        """The accuracy drop plus Z standard errors: what a small validation split can vouch for."""
+        return self.drop(fp32) + Z * self.drop_se
+
+    def to_dict(self) -> dict:
+        return {"accuracy": self.accuracy, "agreement": self.agreement, "kl": self.kl, "drop_se": self.drop_se}
+
+
+class Evaluator:
+    """Accuracy of ONNX models on one labelled split (the validation split, for every choice made here), with
+    agreement and KL against the FP32 model's outputs on the same images."""
+
+    def __init__(self, fp32_onnx: Path, images: np.ndarray, labels: np.ndarray, batch_size: int = 512):
+        if len(images) == 0:
+            raise EdgeKDError("the validation split is empty: INT8 choices need one (raise val_fraction)")
+        self.images, self.labels, self.batch_size = images, np.asarray(labels), batch_size
+        self.evaluations = 0
+        self.reference = self.logits(fp32_onnx)
+        self.fp32 = self._score(self.reference)
+
+    def logits(self, model: Path) -> np.ndarray:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # what a deployment runs
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        self.evaluations += 1
+        return np.concatenate([session.run(None, {name: self.images[i : i + self.batch_size]})[0]
+                               for i in range(0, len(self.images), self.batch_size)])
+
+    def _score(self, logits: np.ndarray) -> Score:
+        ref = getattr(self, "reference", logits)
+        p, q = _log_softmax(ref), _log_softmax(logits)
+        kl = float((np.exp(p) * (p - q)).sum(1).mean())
+        right, ref_right = logits.argmax(1) == self.labels, ref.argmax(1) == self.labels
+        diff = ref_right.astype(np.float64) - right  # paired: +1 lost, -1 gained, 0 same
+        se = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
+        return Score(float(right.mean()), float((logits.argmax(1) == ref.argmax(1)).mean()), max(kl, 0.0), se)
+
+    def score(self, model: Path) -> Score:
+        return self._score(self.logits(model))
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(1, keepdims=True)
+    return x - np.log(np.exp(x).sum(1, keepdims=True))
