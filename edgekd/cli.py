@@ -296,13 +296,16 @@ def cmd_export(args) -> int:
         raise EdgeKDError("--qat-epochs must be at least 1 and --qat-lr at least 0 (0: the student's lr / 100)")
     if args.int8_max_drop < 0:
         raise EdgeKDError("--int8-max-drop is in accuracy points and cannot be negative, e.g. 1.0")
-    unknown = [m for m in compare if m not in INT8_METHODS]
-    if unknown:
-        raise EdgeKDError(f"--int8-compare {','.join(unknown)!r}: use some of {', '.join(INT8_METHODS)}, e.g. ptq,qat-kd")
+    escalate = tuple(m for m in args.int8_escalation.split(",") if m)
+    for option, methods in (("--int8-compare", compare), ("--int8-escalation", escalate)):
+        unknown = [m for m in methods if m not in INT8_METHODS]
+        if unknown:
+            raise EdgeKDError(f"{option} {','.join(unknown)!r}: use some of {', '.join(INT8_METHODS)}, e.g. ptq,qat-kd")
     options = ExportOptions(targets=tuple(targets), calib_size=args.calib_size,
                             calib_method=args.calib_method, int8_presets=tuple(args.int8_preset.split(",")),
                             fp16=args.fp16, eval_limit=args.eval_limit, int8_method=args.int8_method,
-                            int8_max_drop=args.int8_max_drop, int8_sensitivity=args.int8_sensitivity,
+                            int8_max_drop=args.int8_max_drop, int8_escalation=escalate,
+                            int8_sensitivity=args.int8_sensitivity,
                             qat_epochs=args.qat_epochs, qat_lr=args.qat_lr,
                             int8_compare=compare)
     require(export_problems(Path(args.run_dir), options.targets, options.int8_presets, options.calib_size,
@@ -322,7 +325,8 @@ def cmd_export(args) -> int:
             check = (f"Δ {m['parity']['max_abs_logit_diff']:.1e}" if "parity" in m else
                      f"{m['accuracy_change_vs_fp32'] * 100:+.2f} pts" if "accuracy_change_vs_fp32" in m else "")
             acc = f"{m['accuracy'] * 100:.2f}" if "accuracy" in m else "-"
-            table.add_row(label, key, m["precision"], acc, check, f"{m['bytes'] / 2**20:.2f}")
+            name = key if m.get("deployed", True) else f"[red]{key} (not deployed)[/red]"
+            table.add_row(label, name, m["precision"], acc, check, f"{m['bytes'] / 2**20:.2f}")
         manifest = read_json(bundle / MANIFEST)
         for preset, record in manifest.get("int8_sensitivity", {}).items():
             from edgekd.export.sensitivity import sensitivity_table
@@ -351,6 +355,9 @@ def cmd_bench(args) -> int:
             record = bench_bundle(Path(bundle), options, progress=lambda text: status.update(f"bench {text}"))
         path = save_bench(record, Path(args.out) if args.out and len(args.bundle) == 1 else None)
         console.print(bench_table(record))
+        for key, why in record.get("not_deployed", {}).items():
+            console.print(f"[yellow]skipped {escape(key)}: not deployed ({escape(why)}); --model {escape(key)} "
+                          "benches it anyway[/yellow]", highlight=False)
         console.print(f"[dim]written {path}[/dim]")
     return 0
 
@@ -553,7 +560,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qat-epochs", type=int, default=2, help="qat-kd: fine-tune epochs (default 2)")
     p.add_argument("--qat-lr", type=float, default=0.0, help="qat-kd: learning rate (default: the student's / 100)")
     p.add_argument("--int8-max-drop", type=float, default=1.0,
-                   help="ptq-search: allowed validation accuracy drop vs FP32, in points (default 1.0)")
+                   help="the INT8 guard: the most a deployed INT8 model may lose against FP32 on the validation split, "
+                        "in points (default 1.0); also ptq-search's target")
+    p.add_argument("--int8-escalation", default="ptq-search", metavar="METHODS",
+                   help="INT8 methods tried in turn when a model fails the guard (default ptq-search; add qat-kd to "
+                        "train); if none holds, the model is kept but marked not deployed, and bench skips it")
     p.add_argument("--int8-sensitivity", action="store_true",
                    help="per node group INT8 sensitivity on the validation split, in the manifest and printed "
                         "(implies --target int8)")

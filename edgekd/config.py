@@ -122,6 +122,11 @@ class DeployConfig:
     # "ptq" or "ptq-search": plain post-training INT8 costs depthwise students points (MobileNetV3's hard-swish
     # outliers); ptq-search picks the calibration and keeps the fewest sensitive node groups float, on validation.
     int8_method: str = "ptq"
+    # The guard on every deployed INT8 model: at most this many points lost against FP32 on the validation split
+    # (never test). A model past it is made again by each method of int8_escalation in turn (qat-kd trains, so it
+    # is left to the profile to ask for); if none holds, the bundle keeps it marked not deployed, with the reason.
+    int8_max_drop: float = 1.0
+    int8_escalation: list[str] = field(default_factory=lambda: ["ptq-search"])
     # qat-kd: fine-tune each student this many epochs with fake quantization, against its own teacher and losses, at
     # qat_lr (0: a hundredth of the student's lr: the weights are trained; only the rounding is being learned).
     qat_epochs: int = 2

@@ -289,6 +289,7 @@ class BenchRecord:
     schema_version: int = SCHEMA_VERSION
     wall_s: float | None = None  # the bench's own time (absent in records written before edgekd recorded it)
     fingerprint: str = ""  # of the bench key (the bundle's model files, the bench options)
+    not_deployed: dict = field(default_factory=dict)  # models the export's INT8 guard did not deploy: the reason
 
     @classmethod
     def read(cls, path: Path, study_root: Path | None = None) -> BenchRecord:
@@ -299,7 +300,7 @@ class BenchRecord:
         opts = b.get("options", {})
         return cls(path, b["dataset"], b["variant"], opts.get("backend", ""), opts.get("device", ""), b["results"],
                    b.get("environment", {}), opts, run, b.get("schema_version", 1), b.get("wall_s"),
-                   b.get("fingerprint", ""))
+                   b.get("fingerprint", ""), dict(b.get("not_deployed") or {}))
 
 
 def read_runs(study_root: Path) -> list[RunRecord]:

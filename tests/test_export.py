@@ -163,3 +163,23 @@ def test_feature_distilled_student_exports_without_its_adapter(tmp_path, tiny_pr
         return sum(numpy_helper.to_array(t).size for t in model.graph.initializer if t.dims)
 
     assert onnx_parameters(root / "fitnet" / "seed0") == onnx_parameters(root / "scratch" / "seed0")
+
+
+def test_parity_is_judged_against_the_logits_scale_and_still_catches_a_wrong_export():
+    """A confident student (logits near 500) whose ONNX model differs by 0.08 (1.6e-4 of the scale, 100% top-1
+    agreement) is a correct export; logits off by their own size, or a changed top-1, are not."""
+    import numpy as np
+
+    from edgekd.export.bundle import ExportOptions, logit_parity
+
+    rng = np.random.default_rng(0)
+    reference = rng.normal(0, 100, (64, 10))
+    reference[np.arange(64), rng.integers(0, 10, 64)] = 500.0
+    options = ExportOptions()
+    close = logit_parity(reference + rng.uniform(-0.08, 0.08, reference.shape), reference, options)
+    assert close["ok"] and close["max_abs_logit_diff"] > 1e-3  # refused by the old absolute 1e-3
+    wrong = logit_parity(reference * rng.uniform(0.5, 1.5, reference.shape), reference, options)
+    assert not wrong["ok"]
+    swapped = reference.copy()
+    swapped[:, [0, 1]] = swapped[:, [1, 0]]  # tiny scale, but other answers
+    assert not logit_parity(swapped / 1000, reference / 1000, options)["ok"]

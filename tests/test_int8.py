@@ -3,6 +3,8 @@ no Q/DQ, choices follow the validation split, and the trt preset keeps TensorRT'
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -249,3 +251,70 @@ def test_a_small_validation_split_is_scored_on_its_augmentation_views_plain_view
     assert (views[:2] == x.numpy()).all() and not (views[2:4] == x.numpy()).all()
     big, _, n = validation_views(x, np.array([3, 1]), padding=2, hflip=True, min_images=2)
     assert n == 1 and (big == x.numpy()).all()
+
+
+def _collapsing_copy(tiny_study, root):
+    """The tiny study with its KD student given one activation outlier: channel 0 of blocks.3.0's output 1000x
+    larger and the next (linear) pointwise conv's input weights 1000x smaller, so FP32 computes exactly what it did,
+    while per-tensor INT8 activations of that tensor lose every other channel."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    study = root / "tiny"
+    shutil.copytree(tiny_study, study, ignore=shutil.ignore_patterns("bundle", "plan.json", "summary.json"))
+    run = study / "synthetic" / "base" / "kd" / "seed0"
+    weights = load_file(run / "model.safetensors")
+    meta = safe_open(str(run / "model.safetensors"), "pt").metadata()
+    weights["blocks.3.0.bn3.weight"][0] *= 1000
+    weights["blocks.3.0.bn3.bias"][0] *= 1000
+    weights["blocks.4.0.conv_pw.weight"][:, 0] /= 1000
+    save_file(weights, run / "model.safetensors", metadata=meta)
+    return study, run
+
+
+def test_the_guard_escalates_a_collapsed_int8_model_on_validation(tiny_study, tmp_path):
+    """Plain ptq collapses the outlier student (it loses more than int8_max_drop on the validation split); the
+    guard makes it again with ptq-search, which floats the outlier, and deploys that; every step is recorded."""
+    from edgekd.export.bundle import ExportOptions, export_run
+
+    _, run = _collapsing_copy(tiny_study, tmp_path)
+    logs = []
+    bundle = export_run(run, ExportOptions(targets=("onnx", "int8"), int8_presets=("cpu",), calib_size=64),
+                        log=logs.append)
+    model = json.loads((bundle / "manifest.json").read_text())["models"]["onnx-int8-cpu"]
+    steps = model["guard"]["steps"]
+    assert steps[0]["method"] == "ptq" and steps[0]["val_drop_pts"] > 1.0  # the collapse, seen on validation
+    assert [s["method"] for s in steps] == ["ptq", "ptq-search"] and steps[1]["val_drop_pts"] <= 1.0
+    assert model["deployed"] and model["method"] == "ptq-search" and model["guard"]["split"] == "validation"
+    assert any("ptq -" in line and "-> deployed (ptq-search)" in line for line in logs)
+
+
+def test_a_model_no_method_saves_is_not_deployed_not_benched_and_shown_as_failed(tiny_study, tmp_path):
+    """Without an escalation that holds, the collapsed INT8 model stays in the bundle marked not deployed with its
+    drop and reason; bench leaves it out (unless named by --model) and the report lists it as a failed export,
+    kept out of the INT8 KD gain."""
+    from edgekd.bench.harness import BenchOptions, bench_bundle, save_bench
+    from edgekd.export.bundle import ExportOptions, export_run
+    from edgekd.report import build_report
+
+    study, run = _collapsing_copy(tiny_study, tmp_path)
+    options = ExportOptions(targets=("onnx", "int8"), int8_presets=("cpu",), calib_size=64, int8_escalation=())
+    bundles = [export_run(r, options, log=lambda line: None) for r in (run, run.parent.parent / "scratch" / "seed0")]
+    model = json.loads((bundles[0] / "manifest.json").read_text())["models"]["onnx-int8-cpu"]
+    assert not model["deployed"] and "loses" in model["not_deployed"] and "validation" in model["not_deployed"]
+    assert (bundles[0] / model["file"]).is_file()  # kept, for --model
+    bench = BenchOptions(batch_sizes=(1,), iters=3, warmup=1)
+    record = bench_bundle(bundles[0], bench)
+    assert "onnx-int8-cpu" not in [r["model"] for r in record["results"]] and "onnx-int8-cpu" in record["not_deployed"]
+    asked = bench_bundle(bundles[0], BenchOptions(batch_sizes=(1,), iters=3, warmup=1, models=("onnx-int8-cpu",)))
+    assert [r["model"] for r in asked["results"]] == ["onnx-int8-cpu"]
+    for bundle in bundles:
+        save_bench(bench_bundle(bundle, bench) if bundle != bundles[0] else record)
+    report = build_report(study)
+    assert [(r["method"], r["model"]) for r in report.not_deployed] == [("kd", "onnx-int8-cpu")]
+    text = (study / "report" / "report.md").read_text()
+    assert "INT8 models not deployed (1)" in text and "loses" in text
+    row = next(r for r in report.retention if r["deployed"].startswith("onnx-int8-cpu"))
+    assert row["not_deployed"] == 1 and row["gain_int8"] is None  # never averaged into a KD gain

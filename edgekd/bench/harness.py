@@ -58,7 +58,8 @@ def latency_stats(times: list[float], batch: int) -> dict:
 
 
 def _entries(bundle: Path, manifest: dict, options: BenchOptions) -> list[tuple[Target, dict]]:
-    """The bundle's models this backend opens (the targets table says which), or those `--model` names."""
+    """The bundle's deployed models this backend opens (the targets table says which), or those `--model` names
+    (a model the export's INT8 guard did not deploy is benched only when named)."""
     present = dict(manifest["models"])
     if (bundle / TARGETS["torch-fp32"].file).is_file():  # the PyTorch reference every bundle carries
         present.setdefault("torch-fp32", {"file": TARGETS["torch-fp32"].file, "precision": "fp32"})
@@ -69,7 +70,7 @@ def _entries(bundle: Path, manifest: dict, options: BenchOptions) -> list[tuple[
             raise EdgeKDError(f"--backend {options.backend} does not run {key} (it is made for {users}): "
                               f"choose one of {', '.join(k for k in present if k in opened) or 'none'}")
     found = [(opened[k], entry) for k, entry in present.items() if k in opened
-             and (not options.models or k in options.models)]
+             and (k in options.models if options.models else entry.get("deployed", True))]
     if not found:
         have = ", ".join(manifest["models"]) or "none"
         made_by = {t.made_by for t in opened.values()}
@@ -77,6 +78,12 @@ def _entries(bundle: Path, manifest: dict, options: BenchOptions) -> list[tuple[
         named = " named " + ",".join(options.models) if options.models else ""
         raise EdgeKDError(f"the bundle has no {options.backend} models{named} (it has: {have}): make them with {fix}")
     return found
+
+
+def not_deployed(manifest: dict, benched: list[str]) -> dict[str, str]:
+    """The bundle's models the export's INT8 guard did not deploy and this bench left out, with the reason."""
+    return {k: m.get("not_deployed", "not deployed") for k, m in manifest["models"].items()
+            if not m.get("deployed", True) and k not in benched}
 
 
 def _open(bundle: Path, target: Target, entry: dict, manifest: dict, options: BenchOptions):
@@ -167,6 +174,7 @@ def bench_bundle(bundle: Path, options: BenchOptions, progress=None) -> dict:
               "student": manifest["student"], "distill": manifest["distill"], "eval_samples": int(len(labels)),
               "options": {k: v for k, v in options.__dict__.items()}, "environment": env,
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "results": results,
+              "not_deployed": not_deployed(manifest, [r["model"] for r in results]),
               "wall_s": round(time.perf_counter() - start, 2),  # this bench's own time, for the report's phases
               "schema_version": key["schema_version"], "key": key, "fingerprint": fingerprint(key)}
     return record

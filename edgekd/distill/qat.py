@@ -33,8 +33,9 @@ from edgekd.errors import EdgeKDError
 
 
 def qat_trainer(options):
-    """The trainer export_run needs for `options` (None unless it makes a qat-kd model, deployed or compared)."""
-    return qat_int8 if "qat-kd" in (options.int8_method, *options.int8_compare) else None
+    """The trainer export_run needs for `options` (None unless it may make a qat-kd model: deployed, as an escalation
+    step of the INT8 guard, or compared)."""
+    return qat_int8 if "qat-kd" in (options.int8_method, *options.int8_compare, *options.int8_escalation) else None
 
 
 def _torchao():

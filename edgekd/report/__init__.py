@@ -24,7 +24,14 @@ from edgekd.report.sections import (
     variant_descriptions,
     what_was_run,
 )
-from edgekd.report.tables import compression_ladder, deploy_rows, int8_compare_rows, variant_rows, write_csv
+from edgekd.report.tables import (
+    compression_ladder,
+    deploy_rows,
+    int8_compare_rows,
+    not_deployed_rows,
+    variant_rows,
+    write_csv,
+)
 from edgekd.runio import write_json
 
 
@@ -37,15 +44,18 @@ class Report:
     ladder: list[dict] = field(default_factory=list)  # compression ladder stages, when the study pruned students
     grids: list[dict] = field(default_factory=list)  # run records of tuned methods (their `grid` field)
     explains: list[dict] = field(default_factory=list)  # Grad-CAM records (edgekd/explain.py)
+    not_deployed: list[dict] = field(default_factory=list)  # INT8 models the export's guard refused: failed exports
     files: dict[str, Path] = field(default_factory=dict)
     left_out: list[str] = field(default_factory=list)  # records on disk not current for the study's last plan
 
 
-def int8_retention(deploy: list[dict], compared: list[dict] = ()) -> list[dict]:
+def int8_retention(deploy: list[dict], compared: list[dict] = (), failed: list[dict] = ()) -> list[dict]:
     """KD gain on each INT8 model next to the gain on the FP32 ONNX model, paired by seed.
 
     All are measured on the bundle's evaluation images, so the gains compare like with like; each INT8 preset (cpu,
     trt) and each INT8 method (the deployed one, and those of deploy.int8_compare, `compared`) gets its own row.
+    A model the export's guard did not deploy (`failed`) is in no bench, so its seed drops out of the pairing; each
+    row counts those seeds (`not_deployed`, of the KD or the scratch student) so the table says what it left out.
     """
     acc: dict[tuple, float] = {}
     for r in (*deploy, *compared):
@@ -60,13 +70,23 @@ def int8_retention(deploy: list[dict], compared: list[dict] = ()) -> list[dict]:
 
     reference = min((k[4] for k in acc if "fp32" in k[4]), default=None)  # onnx-fp32 where it was benched
     out = []
-    for dataset, variant, method, deployed in sorted({(k[0], k[1], k[2], k[4]) for k in acc if k[2]}):
+    rows = {(k[0], k[1], k[2], k[4]) for k in acc if k[2]}
+    names = {k[4] for k in acc}
+    for f in failed:  # a KD student whose INT8 model was refused on every seed still gets its row
+        if f["role"] == "kd":
+            rows |= {(f["dataset"], variant_label(f["variant"], f.get("family", "")), f["method"], n)
+                     for n in ([n for n in names if n.startswith(f["model"])] or [f["model"]])}
+    for dataset, variant, method, deployed in sorted(rows):
         if "int8" not in deployed:
             continue
         g_fp32, g_int8 = gain(dataset, variant, method, reference), gain(dataset, variant, method, deployed)
-        if g_fp32 and g_int8:
+        refused = {f["seed"] for f in failed if f["dataset"] == dataset and deployed.startswith(f["model"])
+                   and variant_label(f["variant"], f.get("family", "")) == variant
+                   and (f["role"] == "scratch" or f["method"] == method)}
+        if g_fp32 and (g_int8 or refused):
             out.append({"dataset": dataset, "variant": variant, "method": method, "deployed": deployed,
-                        "gain_fp32": g_fp32, "gain_int8": g_int8, "seeds": g_int8.n})
+                        "gain_fp32": g_fp32, "gain_int8": g_int8, "seeds": g_int8.n if g_int8 else 0,
+                        "not_deployed": len(refused)})
     return out
 
 
@@ -101,16 +121,36 @@ def _markdown_tables(report: Report) -> list[str]:
                   "'kept' (the INT8 gain as a share of the FP32 gain) is shown only where the FP32 gain is positive "
                   "and at least 1 point: a share of a loss is not kept, and a ratio of two small numbers says "
                   "nothing.", "",
-                  "| dataset | variant | method | INT8 model | KD gain FP32 | KD gain INT8 | kept |",
-                  "|---|---|---|---|---|---|---|"]
+                  "An INT8 model the export's guard did not deploy (it lost more than deploy.int8_max_drop points "
+                  "on the validation split) is a failed export, not a finding: its seed is left out of the INT8 gain "
+                  "and counted under 'not deployed'.", "",
+                  "| dataset | variant | method | INT8 model | KD gain FP32 | KD gain INT8 | not deployed | kept |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in report.retention:
             g32, g8 = r["gain_fp32"], r["gain_int8"]
-            kept = kept_share(g32, g8)
+            int8 = f"{100 * g8.mean:+.2f} ± {100 * g8.std:.2f}" if g8 else "- (no deployed pair)"
+            kept = kept_share(g32, g8) if g8 else "-"
+            refused = f"{r['not_deployed']} seed(s)" if r.get("not_deployed") else "0"
             lines.append(f"| {r['dataset']} | {r['variant']} | {r['method']} | {r['deployed']} | "
-                         f"{100 * g32.mean:+.2f} ± {100 * g32.std:.2f} | {100 * g8.mean:+.2f} ± {100 * g8.std:.2f} | {kept} |")
+                         f"{100 * g32.mean:+.2f} ± {100 * g32.std:.2f} | {int8} | {refused} | {kept} |")
+    lines += _not_deployed_table(report.not_deployed)
     lines += _ladder_table(report.ladder)
     lines += _grid_table(report.grids)
     lines += _explain_table(report.explains)
+    return lines
+
+
+def _not_deployed_table(rows: list[dict]) -> list[str]:
+    """The failed exports: INT8 models the guard kept out of deployment, each with why."""
+    if not rows:
+        return []
+    lines = ["", f"INT8 models not deployed ({len(rows)}): failed exports, left out of every INT8 gain, latency and "
+             "plot; `edgekd bench BUNDLE --model KEY` still benches one.", "",
+             "| dataset | variant | student | seed | model | reason |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        student = r["method"] if r["role"] == "kd" else r["role"]
+        lines.append(f"| {r['dataset']} | {variant_label(r['variant'], r.get('family', ''))} | {student} | "
+                     f"{r['seed']} | {r['model']} | {r['reason']} |")
     return lines
 
 
@@ -219,11 +259,12 @@ def build_report(study_root: Path) -> Report:
     out = study_root / "report"
     out.mkdir(exist_ok=True)
     deploy = deploy_rows(study_root, selection.benches)
+    refused = not_deployed_rows(selection.benches)
     report = Report(study_root, variant_rows(records), deploy,
-                    int8_retention(deploy, int8_compare_rows(selection.benches)),
+                    int8_retention(deploy, int8_compare_rows(selection.benches), refused),
                     compression_ladder(deploy, records), [r for r in records if (r.get("grid") or {}).get("chosen")
                                                           is not None], selection.explains,
-                    left_out=selection.left_out)
+                    left_out=selection.left_out, not_deployed=refused)
     write_csv(out / "runs.csv", records)
     write_csv(out / "variants.csv", report.variants)
     write_csv(out / "deploy.csv", deploy)

@@ -168,7 +168,7 @@ def int8_retention(retention: list[dict]) -> bytes | None:
         for i, g in enumerate(groups):
             row = next((r for r in retention if (r["dataset"], r["variant"], r["method"]) == g
                         and (model is None or r["deployed"] == model)), None)
-            if row:
+            if row and row[key] is not None:  # no deployed INT8 model on any seed: nothing to draw
                 xs.append(i + (j - len(models) / 2) * width)
                 ys.append(100 * row[key].mean)
                 errs.append(100 * row[key].std)

@@ -95,6 +95,21 @@ def deploy_rows(study_root: Path, benches: list[BenchRecord] | None = None) -> l
     return rows
 
 
+def not_deployed_rows(benches: list[BenchRecord]) -> list[dict]:
+    """Each model the export's INT8 guard refused to deploy (it lost more than deploy.int8_max_drop points on the
+    validation split after every escalation step): a failed export, never a finding, with its reason."""
+    rows, seen = [], set()
+    for record in benches:
+        run = record.run
+        for model, reason in record.not_deployed.items():
+            if run is None or (record.path.parent, model) in seen:
+                continue
+            seen.add((record.path.parent, model))
+            rows.append({"dataset": run.dataset, "variant": run.variant, "family": run.family, "role": run.role,
+                         "method": run.method, "seed": run.seed, "model": model, "reason": reason})
+    return rows
+
+
 def _bundle_manifest(record: BenchRecord) -> dict:
     try:
         return read_json(record.path.parent / MANIFEST)

@@ -1,0 +1,77 @@
+"""The INT8 guard on a whole study: run a profile (the README quickstart by default) for one or more seed lists and
+list every INT8 model it made: the method the guard deployed it with, its validation drop at each step, whether it
+was deployed, and its change against FP32 on test (the bundle's eval.npz), which played no part in the choice.
+
+    python benchmarks/int8_guard.py --out /tmp/g                              # seeds [0, 1, 2]
+    python benchmarks/int8_guard.py --out /tmp/g --seeds 0,1,2 --seeds 3,4,5 --seeds 6,7,8
+
+One --out for every seed list: the teacher and its caches are trained once and reused. Writes
+benchmarks/results/int8_guard-<name>-cpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import save, show  # noqa: E402
+
+from edgekd.config import load_profile  # noqa: E402
+from edgekd.runio import BUNDLE, MANIFEST, METRICS  # noqa: E402
+from edgekd.workflows import study  # noqa: E402
+
+
+def int8_models(root: Path, seeds: list[int]) -> list[dict]:
+    """Every INT8 model of the study's bundles for these seeds, as the manifests record them."""
+    rows = []
+    for manifest_path in sorted(root.glob(f"*/*/*/seed*/{BUNDLE}/{MANIFEST}")):
+        run = manifest_path.parent.parent
+        metrics = json.loads((run / METRICS).read_text())
+        if metrics["seed"] not in seeds:
+            continue
+        for key, m in json.loads(manifest_path.read_text())["models"].items():
+            if m.get("precision") != "int8" or "guard" not in m:
+                continue
+            rows.append({"run": str(run.relative_to(root)), "seed": metrics["seed"], "model": key,
+                         "method": m["method"], "deployed": m["deployed"], "reason": m.get("not_deployed"),
+                         "steps": m["guard"]["steps"], "test_change_pts": round(m["accuracy_change_vs_fp32"] * 100, 2)})
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="profiles/quickstart.toml")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--seeds", action="append", help="comma-separated seeds, repeatable (default 0,1,2)")
+    parser.add_argument("--name", default="int8_guard-quickstart")
+    args = parser.parse_args()
+    lists = [[int(s) for s in group.split(",")] for group in (args.seeds or ["0,1,2"])]
+    runs = []
+    for seeds in lists:
+        profile = load_profile(args.profile, [f"study.seeds={seeds}"])
+        start = time.perf_counter()
+        study(profile, Path(args.out))
+        rows = int8_models(Path(args.out).absolute() / profile.study.name, seeds)
+        runs.append({"seeds": seeds, "wall_s": round(time.perf_counter() - start, 1), "models": rows})
+    every = [r for run in runs for r in run["models"]]
+    show(f"INT8 models of {args.profile}: the guard's choice on validation, the change on test", ["run", "model",
+         "steps (validation drop, pts)", "deployed", "test change (pts)"],
+         [[r["run"], r["model"], " -> ".join(f"{s['method']} {-s['val_drop_pts']:+.2f}" for s in r["steps"]
+                                             if "val_drop_pts" in s), "yes" if r["deployed"] else "NO",
+           r["test_change_pts"]] for r in every])
+    deployed = [r for r in every if r["deployed"]]
+    summary = {"models": len(every), "deployed": len(deployed), "not_deployed": len(every) - len(deployed),
+               "escalated": sum(len([s for s in r["steps"] if "val_drop_pts" in s]) > 1 for r in every),
+               "deployed_within_1pt_on_test": sum(r["test_change_pts"] >= -1.0 for r in deployed),
+               "worst_deployed_test_change_pts": min((r["test_change_pts"] for r in deployed), default=None)}
+    print(json.dumps(summary))
+    print(save(args.name, {"profile": args.profile, "summary": summary, "runs": runs}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
