@@ -442,7 +442,9 @@ def _guarded_int8(ex: _Export, preset: str, file: str, val: Evaluator, qat) -> t
             info, analysis = _make_int8(ex, method, preset, path, val, options.int8_sensitivity and not tried, qat)
             score = val.score(path)
             drop = round((val.fp32.accuracy - score.accuracy) * 100, 3)
-            steps.append({"method": method, "val_accuracy": score.accuracy, "val_drop_pts": drop})
+            # agreement with FP32 on the same images: label-free, and 1 - agreement bounds the accuracy change
+            steps.append({"method": method, "val_accuracy": score.accuracy, "val_drop_pts": drop,
+                          "val_agreement": score.agreement})
             tried.append(f"{method} {-drop:+.1f} pts")
             if best is None or drop < best[0]:
                 best = (drop, method, path, info, analysis)
