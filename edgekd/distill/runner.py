@@ -52,7 +52,7 @@ from edgekd.models.pruning import PRUNED, prune_channels
 from edgekd.pipeline.events import Reporter
 from edgekd.pipeline.graph import Context, Job
 from edgekd.records import fingerprint
-from edgekd.roles import BASE_VARIANT, CACHE, Role, grid_role
+from edgekd.roles import BASE_VARIANT, Role, grid_role
 from edgekd.runio import (
     CHECKPOINTS,
     METRICS,
@@ -414,5 +414,3 @@ def _train_job(run: _Run, variant: VariantData, log: _RunLog, start: float, key:
     (job.run_dir / CHECKPOINTS[1]).unlink(missing_ok=True)  # the best weights are saved above
     return metrics
 
-
-__all__ = ["CACHE", "augment_for", "dataset_splits", "run_cache", "run_training", "trained_teacher"]
