@@ -12,6 +12,7 @@ kind does.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,6 @@ from edgekd.runio import UnreadableFile, read_json, sha256_file, write_json
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from edgekd.pipeline.events import Reporter
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class Context:
     profile: Any
     root: Path
     force: bool = False
-    reporter: Reporter | None = None
+    reporter: Any = None  # an edgekd.pipeline.events.Reporter; None: nobody listens
     setup: Callable[[int], None] | None = None
     # What the composition root wires between stages that may not import each other, by name (module-level
     # callables, so the context still pickles): export's INT8 trainer `int8_trainer` comes from distill.
@@ -95,7 +95,7 @@ def input_fingerprint(path: Path, what: str) -> str:
     return _SHA[memo]
 
 
-class JobKind:
+class JobKind(ABC):
     """What a stage implements for each kind of job it runs. `plan` adds the kind's jobs to the graph (after those
     of earlier stages, which it may depend on); `key` is what the record must carry to be current (NotReady while
     an input is missing); `damage` finds broken outputs cheaply; `outgrown` says why a record with the current key
@@ -109,11 +109,13 @@ class JobKind:
     def plan(self, ctx: PlanContext, planned: list[Job]) -> list[Job]:
         return []
 
+    @abstractmethod
     def record(self, job: Job) -> Path:
-        raise NotImplementedError
+        """The file whose presence, with the current key, means the job is done."""
 
+    @abstractmethod
     def key(self, ctx: Context, job: Job) -> dict:
-        raise NotImplementedError
+        """What the record must carry to be current; NotReady while an input is missing."""
 
     def damage(self, ctx: Context, job: Job, record: dict) -> str | None:
         return None
@@ -121,8 +123,9 @@ class JobKind:
     def outgrown(self, ctx: Context, job: Job, record: dict) -> str | None:
         return None
 
+    @abstractmethod
     def run(self, ctx: Context, job: Job, status: Status) -> dict:
-        raise NotImplementedError
+        """Do the work (the driver found the job not current; `status.key` is its key) and return the record."""
 
     def prepare(self, ctx: PlanContext, jobs: list[Job], measured: dict) -> list[Job]:
         return jobs
