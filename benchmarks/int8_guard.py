@@ -1,6 +1,7 @@
 """The INT8 guard on a whole study: run a profile (the README quickstart by default) for one or more seed lists and
-list every INT8 model it made: the method the guard deployed it with, its validation drop at each step, whether it
-was deployed, and its change against FP32 on test (the bundle's eval.npz), which played no part in the choice.
+list every INT8 model it made: the method the guard deployed it with, at each step the share of FP32's answers it
+changed on validation (the guard's rule) and its validation accuracy change, whether it was deployed, and its change
+against FP32 on test (the bundle's eval.npz), which played no part in the choice.
 
     python benchmarks/int8_guard.py --out /tmp/g                              # seeds [0, 1, 2]
     python benchmarks/int8_guard.py --out /tmp/g --seeds 0,1,2 --seeds 3,4,5 --seeds 6,7,8
@@ -38,7 +39,8 @@ def int8_models(root: Path, seeds: list[int]) -> list[dict]:
                 continue
             rows.append({"run": str(run.relative_to(root)), "seed": metrics["seed"], "model": key,
                          "method": m["method"], "deployed": m["deployed"], "reason": m.get("not_deployed"),
-                         "steps": m["guard"]["steps"], "test_change_pts": round(m["accuracy_change_vs_fp32"] * 100, 2)})
+                         "steps": m["guard"]["steps"], "test_change_pts": round(m["accuracy_change_vs_fp32"] * 100, 2),
+                         "float_groups": m.get("mixed_precision", {}).get("k", 0)})
     return rows
 
 
@@ -59,15 +61,17 @@ def main() -> int:
         runs.append({"seeds": seeds, "wall_s": round(time.perf_counter() - start, 1), "models": rows})
     every = [r for run in runs for r in run["models"]]
     show(f"INT8 models of {args.profile}: the guard's choice on validation, the change on test", ["run", "model",
-         "steps (validation drop, pts)", "deployed", "test change (pts)"],
-         [[r["run"], r["model"], " -> ".join(f"{s['method']} {-s['val_drop_pts']:+.2f}" for s in r["steps"]
-                                             if "val_drop_pts" in s), "yes" if r["deployed"] else "NO",
-           r["test_change_pts"]] for r in every])
+         "steps (validation: answers changed %, accuracy change pts)", "float groups", "deployed",
+         "test change (pts)"],
+         [[r["run"], r["model"], " -> ".join(f"{s['method']} {s['val_flips_pts']:.1f}% {-s['val_drop_pts']:+.2f}"
+                                             for s in r["steps"] if "val_flips_pts" in s), r["float_groups"],
+           "yes" if r["deployed"] else "NO", r["test_change_pts"]] for r in every])
     deployed = [r for r in every if r["deployed"]]
     summary = {"models": len(every), "deployed": len(deployed), "not_deployed": len(every) - len(deployed),
-               "escalated": sum(len([s for s in r["steps"] if "val_drop_pts" in s]) > 1 for r in every),
+               "escalated": sum(len([s for s in r["steps"] if "val_flips_pts" in s]) > 1 for r in every),
                "deployed_within_1pt_on_test": sum(r["test_change_pts"] >= -1.0 for r in deployed),
-               "worst_deployed_test_change_pts": min((r["test_change_pts"] for r in deployed), default=None)}
+               "worst_deployed_test_change_pts": min((r["test_change_pts"] for r in deployed), default=None),
+               "not_deployed_test_change_pts": [r["test_change_pts"] for r in every if not r["deployed"]]}
     print(json.dumps(summary))
     print(save(args.name, {"profile": args.profile, "summary": summary, "runs": runs}))
     return 0

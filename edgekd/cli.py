@@ -295,7 +295,7 @@ def cmd_export(args) -> int:
     if args.qat_epochs < 1 or args.qat_lr < 0:
         raise EdgeKDError("--qat-epochs must be at least 1 and --qat-lr at least 0 (0: the student's lr / 100)")
     if args.int8_max_drop < 0:
-        raise EdgeKDError("--int8-max-drop is in accuracy points and cannot be negative, e.g. 1.0")
+        raise EdgeKDError("--int8-max-drop is a percentage and cannot be negative, e.g. 1.0")
     escalate = tuple(m for m in args.int8_escalation.split(",") if m)
     for option, methods in (("--int8-compare", compare), ("--int8-escalation", escalate)):
         unknown = [m for m in methods if m not in INT8_METHODS]
@@ -560,8 +560,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qat-epochs", type=int, default=2, help="qat-kd: fine-tune epochs (default 2)")
     p.add_argument("--qat-lr", type=float, default=0.0, help="qat-kd: learning rate (default: the student's / 100)")
     p.add_argument("--int8-max-drop", type=float, default=1.0,
-                   help="the INT8 guard: the most a deployed INT8 model may lose against FP32 on the validation split, "
-                        "in points (default 1.0); also ptq-search's target")
+                   help="the INT8 guard: the most of FP32's answers a deployed INT8 model may change on the "
+                        "validation split, in percent (default 1.0; it bounds the points lost); ptq-search's target")
     p.add_argument("--int8-escalation", default="ptq-search", metavar="METHODS",
                    help="INT8 methods tried in turn when a model fails the guard (default ptq-search; add qat-kd to "
                         "train); if none holds, the model is kept but marked not deployed, and bench skips it")

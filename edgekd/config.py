@@ -122,8 +122,8 @@ class DeployConfig:
     # "ptq" or "ptq-search": plain post-training INT8 costs depthwise students points (MobileNetV3's hard-swish
     # outliers); ptq-search picks the calibration and keeps the fewest sensitive node groups float, on validation.
     int8_method: str = "ptq"
-    # The guard on every deployed INT8 model: at most this many points lost against FP32 on the validation split
-    # (never test). A model past it is made again by each method of int8_escalation in turn (qat-kd trains, so it
+    # The guard on every deployed INT8 model: at most this percent of FP32's top-1 answers changed on the validation
+    # split (never test), which bounds the points it can lose; label-free, so wrong validation labels hide nothing. A model past it is made again by each method of int8_escalation in turn (qat-kd trains, so it
     # is left to the profile to ask for); if none holds, the bundle keeps it marked not deployed, with the reason.
     int8_max_drop: float = 1.0
     int8_escalation: list[str] = field(default_factory=lambda: ["ptq-search"])

@@ -130,7 +130,8 @@ def test_qat_kd_exports_learned_scales_with_parity(qat_study):
 
     for role, losses in (("kd", {"ce", "kd"}), ("scratch", {"ce"})):
         bundle = export_run(qat_study / role / "seed0", ExportOptions(
-            targets=("onnx", "int8"), int8_presets=("cpu", "trt"), int8_method="qat-kd", qat_epochs=1),
+            targets=("onnx", "int8"), int8_presets=("cpu", "trt"), int8_method="qat-kd", qat_epochs=1,
+            int8_max_drop=100.0),  # the mechanics of qat-kd, not the guard: the tiny student changes many answers
             log=lambda line: None, qat=qat_int8)
         models = read_json(bundle / "manifest.json")["models"]
         for preset in ("cpu", "trt"):

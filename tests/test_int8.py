@@ -175,24 +175,25 @@ def test_the_search_fixes_the_fragile_model_and_records_its_choices(fragile, tmp
     assert {c["images"] for c in info["calibration"]["candidates"]} == {32, 64, 200}
 
 
-def test_calibration_is_chosen_on_validation_not_test(tmp_path):
-    """Calibration images with a few huge outliers: minmax stretches every range, percentile clips them, and the
-    two INT8 models answer differently. The validation labels are percentile's answers, the test labels minmax's:
-    the search only sees validation and must pick percentile."""
+def test_calibration_is_chosen_by_answers_kept_on_validation(tmp_path):
+    """Two calibrations, one with two huge outlier images: minmax stretches every range with them and changes many
+    of FP32's answers. The search scores both on the validation images only, whose labels are all wrong on purpose
+    (the choice is label-free: answers kept against FP32), and must pick the clean one."""
     path = tiny_model(tmp_path / "plain.onnx", fragile=False, seed=3)
     calib = images(128, 4)
     calib[:2] *= 60
+    clean, dirty = calib[2:], calib
     with Quantizer(path, "cpu") as q:
-        x_val, x_test = images(300, 5), images(300, 6)
-        by = {m: q.quantize(tmp_path / f"{m}.onnx", calib, Recipe(m, len(calib))) for m in ("minmax", "percentile")}
-        val = Evaluator(path, x_val, predictions(by["percentile"], x_val))
-        test = Evaluator(path, x_test, predictions(by["minmax"], x_test))
-        assert (predictions(by["minmax"], x_val) != val.labels).any(), "the methods must disagree for this test"
-        recipe, score, rows = search_calibration(q, lambda n: calib[:n], [len(calib)], val,
-                                                 methods=("minmax", "percentile"))
-    assert recipe.method == "percentile" and score.accuracy == 1.0
-    assert test.score(by["minmax"]).accuracy > test.score(by["percentile"]).accuracy  # test would say minmax
-    assert {r["method"] for r in rows} == {"minmax", "percentile"}
+        x_val = images(300, 5)
+        by = {n: q.quantize(tmp_path / f"{n}.onnx", c, Recipe("minmax", len(c))) for n, c in (("clean", clean),
+                                                                                          ("dirty", dirty))}
+        val = Evaluator(path, x_val, (predictions(path, x_val) + 1) % 4)  # every label wrong
+        flips = {n: val.score(by[n]).flips for n in by}
+        assert flips["dirty"] > flips["clean"] + 0.05, f"the calibrations must differ for this test: {flips}"
+        recipe, score, rows = search_calibration(q, lambda n: calib[len(calib) - n:], [len(clean), len(dirty)], val,
+                                                 methods=("minmax",))
+    assert recipe.images == len(clean) and score.flips == flips["clean"] and score.accuracy == 0.0
+    assert {r["images"] for r in rows} == {len(clean), len(dirty)}
 
 
 def test_trt_preset_keeps_tensorrt_rules(fragile, tmp_path):
@@ -201,12 +202,12 @@ def test_trt_preset_keeps_tensorrt_rules(fragile, tmp_path):
     path, val = fragile
     out = tmp_path / "trt.onnx"
     info, _ = make_int8(path, out, "trt", lambda n: images(n, 2), 64, method="ptq-search", calib_size=64, val=val,
-                        max_drop=0.1)
+                        max_drop=0.15)
     report = check_tensorrt_qdq(out)
     assert report.ok, report.problems
     assert {c["placement"] for c in info["calibration"]["candidates"]} == {"all", "inputs"}
     assert info["mixed_precision"]["float_groups"] == ["classifier"] and info["mixed_precision"]["reached_target"]
-    assert info["validation"]["int8_all"]["accuracy"] < 0.6 < 0.95 < info["validation"]["int8"]["accuracy"]
+    assert info["validation"]["int8_all"]["accuracy"] < 0.6 < 0.85 < info["validation"]["int8"]["accuracy"]
     assert "classifier" in report.float_layers and report.quantized_weights >= 2  # the convs stay INT8
     graph = onnx.load(str(out)).graph
     classifier = next(n for n in graph.node if n.name == "classifier")
@@ -281,14 +282,17 @@ def test_the_guard_escalates_a_collapsed_int8_model_on_validation(tiny_study, tm
 
     _, run = _collapsing_copy(tiny_study, tmp_path)
     logs = []
-    bundle = export_run(run, ExportOptions(targets=("onnx", "int8"), int8_presets=("cpu",), calib_size=64),
-                        log=logs.append)
+    # 2%: the tiny study's barely trained student (34% accuracy) keeps 98.96% of its answers at best
+    bundle = export_run(run, ExportOptions(targets=("onnx", "int8"), int8_presets=("cpu",), calib_size=64,
+                                           int8_max_drop=2.0), log=logs.append)
     model = json.loads((bundle / "manifest.json").read_text())["models"]["onnx-int8-cpu"]
     steps = model["guard"]["steps"]
+    assert steps[0]["val_flips_pts"] > 50 and steps[1]["val_flips_pts"] <= 2.0  # the guard's rule: answers kept
     assert steps[0]["method"] == "ptq" and steps[0]["val_drop_pts"] > 1.0  # the collapse, seen on validation
-    assert [s["method"] for s in steps] == ["ptq", "ptq-search"] and steps[1]["val_drop_pts"] <= 1.0
-    assert model["deployed"] and model["method"] == "ptq-search" and model["guard"]["split"] == "validation"
-    assert any("ptq -" in line and "-> deployed (ptq-search)" in line for line in logs)
+    assert [s["method"] for s in steps] == ["ptq", "ptq-search"] and steps[1]["val_drop_pts"] <= 1.0, steps
+    assert model["deployed"], steps
+    assert model["method"] == "ptq-search" and model["guard"]["split"] == "validation"
+    assert any("ptq " in line and "-> deployed (ptq-search)" in line for line in logs)
 
 
 def test_a_model_no_method_saves_is_not_deployed_not_benched_and_shown_as_failed(tiny_study, tmp_path):
@@ -303,7 +307,7 @@ def test_a_model_no_method_saves_is_not_deployed_not_benched_and_shown_as_failed
     options = ExportOptions(targets=("onnx", "int8"), int8_presets=("cpu",), calib_size=64, int8_escalation=())
     bundles = [export_run(r, options, log=lambda line: None) for r in (run, run.parent.parent / "scratch" / "seed0")]
     model = json.loads((bundles[0] / "manifest.json").read_text())["models"]["onnx-int8-cpu"]
-    assert not model["deployed"] and "loses" in model["not_deployed"] and "validation" in model["not_deployed"]
+    assert not model["deployed"] and "changes" in model["not_deployed"] and "validation" in model["not_deployed"]
     assert (bundles[0] / model["file"]).is_file()  # kept, for --model
     bench = BenchOptions(batch_sizes=(1,), iters=3, warmup=1)
     record = bench_bundle(bundles[0], bench)
@@ -315,6 +319,6 @@ def test_a_model_no_method_saves_is_not_deployed_not_benched_and_shown_as_failed
     report = build_report(study)
     assert [(r["method"], r["model"]) for r in report.not_deployed] == [("kd", "onnx-int8-cpu")]
     text = (study / "report" / "report.md").read_text()
-    assert "INT8 models not deployed (1)" in text and "loses" in text
+    assert "INT8 models not deployed (1)" in text and "changes" in text
     row = next(r for r in report.retention if r["deployed"].startswith("onnx-int8-cpu"))
     assert row["not_deployed"] == 1 and row["gain_int8"] is None  # never averaged into a KD gain

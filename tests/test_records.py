@@ -37,7 +37,7 @@ def benched_study(tiny_study, tiny_bundle, tmp_path_factory):
     shutil.copytree(tiny_study, root, ignore=shutil.ignore_patterns("report", "bench-*.json"))
     bundles = [root / "synthetic" / "base" / "kd" / "seed0" / "bundle",
                export_run(root / "synthetic" / "base" / "scratch" / "seed0",
-                          ExportOptions(targets=("onnx", "int8"), calib_size=64), log=lambda line: None)]
+                          ExportOptions(targets=("onnx", "int8"), calib_size=64, int8_max_drop=100.0), log=lambda line: None)]
     for bundle in bundles:
         save_bench(bench_bundle(bundle, BenchOptions(batch_sizes=(1, 2), iters=3, warmup=1, threads=1)))
     return root

@@ -126,7 +126,7 @@ def reported_study(tiny_study, tiny_bundle, tmp_path_factory):
     shutil.copytree(tiny_study, root, ignore=shutil.ignore_patterns("report", "bench-*.json"))
     for role in ("scratch", "kd"):
         bundle = export_run(root / "synthetic" / "base" / role / "seed0",
-                            ExportOptions(targets=("onnx", "int8"), calib_size=64), log=lambda line: None)
+                            ExportOptions(targets=("onnx", "int8"), calib_size=64, int8_max_drop=100.0), log=lambda line: None)
         save_bench(bench_bundle(bundle, BenchOptions(batch_sizes=(1, 2), iters=3, warmup=1, threads=1)))
     build_report(root)
     return root

@@ -69,8 +69,11 @@ def quantizer(preset: str):
         quant_max=127 if symmetric else 255,
         qscheme=torch.per_tensor_symmetric if symmetric else torch.per_tensor_affine, is_dynamic=False,
         observer_or_fake_quant_ctr=FakeQuantize.with_args(observer=ActObserver, eps=2**-12))
+    # cpu: 7-bit weights, as export's cpu preset (reduce_range): ONNX Runtime's x86 U8S8 kernels saturate on
+    # full-range per-channel weights (edgekd.export.quantize.Preset.reduce_range)
     weight = QuantizationSpec(
-        dtype=torch.int8, quant_min=-127 if symmetric else -128, quant_max=127, qscheme=torch.per_channel_symmetric,
+        dtype=torch.int8, quant_min=-127 if symmetric else -64, quant_max=127 if symmetric else 63,
+        qscheme=torch.per_channel_symmetric,
         ch_axis=0, is_dynamic=False,
         observer_or_fake_quant_ctr=FakeQuantize.with_args(observer=WeightObserver, eps=2**-12))
     return X86InductorQuantizer().set_global(QuantizationConfig(act, act, weight, None, True))

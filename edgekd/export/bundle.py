@@ -25,7 +25,7 @@ import numpy as np
 from edgekd.config import DatasetConfig
 from edgekd.envinfo import package_versions
 from edgekd.errors import EdgeKDError
-from edgekd.export.int8 import Evaluator, make_int8, validation_views
+from edgekd.export.int8 import Evaluator, better, faithful, make_int8, validation_views
 from edgekd.export.qdq_rules import check_tensorrt_qdq
 from edgekd.records import SCHEMA_VERSION, current_runs, fingerprint, group_runs, make_key, variant_label
 from edgekd.runio import METRICS, RUN_PROFILE, WEIGHTS, read_json, write_json
@@ -60,8 +60,9 @@ class ExportOptions:
     # INT8: "ptq" (one calibration, all INT8) or "ptq-search" (calibration and float groups chosen on the validation
     # split; edgekd.export.int8). The sensitivity analysis is recorded in the manifest as `int8_sensitivity`.
     int8_method: str = "ptq"
-    # points: the most an INT8 model may lose against FP32 on the validation split to be deployed (the guard), and
-    # ptq-search's target. A model past it escalates through `int8_escalation`; if none holds it is not deployed.
+    # percent: the most of FP32's top-1 answers an INT8 model may change on the validation split to be deployed (the
+    # guard), and ptq-search's target; it bounds the accuracy lost on any data (edgekd.export.int8.faithful). A model
+    # past it escalates through `int8_escalation`; if none holds it is not deployed.
     int8_max_drop: float = 1.0
     int8_escalation: tuple[str, ...] = ("ptq-search",)
     int8_sensitivity: bool = False
@@ -369,7 +370,8 @@ def _int8_validation(ex: _Export) -> Evaluator | None:
     data = ex.data
     val_x, val_y, views = validation_views(data.val.images, data.val.labels.numpy(), ex.dataset.crop_padding,
                                            ex.dataset.hflip)
-    val = Evaluator(ex.bundle / "model.onnx", normalize(val_x, data.mean, data.std), val_y)
+    clusters = np.tile(np.arange(len(data.val)), views)  # row i is a view of validation image clusters[i]
+    val = Evaluator(ex.bundle / "model.onnx", normalize(val_x, data.mean, data.std), val_y, clusters=clusters)
     ex.manifest["int8_validation"] = {"split": "validation", "images": len(data.val), "views": views,
                                       "scored": len(val_y)}
     return val
@@ -425,10 +427,11 @@ def escalation(options: ExportOptions) -> list[str]:
 
 
 def _guarded_int8(ex: _Export, preset: str, file: str, val: Evaluator, qat) -> tuple[dict, dict | None]:
-    """The preset's INT8 model, deployed only if it loses at most int8_max_drop points against FP32 on the
-    validation split (never test): the profile's method first, then each escalation step until one holds. When
-    none does, the one that lost least stays in the bundle marked not deployed, with its drop and the reason (bench
-    skips it unless asked by --model). Every step and its validation score goes in the manifest."""
+    """The preset's INT8 model, deployed only if it holds on the validation split (never test): its answers differ
+    from FP32's on at most int8_max_drop percent of the validation images (edgekd.export.int8.faithful, which bounds
+    the accuracy it can lose). The profile's method first, then each escalation step until one holds. When none
+    does, the closest stays in the bundle marked not deployed, with its score and the reason (bench skips it unless
+    asked by --model). Every step and its validation scores go in the manifest."""
     options = ex.options
     limit = options.int8_max_drop
     steps, tried, best = [], [], None
@@ -441,24 +444,26 @@ def _guarded_int8(ex: _Export, preset: str, file: str, val: Evaluator, qat) -> t
             path = Path(tmp) / f"{method}-{file}"
             info, analysis = _make_int8(ex, method, preset, path, val, options.int8_sensitivity and not tried, qat)
             score = val.score(path)
-            drop = round((val.fp32.accuracy - score.accuracy) * 100, 3)
-            # agreement with FP32 on the same images: label-free, and 1 - agreement bounds the accuracy change
-            steps.append({"method": method, "val_accuracy": score.accuracy, "val_drop_pts": drop,
-                          "val_agreement": score.agreement})
-            tried.append(f"{method} {-drop:+.1f} pts")
-            if best is None or drop < best[0]:
-                best = (drop, method, path, info, analysis)
-            if drop <= limit:
+            steps.append({"method": method, "val_accuracy": score.accuracy,
+                          "val_drop_pts": round(score.drop(val.fp32) * 100, 3),
+                          "val_flips_pts": round(score.flips * 100, 3), "val_agreement": score.agreement})
+            tried.append(f"{method} {score.flips * 100:.1f}% changed ({-score.drop(val.fp32) * 100:+.1f} pts)")
+            if best is None or better(score, best[0]):
+                best = (score, method, path, info, analysis)
+            if faithful(score, limit / 100):
+                best = (score, method, path, info, analysis)
                 break
-        drop, method, path, info, analysis = best
+        score, method, path, info, analysis = best
         shutil.move(str(path), ex.bundle / file)
-    deployed = drop <= limit
-    reason = None if deployed else (f"loses {drop:.2f} points against FP32 on the validation split after "
-                                    f"{', '.join(s['method'] for s in steps if 'skipped' not in s)} (the guard allows "
-                                    f"{limit:g}: deploy.int8_max_drop)")
-    ex.log(f"int8 {preset}: {' on validation -> '.join(tried)} on validation -> "
-           f"{'deployed' if deployed else 'NOT deployed'} ({method})")
-    guard = {"split": "validation", "images": len(val.labels), "max_drop_pts": limit, "steps": steps,
+    deployed = faithful(score, limit / 100)
+    reason = None if deployed else (
+        f"changes {score.flips * 100:.2f}% of FP32's answers on the validation split ({-score.drop(val.fp32) * 100:+.2f}"
+        f" pts) after {', '.join(s['method'] for s in steps if 'skipped' not in s)}; the guard allows {limit:g}% "
+        "(deploy.int8_max_drop)")
+    ex.log(f"int8 {preset}: {' -> '.join(tried)} on validation -> {'deployed' if deployed else 'NOT deployed'} "
+           f"({method})")
+    guard = {"split": "validation", "images": val.images_scored, "scored": len(val.labels),
+             "rule": "top-1 answers changed against FP32 <= max_flips_pts", "max_flips_pts": limit, "steps": steps,
              "deployed": deployed, "reason": reason}
     return {**info, "deployed": deployed, **({"not_deployed": reason} if reason else {}), "guard": guard}, analysis
 

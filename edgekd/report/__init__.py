@@ -121,8 +121,8 @@ def _markdown_tables(report: Report) -> list[str]:
                   "'kept' (the INT8 gain as a share of the FP32 gain) is shown only where the FP32 gain is positive "
                   "and at least 1 point: a share of a loss is not kept, and a ratio of two small numbers says "
                   "nothing.", "",
-                  "An INT8 model the export's guard did not deploy (it lost more than deploy.int8_max_drop points "
-                  "on the validation split) is a failed export, not a finding: its seed is left out of the INT8 gain "
+                  "An INT8 model the export's guard did not deploy (it changed more than deploy.int8_max_drop "
+                  "percent of FP32's answers on the validation split) is a failed export, not a finding: its seed is left out of the INT8 gain "
                   "and counted under 'not deployed'.", "",
                   "| dataset | variant | method | INT8 model | KD gain FP32 | KD gain INT8 | not deployed | kept |",
                   "|---|---|---|---|---|---|---|---|"]

@@ -96,8 +96,8 @@ def deploy_rows(study_root: Path, benches: list[BenchRecord] | None = None) -> l
 
 
 def not_deployed_rows(benches: list[BenchRecord]) -> list[dict]:
-    """Each model the export's INT8 guard refused to deploy (it lost more than deploy.int8_max_drop points on the
-    validation split after every escalation step): a failed export, never a finding, with its reason."""
+    """Each model the export's INT8 guard refused to deploy (it changed more than deploy.int8_max_drop percent
+    of FP32's answers on the validation split after every escalation step): a failed export, never a finding, with its reason."""
     rows, seen = [], set()
     for record in benches:
         run = record.run
