@@ -221,7 +221,8 @@ def dataset_sizes(name: str, cfg: DatasetConfig) -> tuple[SourceSizes | None, li
 
 def deploy_problems(deploy: DeployConfig) -> list[str]:
     """What `edgekd study` would refuse in the profile's [deploy] table, or lack on this machine to run it."""
-    from edgekd.export.int8 import CALIB_METHODS, INT8_METHODS
+    from edgekd.export.int8 import INT8_METHODS
+    from edgekd.export.quantize import CALIB_METHODS
     from edgekd.targets import BACKENDS, TARGETS, missing_for
 
     presets = sorted({t.preset for t in TARGETS.values() if t.preset})
@@ -235,7 +236,8 @@ def deploy_problems(deploy: DeployConfig) -> list[str]:
         "int8_compare": (set(deploy.int8_compare) <= set(INT8_METHODS), f"a list of {', '.join(INT8_METHODS)}"),
         "int8_escalation": (set(deploy.int8_escalation) <= set(INT8_METHODS),
                             f"a list of {', '.join(INT8_METHODS)} (tried in turn when an INT8 model fails the guard)"),
-        "int8_max_drop": (deploy.int8_max_drop >= 0, "percent of FP32's answers an INT8 model may change on validation, e.g. 1.0"),
+        "int8_max_drop": (deploy.int8_max_drop >= 0,
+                          "percent of FP32's answers an INT8 model may change on validation, e.g. 1.0"),
         "qat_epochs": (deploy.qat_epochs >= 1, "at least 1"),
         "qat_lr": (deploy.qat_lr >= 0, "0 (a hundredth of the student's lr) or more"),
         "eval_limit": (deploy.eval_limit >= 0, "0 (the whole test split) or more"),

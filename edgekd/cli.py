@@ -14,7 +14,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from edgekd.errors import EdgeKDError
-from edgekd.export.int8 import CALIB_METHODS, INT8_METHODS
+from edgekd.export.int8 import INT8_METHODS
+from edgekd.export.quantize import CALIB_METHODS
 from edgekd.runio import MANIFEST
 from edgekd.targets import BACKENDS, EXPORT_TARGETS
 

@@ -123,8 +123,9 @@ class DeployConfig:
     # outliers); ptq-search picks the calibration and keeps the fewest sensitive node groups float, on validation.
     int8_method: str = "ptq"
     # The guard on every deployed INT8 model: at most this percent of FP32's top-1 answers changed on the validation
-    # split (never test), which bounds the points it can lose; label-free, so wrong validation labels hide nothing. A model past it is made again by each method of int8_escalation in turn (qat-kd trains, so it
-    # is left to the profile to ask for); if none holds, the bundle keeps it marked not deployed, with the reason.
+    # split (never test), which bounds the points it can lose; label-free, so wrong validation labels hide nothing.
+    # A model past it is made again by each method of int8_escalation in turn (qat-kd trains, so it is left to the
+    # profile to ask for); if none holds, the bundle keeps it marked not deployed, with the reason.
     int8_max_drop: float = 1.0
     int8_escalation: list[str] = field(default_factory=lambda: ["ptq-search"])
     # qat-kd: fine-tune each student this many epochs with fake quantization, against its own teacher and losses, at

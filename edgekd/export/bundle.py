@@ -448,10 +448,9 @@ def _guarded_int8(ex: _Export, preset: str, file: str, val: Evaluator, qat) -> t
                           "val_drop_pts": round(score.drop(val.fp32) * 100, 3),
                           "val_flips_pts": round(score.flips * 100, 3), "val_agreement": score.agreement})
             tried.append(f"{method} {score.flips * 100:.1f}% changed ({-score.drop(val.fp32) * 100:+.1f} pts)")
-            if best is None or better(score, best[0]):
+            if best is None or better(score, best[0]):  # a faithful model is better than every unfaithful one
                 best = (score, method, path, info, analysis)
             if faithful(score, limit / 100):
-                best = (score, method, path, info, analysis)
                 break
         score, method, path, info, analysis = best
         shutil.move(str(path), ex.bundle / file)

@@ -26,9 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from edgekd.errors import EdgeKDError
-from edgekd.export.quantize import CALIB_METHODS, WEIGHTED_OPS, Evaluator, Quantizer, Recipe, Score
-
-__all__ = ["CALIB_METHODS", "INT8_METHODS", "Evaluator", "faithful", "better", "make_int8", "validation_views"]
+from edgekd.export.quantize import WEIGHTED_OPS, Evaluator, Quantizer, Recipe, Score
 from edgekd.export.sensitivity import analyse, float_order
 
 PTQ_METHODS = ("ptq", "ptq-search")  # post-training, here
@@ -127,8 +125,9 @@ def search_ptq(q: Quantizer, out: Path, calibration: Callable[[int], np.ndarray]
         order, result.ranking = float_order(report)
         best, chosen_groups, covered = (recipe, full), [], set()
         weighted = {g.name for g in q.groups if g.op in WEIGHTED_OPS}
+        most = max(1, int(max_float * len(q.groups)))
         for name in order:
-            if len(chosen_groups) >= max(1, int(max_float * len(q.groups))):
+            if len(chosen_groups) >= most:
                 break
             if name in covered:  # already float as part of an earlier group's closure
                 continue
@@ -146,10 +145,9 @@ def search_ptq(q: Quantizer, out: Path, calibration: Callable[[int], np.ndarray]
                                                  "flips_pts": s.flips * 100})
             log(f"{q.preset_name}: mixed precision k={k} (+{name}): val {s.accuracy:.4f}, "
                 f"{s.flips * 100:.2f}% of answers changed (KL {s.kl:.4f})")
-            if better(s, best[1]):
+            if better(s, best[1]):  # a faithful candidate is always better than every unfaithful one
                 best = (candidate, s)
             if faithful(s, max_drop):
-                best = (candidate, s)
                 break
         chosen, chosen_score = best
     result.recipe = chosen
