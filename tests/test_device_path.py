@@ -22,7 +22,7 @@ from edgekd.cli import build_parser, main
 from edgekd.errors import EdgeKDError
 from edgekd.export import tensorrt_build
 from edgekd.runtime import tensorrt as trt_runtime
-from edgekd.runtime.manifest import read_manifest
+from edgekd.runtime.manifest import read_manifest, write_manifest
 from edgekd.runtime.runners import RUNNERS
 from edgekd.targets import BACKENDS, EXPORT_TARGETS, TARGETS, timing_kind
 
@@ -245,6 +245,22 @@ def test_build_records_engines_strongly_typed_without_tf32(tiny_bundle, tmp_path
     assert not any(name == "builder.build_serialized_network" for name, _ in trt.calls)
     tensorrt_build.build_engines(bundle, ("fp32",), (1, 32, 256), 512, log=lambda line: None)
     assert any(name == "builder.build_serialized_network" for name, _ in trt.calls)
+
+
+def test_an_engine_built_from_a_model_the_guard_refused_is_not_deployed(tiny_bundle, tmp_path, monkeypatch):
+    """The guard judged model.int8-trt.onnx on validation and left it undeployed: its engine inherits that, so
+    `edgekd bench` skips it too; the FP32 engine beside it deploys."""
+    bundle = _copy(tiny_bundle, tmp_path)
+    manifest = read_manifest(bundle)
+    manifest["models"]["onnx-int8-trt"].update(deployed=False, not_deployed="changes 7.00% of FP32's answers")
+    write_manifest(bundle, manifest)
+    monkeypatch.setattr(tensorrt_build, "engine_builder", lambda: (FakeTensorRT("10.3.0"), {
+        "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "uuid": "GPU-1"}))
+    built = tensorrt_build.build_engines(bundle, ("fp32", "int8"), (1, 64, 256), 512, log=lambda line: None)
+    assert built["trt-int8"]["deployed"] is False and "onnx-int8-trt" in built["trt-int8"]["not_deployed"]
+    assert "deployed" not in built["trt-fp32"] and "changes 7.00%" in built["trt-int8"]["not_deployed"]
+    benched = [t.key for t, _ in _entries(bundle, read_manifest(bundle), BenchOptions(backend="trt"))]
+    assert benched == ["trt-fp32"]
 
 
 def test_engine_check_compares_the_gpu_model(monkeypatch):

@@ -254,10 +254,10 @@ def test_a_small_validation_split_is_scored_on_its_augmentation_views_plain_view
     assert n == 1 and (big == x.numpy()).all()
 
 
-def _collapsing_copy(tiny_study, root):
-    """The tiny study with its KD student given one activation outlier: channel 0 of blocks.3.0's output 1000x
-    larger and the next (linear) pointwise conv's input weights 1000x smaller, so FP32 computes exactly what it did,
-    while per-tensor INT8 activations of that tensor lose every other channel."""
+def _collapsing_copy(tiny_study, root, factor: float = 1000):
+    """The tiny study with its KD student given one activation outlier: channel 0 of blocks.3.0's output `factor`
+    times larger and the next (linear) pointwise conv's input weights as much smaller, so FP32 computes what it did,
+    while per-tensor INT8 activations of that tensor lose every other channel (and at 1e5, FP16 overflows)."""
     import shutil
 
     from safetensors import safe_open
@@ -268,9 +268,9 @@ def _collapsing_copy(tiny_study, root):
     run = study / "synthetic" / "base" / "kd" / "seed0"
     weights = load_file(run / "model.safetensors")
     meta = safe_open(str(run / "model.safetensors"), "pt").metadata()
-    weights["blocks.3.0.bn3.weight"][0] *= 1000
-    weights["blocks.3.0.bn3.bias"][0] *= 1000
-    weights["blocks.4.0.conv_pw.weight"][:, 0] /= 1000
+    weights["blocks.3.0.bn3.weight"][0] *= factor
+    weights["blocks.3.0.bn3.bias"][0] *= factor
+    weights["blocks.4.0.conv_pw.weight"][:, 0] /= factor
     save_file(weights, run / "model.safetensors", metadata=meta)
     return study, run
 
@@ -293,6 +293,25 @@ def test_the_guard_escalates_a_collapsed_int8_model_on_validation(tiny_study, tm
     assert model["deployed"], steps
     assert model["method"] == "ptq-search" and model["guard"]["split"] == "validation"
     assert any("ptq " in line and "-> deployed (ptq-search)" in line for line in logs)
+
+
+def test_an_fp16_model_that_overflows_is_caught_on_validation_and_not_deployed(tiny_study, tmp_path):
+    """FP16's failure is overflow: an activation of 1e5 is inf in FP16 (its largest is 65504), though FP32 is
+    unchanged. The guard scores model.fp16.onnx on the validation split and leaves it undeployed; the same student
+    without the outlier deploys its FP16 model."""
+    from edgekd.export.bundle import ExportOptions, export_run
+
+    _, run = _collapsing_copy(tiny_study, tmp_path, factor=1e5)
+    options = ExportOptions(targets=("onnx",), fp16=True)
+    overflowing = json.loads((export_run(run, options, log=lambda line: None) / "manifest.json").read_text())
+    healthy = json.loads((export_run(run.parent.parent / "scratch" / "seed0", options, log=lambda line: None)
+                          / "manifest.json").read_text())
+    model = overflowing["models"]["onnx-fp16"]
+    assert overflowing["models"]["onnx-fp32"]["parity"]["ok"]  # FP32 computes what it did
+    assert not model["deployed"] and model["guard"]["steps"][0]["val_flips_pts"] > 1.0, model["guard"]
+    assert "validation" in model["not_deployed"] and model["guard"]["split"] == "validation"
+    assert healthy["models"]["onnx-fp16"]["deployed"], healthy["models"]["onnx-fp16"]["guard"]
+    assert healthy["models"]["onnx-fp16"]["guard"]["steps"][0]["val_flips_pts"] <= 1.0
 
 
 def test_a_model_no_method_saves_is_not_deployed_not_benched_and_shown_as_failed(tiny_study, tmp_path):

@@ -59,7 +59,7 @@ def latency_stats(times: list[float], batch: int) -> dict:
 
 def _entries(bundle: Path, manifest: dict, options: BenchOptions) -> list[tuple[Target, dict]]:
     """The bundle's deployed models this backend opens (the targets table says which), or those `--model` names
-    (a model the export's INT8 guard did not deploy is benched only when named)."""
+    (a model the export's guard did not deploy is benched only when named)."""
     present = dict(manifest["models"])
     if (bundle / TARGETS["torch-fp32"].file).is_file():  # the PyTorch reference every bundle carries
         present.setdefault("torch-fp32", {"file": TARGETS["torch-fp32"].file, "precision": "fp32"})
@@ -81,7 +81,8 @@ def _entries(bundle: Path, manifest: dict, options: BenchOptions) -> list[tuple[
 
 
 def not_deployed(manifest: dict, benched: list[str]) -> dict[str, str]:
-    """The bundle's models the export's INT8 guard did not deploy and this bench left out, with the reason."""
+    """The bundle's models the export's guard (INT8, FP16, and engines built from them) did not deploy and this
+    bench left out, with the reason."""
     return {k: m.get("not_deployed", "not deployed") for k, m in manifest["models"].items()
             if not m.get("deployed", True) and k not in benched}
 

@@ -27,6 +27,7 @@ from edgekd.envinfo import package_versions
 from edgekd.errors import EdgeKDError
 from edgekd.export.int8 import Evaluator, better, faithful, make_int8, validation_views
 from edgekd.export.qdq_rules import check_tensorrt_qdq
+from edgekd.export.quantize import Score
 from edgekd.records import SCHEMA_VERSION, current_runs, fingerprint, group_runs, make_key, variant_label
 from edgekd.runio import METRICS, RUN_PROFILE, WEIGHTS, read_json, write_json
 from edgekd.runio import sha256_file as sha256
@@ -260,6 +261,7 @@ class _Export:
     manifest: dict
     x: np.ndarray | None = None  # `images` normalised, as every model takes them
     reference: np.ndarray | None = None  # the PyTorch student's logits on `x`: what each export is checked against
+    val: Evaluator | None = None  # the validation split the guards score on (_validation), made on first use
 
     def accuracy_of(self, path: Path) -> tuple[np.ndarray, float]:
         """An ONNX model's logits on the evaluation images and its accuracy, as `edgekd bench` would score it."""
@@ -360,21 +362,33 @@ def logit_parity(logits: np.ndarray, reference: np.ndarray, options: ExportOptio
             "ok": within and agreement >= options.min_agreement}
 
 
-def _int8_validation(ex: _Export) -> Evaluator | None:
-    """What the INT8 guard, ptq-search and the sensitivity analysis score their choices on: the validation split,
-    never eval.npz (test); a small one with its training-augmentation views (see validation_views). None when the
-    bundle makes no INT8 model."""
-    options = ex.options
-    if "int8" not in options.targets:
-        return None
-    data = ex.data
-    val_x, val_y, views = validation_views(data.val.images, data.val.labels.numpy(), ex.dataset.crop_padding,
-                                           ex.dataset.hflip)
-    clusters = np.tile(np.arange(len(data.val)), views)  # row i is a view of validation image clusters[i]
-    val = Evaluator(ex.bundle / "model.onnx", normalize(val_x, data.mean, data.std), val_y, clusters=clusters)
-    ex.manifest["int8_validation"] = {"split": "validation", "images": len(data.val), "views": views,
-                                      "scored": len(val_y)}
-    return val
+def _validation(ex: _Export) -> Evaluator:
+    """What every deploy guard, ptq-search and the sensitivity analysis score their choices on: the validation split,
+    never eval.npz (test); a small one with its training-augmentation views (see validation_views). Made once per
+    export, on first use, with the FP32 ONNX model's answers as the reference."""
+    if ex.val is None:
+        data = ex.data
+        val_x, val_y, views = validation_views(data.val.images, data.val.labels.numpy(), ex.dataset.crop_padding,
+                                               ex.dataset.hflip)
+        clusters = np.tile(np.arange(len(data.val)), views)  # row i is a view of validation image clusters[i]
+        ex.val = Evaluator(ex.bundle / exported_target("fp32").file, normalize(val_x, data.mean, data.std), val_y,
+                           clusters=clusters)
+        ex.manifest["validation"] = {"split": "validation", "images": len(data.val), "views": views,
+                                     "scored": len(val_y), "reference": exported_target("fp32").key}
+    return ex.val
+
+
+def _guard_step(method: str, score: Score, val: Evaluator) -> dict:
+    """One model the guard scored, as the manifest keeps it."""
+    return {"method": method, "val_accuracy": score.accuracy, "val_drop_pts": round(score.drop(val.fp32) * 100, 3),
+            "val_flips_pts": round(score.flips * 100, 3), "val_agreement": score.agreement}
+
+
+def _guard_record(val: Evaluator, limit: float, steps: list[dict], deployed: bool, reason: str | None) -> dict:
+    """The manifest's `guard` of a model: the rule, the split, each step tried, the verdict."""
+    return {"split": "validation", "images": val.images_scored, "scored": len(val.labels),
+            "rule": "top-1 answers changed against FP32 <= max_flips_pts", "max_flips_pts": limit, "steps": steps,
+            "deployed": deployed, "reason": reason}
 
 
 def _make_int8(ex: _Export, method: str, preset: str, path: Path, val: Evaluator | None, sensitivity: bool,
@@ -404,7 +418,7 @@ def _make_int8(ex: _Export, method: str, preset: str, path: Path, val: Evaluator
 def _export_int8(ex: _Export, qat) -> None:
     """One deployed INT8 model per preset by int8_method; int8_compare's other methods beside it, not kept."""
     options = ex.options
-    val = _int8_validation(ex)
+    val = _validation(ex)
     for preset in options.int8_presets:
         target = int8_target(preset)
         file = target.file
@@ -444,9 +458,7 @@ def _guarded_int8(ex: _Export, preset: str, file: str, val: Evaluator, qat) -> t
             path = Path(tmp) / f"{method}-{file}"
             info, analysis = _make_int8(ex, method, preset, path, val, options.int8_sensitivity and not tried, qat)
             score = val.score(path)
-            steps.append({"method": method, "val_accuracy": score.accuracy,
-                          "val_drop_pts": round(score.drop(val.fp32) * 100, 3),
-                          "val_flips_pts": round(score.flips * 100, 3), "val_agreement": score.agreement})
+            steps.append(_guard_step(method, score, val))
             tried.append(f"{method} {score.flips * 100:.1f}% changed ({-score.drop(val.fp32) * 100:+.1f} pts)")
             if best is None or better(score, best[0]):  # a faithful model is better than every unfaithful one
                 best = (score, method, path, info, analysis)
@@ -461,9 +473,7 @@ def _guarded_int8(ex: _Export, preset: str, file: str, val: Evaluator, qat) -> t
         "(deploy.int8_max_drop)")
     ex.log(f"int8 {preset}: {' -> '.join(tried)} on validation -> {'deployed' if deployed else 'NOT deployed'} "
            f"({method})")
-    guard = {"split": "validation", "images": val.images_scored, "scored": len(val.labels),
-             "rule": "top-1 answers changed against FP32 <= max_flips_pts", "max_flips_pts": limit, "steps": steps,
-             "deployed": deployed, "reason": reason}
+    guard = _guard_record(val, limit, steps, deployed, reason)
     return {**info, "deployed": deployed, **({"not_deployed": reason} if reason else {}), "guard": guard}, analysis
 
 
@@ -481,10 +491,27 @@ def _compare_int8(ex: _Export, method: str, preset: str, file: str, val: Evaluat
 
 
 def _export_fp16(ex: _Export) -> None:
-    """model.fp16.onnx: what a strongly typed TensorRT network builds FP16 from."""
+    """model.fp16.onnx: what a strongly typed TensorRT network builds FP16 from. Guarded like INT8, by the same rule
+    on the validation split: FP16's failure is overflow (an activation past 65504 is inf), which shows as answers
+    changed, not as a small logit difference on a few test images."""
     fp16 = exported_target("fp16")
     _export_onnx(ex.model, ex.bundle / fp16.file, ex.shape, half=True)
-    ex.add(fp16.key, fp16.file, fp16.precision, opset=OPSET,
+    val, limit = _validation(ex), ex.options.int8_max_drop
+    try:
+        score = val.score(ex.bundle / fp16.file)
+    except Exception as exc:  # ONNX Runtime here has no kernel for some FP16 op: unchecked is not deployed
+        steps, reason = [], (f"could not be scored on the validation split here ({type(exc).__name__}: "
+                             f"{str(exc)[:160]}); check it on the device with `edgekd bench --model {fp16.key}`")
+    else:
+        steps = [_guard_step("fp16", score, val)]
+        reason = None if faithful(score, limit / 100) else (
+            f"changes {score.flips * 100:.2f}% of FP32's answers on the validation split "
+            f"({-score.drop(val.fp32) * 100:+.2f} pts); the guard allows {limit:g}% (deploy.int8_max_drop)")
+    guard = _guard_record(val, limit, steps, reason is None, reason)
+    changed = f"{steps[0]['val_flips_pts']:.2f}% of FP32's answers changed on validation -> " if steps else ""
+    ex.log(f"fp16: {changed}{'deployed' if reason is None else f'NOT deployed: {reason}'}")
+    ex.add(fp16.key, fp16.file, fp16.precision, opset=OPSET, deployed=reason is None,
+           **({"not_deployed": reason} if reason else {}), guard=guard,
            **_fp16_parity(ex.bundle, ex.reference, ex.images, ex.labels, ex.data))
 
 

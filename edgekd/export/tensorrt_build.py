@@ -55,6 +55,16 @@ def build_engine(trt, onnx_path: Path, engine_path: Path, input_shape: tuple[int
             "workspace_mb": workspace_mb, "build_s": round(time.perf_counter() - start, 2)}
 
 
+def _deployment(manifest: dict, target) -> dict:
+    """An engine is deployed only if the ONNX model it is built from is: the guard judged that model on validation
+    (an INT8 or FP16 model past it is kept in the bundle, marked not deployed), and the engine computes the same."""
+    key, source = next(((k, m) for k, m in manifest["models"].items() if m.get("file") == target.builds_from),
+                       (None, {}))
+    if source.get("deployed", True):
+        return {}
+    return {"deployed": False, "not_deployed": f"built from {key}, which is not deployed: {source.get('not_deployed')}"}
+
+
 def build_engines(bundle: Path, precisions: tuple[str, ...] = ("fp32",), batch_range=(1, 64, 256),
                   workspace_mb: int = 1024, force: bool = False, log: Callable[[str], None] = print) -> dict:
     """Engines for a bundle from its own ONNX files, recorded in its manifest. Returns {key: manifest entry}.
@@ -95,7 +105,7 @@ def build_engines(bundle: Path, precisions: tuple[str, ...] = ("fp32",), batch_r
         log(f"{t.key}: building from {t.builds_from} on {identity['gpu']} with TensorRT {trt.__version__}")
         info = build_engine(trt, bundle / t.builds_from, bundle / t.file, shape, batch_range, workspace_mb)
         entry = {"file": t.file, "precision": t.precision, "format": "tensorrt", "bytes": (bundle / t.file).stat().st_size,
-                 "sha256": sha256_file(bundle / t.file), **wanted, **identity, **info}
+                 "sha256": sha256_file(bundle / t.file), **wanted, **identity, **info, **_deployment(manifest, t)}
         manifest["models"][t.key] = entry
         write_manifest(bundle, manifest)  # after each engine: nothing built is lost to a later failure
         built[t.key] = entry
