@@ -57,6 +57,19 @@ def test_int8_presets(tiny_bundle):
         assert m["calibration"] == {"split": "train", "images": 64, "method": "minmax"}
         assert m["precision"] == "int8" and 0 <= m["accuracy"] <= 1
         assert m["accuracy_change_vs_fp32"] == pytest.approx(m["accuracy"] - models["onnx-fp32"]["accuracy"])
+    # each preset scored as its target computes: cpu by ONNX Runtime's integer kernels, trt with its Q/DQ as written
+    # (in float: TensorRT's int32 arithmetic, not ORT's saturating x86 kernels)
+    from edgekd.runtime.evalset import accuracy, load_eval, predict
+    from edgekd.runtime.runners import OrtRunner
+
+    images, labels = load_eval(tiny_bundle)
+    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    norm = manifest["normalization"]
+    for preset, as_written in (("cpu", False), ("trt", True)):
+        runner = OrtRunner(tiny_bundle / f"model.int8-{preset}.onnx", as_written=as_written)
+        assert models[f"onnx-int8-{preset}"]["accuracy"] == accuracy(predict(runner, images, norm["mean"],
+                                                                             norm["std"]), labels)
+        assert ("as written" in models[f"onnx-int8-{preset}"]["scored_as"]) == as_written
     graph = onnx.load(str(tiny_bundle / "model.int8-cpu.onnx")).graph
     convs = [n for n in graph.node if n.op_type == "Conv"]
     producers = {o: n.op_type for n in graph.node for o in n.output}

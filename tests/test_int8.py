@@ -232,9 +232,9 @@ def test_search_never_sees_more_than_validation(fragile, tmp_path):
     seen = []
 
     class Spy(Evaluator):
-        def logits(self, model):
+        def logits(self, model, as_written=False):
             seen.append(len(self.images))
-            return super().logits(model)
+            return super().logits(model, as_written)
 
     spy = Spy(path, val.images, val.labels)
     with Quantizer(path, "cpu") as q:

@@ -27,7 +27,7 @@ from edgekd.envinfo import package_versions
 from edgekd.errors import EdgeKDError
 from edgekd.export.int8 import Evaluator, better, faithful, make_int8, validation_views
 from edgekd.export.qdq_rules import check_tensorrt_qdq
-from edgekd.export.quantize import Score
+from edgekd.export.quantize import PRESETS, Score
 from edgekd.records import SCHEMA_VERSION, current_runs, fingerprint, group_runs, make_key, variant_label
 from edgekd.runio import METRICS, RUN_PROFILE, WEIGHTS, read_json, write_json
 from edgekd.runio import sha256_file as sha256
@@ -263,9 +263,10 @@ class _Export:
     reference: np.ndarray | None = None  # the PyTorch student's logits on `x`: what each export is checked against
     val: Evaluator | None = None  # the validation split the guards score on (_validation), made on first use
 
-    def accuracy_of(self, path: Path) -> tuple[np.ndarray, float]:
-        """An ONNX model's logits on the evaluation images and its accuracy, as `edgekd bench` would score it."""
-        logits = predict(OrtRunner(path), self.images, self.data.mean, self.data.std)
+    def accuracy_of(self, path: Path, as_written: bool = False) -> tuple[np.ndarray, float]:
+        """An ONNX model's logits on the evaluation images and its accuracy, as `edgekd bench` would score it (with
+        `as_written`, as its target computes it: Preset.score_as_written)."""
+        logits = predict(OrtRunner(path, as_written=as_written), self.images, self.data.mean, self.data.std)
         return logits, accuracy(logits, self.labels)
 
     def add(self, key: str, file: str, precision: str, **info) -> None:
@@ -391,6 +392,11 @@ def _guard_record(val: Evaluator, limit: float, steps: list[dict], deployed: boo
             "deployed": deployed, "reason": reason}
 
 
+# How an INT8 model's accuracy and guard scores were computed here (Preset.score_as_written)
+SCORED_AS = {False: "ONNX Runtime CPU, its integer kernels (what the cpu deployment runs)",
+             True: "Q/DQ as written, in float (TensorRT's int32 arithmetic), not ONNX Runtime's x86 integer kernels"}
+
+
 def _make_int8(ex: _Export, method: str, preset: str, path: Path, val: Evaluator | None, sensitivity: bool,
                qat) -> tuple[dict, dict | None]:
     """One INT8 model by `method` at `path`, scored on the evaluation images like every model of the bundle.
@@ -410,9 +416,11 @@ def _make_int8(ex: _Export, method: str, preset: str, path: Path, val: Evaluator
         info, analysis = make_int8(ex.bundle / "model.onnx", path, preset, calibration, len(data.train), method,
                                    options.calib_method, options.calib_size, val, options.int8_max_drop / 100,
                                    sensitivity, ex.log)
-    _, acc = ex.accuracy_of(path)
+    as_written = PRESETS[preset].score_as_written
+    _, acc = ex.accuracy_of(path, as_written)
     change = acc - ex.manifest["models"][exported_target("fp32").key]["accuracy"]
-    return {"preset": preset, **info, "accuracy": acc, "accuracy_change_vs_fp32": change}, analysis
+    return {"preset": preset, **info, "accuracy": acc, "accuracy_change_vs_fp32": change,
+            "scored_as": SCORED_AS[as_written]}, analysis
 
 
 def _export_int8(ex: _Export, qat) -> None:
@@ -457,7 +465,7 @@ def _guarded_int8(ex: _Export, preset: str, file: str, val: Evaluator, qat) -> t
                 continue
             path = Path(tmp) / f"{method}-{file}"
             info, analysis = _make_int8(ex, method, preset, path, val, options.int8_sensitivity and not tried, qat)
-            score = val.score(path)
+            score = val.score(path, PRESETS[preset].score_as_written)
             steps.append(_guard_step(method, score, val))
             tried.append(f"{method} {score.flips * 100:.1f}% changed ({-score.drop(val.fp32) * 100:+.1f} pts)")
             if best is None or better(score, best[0]):  # a faithful model is better than every unfaithful one

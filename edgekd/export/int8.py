@@ -93,7 +93,7 @@ def search_calibration(q: Quantizer, calibration: Callable[[int], np.ndarray], s
         for placement in q.preset.placements:
             for method in methods:
                 recipe = Recipe(method, len(images), placement)
-                s = val.score(q.quantize(q.scratch("calib"), images, recipe))
+                s = val.score(q.quantize(q.scratch("calib"), images, recipe), q.preset.score_as_written)
                 rows.append({**recipe.to_dict(), **s.to_dict()})
                 rows[-1].pop("float_groups")
                 log(f"{q.preset_name}: calibration {method} x {len(images)} ({placement}): val {s.accuracy:.4f} "
@@ -138,7 +138,7 @@ def search_ptq(q: Quantizer, out: Path, calibration: Callable[[int], np.ndarray]
                 log(f"{q.preset_name}: mixed precision stops before k={len(chosen_groups)}: +{name} would leave "
                     "no weighted layer in INT8")
                 break
-            s = val.score(path)
+            s = val.score(path, q.preset.score_as_written)
             covered |= set(q.last_float)
             k = len(chosen_groups)
             result.mixed_precision_steps.append({"k": k, "float": name, "left_out": len(covered), **s.to_dict(),

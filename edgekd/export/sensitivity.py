@@ -81,15 +81,16 @@ def analyse(q: Quantizer, images: np.ndarray, recipe: Recipe, val: Evaluator,
     its calibration images); score each on `val`."""
     groups = list(groups or q.groups)
     base = Recipe(recipe.method, recipe.images, recipe.placement)
-    full = val.score(q.quantize(q.scratch("all"), images, base))
+    full = val.score(q.quantize(q.scratch("all"), images, base), q.preset.score_as_written)
     rows = []
     for i, g in enumerate(groups):
         row = GroupSensitivity(g)
         if single:
-            row.only = val.score(q.quantize(q.scratch("only"), images, base, only=[g.name]))
+            row.only = val.score(q.quantize(q.scratch("only"), images, base, only=[g.name]),
+                                 q.preset.score_as_written)
         if leave_one_out:
             loo = Recipe(base.method, base.images, base.placement, (g.name,))
-            row.leave_one_out = val.score(q.quantize(q.scratch("loo"), images, loo))
+            row.leave_one_out = val.score(q.quantize(q.scratch("loo"), images, loo), q.preset.score_as_written)
             row.closure = tuple(q.last_float)
         rows.append(row)
         if (i + 1) % 10 == 0 or i + 1 == len(groups):

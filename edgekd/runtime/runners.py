@@ -185,7 +185,9 @@ class OrtRunner(Runner):
                  "tensorrt": "TensorrtExecutionProvider"}
 
     def __init__(self, model: Path, device: str = "cpu", threads: int = 0, provider: str | None = None,
-                 max_batch: int = 256):
+                 max_batch: int = 256, as_written: bool = False):
+        """`as_written`: graph optimizations off, so an INT8 model's Q/DQ runs in float as the ONNX file says (what
+        TensorRT's int32 arithmetic computes), not through ONNX Runtime's fused integer kernels."""
         ort = require("onnxruntime", self.backend)
         self.ort, self.device = ort, device
         wanted = self.PROVIDERS[provider or device]
@@ -195,7 +197,8 @@ class OrtRunner(Runner):
                               f"{_gpu_ort_install()}, or bench with --device cpu")
         model = check_model_file(model)
         options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL if as_written else
+                                            ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
         if threads:
             options.intra_op_num_threads = threads
         providers = self._providers(wanted, model, max_batch)
