@@ -137,6 +137,37 @@ def test_mixed_precision_float_groups_have_no_qdq_in_the_graph(fragile, tmp_path
     assert Evaluator(path, val.images, val.labels).score(out).accuracy > 0.9
 
 
+@pytest.mark.parametrize("preset", ["cpu", "trt"])
+def test_float_regions_are_cut_into_one_quantized_model_exactly(tmp_path, preset):
+    """A model with float groups is the fully quantized model with those groups' nodes as in FP32: every group
+    float gives the FP32 model's logits exactly, none gives the INT8 model's, and one group in between is valid ONNX
+    whose float nodes read no Q/DQ; ORT's quantizer runs once per calibration, not once per candidate."""
+    import onnxruntime as ort
+
+    path = tiny_model(tmp_path / "plain.onnx", fragile=False)
+    x = images(64, 3)
+
+    def logits(model):
+        return ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+
+    with Quantizer(path, preset) as q:
+        calib = images(64, 2)
+        full = q.quantize(tmp_path / "full.onnx", calib, Recipe("minmax", 64))
+        every = q.quantize(tmp_path / "every.onnx", calib, Recipe("minmax", 64, float_groups=tuple(
+            g.name for g in q.groups)))
+        np.testing.assert_array_equal(logits(every), logits(path))
+        assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in onnx.load(str(every)).graph.node)
+        one = q.quantize(tmp_path / "one.onnx", calib, Recipe("minmax", 64, float_groups=("conv_b",)))
+        onnx.checker.check_model(str(one), full_check=True)
+        assert len(q._full) == 1  # one quantize_static for the three models with this calibration
+        assert not np.array_equal(logits(one), logits(full)) and not np.array_equal(logits(one), logits(path))
+    graph = onnx.load(str(one)).graph
+    producers = {o: n for n in graph.node for o in n.output}
+    conv_b = next(n for n in graph.node if n.name == "conv_b")
+    assert conv_b.input[1] == "conv_b.weight" and (conv_b.input[0] not in producers
+                                                   or producers[conv_b.input[0]].op_type != "DequantizeLinear")
+
+
 def test_a_lone_float_conv_between_qdq_is_caught(fragile, tmp_path):
     """ORT's WeightBiasQuantization would give conv_b per-tensor INT8 weights at session start; the guard sees it."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static

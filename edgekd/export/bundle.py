@@ -25,7 +25,7 @@ import numpy as np
 from edgekd.config import DatasetConfig
 from edgekd.envinfo import package_versions
 from edgekd.errors import EdgeKDError
-from edgekd.export.int8 import Evaluator, better, faithful, make_int8, validation_views
+from edgekd.export.int8 import RULES_REVISION, Evaluator, better, faithful, make_int8, validation_views
 from edgekd.export.qdq_rules import check_tensorrt_qdq
 from edgekd.export.quantize import PRESETS, Score
 from edgekd.records import SCHEMA_VERSION, current_runs, fingerprint, group_runs, make_key, variant_label
@@ -117,7 +117,7 @@ def export_key(run: Path, options: ExportOptions) -> dict:
     dataset = read_json(run / RUN_PROFILE)["profile"]["datasets"][name]
     config = {"deploy": {"calib_size": options.calib_size, "calib_method": options.calib_method,
                          "int8_method": options.int8_method, "int8_max_drop": options.int8_max_drop,
-                         "int8_escalation": list(options.int8_escalation),
+                         "int8_escalation": list(options.int8_escalation), "int8_rules": RULES_REVISION,
                          "eval_limit": options.eval_limit,
                          **({"qat_epochs": options.qat_epochs, "qat_lr": options.qat_lr}
                             if "qat-kd" in (options.int8_method, *options.int8_compare) else {}),

@@ -30,6 +30,10 @@ from edgekd.export.quantize import WEIGHTED_OPS, Evaluator, Quantizer, Recipe, S
 from edgekd.export.sensitivity import analyse, float_order
 
 PTQ_METHODS = ("ptq", "ptq-search")  # post-training, here
+# Part of every bundle's key: raised when ptq-search or the guard would choose differently for the same inputs, so
+# that a study does not reuse bundles an older rule made (2: answers kept; 3: float regions cut into one quantized
+# model, the trt preset scored as written).
+RULES_REVISION = 3
 INT8_METHODS = (*PTQ_METHODS, "qat-kd")  # qat-kd: quantization-aware KD fine-tune, edgekd.distill.qat
 VAL_MIN_IMAGES = 2000  # a validation split smaller than this is scored on its augmentation views too
 # at most this share of the node groups float: beyond it INT8 is mostly float and rarely worth shipping. The

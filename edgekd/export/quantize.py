@@ -5,9 +5,13 @@ Two presets: `cpu` (U8 activations, S8 per-channel weights, Q/DQ: fast on ORT's 
 quantization). The FP32 graph goes through ORT's quantization pre-processing first: without it, initializers the
 exporter shares through Identity nodes leave convolutions unquantised and the "INT8" model runs slower than FP32.
 
-Everything goes through ONNX Runtime's quantizer: a float group is left out with `nodes_to_exclude`, together with
-every group that would still put a Q/DQ on one of its activations (its "closure"): leaving out one node leaves its
-tensors quantized by its neighbours and gains nothing (measured). Two runtime facts shape this:
+Every model starts from ONNX Runtime's quantizer (quantize_static), once per calibration and placement. A model with
+float groups is that fully quantized model with a float region cut back in (`float_region`): the groups' nodes as
+the FP32 graph has them, together with every group that would still put a Q/DQ on one of their activations (the
+"closure": leaving out one node leaves its tensors quantized by its neighbours and gains nothing, measured). Inside
+the region tensors flow in float; what enters it from INT8 neighbours is their dequantized output, what leaves it is
+quantized as before. That takes ~0.02 s where a quantize_static call with `nodes_to_exclude` took ~1.5 s (most of an
+export's time: a sensitivity analysis makes one model per group). Two runtime facts shape this:
 - ORT's session-time WeightBiasQuantization pass re-quantizes a float Conv/Gemm that sits between a
   DequantizeLinear and a QuantizeLinear with *per-tensor* INT8 weights; on a depthwise conv that took a digits
   student from 91% to 10%. Every quantized model is checked for such convs (`ort_requantized`) and the float
@@ -287,8 +291,9 @@ def node_groups(model) -> list[NodeGroup]:
 
 
 class Quantizer:
-    """One FP32 model and one preset: pre-processed once, calibrated once per (method, images), quantized as often
-    as a search or a sensitivity analysis needs. Use as a context manager (it owns a temporary directory)."""
+    """One FP32 model and one preset: pre-processed once, calibrated once per (method, images), quantized by ORT
+    once per calibration and placement, and cut into (float_region) as often as a search or a sensitivity analysis
+    needs. Use as a context manager (it owns a temporary directory)."""
 
     def __init__(self, fp32_onnx: Path, preset: str):
         import onnx
@@ -312,6 +317,10 @@ class Quantizer:
         self.by_name = {g.name: g for g in self.groups}
         self.last_float: list[str] = []  # the groups the last quantize() left out (a recipe's groups and closure)
         self._count = 0
+        self._pre_model = model
+        grouped = {n for g in self.groups for n in g.nodes}
+        self._ungrouped = {n.name for n in model.graph.node if n.name not in grouped}
+        self._full: dict[tuple[Path, str], Path] = {}  # (calibration cache, placement) -> the fully quantized model
 
     def __enter__(self):
         return self
@@ -355,21 +364,30 @@ class Quantizer:
             extra["OpTypesToExcludeOutputQuantization"] = list(WEIGHTED_OPS)
         left_out = self.closure(recipe.float_groups) if recipe.float_groups else []
         cache = self.calibrate(calibration, recipe.method)
-        for _ in range(8):
+
+        def ort_quantize(path: Path, nodes: list[str] | None) -> Path:
             noisy = logging.getLogger()
             level = noisy.level
             noisy.setLevel(logging.ERROR)  # "please pre-process": it is done
             try:
-                quantize_static(str(self.pre), str(out), None, quant_format=QuantFormat.QDQ, per_channel=True,
+                quantize_static(str(self.pre), str(path), None, quant_format=QuantFormat.QDQ, per_channel=True,
                                 reduce_range=p.reduce_range, activation_type=getattr(QuantType, p.activation),
-                                weight_type=QuantType.QInt8,
-                                nodes_to_quantize=[n for g in only for n in self.group(g).nodes] if only else None,
-                                nodes_to_exclude=[n for g in left_out for n in g.nodes] or None,
+                                weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
                                 calibrate_method=_ort_method(recipe.method), extra_options=extra,
                                 calibration_cache_path=str(cache))
             finally:
                 noisy.setLevel(level)
-            trapped = [] if only else ort_requantized(out)  # `only` measures what ORT runs, whatever it is
+            return path
+
+        if only:  # `only` measures what ORT runs, whatever it is
+            return ort_quantize(out, [n for g in only for n in self.group(g).nodes])
+        full = self._full.get((cache, recipe.placement))
+        if full is None:
+            full = self._full[(cache, recipe.placement)] = ort_quantize(self.scratch("full"), None)
+        for _ in range(8):
+            float_region(self._pre_model, full, {n for g in left_out for n in g.nodes}, out, self._ungrouped,
+                         {t for g in self.groups if g not in left_out for t in g.tensors})
+            trapped = ort_requantized(out)
             if not trapped:
                 self.last_float = [g.name for g in left_out]
                 return Path(out)
@@ -415,6 +433,97 @@ class Quantizer:
         """A fresh file name in the working directory for a candidate model."""
         self._count += 1
         return self.dir / f"{tag}-{self._count}.onnx"
+
+
+def float_region(pre, full: Path, region: set[str], out: Path, ungrouped: set[str], still_quantized: set[str]) -> Path:
+    """Write `full` (a fully quantized Q/DQ model) to `out` with the nodes named in `region` computing in float, as
+    `pre` (the pre-processed FP32 model it was quantized from) has them: float weights and biases, float tensors
+    between region nodes, their INT8 neighbours' dequantized outputs where they enter, and the Q/DQ that quantizes
+    their outputs for INT8 consumers kept. Nodes ORT folded away (a Relu into its conv's Q range) come back with
+    their group. `ungrouped`: nodes that belong to no group (ORT has no INT8 kernel for them: HardSwish) and read a
+    Q/DQ only for a neighbour's sake; they read the float tensor instead where no tensor of `still_quantized` (the
+    INT8 groups' activations) is involved. Node and tensor names are the ones ORT keeps from `pre`."""
+    import onnx
+
+    model = onnx.load(str(full))
+    graph = model.graph
+    quantized = {n.name: n for n in graph.node}
+    pre_inits = {t.name: t for t in pre.graph.initializer}
+    made_in_region = {o for n in pre.graph.node if n.name in region for o in n.output}
+    produced = {o for n in graph.node for o in n.output}
+    have = {t.name for t in graph.initializer}
+    restored = []
+    for p in pre.graph.node:
+        if p.name not in region:
+            continue
+        node = onnx.NodeProto()
+        node.CopyFrom(p)
+        for i, name in enumerate(p.input):
+            if name in pre_inits:  # the float weight or bias; ORT may have reused its name for a bias DQ's output
+                alias = f"{name}_float" if name in produced else name
+                if alias not in have:
+                    tensor = onnx.TensorProto()
+                    tensor.CopyFrom(pre_inits[name])
+                    tensor.name = alias
+                    graph.initializer.append(tensor)
+                    have.add(alias)
+                node.input[i] = alias
+            elif name in still_quantized and name not in made_in_region and p.name in quantized:
+                node.input[i] = quantized[p.name].input[i]  # from an INT8 neighbour: what the quantized node read
+        restored.append(node)
+    outputs = {o for n in restored for o in n.output}
+    kept = [n for n in graph.node if n.name not in region
+            and not (n.op_type == "DequantizeLinear" and set(n.output) & outputs)]  # the region makes it in float
+    producer = {o: n for n in graph.node for o in n.output}
+    for n in kept:
+        if n.name not in ungrouped:
+            continue
+        for i, name in enumerate(n.input):
+            dq = producer.get(name)
+            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if q is not None and q.op_type == "QuantizeLinear" and q.input[0] not in still_quantized:
+                n.input[i] = q.input[0]
+    nodes = _live(kept + restored, {o.name for o in graph.output})
+    del graph.node[:]
+    graph.node.extend(_topological(nodes, {i.name for i in graph.input} | have))
+    used = {i for n in graph.node for i in n.input}
+    inits = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+    onnx.save(model, str(out))
+    return out
+
+
+def _live(nodes: list, outputs: set[str]) -> list:
+    """The nodes the graph outputs depend on."""
+    producer = {o: n for n in nodes for o in n.output}
+    needed, stack, seen = [], list(outputs), set()
+    while stack:
+        n = producer.get(stack.pop())
+        if n is None or id(n) in seen:
+            continue
+        seen.add(id(n))
+        needed.append(n)
+        stack.extend(i for i in n.input if i)
+    return [n for n in nodes if id(n) in seen]
+
+
+def _topological(nodes: list, available: set[str]) -> list:
+    """`nodes` in an order where each node comes after the producers of its inputs (ONNX requires it)."""
+    done, ready, pending = set(available), [], list(nodes)
+    while pending:
+        waiting = []
+        for n in pending:
+            if all(i in done for i in n.input if i):
+                ready.append(n)
+                done.update(n.output)
+            else:
+                waiting.append(n)
+        if len(waiting) == len(pending):
+            n = waiting[0]
+            raise EdgeKDError(f"float region: {n.name} reads a tensor no node makes ({', '.join(n.input)})")
+        pending = waiting
+    return ready
 
 
 def ort_requantized(model_path: Path) -> list[tuple[str, str]]:
