@@ -6,8 +6,13 @@ against FP32 on test (the bundle's eval.npz), which played no part in the choice
     python benchmarks/int8_guard.py --out /tmp/g                              # seeds [0, 1, 2]
     python benchmarks/int8_guard.py --out /tmp/g --seeds 0,1,2 --seeds 3,4,5 --seeds 6,7,8
 
+    # Fashion-MNIST, both student families, both presets (Debian's dataset-fashion-mnist):
+    EDGEKD_DATA=/usr/share/datasets/fashion-mnist python benchmarks/int8_guard.py \
+        --profile profiles/fashion-mnist-study.toml --out /tmp/f --seeds 0,1 \
+        --set 'variants={base={kind="base"}}' --name int8_guard-fashion-mnist
+
 One --out for every seed list: the teacher and its caches are trained once and reused. Writes
-benchmarks/results/int8_guard-<name>-cpu.json.
+benchmarks/results/<name>-cpu.json.
 """
 
 from __future__ import annotations
@@ -67,11 +72,12 @@ def main() -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--seeds", action="append", help="comma-separated seeds, repeatable (default 0,1,2)")
     parser.add_argument("--name", default="int8_guard-quickstart")
+    parser.add_argument("--set", action="append", default=[], help="profile override, as edgekd's --set")
     args = parser.parse_args()
     lists = [[int(s) for s in group.split(",")] for group in (args.seeds or ["0,1,2"])]
     runs = []
     for seeds in lists:
-        profile = load_profile(args.profile, [f"study.seeds={seeds}"])
+        profile = load_profile(args.profile, [*args.set, f"study.seeds={seeds}"])
         start = time.perf_counter()
         study(profile, Path(args.out))
         rows = int8_models(Path(args.out).absolute() / profile.study.name, seeds)
@@ -79,7 +85,7 @@ def main() -> int:
         # Saved after every seed list: one takes ~45 min on 2 cores, and a run cut off keeps what it measured.
         summary = report(runs)
         print(json.dumps(summary))
-        print(save(args.name, {"profile": args.profile, "seed_lists": lists, "seed_lists_done": len(runs),
+        print(save(args.name, {"profile": args.profile, "overrides": args.set, "seed_lists": lists, "seed_lists_done": len(runs),
                                "summary": summary, "runs": runs}))
     return 0
 
