@@ -10,7 +10,9 @@ Per student bundle, its FP32 model.onnx quantized
   TensorRT), scored for accuracy and the rule check only (ORT's CPU kernels are no FP16 runtime to time);
 all from the same calibration images: the bundle export's own draw (`--calib-size` of the training split,
 stratified, SPLIT_SEED + 4, normalised with the dataset's mean and std, as edgekd.export.bundle._make_int8 does).
-Each model: test accuracy on the bundle's eval.npz (ONNX Runtime CPU) and its change against FP32, edgekd's
+Each model: test accuracy on the bundle's eval.npz and its change against FP32 (a TensorRT-bound model with its
+Q/DQ run as written, in float: TensorRT's int32 arithmetic; ORT CPU's saturating integer kernels' accuracy is kept
+beside it as accuracy_ort_kernels; the bundle's cpu model by ORT's kernels, which it is made for), edgekd's
 TensorRT Q/DQ rule check (edgekd.export.qdq_rules), where its Q/DQ nodes sit (QuantizeLinear count, the op types
 fed by activation and weight DequantizeLinears, the op types left without one), and p50 latency at batch 1 and
 64 (ORT CPU, `--threads`, the models timed in alternating rounds so that a busy machine slows them alike). The
@@ -154,9 +156,17 @@ def measure(spec: dict) -> dict:
     out = {"test_images": int(len(labels)), "manifest_fp32_acc": manifest["models"]["onnx-fp32"]["accuracy"],
            "models": {}, "versions": versions()}
     for key, path in models.items():
-        acc = accuracy(predict(OrtRunner(path, threads=spec["threads"]), images, mean, std), labels)
+        def acc(as_written: bool, path: Path = path) -> float:
+            runner = OrtRunner(path, threads=spec["threads"], as_written=as_written)
+            return accuracy(predict(runner, images, mean, std), labels)
+
+        # A TensorRT-bound model's accuracy is its Q/DQ run as written (what TensorRT's int32 arithmetic
+        # computes); ORT's x86 integer kernels saturate, so theirs is recorded beside it, not instead of it.
+        kernels = acc(False)
+        written = kernels if key in ("fp32", "bundle-int8-cpu") else acc(True)
         check = check_tensorrt_qdq(path).to_dict() if key != "fp32" else None
-        out["models"][key] = {"accuracy": acc, "tensorrt_qdq_check": check, "qdq": qdq_summary(path)}
+        out["models"][key] = {"accuracy": written, "accuracy_ort_kernels": kernels, "tensorrt_qdq_check": check,
+                              "qdq": qdq_summary(path)}
     timed = {k: models[k] for k in spec["timed"] if k in models}
     lat = latency(timed, manifest["input_shape"], spec["batches"], spec["threads"], spec["rounds"], spec["per_round"])
     for key, value in lat.items():
@@ -329,7 +339,9 @@ def main() -> None:
         "edgekd": {"call": "edgekd.export.int8.quantize(model.onnx, out, calibration, 'trt', method, "
                            "placement=placement)", "recipes": [list(r) for r in EDGEKD_RECIPES]},
         "note": "test accuracy on each bundle's eval.npz; all models scored and timed by the main environment's "
-                "ONNX Runtime (CPUExecutionProvider); the same calibration images for every tool. environment.packages "
+                "ONNX Runtime (CPUExecutionProvider), TensorRT-bound Q/DQ models with graph optimizations off (their "
+                "Q/DQ as written: TensorRT's int32 arithmetic; accuracy_ort_kernels: ORT's x86 integer kernels, "
+                "which saturate); the same calibration images for every tool. environment.packages "
                 "is the ModelOpt venv's importlib.metadata view (its onnxruntime entry is the main environment's "
                 "distribution, shadowed there by onnxruntime-gpu): see modelopt.versions and rows[].measure_versions",
         "summary": summary(rows), "wall_s": time.perf_counter() - start, "rows": rows})
