@@ -32,13 +32,35 @@ def test_the_retention_table_uses_the_kept_rule():
     from edgekd.report import Report, _markdown_tables
 
     retention = [{"dataset": "d", "variant": v, "method": "kd", "deployed": "onnx-int8-cpu", "gain_fp32": g32,
-                  "gain_int8": g8, "seeds": 3}
+                  "gain_int8": g8, "seeds": 3, "gain_fp32_paired": g32}
                  for v, g32, g8 in (("lost", Spread(-0.0167, 0.01, 3), Spread(-0.025, 0.01, 3)),
                                     ("kept", Spread(0.10, 0.01, 3), Spread(0.09, 0.01, 3)))]
     lines = _markdown_tables(Report(Path("."), [], [], retention))
     lost = next(line for line in lines if line.startswith("| d | lost |"))
     assert lost.endswith(f"| {DASH} |") and "150%" not in lost
     assert next(line for line in lines if line.startswith("| d | kept |")).endswith("| 90% |")
+
+
+def test_kept_divides_by_the_fp32_gain_on_the_seeds_int8_was_deployed_for():
+    """Seed 1's scratch INT8 model was not deployed: the INT8 gain rests on seeds 0 and 2, so 'kept' divides by the
+    FP32 gain of seeds 0 and 2 (+4 pts), not of all three (+10: seed 1's FP32 gain is +22); one deployed pair shows
+    as one seed, not as a spread of zero."""
+    from edgekd.report import Report, _markdown_tables, int8_retention
+
+    fp32 = {("kd", 0): 0.74, ("kd", 1): 0.92, ("kd", 2): 0.74, ("scratch", 0): 0.70, ("scratch", 1): 0.70,
+            ("scratch", 2): 0.70}
+    deploy = [{"dataset": "d", "variant": "base", "role": role, "method": "kd" if role == "kd" else "", "seed": seed,
+               "deployed": model, "accuracy": acc - (0.01 if "int8" in model and role == "kd" else 0)}
+              for (role, seed), acc in fp32.items() for model in ("onnx-fp32", "onnx-int8-cpu")
+              if not (model == "onnx-int8-cpu" and role == "scratch" and seed == 1)]
+    failed = [{"dataset": "d", "variant": "base", "role": "scratch", "method": "", "seed": 1, "model": "onnx-int8-cpu"}]
+    row = next(r for r in int8_retention(deploy, failed=failed))
+    assert row["gain_int8"].n == 2 and row["not_deployed"] == 1
+    assert row["gain_fp32"].mean == pytest.approx(0.10) and row["gain_fp32_paired"].mean == pytest.approx(0.04)
+    line = next(x for x in _markdown_tables(Report(Path("."), [], [], [row])) if x.startswith("| d | base |"))
+    assert line.endswith("| 75% |"), line  # +3 of +4 pts, not 30% of +10
+    one = int8_retention([r for r in deploy if r["seed"] != 2], failed=failed)[0]
+    assert "(1 seed)" in next(x for x in _markdown_tables(Report(Path("."), [], [], [one])) if x.startswith("| d |"))
 
 
 def _rows(gains: dict[str, list[float]], teacher: float = 0.95) -> list[dict]:

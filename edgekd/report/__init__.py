@@ -63,10 +63,13 @@ def int8_retention(deploy: list[dict], compared: list[dict] = (), failed: list[d
         deployed = f"{r['deployed']} ({r['int8_method']})" if r.get("int8_method") else r["deployed"]
         acc[(r["dataset"], variant, r["method"] if r["role"] == "kd" else "", r["seed"], deployed)] = r["accuracy"]
 
-    def gain(dataset, variant, method, deployed):
-        by_seed = {role: {k[3]: v for k, v in acc.items() if k[:3] == (dataset, variant, m) and k[4] == deployed}
-                   for role, m in (("kd", method), ("scratch", ""))}
-        return paired_gain(by_seed["kd"], by_seed["scratch"])
+    def by_seed(dataset, variant, method, deployed, seeds=None):
+        return {role: {k[3]: v for k, v in acc.items() if k[:3] == (dataset, variant, m) and k[4] == deployed
+                       and (seeds is None or k[3] in seeds)} for role, m in (("kd", method), ("scratch", ""))}
+
+    def gain(dataset, variant, method, deployed, seeds=None):
+        runs = by_seed(dataset, variant, method, deployed, seeds)
+        return paired_gain(runs["kd"], runs["scratch"])
 
     reference = min((k[4] for k in acc if "fp32" in k[4]), default=None)  # onnx-fp32 where it was benched
     out = []
@@ -80,12 +83,17 @@ def int8_retention(deploy: list[dict], compared: list[dict] = (), failed: list[d
         if "int8" not in deployed:
             continue
         g_fp32, g_int8 = gain(dataset, variant, method, reference), gain(dataset, variant, method, deployed)
+        int8_runs = by_seed(dataset, variant, method, deployed)
+        paired = set(int8_runs["kd"]) & set(int8_runs["scratch"])  # seeds with both INT8 models deployed
+        g_fp32_paired = gain(dataset, variant, method, reference, paired) if paired else None
         refused = {f["seed"] for f in failed if f["dataset"] == dataset and deployed.startswith(f["model"])
                    and variant_label(f["variant"], f.get("family", "")) == variant
                    and (f["role"] == "scratch" or f["method"] == method)}
         if g_fp32 and (g_int8 or refused):
             out.append({"dataset": dataset, "variant": variant, "method": method, "deployed": deployed,
                         "gain_fp32": g_fp32, "gain_int8": g_int8, "seeds": g_int8.n if g_int8 else 0,
+                        # FP32's gain on the seeds the INT8 gain has: what 'kept' divides by
+                        "gain_fp32_paired": g_fp32_paired,
                         "not_deployed": len(refused)})
     return out
 
@@ -120,7 +128,7 @@ def _markdown_tables(report: Report) -> list[str]:
         lines += ["", "KD gain after INT8, on the bundles' evaluation images (points, mean ± std over seeds). "
                   "'kept' (the INT8 gain as a share of the FP32 gain) is shown only where the FP32 gain is positive "
                   "and at least 1 point: a share of a loss is not kept, and a ratio of two small numbers says "
-                  "nothing.", "",
+                  "nothing; it divides by the FP32 gain on the same seeds as the INT8 gain.", "",
                   "An INT8 model the export's guard did not deploy (it changed more than deploy.int8_max_drop "
                   "percent of FP32's answers on the validation split) is a failed export, not a finding: its seed is left out of the INT8 gain "
                   "and counted under 'not deployed'.", "",
@@ -128,8 +136,8 @@ def _markdown_tables(report: Report) -> list[str]:
                   "|---|---|---|---|---|---|---|---|"]
         for r in report.retention:
             g32, g8 = r["gain_fp32"], r["gain_int8"]
-            int8 = f"{100 * g8.mean:+.2f} ± {100 * g8.std:.2f}" if g8 else "- (no deployed pair)"
-            kept = kept_share(g32, g8) if g8 else "-"
+            int8 = _pct(g8, signed=True, ci=False) if g8 else "- (no deployed pair)"
+            kept = kept_share(r["gain_fp32_paired"], g8) if g8 and r["gain_fp32_paired"] else "-"
             refused = f"{r['not_deployed']} seed(s)" if r.get("not_deployed") else "0"
             lines.append(f"| {r['dataset']} | {r['variant']} | {r['method']} | {r['deployed']} | "
                          f"{100 * g32.mean:+.2f} ± {100 * g32.std:.2f} | {int8} | {refused} | {kept} |")
