@@ -392,6 +392,12 @@ def _guard_record(val: Evaluator, limit: float, steps: list[dict], deployed: boo
             "deployed": deployed, "reason": reason}
 
 
+def _refusal(score: Score, val: Evaluator, limit: float, tried: str = "") -> str:
+    """Why the guard did not deploy a model, for the manifest, the CLI and the report."""
+    return (f"changes {score.flips * 100:.2f}% of FP32's answers on the validation split "
+            f"({-score.drop(val.fp32) * 100:+.2f} pts){tried}; the guard allows {limit:g}% (deploy.int8_max_drop)")
+
+
 # How an INT8 model's accuracy and guard scores were computed here (Preset.score_as_written)
 SCORED_AS = {False: "ONNX Runtime CPU, its integer kernels (what the cpu deployment runs)",
              True: "Q/DQ as written, in float (TensorRT's int32 arithmetic), not ONNX Runtime's x86 integer kernels"}
@@ -475,10 +481,8 @@ def _guarded_int8(ex: _Export, preset: str, file: str, val: Evaluator, qat) -> t
         score, method, path, info, analysis = best
         shutil.move(str(path), ex.bundle / file)
     deployed = faithful(score, limit / 100)
-    reason = None if deployed else (
-        f"changes {score.flips * 100:.2f}% of FP32's answers on the validation split ({-score.drop(val.fp32) * 100:+.2f}"
-        f" pts) after {', '.join(s['method'] for s in steps if 'skipped' not in s)}; the guard allows {limit:g}% "
-        "(deploy.int8_max_drop)")
+    reason = None if deployed else _refusal(score, val, limit, " after " + ", ".join(
+        s["method"] for s in steps if "skipped" not in s))
     ex.log(f"int8 {preset}: {' -> '.join(tried)} on validation -> {'deployed' if deployed else 'NOT deployed'} "
            f"({method})")
     guard = _guard_record(val, limit, steps, deployed, reason)
@@ -512,9 +516,7 @@ def _export_fp16(ex: _Export) -> None:
                              f"{str(exc)[:160]}); check it on the device with `edgekd bench --model {fp16.key}`")
     else:
         steps = [_guard_step("fp16", score, val)]
-        reason = None if faithful(score, limit / 100) else (
-            f"changes {score.flips * 100:.2f}% of FP32's answers on the validation split "
-            f"({-score.drop(val.fp32) * 100:+.2f} pts); the guard allows {limit:g}% (deploy.int8_max_drop)")
+        reason = None if faithful(score, limit / 100) else _refusal(score, val, limit)
     guard = _guard_record(val, limit, steps, reason is None, reason)
     changed = f"{steps[0]['val_flips_pts']:.2f}% of FP32's answers changed on validation -> " if steps else ""
     ex.log(f"fp16: {changed}{'deployed' if reason is None else f'NOT deployed: {reason}'}")
