@@ -32,13 +32,15 @@ from edgekd.export.sensitivity import analyse, float_order
 PTQ_METHODS = ("ptq", "ptq-search")  # post-training, here
 # Part of every bundle's key: raised when ptq-search or the guard would choose differently for the same inputs, so
 # that a study does not reuse bundles an older rule made (2: answers kept; 3: float regions cut into one quantized
-# model, the trt preset scored as written).
-RULES_REVISION = 3
+# model, the trt preset scored as written; 4: up to half the groups float).
+RULES_REVISION = 4
 INT8_METHODS = (*PTQ_METHODS, "qat-kd")  # qat-kd: quantization-aware KD fine-tune, edgekd.distill.qat
 VAL_MIN_IMAGES = 2000  # a validation split smaller than this is scored on its augmentation views too
 # at most this share of the node groups float: beyond it INT8 is mostly float and rarely worth shipping. The
-# quickstart's MobileNetV3 students (90 groups) needed up to ~30 to change <= 1% of FP32's answers; 16 left 2%.
-MAX_FLOAT_SHARE = 0.4
+# quickstart's MobileNetV3 students (90 groups) need 17-37 to change <= 1% of FP32's answers: at 0.4 (36 groups)
+# 9 of 18 were not deployed, 6 of them stopped by the cap at 1.0-2.7% changed; two of those, given more, held at
+# 37. 16 groups (the first cap) left 2%.
+MAX_FLOAT_SHARE = 0.5
 # What ptq-search calibrates with. Not entropy: on all 18 quickstart students it changed the most answers (e.g.
 # 32% vs minmax 4% on one) and took 2/3 of the search's time (a histogram per tensor); `calib_method` still has it.
 SEARCH_CALIB_METHODS = ("minmax", "percentile")
