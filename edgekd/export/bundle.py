@@ -473,7 +473,9 @@ def _guarded_int8(ex: _Export, preset: str, file: str, val: Evaluator, qat) -> t
             info, analysis = _make_int8(ex, method, preset, path, val, options.int8_sensitivity and not tried, qat)
             score = val.score(path, PRESETS[preset].score_as_written)
             steps.append(_guard_step(method, score, val))
-            tried.append(f"{method} {score.flips * 100:.1f}% changed ({-score.drop(val.fp32) * 100:+.1f} pts)")
+            floated = info.get("mixed_precision", {}).get("float_closure")
+            share = f", {len(floated)} of {info['mixed_precision']['groups']} groups float" if floated else ""
+            tried.append(f"{method} {score.flips * 100:.1f}% changed ({-score.drop(val.fp32) * 100:+.1f} pts{share})")
             if best is None or better(score, best[0]):  # a faithful model is better than every unfaithful one
                 best = (score, method, path, info, analysis)
             if faithful(score, limit / 100):

@@ -32,14 +32,13 @@ from edgekd.export.sensitivity import analyse, float_order
 PTQ_METHODS = ("ptq", "ptq-search")  # post-training, here
 # Part of every bundle's key: raised when ptq-search or the guard would choose differently for the same inputs, so
 # that a study does not reuse bundles an older rule made (2: answers kept; 3: float regions cut into one quantized
-# model, the trt preset scored as written; 4: up to half the groups float).
-RULES_REVISION = 4
+# model, the trt preset scored as written; 4: up to half the groups chosen; 5: up to half the groups float).
+RULES_REVISION = 5
 INT8_METHODS = (*PTQ_METHODS, "qat-kd")  # qat-kd: quantization-aware KD fine-tune, edgekd.distill.qat
 VAL_MIN_IMAGES = 2000  # a validation split smaller than this is scored on its augmentation views too
-# at most this share of the node groups float: beyond it INT8 is mostly float and rarely worth shipping. The
-# quickstart's MobileNetV3 students (90 groups) need 17-37 to change <= 1% of FP32's answers: at 0.4 (36 groups)
-# 9 of 18 were not deployed, 6 of them stopped by the cap at 1.0-2.7% changed; two of those, given more, held at
-# 37. 16 groups (the first cap) left 2%.
+# At most this share of the node groups float, counting every group a choice leaves float (its closure), not only
+# the chosen ones: beyond it the model is mostly float, and an "INT8" label on it misleads. Counting chosen groups
+# only (revision 4), the quickstart's MobileNetV3 students (90 groups) held with 17-40 chosen, which floated 46-88.
 MAX_FLOAT_SHARE = 0.5
 # What ptq-search calibrates with. Not entropy: on all 18 quickstart students it changed the most answers (e.g.
 # 32% vs minmax 4% on one) and took 2/3 of the search's time (a histogram per tensor); `calib_method` still has it.
@@ -76,6 +75,7 @@ class SearchResult:
     reached_target: bool = True
     max_drop: float = 0.0
     sensitivity: dict | None = None
+    groups: int = 0  # node groups in the model: float_closure's share of them is what stays float
 
     def to_dict(self) -> dict:
         return {"calibration": {"split": "train", "method": self.recipe.method, "images": self.recipe.images,
@@ -83,7 +83,8 @@ class SearchResult:
                                 "candidates": self.calibration_candidates},
                 "mixed_precision": {"float_groups": list(self.recipe.float_groups),
                                     "float_closure": self.float_closure, "float_nodes": self.float_nodes,
-                                    "k": len(self.recipe.float_groups), "ranking": self.ranking,
+                                    "k": len(self.recipe.float_groups), "groups": self.groups,
+                                    "ranking": self.ranking,
                                     "max_flips_pts": self.max_drop * 100,
                                     "steps": self.mixed_precision_steps, "reached_target": self.reached_target},
                 "validation": self.val}
@@ -120,7 +121,7 @@ def search_ptq(q: Quantizer, out: Path, calibration: Callable[[int], np.ndarray]
     recipe, full, rows = search_calibration(q, calibration, sizes, val, methods, log)
     images = calibration(recipe.images)
     result = SearchResult(recipe, val={"fp32": val.fp32.to_dict(), "int8_all": full.to_dict()},
-                          calibration_candidates=rows, max_drop=max_drop)
+                          calibration_candidates=rows, max_drop=max_drop, groups=len(q.groups))
     missed = not faithful(full, max_drop)
     report = None
     if sensitivity or missed:
@@ -133,13 +134,16 @@ def search_ptq(q: Quantizer, out: Path, calibration: Callable[[int], np.ndarray]
         weighted = {g.name for g in q.groups if g.op in WEIGHTED_OPS}
         most = max(1, int(max_float * len(q.groups)))
         for name in order:
-            if len(chosen_groups) >= most:
-                break
             if name in covered:  # already float as part of an earlier group's closure
                 continue
             chosen_groups.append(name)
             candidate = Recipe(recipe.method, recipe.images, recipe.placement, tuple(chosen_groups))
             path = q.quantize(q.scratch("mixed"), images, candidate)
+            if len(q.last_float) > most:  # the budget counts what is float, closures included, not what was chosen
+                log(f"{q.preset_name}: mixed precision skips +{name}: {len(q.last_float)} of {len(q.groups)} groups "
+                    f"would be float (at most {most})")
+                chosen_groups.pop()
+                continue
             if weighted <= set(q.last_float):  # nothing weighted left in INT8: that is the FP32 model, not an INT8 one
                 log(f"{q.preset_name}: mixed precision stops before k={len(chosen_groups)}: +{name} would leave "
                     "no weighted layer in INT8")
