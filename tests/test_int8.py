@@ -194,6 +194,27 @@ def test_mixed_precision_never_leaves_nothing_in_int8(fragile, tmp_path):
     assert {n.op_type for n in onnx.load(str(tmp_path / "strict.onnx")).graph.node} >= {"QuantizeLinear"}
 
 
+def test_the_float_budget_counts_every_group_left_float(fragile, tmp_path):
+    """max_float bounds what is float, closures included. The fragile model has 5 groups; floating the classifier
+    floats 2 (it and the Flatten that shares its input). A budget of 1 group (0.34) cannot float it, however much
+    it would help; a budget of 2 (0.4) can."""
+    from edgekd.export.int8 import search_ptq
+
+    path, val = fragile
+
+    def search(max_float):
+        with Quantizer(path, "cpu") as q:
+            assert len(q.groups) == 5 and len(q.closure(["classifier"])) == 2
+            return search_ptq(q, tmp_path / "s.onnx", lambda n: images(n, 2), [64], val, max_drop=0.0,
+                              max_float=max_float, methods=("minmax",))
+
+    one, two = search(0.34), search(0.4)
+    assert one.float_closure == [] and not one.mixed_precision_steps and not one.reached_target
+    assert "classifier" in two.float_closure and len(two.float_closure) <= 2
+    assert all(s["left_out"] <= 2 for s in two.mixed_precision_steps)
+    assert two.to_dict()["mixed_precision"]["groups"] == 5
+
+
 def test_the_search_fixes_the_fragile_model_and_records_its_choices(fragile, tmp_path):
     path, val = fragile
     info, sensitivity = make_int8(path, tmp_path / "search.onnx", "cpu", lambda n: images(n, 2), 200,
