@@ -46,7 +46,8 @@ def int8_models(root: Path, seeds: list[int]) -> list[dict]:
                          "method": m["method"], "deployed": m["deployed"], "reason": m.get("not_deployed"),
                          "steps": m["guard"]["steps"], "test_change_pts": round(m["accuracy_change_vs_fp32"] * 100, 2),
                          "float_groups": len(m.get("mixed_precision", {}).get("float_closure", [])),
-                         "groups": m.get("mixed_precision", {}).get("groups")})
+                         "groups": m.get("mixed_precision", {}).get("groups"),
+                         "float_weight_pct": round(100 * m.get("mixed_precision", {}).get("float_weight_share", 0), 1)})
     return rows
 
 
@@ -54,11 +55,12 @@ def report(runs: list[dict]) -> dict:
     """Print every INT8 model of the seed lists run so far; return the summary."""
     every = [r for run in runs for r in run["models"]]
     show("INT8 models: the guard's choice on validation, the change on test", ["run", "model",
-         "steps (validation: answers changed %, accuracy change pts)", "groups float", "deployed",
+         "steps (validation: answers changed %, accuracy change pts)", "groups float", "weights float %",
+         "deployed",
          "test change (pts)"],
          [[r["run"], r["model"], " -> ".join(f"{s['method']} {s['val_flips_pts']:.1f}% {-s['val_drop_pts']:+.2f}"
                                              for s in r["steps"] if "val_flips_pts" in s),
-           f"{r['float_groups']} of {r['groups']}" if r["groups"] else 0,
+           f"{r['float_groups']} of {r['groups']}" if r["groups"] else 0, r["float_weight_pct"],
            "yes" if r["deployed"] else "NO", r["test_change_pts"]] for r in every])
     deployed = [r for r in every if r["deployed"]]
     return {"models": len(every), "deployed": len(deployed), "not_deployed": len(every) - len(deployed),
@@ -66,7 +68,7 @@ def report(runs: list[dict]) -> dict:
             "deployed_within_1pt_on_test": sum(abs(r["test_change_pts"]) <= 1.0 for r in deployed),
             "worst_deployed_test_change_pts": min((r["test_change_pts"] for r in deployed), default=None),
             "not_deployed_test_change_pts": [r["test_change_pts"] for r in every if not r["deployed"]],
-            "deployed_groups_float": [r["float_groups"] for r in deployed]}
+            "deployed_weights_float_pct": [r["float_weight_pct"] for r in deployed]}
 
 
 def main() -> int:

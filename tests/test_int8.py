@@ -194,25 +194,25 @@ def test_mixed_precision_never_leaves_nothing_in_int8(fragile, tmp_path):
     assert {n.op_type for n in onnx.load(str(tmp_path / "strict.onnx")).graph.node} >= {"QuantizeLinear"}
 
 
-def test_the_float_budget_counts_every_group_left_float(fragile, tmp_path):
-    """max_float bounds what is float, closures included. The fragile model has 5 groups; floating the classifier
-    floats 2 (it and the Flatten that shares its input). A budget of 1 group (0.34) cannot float it, however much
-    it would help; a budget of 2 (0.4) can."""
+def test_the_float_budget_counts_the_weights_left_float_closures_included(fragile, tmp_path):
+    """max_float bounds the share of the weights left float, closures included. In the fragile model the classifier
+    holds 24 of the 114 weights (21%); floating it also floats the Flatten beside it (no weights). A budget under
+    21% cannot float it, however much it would help; one above can."""
     from edgekd.export.int8 import search_ptq
 
     path, val = fragile
 
     def search(max_float):
         with Quantizer(path, "cpu") as q:
-            assert len(q.groups) == 5 and len(q.closure(["classifier"])) == 2
+            assert q.float_weight_share(["classifier"]) == pytest.approx(24 / 114)
+            assert q.float_weight_share([g.name for g in q.closure(["classifier"])]) == pytest.approx(24 / 114)
             return search_ptq(q, tmp_path / "s.onnx", lambda n: images(n, 2), [64], val, max_drop=0.0,
                               max_float=max_float, methods=("minmax",))
 
-    one, two = search(0.34), search(0.4)
-    assert one.float_closure == [] and not one.mixed_precision_steps and not one.reached_target
-    assert "classifier" in two.float_closure and len(two.float_closure) <= 2
-    assert all(s["left_out"] <= 2 for s in two.mixed_precision_steps)
-    assert two.to_dict()["mixed_precision"]["groups"] == 5
+    small, enough = search(0.2), search(0.25)
+    assert small.float_closure == [] and not small.mixed_precision_steps and not small.reached_target
+    assert "classifier" in enough.float_closure and enough.float_weight_share <= 0.25
+    assert enough.to_dict()["mixed_precision"]["float_weight_share"] == enough.float_weight_share
 
 
 def test_the_search_fixes_the_fragile_model_and_records_its_choices(fragile, tmp_path):

@@ -474,7 +474,8 @@ def _guarded_int8(ex: _Export, preset: str, file: str, val: Evaluator, qat) -> t
             score = val.score(path, PRESETS[preset].score_as_written)
             steps.append(_guard_step(method, score, val))
             floated = info.get("mixed_precision", {}).get("float_closure")
-            share = f", {len(floated)} of {info['mixed_precision']['groups']} groups float" if floated else ""
+            share = (f", {info['mixed_precision']['float_weight_share']:.0%} of the weights float" if floated
+                     else "")
             tried.append(f"{method} {score.flips * 100:.1f}% changed ({-score.drop(val.fp32) * 100:+.1f} pts{share})")
             if best is None or better(score, best[0]):  # a faithful model is better than every unfaithful one
                 best = (score, method, path, info, analysis)

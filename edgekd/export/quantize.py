@@ -314,6 +314,11 @@ class Quantizer:
             onnx.save(model, str(self.pre))
         self.input_name = model.graph.input[0].name
         self.groups = node_groups(model)
+        sizes = {t.name: math.prod(t.dims) for t in model.graph.initializer}
+        by_name = {n.name: n for n in model.graph.node}
+        self.weights = {g.name: sum(sizes.get(by_name[n].input[1], 0) for n in g.nodes
+                                    if by_name[n].op_type in WEIGHTED_OPS and len(by_name[n].input) > 1)
+                        for g in self.groups}  # weight elements per group: what INT8 makes 4x smaller
         self.by_name = {g.name: g for g in self.groups}
         self.last_float: list[str] = []  # the groups the last quantize() left out (a recipe's groups and closure)
         self._count = 0
@@ -330,6 +335,11 @@ class Quantizer:
 
     def close(self) -> None:
         self._tmp.cleanup()
+
+    def float_weight_share(self, names: Sequence[str]) -> float:
+        """The share of the model's weights (elements) that the named groups keep in float."""
+        total = sum(self.weights.values())
+        return sum(self.weights[n] for n in names) / total if total else 0.0
 
     def group(self, name: str) -> NodeGroup:
         if name not in self.by_name:
