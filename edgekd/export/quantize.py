@@ -507,13 +507,12 @@ def float_region(pre, full: Path, region: set[str], out: Path, ungrouped: set[st
 def _live(nodes: list, outputs: set[str]) -> list:
     """The nodes the graph outputs depend on."""
     producer = {o: n for n in nodes for o in n.output}
-    needed, stack, seen = [], list(outputs), set()
+    stack, seen = list(outputs), set()
     while stack:
         n = producer.get(stack.pop())
         if n is None or id(n) in seen:
             continue
         seen.add(id(n))
-        needed.append(n)
         stack.extend(i for i in n.input if i)
     return [n for n in nodes if id(n) in seen]
 
