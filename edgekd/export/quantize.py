@@ -47,6 +47,7 @@ import numpy as np
 
 from edgekd.errors import EdgeKDError
 from edgekd.export.qdq_rules import graph_links
+from edgekd.runtime.runners import optimization_level
 
 CALIB_METHODS = ("minmax", "entropy", "percentile")
 PLACEMENTS = ("all", "inputs")  # Q/DQ on every quantizable tensor, or on the inputs of weighted ops only
@@ -622,8 +623,7 @@ class Evaluator:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL if as_written else
-                                            ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+        options.graph_optimization_level = optimization_level(ort, as_written)
         options.log_severity_level = 3
         session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name

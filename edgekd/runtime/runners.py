@@ -178,6 +178,12 @@ def _gpu_ort_install() -> str:
             "for the driver's CUDA; the two packages are one module)")
 
 
+def optimization_level(ort, as_written: bool):
+    """ONNX Runtime's graph optimization level for a model run as written (Q/DQ in float, what TensorRT's int32
+    arithmetic computes) or as an ORT deployment runs it (fused integer kernels included)."""
+    return ort.GraphOptimizationLevel.ORT_DISABLE_ALL if as_written else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+
+
 @RUNNERS.register("ort")
 class OrtRunner(Runner):
     backend = "ort"
@@ -197,8 +203,7 @@ class OrtRunner(Runner):
                               f"{_gpu_ort_install()}, or bench with --device cpu")
         model = check_model_file(model)
         options = ort.SessionOptions()
-        options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL if as_written else
-                                            ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+        options.graph_optimization_level = optimization_level(ort, as_written)
         if threads:
             options.intra_op_num_threads = threads
         providers = self._providers(wanted, model, max_batch)
