@@ -25,7 +25,16 @@ import numpy as np
 from edgekd.config import DatasetConfig
 from edgekd.envinfo import package_versions
 from edgekd.errors import EdgeKDError
-from edgekd.export.int8 import RULES_REVISION, Evaluator, better, faithful, make_int8, validation_views
+from edgekd.export.int8 import (
+    GUARD_Z,
+    RULES_REVISION,
+    Evaluator,
+    better,
+    faithful,
+    flips_bound,
+    make_int8,
+    validation_views,
+)
 from edgekd.export.qdq_rules import check_tensorrt_qdq
 from edgekd.export.quantize import PRESETS, Score
 from edgekd.records import SCHEMA_VERSION, current_runs, fingerprint, group_runs, make_key, variant_label
@@ -62,7 +71,7 @@ class ExportOptions:
     # split; edgekd.export.int8). The sensitivity analysis is recorded in the manifest as `int8_sensitivity`.
     int8_method: str = "ptq"
     # percent: the most of FP32's top-1 answers an INT8 model may change on the validation split to be deployed (the
-    # guard), and ptq-search's target; it bounds the accuracy lost on any data (edgekd.export.int8.faithful). A model
+    # guard, by the upper bound edgekd.export.int8.flips_bound), and ptq-search's target; it bounds the accuracy lost on any data (edgekd.export.int8.faithful). A model
     # past it escalates through `int8_escalation`; if none holds it is not deployed.
     int8_max_drop: float = 1.0
     int8_escalation: tuple[str, ...] = ("ptq-search",)
@@ -382,20 +391,22 @@ def _validation(ex: _Export) -> Evaluator:
 def _guard_step(method: str, score: Score, val: Evaluator) -> dict:
     """One model the guard scored, as the manifest keeps it."""
     return {"method": method, "val_accuracy": score.accuracy, "val_drop_pts": round(score.drop(val.fp32) * 100, 3),
-            "val_flips_pts": round(score.flips * 100, 3), "val_agreement": score.agreement}
+            "val_flips_pts": round(score.flips * 100, 3), "val_flips_bound_pts": round(flips_bound(score) * 100, 3),
+            "val_agreement": score.agreement}
 
 
 def _guard_record(val: Evaluator, limit: float, steps: list[dict], deployed: bool, reason: str | None) -> dict:
     """The manifest's `guard` of a model: the rule, the split, each step tried, the verdict."""
     return {"split": "validation", "images": val.images_scored, "scored": len(val.labels),
-            "rule": "top-1 answers changed against FP32 <= max_flips_pts", "max_flips_pts": limit, "steps": steps,
+            "rule": f"top-1 answers changed against FP32 + {GUARD_Z:g} SE (clustered by image) <= max_flips_pts", "max_flips_pts": limit, "steps": steps,
             "deployed": deployed, "reason": reason}
 
 
 def _refusal(score: Score, val: Evaluator, limit: float, tried: str = "") -> str:
     """Why the guard did not deploy a model, for the manifest, the CLI and the report."""
-    return (f"changes {score.flips * 100:.2f}% of FP32's answers on the validation split "
-            f"({-score.drop(val.fp32) * 100:+.2f} pts){tried}; the guard allows {limit:g}% (deploy.int8_max_drop)")
+    return (f"changes {score.flips * 100:.2f}% of FP32's answers on the validation split (up to "
+            f"{flips_bound(score) * 100:.2f}%, {-score.drop(val.fp32) * 100:+.2f} pts){tried}; the guard allows "
+            f"{limit:g}% (deploy.int8_max_drop)")
 
 
 # How an INT8 model's accuracy and guard scores were computed here (Preset.score_as_written)
@@ -476,7 +487,8 @@ def _guarded_int8(ex: _Export, preset: str, file: str, val: Evaluator, qat) -> t
             floated = info.get("mixed_precision", {}).get("float_closure")
             share = (f", {info['mixed_precision']['float_weight_share']:.0%} of the weights float" if floated
                      else "")
-            tried.append(f"{method} {score.flips * 100:.1f}% changed ({-score.drop(val.fp32) * 100:+.1f} pts{share})")
+            tried.append(f"{method} {score.flips * 100:.1f}% changed (up to {flips_bound(score) * 100:.1f}%, "
+                         f"{-score.drop(val.fp32) * 100:+.1f} pts{share})")
             if best is None or better(score, best[0]):  # a faithful model is better than every unfaithful one
                 best = (score, method, path, info, analysis)
             if faithful(score, limit / 100):
