@@ -27,6 +27,9 @@ def test_bundle_contents_and_manifest(tiny_bundle):
     eval_set = np.load(tiny_bundle / "eval.npz")
     assert eval_set["images"].dtype == np.uint8 and len(eval_set["labels"]) == m["eval"]["samples"]
     assert m["eval"]["split"] == "test" and m["eval"]["subset"] is False
+    phases = m["export_phases_s"]  # where the export's time went (benchmarks/study_speed.py)
+    assert {"data and model", "onnx export", "test scoring", "int8 quantize_static", "int8 calibration"} <= set(phases)
+    assert 0 < sum(phases.values()) <= m["export_s"] + 0.05
 
 
 def test_onnx_matches_pytorch(tiny_bundle):

@@ -394,6 +394,7 @@ def test_a_model_no_method_saves_is_not_deployed_not_benched_and_shown_as_failed
     assert "INT8 models not deployed (1)" in text and "changes" in text
     row = next(r for r in report.retention if r["deployed"].startswith("onnx-int8-cpu"))
     assert row["not_deployed"] == 1 and row["gain_int8"] is None  # never averaged into a KD gain
+    assert "1 seed(s): KD 1, scratch 0" in text
 
 
 def test_the_guard_judges_answers_changed_by_their_upper_bound():

@@ -55,7 +55,7 @@ def test_kept_divides_by_the_fp32_gain_on_the_seeds_int8_was_deployed_for():
               if not (model == "onnx-int8-cpu" and role == "scratch" and seed == 1)]
     failed = [{"dataset": "d", "variant": "base", "role": "scratch", "method": "", "seed": 1, "model": "onnx-int8-cpu"}]
     row = next(r for r in int8_retention(deploy, failed=failed))
-    assert row["gain_int8"].n == 2 and row["not_deployed"] == 1
+    assert row["gain_int8"].n == 2 and row["not_deployed"] == 1 and row["not_deployed_by"] == {"kd": 0, "scratch": 1}
     assert row["gain_fp32"].mean == pytest.approx(0.10) and row["gain_fp32_paired"].mean == pytest.approx(0.04)
     line = next(x for x in _markdown_tables(Report(Path("."), [], [], [row])) if x.startswith("| d | base |"))
     assert line.endswith("| 75% |"), line  # +3 of +4 pts, not 30% of +10

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -45,6 +45,7 @@ from edgekd.runtime.manifest import MANIFEST, write_manifest
 from edgekd.runtime.runners import OrtRunner
 from edgekd.runtime.tensorrt import engine_builder
 from edgekd.targets import EXPORT_TARGETS, exported_target, int8_target
+from edgekd.timing import Stopwatch
 
 if TYPE_CHECKING:
     from edgekd.data.types import DataSplits
@@ -271,11 +272,13 @@ class _Export:
     x: np.ndarray | None = None  # `images` normalised, as every model takes them
     reference: np.ndarray | None = None  # the PyTorch student's logits on `x`: what each export is checked against
     val: Evaluator | None = None  # the validation split the guards score on (_validation), made on first use
+    watch: Stopwatch = field(default_factory=Stopwatch)  # seconds per phase: the manifest's export_phases_s
 
     def accuracy_of(self, path: Path, as_written: bool = False) -> tuple[np.ndarray, float]:
         """An ONNX model's logits on the evaluation images and its accuracy, as `edgekd bench` would score it (with
         `as_written`, as its target computes it: Preset.score_as_written)."""
-        logits = predict(OrtRunner(path, as_written=as_written), self.images, self.data.mean, self.data.std)
+        with self.watch("test scoring"):  # parity and each model's accuracy on the evaluation images
+            logits = predict(OrtRunner(path, as_written=as_written), self.images, self.data.mean, self.data.std)
         return logits, accuracy(logits, self.labels)
 
     def add(self, key: str, file: str, precision: str, **info) -> None:
@@ -283,8 +286,9 @@ class _Export:
         path = self.bundle / file
         self.manifest["models"][key] = {"file": file, "precision": precision, "bytes": path.stat().st_size,
                                         "sha256": sha256(path), **info}
-        # this export's time so far: the report's phase
+        # this export's time so far: the report's phase, and where it went
         self.manifest["export_s"] = round(time.perf_counter() - self.start, 2)
+        self.manifest["export_phases_s"] = self.watch.to_dict()
         write_manifest(self.bundle, self.manifest)
 
 
@@ -348,7 +352,8 @@ def _pytorch_reference(ex: _Export) -> None:
 def _export_fp32(ex: _Export) -> None:
     """model.onnx, which the INT8 models and the engines are made from: refused unless it matches PyTorch."""
     fp32 = exported_target("fp32")
-    _export_onnx(ex.model, ex.bundle / fp32.file, ex.shape)
+    with ex.watch("onnx export"):
+        _export_onnx(ex.model, ex.bundle / fp32.file, ex.shape)
     logits, acc = ex.accuracy_of(ex.bundle / fp32.file)
     parity = logit_parity(logits, ex.reference, ex.options)
     ex.add(fp32.key, fp32.file, fp32.precision, opset=OPSET, accuracy=acc, parity=parity)
@@ -382,7 +387,7 @@ def _validation(ex: _Export) -> Evaluator:
                                                ex.dataset.hflip)
         clusters = np.tile(np.arange(len(data.val)), views)  # row i is a view of validation image clusters[i]
         ex.val = Evaluator(ex.bundle / exported_target("fp32").file, normalize(val_x, data.mean, data.std), val_y,
-                           clusters=clusters)
+                           clusters=clusters, watch=ex.watch)
         ex.manifest["validation"] = {"split": "validation", "images": len(data.val), "views": views,
                                      "scored": len(val_y), "reference": exported_target("fp32").key}
     return ex.val
@@ -432,7 +437,7 @@ def _make_int8(ex: _Export, method: str, preset: str, path: Path, val: Evaluator
     else:
         info, analysis = make_int8(ex.bundle / "model.onnx", path, preset, calibration, len(data.train), method,
                                    options.calib_method, options.calib_size, val, options.int8_max_drop / 100,
-                                   sensitivity, ex.log)
+                                   sensitivity, ex.log, ex.watch)
     as_written = PRESETS[preset].score_as_written
     _, acc = ex.accuracy_of(path, as_written)
     change = acc - ex.manifest["models"][exported_target("fp32").key]["accuracy"]
@@ -522,7 +527,8 @@ def _export_fp16(ex: _Export) -> None:
     on the validation split: FP16's failure is overflow (an activation past 65504 is inf), which shows as answers
     changed, not as a small logit difference on a few test images."""
     fp16 = exported_target("fp16")
-    _export_onnx(ex.model, ex.bundle / fp16.file, ex.shape, half=True)
+    with ex.watch("onnx export"):
+        _export_onnx(ex.model, ex.bundle / fp16.file, ex.shape, half=True)
     val, limit = _validation(ex), ex.options.int8_max_drop
     try:
         score = val.score(ex.bundle / fp16.file)
@@ -565,8 +571,12 @@ def export_run(run: Path, options: ExportOptions, log=print, qat=None) -> Path:
     _check_targets(options)
     profile, metrics = read_json(run / RUN_PROFILE), read_json(run / METRICS)
     key = export_key(run, options)
-    ex = _start_bundle(run, options, key, profile, metrics, log, start)
-    _pytorch_reference(ex)
+    watch = Stopwatch()
+    with watch("data and model"):
+        ex = _start_bundle(run, options, key, profile, metrics, log, start)
+    ex.watch = watch
+    with watch("pytorch reference"):
+        _pytorch_reference(ex)
     if "onnx" in options.targets or "int8" in options.targets or "trt" in options.targets:
         _export_fp32(ex)
     if "int8" in options.targets or ("trt" in options.targets and "trt" in options.int8_presets):

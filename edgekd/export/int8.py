@@ -29,6 +29,7 @@ import numpy as np
 from edgekd.errors import EdgeKDError
 from edgekd.export.quantize import WEIGHTED_OPS, Evaluator, Quantizer, Recipe, Score
 from edgekd.export.sensitivity import analyse, float_order
+from edgekd.timing import Stopwatch
 
 PTQ_METHODS = ("ptq", "ptq-search")  # post-training, here
 # Part of every bundle's key: raised when ptq-search or the guard would choose differently for the same inputs, so
@@ -215,7 +216,7 @@ def calibration_sizes(calib_size: int, available: int) -> list[int]:
 def make_int8(fp32_onnx: Path, out: Path, preset: str, calibration: Callable[[int], np.ndarray], available: int,
               method: str = "ptq", calib_method: str = "minmax", calib_size: int = 512, val: Evaluator | None = None,
               max_drop: float = 0.01, sensitivity: bool = False,
-              log: Callable[[str], None] = lambda line: None) -> tuple[dict, dict | None]:
+              log: Callable[[str], None] = lambda line: None, watch: Stopwatch | None = None) -> tuple[dict, dict | None]:
     """An INT8 model at `out` by `method`; returns (what the manifest records about it, the sensitivity analysis
     or None). `calibration(n)` gives n preprocessed training images; `val` scores candidates on validation."""
     if method not in PTQ_METHODS:
@@ -223,7 +224,7 @@ def make_int8(fp32_onnx: Path, out: Path, preset: str, calibration: Callable[[in
                           f"{', '.join(PTQ_METHODS)} (qat-kd fine-tunes in edgekd.distill.qat)")
     if (method == "ptq-search" or sensitivity) and val is None:
         raise EdgeKDError(f"INT8 method {method!r} and the sensitivity analysis need the validation split")
-    with Quantizer(fp32_onnx, preset) as q:
+    with Quantizer(fp32_onnx, preset, watch) as q:
         if method == "ptq":
             recipe = Recipe(calib_method, min(calib_size, available))
             images = calibration(recipe.images)

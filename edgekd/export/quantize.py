@@ -48,6 +48,7 @@ import numpy as np
 from edgekd.errors import EdgeKDError
 from edgekd.export.qdq_rules import graph_links
 from edgekd.runtime.runners import optimization_level
+from edgekd.timing import Stopwatch
 
 CALIB_METHODS = ("minmax", "entropy", "percentile")
 PLACEMENTS = ("all", "inputs")  # Q/DQ on every quantizable tensor, or on the inputs of weighted ops only
@@ -296,17 +297,19 @@ class Quantizer:
     once per calibration and placement, and cut into (float_region) as often as a search or a sensitivity analysis
     needs. Use as a context manager (it owns a temporary directory)."""
 
-    def __init__(self, fp32_onnx: Path, preset: str):
+    def __init__(self, fp32_onnx: Path, preset: str, watch: Stopwatch | None = None):
         import onnx
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
         if preset not in PRESETS:
             raise EdgeKDError(f"unknown INT8 preset {preset!r}: use cpu or trt")
         self.preset_name, self.preset = preset, PRESETS[preset]
+        self.watch = watch or Stopwatch()
         self._tmp = tempfile.TemporaryDirectory(prefix="edgekd-int8-")
         self.dir = Path(self._tmp.name)
         self.pre = self.dir / "pre.onnx"
-        quant_pre_process(str(fp32_onnx), str(self.pre), skip_symbolic_shape=True)
+        with self.watch("int8 pre-processing"):
+            quant_pre_process(str(fp32_onnx), str(self.pre), skip_symbolic_shape=True)
         model = onnx.load(str(self.pre))
         unnamed = [n for n in model.graph.node if not n.name]
         for i, n in enumerate(unnamed):  # node names are how ORT's include/exclude lists address nodes
@@ -374,18 +377,20 @@ class Quantizer:
         if recipe.placement == "inputs":
             extra["OpTypesToExcludeOutputQuantization"] = list(WEIGHTED_OPS)
         left_out = self.closure(recipe.float_groups) if recipe.float_groups else []
-        cache = self.calibrate(calibration, recipe.method)
+        with self.watch("int8 calibration"):
+            cache = self.calibrate(calibration, recipe.method)
 
         def ort_quantize(path: Path, nodes: list[str] | None) -> Path:
             noisy = logging.getLogger()
             level = noisy.level
             noisy.setLevel(logging.ERROR)  # "please pre-process": it is done
             try:
-                quantize_static(str(self.pre), str(path), None, quant_format=QuantFormat.QDQ, per_channel=True,
-                                reduce_range=p.reduce_range, activation_type=getattr(QuantType, p.activation),
-                                weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
-                                calibrate_method=_ort_method(recipe.method), extra_options=extra,
-                                calibration_cache_path=str(cache))
+                with self.watch("int8 quantize_static"):
+                    quantize_static(str(self.pre), str(path), None, quant_format=QuantFormat.QDQ, per_channel=True,
+                                    reduce_range=p.reduce_range, activation_type=getattr(QuantType, p.activation),
+                                    weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
+                                    calibrate_method=_ort_method(recipe.method), extra_options=extra,
+                                    calibration_cache_path=str(cache))
             finally:
                 noisy.setLevel(level)
             return path
@@ -395,19 +400,20 @@ class Quantizer:
         full = self._full.get((cache, recipe.placement))
         if full is None:
             full = self._full[(cache, recipe.placement)] = ort_quantize(self.scratch("full"), None)
-        for _ in range(8):
-            float_region(self._pre_model, full, {n for g in left_out for n in g.nodes}, out, self._ungrouped,
-                         {t for g in self.groups if g not in left_out for t in g.tensors})
-            trapped = ort_requantized(out)
-            if not trapped:
-                self.last_float = [g.name for g in left_out]
-                return Path(out)
-            # A float conv between Q/DQ: leave out what quantizes its input and output too.
-            tensors = {t for n in trapped for t in n}
-            grow = [g for g in self.groups if g not in left_out and tensors & set(g.tensors)]
-            if not grow:
-                break
-            left_out += grow
+        with self.watch("int8 float regions"):
+            for _ in range(8):
+                float_region(self._pre_model, full, {n for g in left_out for n in g.nodes}, out, self._ungrouped,
+                             {t for g in self.groups if g not in left_out for t in g.tensors})
+                trapped = ort_requantized(out)
+                if not trapped:
+                    self.last_float = [g.name for g in left_out]
+                    return Path(out)
+                # A float conv between Q/DQ: leave out what quantizes its input and output too.
+                tensors = {t for n in trapped for t in n}
+                grow = [g for g in self.groups if g not in left_out and tensors & set(g.tensors)]
+                if not grow:
+                    break
+                left_out += grow
         raise EdgeKDError(f"ONNX Runtime would re-quantize float node(s) {', '.join(str(t) for t in trapped)} with "
                           "per-tensor weights (its WeightBiasQuantization pass): keep fewer groups float")
 
@@ -603,12 +609,13 @@ class Evaluator:
     i is a view of (validation_views), so that standard errors count images, not views."""
 
     def __init__(self, fp32_onnx: Path, images: np.ndarray, labels: np.ndarray, batch_size: int = 512,
-                 clusters: np.ndarray | None = None):
+                 clusters: np.ndarray | None = None, watch: Stopwatch | None = None):
         if len(images) == 0:
             raise EdgeKDError("the validation split is empty: INT8 choices need one (raise val_fraction)")
         self.images, self.labels, self.batch_size = images, np.asarray(labels), batch_size
         self.clusters = None if clusters is None else np.asarray(clusters, dtype=np.int64)
         self.evaluations = 0
+        self.watch = watch or Stopwatch()
         self.reference = self.logits(fp32_onnx)
         self.fp32 = self._score(self.reference)
 
@@ -625,11 +632,12 @@ class Evaluator:
         options = ort.SessionOptions()
         options.graph_optimization_level = optimization_level(ort, as_written)
         options.log_severity_level = 3
-        session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-        self.evaluations += 1
-        return np.concatenate([session.run(None, {name: self.images[i : i + self.batch_size]})[0]
-                               for i in range(0, len(self.images), self.batch_size)])
+        with self.watch("validation scoring"):
+            session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+            name = session.get_inputs()[0].name
+            self.evaluations += 1
+            return np.concatenate([session.run(None, {name: self.images[i : i + self.batch_size]})[0]
+                                   for i in range(0, len(self.images), self.batch_size)])
 
     def _score(self, logits: np.ndarray) -> Score:
         ref = getattr(self, "reference", logits)

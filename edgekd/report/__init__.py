@@ -86,15 +86,18 @@ def int8_retention(deploy: list[dict], compared: list[dict] = (), failed: list[d
         int8_runs = by_seed(dataset, variant, method, deployed)
         paired = set(int8_runs["kd"]) & set(int8_runs["scratch"])  # seeds with both INT8 models deployed
         g_fp32_paired = gain(dataset, variant, method, reference, paired) if paired else None
-        refused = {f["seed"] for f in failed if f["dataset"] == dataset and deployed.startswith(f["model"])
-                   and variant_label(f["variant"], f.get("family", "")) == variant
-                   and (f["role"] == "scratch" or f["method"] == method)}
-        if g_fp32 and (g_int8 or refused):
+        refused = {role: {f["seed"] for f in failed if f["role"] == role and f["dataset"] == dataset
+                          and deployed.startswith(f["model"])
+                          and variant_label(f["variant"], f.get("family", "")) == variant
+                          and (role == "scratch" or f["method"] == method)} for role in ("kd", "scratch")}
+        if g_fp32 and (g_int8 or refused["kd"] or refused["scratch"]):
             out.append({"dataset": dataset, "variant": variant, "method": method, "deployed": deployed,
                         "gain_fp32": g_fp32, "gain_int8": g_int8, "seeds": g_int8.n if g_int8 else 0,
                         # FP32's gain on the seeds the INT8 gain has: what 'kept' divides by
                         "gain_fp32_paired": g_fp32_paired,
-                        "not_deployed": len(refused)})
+                        # seeds left out, and by whose refusal: which student INT8 holds for is a finding too
+                        "not_deployed": len(refused["kd"] | refused["scratch"]),
+                        "not_deployed_by": {role: len(seeds) for role, seeds in refused.items()}})
     return out
 
 
@@ -138,7 +141,9 @@ def _markdown_tables(report: Report) -> list[str]:
             g32, g8 = r["gain_fp32"], r["gain_int8"]
             int8 = _pct(g8, signed=True, ci=False) if g8 else "- (no deployed pair)"
             kept = kept_share(r["gain_fp32_paired"], g8) if g8 and r["gain_fp32_paired"] else "-"
-            refused = f"{r['not_deployed']} seed(s)" if r.get("not_deployed") else "0"
+            by = r.get("not_deployed_by", {})
+            refused = (f"{r['not_deployed']} seed(s): KD {by.get('kd', 0)}, scratch {by.get('scratch', 0)}"
+                       if r.get("not_deployed") else "0")
             lines.append(f"| {r['dataset']} | {r['variant']} | {r['method']} | {r['deployed']} | "
                          f"{100 * g32.mean:+.2f} ± {100 * g32.std:.2f} | {int8} | {refused} | {kept} |")
     lines += _not_deployed_table(report.not_deployed)
