@@ -185,7 +185,8 @@ def _run_profile(args, deploy: bool, show) -> int:
     with RichReporter() as reporter:
         try:
             result = run(profile, Path(args.out), reporter, force=args.force, jobs=args.jobs, executor=executor,
-                         address=args.address, cpus_per_job=args.cpus_per_job, deploy=deploy)
+                         address=args.address, cpus_per_job=args.cpus_per_job, deploy=deploy,
+                         execution=args.execution)
         except JobsFailed as exc:
             result, failed = exc.result, exc.failed
     show(profile, result, time.perf_counter() - start)
@@ -445,8 +446,11 @@ def report_table(report) -> Table:
                       r["scratch_acc"].fmt() if r["scratch_acc"] else "-", r["kd_acc"].fmt() if r["kd_acc"] else "-",
                       gain)
     for r in report.retention:
+        g8 = r["gain_int8"]  # None when the guard refused an INT8 model on every seed: no pair to compare
+        int8 = f"{g8.mean * 100:+.2f}" if g8 else "no deployed pair"
+        refused = f", {r['not_deployed']} seed(s) not deployed" if r.get("not_deployed") else ""
         table.add_row(r["dataset"], r["variant"], f"after {r['deployed']}", "", r["method"], "", "", "",
-                      f"{r['gain_int8'].mean * 100:+.2f} (FP32 {r['gain_fp32'].mean * 100:+.2f})")
+                      f"{int8} (FP32 {r['gain_fp32'].mean * 100:+.2f}{refused})")
     return table
 
 
@@ -512,6 +516,9 @@ def _profile_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a profile key, e.g. student.epochs=3")
     p.add_argument("--force", action="store_true", help="retrain finished runs")
     p.add_argument("--mlflow", metavar="URI", help=MLFLOW_HELP)
+    p.add_argument("--execution", metavar="FILE", type=Path,
+                   help="train with the precision and memory format a JSON file records (a study's plan.json, or "
+                        "this machine's execution cache) instead of measuring: the same numerics as that study")
     _executor_options(p)
 
 

@@ -114,13 +114,33 @@ def study_device(profile, executor) -> str:
     return resolve_device(profile.study.device)
 
 
+def pinned_execution(path: Path | None) -> dict:
+    """The execution choices a file pins (`--execution`): a study's plan.json (its `execution` table), that table
+    alone, or a machine's execution cache (choices per machine, all of them taken)."""
+    if path is None:
+        return {}
+    from edgekd.runio import read_json
+
+    data = read_json(Path(path), fix="pass a study's plan.json or an execution cache file")
+    table = data.get("execution", data) if isinstance(data, dict) else None
+    if isinstance(table, dict) and table and all(isinstance(v, dict) and "choice" not in v for v in table.values()):
+        table = {slot: e for per_machine in table.values() for slot, e in per_machine.items()}  # a machine cache
+    good = isinstance(table, dict) and table and all(
+        isinstance(e, dict) and isinstance(e.get("choice"), dict)
+        and {"precision", "channels_last", "device"} <= set(e["choice"]) for e in table.values())
+    if not good:
+        raise EdgeKDError(f"--execution {path}: no execution choices in it (expected a study's plan.json, its "
+                          "'execution' table, or an execution cache file)")
+    return {slot: {**e, "source": f"pinned by --execution {path}"} for slot, e in table.items()}
+
+
 def run_graph(profile, root: Path, executor, reporter: Reporter | None = None, force: bool = False,
-              deploy: bool = False) -> Outcome:
+              deploy: bool = False, pinned: dict | None = None) -> Outcome:
     """Plan the profile's jobs (with deploy: bundles and benches too), make every kind's plan-time choices once,
-    and run what is not current on `executor`."""
+    and run what is not current on `executor`. `pinned`: execution choices that override measuring."""
     device = study_device(profile, executor)
     jobs = plan_jobs(profile, root, deploy, device, executor.job_cpus(default_threads(profile)))
-    measured = previous_measurements(root)
+    measured = {**previous_measurements(root), **(pinned or {})}
     ctx = PlanContext(profile, root, force, reporter, device=device, measure=executor.measure)
     jobs = prepare_jobs(ctx, jobs, measured)
     set_threads(profile.study.threads)  # jobs run in this process train with study.threads (workers get theirs)
@@ -137,12 +157,12 @@ class StudyResult:
 
 def run(profile, out: Path, reporter: Reporter | None = None, force: bool = False, jobs: int = 1,
         executor: str | None = None, address: str | None = None, cpus_per_job: float | None = None,
-        deploy: bool = False) -> StudyResult:
+        deploy: bool = False, execution: Path | None = None) -> StudyResult:
     """Run every job of the profile that is not current, on an executor: `local` (in this process, the default),
     `processes` (`jobs` processes, each starting a job as soon as the jobs it needs are done) or `ray`. Without
     deploy the run ends with summary.json (the current run records); with deploy, with the report. Records that are
-    not current are left out and named to the reporter. Raises JobsFailed (holding the result) when a job failed;
-    the others finished."""
+    not current are left out and named to the reporter. `execution`: a file of execution choices to train with
+    (pinned_execution). Raises JobsFailed (holding the result) when a job failed; the others finished."""
     from edgekd.pipeline.executors import make_executor
 
     if deploy and "trt" in profile.deploy.targets:
@@ -151,7 +171,7 @@ def run(profile, out: Path, reporter: Reporter | None = None, force: bool = Fals
     reporter = reporter or Reporter()
     root = Path(out).absolute() / profile.study.name
     with make_executor(executor, jobs, address, cpus_per_job) as ex:
-        outcome = run_graph(profile, root, ex, reporter, force, deploy)
+        outcome = run_graph(profile, root, ex, reporter, force, deploy, pinned_execution(execution))
     result = StudyResult(outcome)
     if deploy:
         _finish_study(root, reporter, result)

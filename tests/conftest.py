@@ -6,6 +6,8 @@ import pytest
 import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Each test measures its own execution choices: none leaks in from, or out to, the user's machine cache
+os.environ["EDGEKD_EXECUTION_CACHE"] = "none"
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 

@@ -63,6 +63,28 @@ def test_kept_divides_by_the_fp32_gain_on_the_seeds_int8_was_deployed_for():
     assert "(1 seed)" in next(x for x in _markdown_tables(Report(Path("."), [], [], [one])) if x.startswith("| d |"))
 
 
+def test_an_int8_model_refused_on_every_seed_keeps_its_row_with_no_gain():
+    """Every scratch INT8 model refused: no seed pair, so no INT8 gain; both tables say so instead of failing."""
+    from rich.console import Console
+
+    from edgekd.cli import report_table
+    from edgekd.report import Report, _markdown_tables, int8_retention
+
+    deploy = [{"dataset": "d", "variant": "base", "role": role, "method": "kd" if role == "kd" else "", "seed": seed,
+               "deployed": model, "accuracy": 0.8 if role == "kd" else 0.7}
+              for role in ("kd", "scratch") for seed in (0, 1) for model in ("onnx-fp32", "onnx-int8-cpu")
+              if not (model == "onnx-int8-cpu" and role == "scratch")]
+    failed = [{"dataset": "d", "variant": "base", "role": "scratch", "method": "", "seed": s, "model": "onnx-int8-cpu"}
+              for s in (0, 1)]
+    rows = int8_retention(deploy, failed=failed)
+    assert len(rows) == 1 and rows[0]["gain_int8"] is None and rows[0]["not_deployed_by"] == {"kd": 0, "scratch": 2}
+    line = next(x for x in _markdown_tables(Report(Path("."), [], [], rows)) if x.startswith("| d | base |"))
+    assert "no deployed pair" in line and "2 seed(s): KD 0, scratch 2" in line
+    console = Console(width=200, record=True)
+    console.print(report_table(Report(Path("study"), [], [], rows)))
+    assert "no deployed pair (FP32 +10.00, 2 seed(s) not deployed)" in console.export_text()
+
+
 def _rows(gains: dict[str, list[float]], teacher: float = 0.95) -> list[dict]:
     """variant_rows of a study whose KD students beat scratch by the given per-seed gains."""
     from edgekd.report.tables import variant_rows

@@ -9,6 +9,7 @@ and recorded there; the choice travels in each training job's `params["execution
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -172,21 +173,29 @@ def _execution_slot(profile, job: Job, device: str) -> str:
             f"batch={cfg.batch_size}|{cfg.precision}|{cfg.channels_last}")
 
 
-def measure_execution(profile, dataset: str, role: str, device: str) -> dict:
-    """Time the (precision, layout) candidates of one training configuration on this machine's `device`; runs
-    before any job (locally, or as one task on the cluster) so nothing else loads the machine meanwhile."""
-    from edgekd.distill.execution import measure_candidates
+def measure_execution(profile, dataset: str, role: str, device: str, slot: str) -> dict:
+    """The (precision, layout) of one training configuration on this machine's `device`: the machine's earlier
+    choice for `slot` (MachineCache), else its candidates timed now. Runs where the jobs will run (locally, or as
+    one task on the cluster), before any job, so nothing else loads the machine meanwhile."""
+    from edgekd.distill.execution import MachineCache, measure_candidates
     from edgekd.distill.runner import dataset_splits
     from edgekd.models import create_model
 
+    cache = MachineCache()
+    earlier = cache.get(slot)
+    if earlier is not None:
+        return {**earlier, "source": f"this machine's earlier measurement ({cache.path})"}
     cfg = train_config(profile, role)
     data = dataset_splits(profile, dataset).splits
     shape = (cfg.batch_size, data.channels, data.image_size, data.image_size)
     best, speeds = measure_candidates(
         lambda: create_model(cfg.model, data.num_classes, data.channels, cfg.small_input, cfg.pretrained),
         cfg, device, shape, data.num_classes)
-    return {"choice": {"precision": best.precision, "channels_last": best.channels_last, "device": best.device},
-            "images_per_s": speeds, "shape": list(shape)}
+    entry = {"choice": {"precision": best.precision, "channels_last": best.channels_last, "device": best.device},
+             "images_per_s": speeds, "shape": list(shape), "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if speeds:  # a choice the profile left one candidate for was not measured: nothing to keep
+        cache.put(slot, entry)
+    return {**entry, "source": "measured"}
 
 
 def choose_execution(ctx: PlanContext, job: Job, measured: dict) -> Job:
@@ -203,7 +212,7 @@ def choose_execution(ctx: PlanContext, job: Job, measured: dict) -> Job:
         slot = _execution_slot(ctx.profile, job, ctx.device)
         if slot not in measured:
             gpus = 1.0 if ctx.device.startswith("cuda") else 0.0
-            measured[slot] = ctx.measure(measure_execution, ctx.profile, job.dataset, job.role, ctx.device,
+            measured[slot] = ctx.measure(measure_execution, ctx.profile, job.dataset, job.role, ctx.device, slot,
                                          num_gpus=gpus)
         choice = measured[slot]["choice"]
     execution = {"precision": choice["precision"], "channels_last": bool(choice["channels_last"]),
