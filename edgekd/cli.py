@@ -412,19 +412,28 @@ def cmd_build(args) -> int:
 
 def bench_table(record: dict) -> Table:
     env = record["environment"]
-    where = env["gpu"]["gpu"] if record["options"]["device"] == "cuda" and env.get("gpu") else env["cpu"]
-    table = Table(title=f"{record['dataset']}/{record['variant']}: {record['student']['model']} on {where}",
-                  caption=f"latency in ms over {record['eval_samples']} eval images' batches; "
-                          f"threads {env['threads']}; timing host_wall = host clock around the call, "
-                          "device_events = CUDA events around the GPU work; * = not made for this device")
-    for col in ("model", "timing", "batch", "accuracy %", "p50", "p90", "p99", "mean ± std", "images/s",
-                "MiB file", "MiB RSS+"):
+    gpu = (env.get("gpu") or {}).get("gpu")  # None where nvidia-smi failed (its line is in the record)
+    where = gpu if record["options"]["device"] == "cuda" and gpu else env["cpu"]
+    student = record["student"]
+    size = (f" ({student['parameters'] / 1e6:.2f}M parameters, {student['macs_per_image'] / 1e6:.2f}M MACs/image)"
+            if "macs_per_image" in student else "")
+    calls = max((r.get("calls_per_sample", 1) for r in record["results"]), default=1)
+    table = Table(title=f"{record['dataset']}/{record['variant']}: {student['model']}{size} on {where}",
+                  caption=f"warm latency in ms over {record['eval_samples']} eval images' batches, n = samples; "
+                          f"cold: opening the model (load) and its first inference; threads {env['threads']}; "
+                          "timing host_wall = host clock around the call, device_events = CUDA events around "
+                          f"the GPU work ({calls} enqueues per sample); * = not made for this device")
+    for col in ("model", "timing", "load ms", "1st ms", "batch", "accuracy %", "n", "p50", "p90", "p99", "mean ± std",
+                "images/s", "MiB file", "MiB RSS+"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for r in record["results"]:
+        cold = r.get("cold") or {}
         for i, (batch, s) in enumerate(r["latency"].items()):
             name = r["model"] + ("" if r.get("meant_for_device", True) else " *")
-            table.add_row(name if i == 0 else "", str(r.get("timing", "")) if i == 0 else "", batch,
-                          f"{r['accuracy'] * 100:.2f}" if i == 0 else "",
+            first = i == 0 and cold
+            table.add_row(name if i == 0 else "", str(r.get("timing", "")) if i == 0 else "",
+                          f"{cold['load_ms']:.1f}" if first else "", f"{cold['first_inference_ms']:.2f}" if first else "",
+                          batch, f"{r['accuracy'] * 100:.2f}" if i == 0 else "", str(s.get("iterations", "")),
                           f"{s['p50_ms']:.3f}", f"{s['p90_ms']:.3f}", f"{s['p99_ms']:.3f}",
                           f"{s['mean_ms']:.3f} ± {s['std_ms']:.3f}", f"{s['throughput_ips']:,.0f}",
                           f"{r['file_bytes'] / 2**20:.2f}" if i == 0 else "",

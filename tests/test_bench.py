@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 
 import numpy as np
@@ -27,6 +28,10 @@ def test_bench_every_runnable_backend(tiny_bundle, backend):
         assert s["iterations"] == 5 and s["p50_ms"] <= s["p90_ms"] <= s["p95_ms"] <= s["p99_ms"]
         assert s["throughput_ips"] == pytest.approx(4000 / s["mean_ms"])
         assert r["file_bytes"] > 0 and r["peak_rss_increase_mib"] >= 0
+        assert r["cold"]["load_ms"] > 0 and r["cold"]["first_inference_ms"] > 0 and r["calls_per_sample"] == 1
+    student = manifest["student"]  # counted by torch at export, no hand-written counter
+    assert student["macs_per_image"] * 2 == student["flops_per_image"] > 0 and student["parameters"] > 0
+    assert "FlopCounterMode" in student["counted_by"]
     fp32 = record["results"][0]["accuracy"]
     assert fp32 == pytest.approx(manifest["models"]["onnx-fp32"]["accuracy"] if backend == "ort"
                                  else manifest["pytorch_accuracy"])
@@ -46,7 +51,8 @@ def test_cli_bench_writes_json(tiny_bundle, tmp_path, capsys):
     out = tmp_path / "b.json"
     assert main(["bench", str(tiny_bundle), "--iters", "3", "--batch-sizes", "1,2", "--model", "onnx-fp32",
                  "--out", str(out)]) == 0
-    assert "onnx-fp32" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "onnx-fp32" in text and "load ms" in text and "1st ms" in text and "M MACs/image" in text
     assert [r["model"] for r in json.loads(out.read_text())["results"]] == ["onnx-fp32"]
 
 
@@ -89,6 +95,94 @@ def test_bench_errors(tiny_bundle, tmp_path):
         bench_bundle(bundle, BenchOptions(backend="ort-trt", device="cuda", models=("onnx-fp32",)))
     with pytest.raises(EdgeKDError, match="has no CUDAExecutionProvider"):
         bench_bundle(bundle, BenchOptions(backend="ort", device="cuda", models=("onnx-fp32",)))
+
+
+def _with_manifest_file(bundle, key, name):
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["models"][key]["file"] = name
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_every_file_a_bundle_names_stays_inside_it(tiny_bundle, tmp_path, capsys):
+    """A bundle is untrusted input on the device: the manifest's names and the bundle's links are not followed out.
+    Each case was benched before (the sha256 beside a name does not help: the same author writes both)."""
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    shutil.copy(tiny_bundle / "model.onnx", outside / "model.onnx")
+    opts = BenchOptions(**{**FAST.__dict__, "models": ("onnx-fp32",)})
+    for name, problem in ((str(outside / "model.onnx"), "outside the bundle"),
+                          ("../elsewhere/model.onnx", "outside the bundle"),
+                          ("sub/../../elsewhere/model.onnx", "outside the bundle"),
+                          ("", "not a relative path")):
+        bundle = _copy(tiny_bundle, tmp_path / f"case{len(list(tmp_path.iterdir()))}")
+        shutil.copytree(outside, bundle.parent / "elsewhere")
+        _with_manifest_file(bundle, "onnx-fp32", name)
+        with pytest.raises(EdgeKDError, match=problem):
+            bench_bundle(bundle, opts)
+        assert main(["bench", str(bundle), "--model", "onnx-fp32", "--iters", "2"]) == 2  # one line, no traceback
+        assert problem in capsys.readouterr().err
+    bundle = _copy(tiny_bundle, tmp_path / "link")
+    (bundle / "model.onnx").unlink()
+    (bundle / "model.onnx").symlink_to(outside / "model.onnx")
+    with pytest.raises(EdgeKDError, match="is a link to .*elsewhere/model.onnx, outside the bundle"):
+        bench_bundle(bundle, opts)
+    (bundle / "model.onnx").unlink()
+    (bundle / "model.onnx").mkdir()
+    with pytest.raises(EdgeKDError, match="not a regular file"):
+        bench_bundle(bundle, opts)
+    (bundle / "model.onnx").rmdir()
+    shutil.copy(outside / "model.onnx", bundle / "model.onnx")
+    (bundle / "eval.npz").rename(outside / "eval.npz")
+    (bundle / "eval.npz").symlink_to(outside / "eval.npz")
+    with pytest.raises(EdgeKDError, match=r"evaluation data \(eval.npz\) is a link .* outside the bundle"):
+        bench_bundle(bundle, opts)
+    (bundle / "eval.npz").unlink()
+    shutil.copy(outside / "eval.npz", bundle / "eval.npz")
+    (bundle / "inside.onnx").symlink_to("model.onnx")  # a link that stays inside is an ordinary file
+    _with_manifest_file(bundle, "onnx-fp32", "inside.onnx")
+    assert bench_bundle(bundle, opts)["results"][0]["file"] == "inside.onnx"
+
+
+def test_a_failing_nvidia_smi_loses_no_bench(tiny_bundle, tmp_path, monkeypatch):
+    """nvidia-smi on a host whose driver is gone prints one line (and exit 9); the bench read it after all timing
+    and raised, losing the finished figures. Now the line is recorded."""
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho \"NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver. "
+                    "Make sure that the latest NVIDIA driver is installed and running.\"\nexit 9\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    record = bench_bundle(tiny_bundle, BenchOptions(**{**FAST.__dict__, "models": ("onnx-fp32",)}))
+    assert record["results"][0]["latency"]["1"]["p50_ms"] > 0
+    assert record["environment"]["gpu"] == {"gpu": None, "nvidia_smi": "NVIDIA-SMI has failed because it couldn't "
+                                            "communicate with the NVIDIA driver. Make sure that the latest NVIDIA "
+                                            "driver is installed and running."}
+    from edgekd.bench.monitor import parse_gpu_query
+
+    assert parse_gpu_query("NVIDIA H200, 570.124.06, 143771 MiB\nNVIDIA H200, 570.124.06, 143771 MiB") == {
+        "gpu": "NVIDIA H200", "driver": "570.124.06", "memory": "143771 MiB", "count": 2}
+
+
+def test_onnx_runtime_refuses_external_data_outside_the_models_folder(tmp_path):
+    """The other way out of a bundle, an ONNX file whose weights are 'external data' at ../x, ONNX Runtime refuses
+    itself (kept as a test: if a release stops refusing, the bench needs its own check)."""
+    import onnx
+    from onnx.external_data_helper import set_external_data
+
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    (tmp_path / "secret.bin").write_bytes(np.ones((4, 4), np.float32).tobytes())
+    tensor = model.graph.initializer[0]
+    set_external_data(tensor, location="../secret.bin")
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    (tmp_path / "bundle").mkdir()
+    onnx.save(model, tmp_path / "bundle" / "model.onnx")
+    with pytest.raises(EdgeKDError, match="cannot be loaded .*External data path escapes model"):
+        RUNNERS.get("ort")(tmp_path / "bundle" / "model.onnx", "cpu", 1)
 
 
 def test_cli_bench_bad_batch_sizes(tiny_bundle, capsys):

@@ -279,6 +279,105 @@ def test_engine_check_compares_the_gpu_model(monkeypatch):
         "built_on": "GPU-1", "running_on": "GPU-2", "same_gpu": False}
 
 
+class FakeEngine:
+    """A TensorRT engine and execution context that answer as the real tensor API does (fake: no TensorRT or GPU
+    here): booleans from set_input_shape / set_tensor_address / execute_async_v3, profile 0 for batches 1..64."""
+
+    INPUT, OUTPUT = "in", "out"
+
+    def __init__(self, enqueue_ok=True, address_ok=True, max_batch=64):
+        self.enqueue_ok, self.address_ok, self.max_batch = enqueue_ok, address_ok, max_batch
+        self.num_io_tensors, self.shapes, self.enqueued = 2, {}, 0
+
+    # engine
+    def get_tensor_name(self, i):
+        return (self.INPUT, self.OUTPUT)[i]
+
+    def get_tensor_mode(self, name):
+        return name
+
+    def get_tensor_profile_shape(self, name, profile):
+        return [(1, 1, 12, 12), (8, 1, 12, 12), (self.max_batch, 1, 12, 12)]
+
+    def create_execution_context(self):
+        return self
+
+    # context
+    def set_input_shape(self, name, shape):
+        self.shapes[name] = tuple(shape)
+        return 1 <= shape[0] <= self.max_batch
+
+    def get_tensor_shape(self, name):
+        return (self.shapes[self.INPUT][0], 4)
+
+    def set_tensor_address(self, name, ptr):
+        return self.address_ok
+
+    def execute_async_v3(self, stream):
+        self.enqueued += 1
+        return self.enqueue_ok
+
+
+def _fake_trt_runner(monkeypatch, tmp_path, **engine):
+    from edgekd import gpu
+
+    fake = FakeEngine(**engine)
+    trt = types.SimpleNamespace(
+        Logger=type("Logger", (), {"WARNING": 2, "__init__": lambda s, level: None}),
+        Runtime=lambda logger: types.SimpleNamespace(deserialize_cuda_engine=lambda data: fake),
+        TensorIOMode=types.SimpleNamespace(INPUT=FakeEngine.INPUT, OUTPUT=FakeEngine.OUTPUT))
+    ok = (0,)
+    cudart = types.SimpleNamespace(
+        cudaStreamCreate=lambda: (0, 7), cudaMalloc=lambda n: (0, 1000), cudaFree=lambda p: ok,
+        cudaMemcpy=lambda *a: ok, cudaMemcpyAsync=lambda *a: ok, cudaStreamSynchronize=lambda s: ok,
+        cudaEventCreate=lambda: (0, object()), cudaEventRecord=lambda e, s: ok, cudaEventSynchronize=lambda e: ok,
+        cudaEventElapsedTime=lambda a, b: (0, 5.0),  # ms between the two events
+        cudaMemcpyKind=types.SimpleNamespace(cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2))
+    monkeypatch.setattr(trt_runtime, "import_tensorrt", lambda: trt)
+    monkeypatch.setattr(gpu, "import_cudart", lambda: cudart)
+    (tmp_path / "trt-fp32.engine").write_bytes(b"engine")
+    return RUNNERS.get("trt")(tmp_path / "trt-fp32.engine", "cuda"), fake
+
+
+def test_trt_runner_checks_tensorrts_success_flags(monkeypatch, tmp_path):
+    import numpy as np
+
+    x = np.zeros((2, 1, 12, 12), np.float32)
+    runner, _ = _fake_trt_runner(monkeypatch, tmp_path, enqueue_ok=False)
+    with pytest.raises(EdgeKDError, match="could not enqueue trt-fp32.engine .execute_async_v3 returned False"):
+        runner.infer(x)
+    with pytest.raises(EdgeKDError, match="could not enqueue"):  # the timed loop too: no ~0 ms recorded as valid
+        runner.time(x, warmup=0, iters=3, duration=None)
+    runner, _ = _fake_trt_runner(monkeypatch, tmp_path, address_ok=False)
+    with pytest.raises(EdgeKDError, match="refused the GPU address of tensor 'in'"):
+        runner.infer(x)
+
+
+def test_the_accuracy_pass_batches_within_the_engines_profile(monkeypatch, tmp_path):
+    """An engine built with --batch-range 1,8,64 cannot take the accuracy pass's batches of 256."""
+    import numpy as np
+
+    from edgekd.runtime.evalset import predict
+
+    runner, fake = _fake_trt_runner(monkeypatch, tmp_path)
+    logits = predict(runner, np.zeros((300, 1, 12, 12), np.uint8), [0.5], [0.5])
+    assert logits.shape == (300, 4) and fake.enqueued == 5  # 64 x 4 + 44
+    assert max(s[0] for s in [fake.shapes[FakeEngine.INPUT]]) <= 64
+
+
+def test_device_events_time_many_enqueues_and_divide(monkeypatch, tmp_path):
+    """One enqueue between two events on an idle stream times its launch; each sample spans CALLS enqueues."""
+    import numpy as np
+
+    from edgekd.runtime.runners import CudaEventClock
+
+    runner, fake = _fake_trt_runner(monkeypatch, tmp_path)
+    timed = runner.time(np.zeros((1, 1, 12, 12), np.float32), warmup=1, iters=4, duration=None)
+    assert timed.kind == "device_events" and timed.calls_per_sample == CudaEventClock.CALLS
+    assert fake.enqueued == CudaEventClock.CALLS * 5
+    assert timed.seconds == [pytest.approx(0.005 / CudaEventClock.CALLS)] * 4
+
+
 # -- Python 3.10 ---------------------------------------------------------------------------------------------------
 def test_bench_and_build_on_python310_without_torch(tiny_bundle, tmp_path):
     python = os.environ.get("EDGEKD_PY310")

@@ -201,6 +201,8 @@ def test_report_says_what_was_run(reported_study):
     assert set(times) == {"distill", "export", "bench"} and "Summed job times" in md
     assert "| 2 bundles |" in times["export"] and "| 2 bench files |" in times["bench"]
     assert "not recorded" not in "".join(times.values())
+    cold = [line for line in md.splitlines() if line.startswith("| synthetic | ort/cpu |")]
+    assert "Cold start beside warm latency" in md and {c.split("|")[4].strip() for c in cold} >= {"onnx-fp32"}
 
 
 OVERFLOW_CHECK = """<script>

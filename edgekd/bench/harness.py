@@ -31,7 +31,7 @@ from edgekd.envinfo import environment
 from edgekd.errors import EdgeKDError
 from edgekd.runio import sha256_file, write_json
 from edgekd.runtime.evalset import accuracy, load_eval, normalize, predict
-from edgekd.runtime.manifest import read_manifest
+from edgekd.runtime.manifest import bundle_file, read_manifest
 from edgekd.runtime.runners import RUNNERS
 from edgekd.runtime.tensorrt import engine_note
 from edgekd.targets import BACKENDS, TARGETS, Target, targets_for
@@ -88,7 +88,7 @@ def not_deployed(manifest: dict, benched: list[str]) -> dict[str, str]:
 
 
 def _open(bundle: Path, target: Target, entry: dict, manifest: dict, options: BenchOptions):
-    path = bundle / entry["file"]
+    path = bundle_file(bundle, entry["file"], f"model {target.key!r}")
     if options.backend == "torch":
         return RUNNERS.get("torch")(path, options.device, options.threads, manifest["student"])
     if options.backend == "trt":
@@ -140,9 +140,15 @@ def bench_bundle(bundle: Path, options: BenchOptions, progress=None) -> dict:
         engine = engine_note(entry, bundle) if options.backend == "trt" else None  # before any GPU memory
         rss_before = rss_bytes()
         with Sampler(rss_bytes, 0.02) as memory:
+            # Cold start, apart from the warm figures: opening the model (session or engine deserialisation,
+            # ORT-TensorRT's engine build or cache load) and the first inference (lazy allocations, kernel loads)
+            opened = time.perf_counter()
             runner = _open(bundle, target, entry, manifest, options)
+            loaded = time.perf_counter()
+            runner.infer(normalize(images[:1], mean, std))
+            cold = {"load_ms": (loaded - opened) * 1e3, "first_inference_ms": (time.perf_counter() - loaded) * 1e3}
             acc = accuracy(predict(runner, images, mean, std), labels)
-            latency, power, timing = {}, {}, set()
+            latency, power, timing, calls = {}, {}, set(), set()
             for batch in options.batch_sizes:
                 if progress:
                     progress(f"{target.key} batch {batch}")
@@ -156,6 +162,7 @@ def bench_bundle(bundle: Path, options: BenchOptions, progress=None) -> dict:
                                                         method=power_reader.method)
                 latency[str(batch)] = latency_stats(timed.seconds, batch)
                 timing.add(timed.kind)
+                calls.add(timed.calls_per_sample)
             gpu_mem = gpu_memory_mib() if options.device == "cuda" else None
             runner.close()
         results.append({
@@ -164,9 +171,10 @@ def bench_bundle(bundle: Path, options: BenchOptions, progress=None) -> dict:
             "file_bytes": (bundle / entry["file"]).stat().st_size, "accuracy": acc,
             # host_wall: host clock around a synchronous call; device_events: CUDA events around the GPU work.
             "timing": timing.pop() if len(timing) == 1 else sorted(timing),
+            "calls_per_sample": max(calls),  # device_events: each latency sample is the mean of this many enqueues
             "meant_for_device": options.device in target.meant_for,
             "peak_rss_increase_mib": (max(v for _, v in memory.samples) - rss_before) / 2**20,
-            "gpu_memory_mib": gpu_mem, "latency": latency, "power": power or None,
+            "gpu_memory_mib": gpu_mem, "cold": cold, "latency": latency, "power": power or None,
             "providers": getattr(runner, "providers", None), "engine": engine,
         })
     env = environment(with_torch=False)

@@ -380,8 +380,19 @@ def jetson_info(root: Path = Path("/"), run=_run) -> dict | None:
 
 
 def gpu_info() -> dict | None:
-    out = _run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"])
-    if not out:
+    return parse_gpu_query(_run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                                 "--format=csv,noheader"]))
+
+
+def parse_gpu_query(text: str | None) -> dict | None:
+    """The first GPU of `nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader`; None
+    without nvidia-smi. Anything else it printed (its one-line "NVIDIA-SMI has failed because it couldn't
+    communicate with the NVIDIA driver") is recorded as such: this runs after all timing, and must not lose a bench."""
+    if not text:
         return None
-    name, driver, memory = [p.strip() for p in out.splitlines()[0].split(",")]
-    return {"gpu": name, "driver": driver, "memory": memory}
+    lines = text.splitlines()
+    parts = [p.strip() for p in lines[0].split(",")]
+    if len(parts) != 3:
+        return {"gpu": None, "nvidia_smi": lines[0].strip()[:200]}
+    name, driver, memory = parts
+    return {"gpu": name, "driver": driver, "memory": memory, "count": len(lines)}

@@ -347,6 +347,22 @@ def _pytorch_reference(ex: _Export) -> None:
         ex.reference = np.concatenate([ex.model(torch.from_numpy(ex.x[i : i + 512])).numpy()
                                        for i in range(0, len(ex.x), 512)])
     ex.manifest["pytorch_accuracy"] = accuracy(ex.reference, ex.labels)
+    ex.manifest["student"].update(compute_per_image(ex.model, ex.shape))
+
+
+def compute_per_image(model, shape: tuple[int, int, int]) -> dict:
+    """The student's multiply-accumulates and FLOPs for one image, counted by PyTorch's own FlopCounterMode
+    (convolutions and matrix products, 2 FLOPs per multiply-add; element-wise ops are not counted), and its
+    parameters: the size figures edge users compare models by, beside the measured latency."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model(torch.zeros((1, *shape)))
+    flops = int(counter.get_total_flops())
+    return {"flops_per_image": flops, "macs_per_image": flops // 2,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "counted_by": f"torch.utils.flop_counter.FlopCounterMode (torch {torch.__version__})"}
 
 
 def _export_fp32(ex: _Export) -> None:

@@ -146,10 +146,41 @@ def _markdown_tables(report: Report) -> list[str]:
                        if r.get("not_deployed") else "0")
             lines.append(f"| {r['dataset']} | {r['variant']} | {r['method']} | {r['deployed']} | "
                          f"{100 * g32.mean:+.2f} ± {100 * g32.std:.2f} | {int8} | {refused} | {kept} |")
+    lines += _cold_start_table(report.deploy)
     lines += _not_deployed_table(report.not_deployed)
     lines += _ladder_table(report.ladder)
     lines += _grid_table(report.grids)
     lines += _explain_table(report.explains)
+    return lines
+
+
+def _cold_start_table(deploy: list[dict]) -> list[str]:
+    """Per dataset, runner and deployed model: cold start (open, first inference) beside warm p50/p90/p99 at the
+    smallest batch benched, medians over the study's bundles (one student's bench is one sample)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in deploy:
+        if r.get("load_ms") is not None and r["meant_for_device"]:
+            groups.setdefault((r["dataset"], f"{r['backend']}/{r['device']}", r["cpu"] if r["device"] == "cpu"
+                               else r["device"], r["deployed"]), []).append(r)
+    if not groups:
+        return []
+
+    def median(values):
+        values = sorted(values)
+        return values[len(values) // 2]
+
+    lines = ["", "Cold start beside warm latency: opening the model (session or engine) and its first inference, "
+             "then the warm percentiles at the smallest batch benched, in ms; medians over the bundles benched "
+             "(n).", "",
+             "| dataset | runner | machine | model | n | load | first inference | batch | p50 | p90 | p99 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (dataset, runner, machine, model), rows in sorted(groups.items()):
+        batch = min(r["batch"] for r in rows)
+        warm = [r for r in rows if r["batch"] == batch]
+        lines.append(f"| {dataset} | {runner} | {machine} | {model} | {len(warm)} | "
+                     f"{median(r['load_ms'] for r in warm):.1f} | {median(r['first_inference_ms'] for r in warm):.2f} | "
+                     f"{batch} | " + " | ".join(f"{median(r[k] for r in warm):.3f}" for k in ("p50_ms", "p90_ms", "p99_ms"))
+                     + " |")
     return lines
 
 

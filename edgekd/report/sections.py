@@ -355,7 +355,9 @@ def _machine_section(benches: list, setups: list[tuple[dict, dict]]) -> list[str
         env = b.environment
         flags = env.get("cpu_flags")
         gpu = env.get("gpu")
-        gpu_text = (f"{gpu.get('gpu')} ({gpu.get('memory')}, driver {gpu.get('driver')})" if isinstance(gpu, dict)
+        gpu_text = (f"{gpu.get('gpu')} ({gpu.get('memory')}, driver {gpu.get('driver')})"
+                    if isinstance(gpu, dict) and gpu.get("gpu")
+                    else f"none usable (nvidia-smi: {gpu['nvidia_smi']})" if isinstance(gpu, dict)
                     else (str(gpu) if gpu else "none found"))
         key = (env.get("cpu", "?"), env.get("cores", "?"), _flags(flags) if flags is not None else None, gpu_text,
                str(env.get("threads", "?")), (env.get("packages") or {}).get("onnxruntime"), b.device)

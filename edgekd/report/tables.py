@@ -87,6 +87,9 @@ def deploy_rows(study_root: Path, benches: list[BenchRecord] | None = None) -> l
                              "precision": r["precision"], "batch": int(batch), "accuracy": r["accuracy"],
                              "p50_ms": s["p50_ms"], "p90_ms": s["p90_ms"], "p99_ms": s["p99_ms"],
                              "throughput_ips": s["throughput_ips"], "file_mib": r["file_bytes"] / 2**20,
+                             # cold start (records before edgekd measured it have none)
+                             "load_ms": (r.get("cold") or {}).get("load_ms"),
+                             "first_inference_ms": (r.get("cold") or {}).get("first_inference_ms"),
                              "cpu": record.environment["cpu"],
                              # records before the timing field: the targets table says what their clock was
                              "timing": r.get("timing") or timing_kind(r["backend"], r["device"]),

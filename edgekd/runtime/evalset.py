@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from edgekd.errors import EdgeKDError
+from edgekd.runtime.manifest import bundle_file
 
 
 def normalize(images: np.ndarray, mean: list[float], std: list[float]) -> np.ndarray:
@@ -22,7 +23,7 @@ def normalize(images: np.ndarray, mean: list[float], std: list[float]) -> np.nda
 
 def load_eval(bundle: Path) -> tuple[np.ndarray, np.ndarray]:
     """The bundle's evaluation images (uint8 NCHW) and labels; a missing or damaged eval.npz is a one-line error."""
-    path = Path(bundle) / "eval.npz"
+    path = bundle_file(bundle, "eval.npz", "the evaluation data")
     if not path.is_file():
         raise EdgeKDError(f"{path} is missing: run `edgekd export` again for this bundle")
     try:
@@ -34,7 +35,9 @@ def load_eval(bundle: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def predict(runner, images: np.ndarray, mean, std, batch_size: int = 256) -> np.ndarray:
-    """Logits of any runner (its `infer`) on raw images, normalised batch by batch."""
+    """Logits of any runner (its `infer`) on raw images, normalised batch by batch, in batches the runner takes
+    (an engine built for batches up to 64 cannot take 256)."""
+    batch_size = min(batch_size, getattr(runner, "max_batch", None) or batch_size)
     out = [runner.infer(normalize(images[i : i + batch_size], mean, std)) for i in range(0, len(images), batch_size)]
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 

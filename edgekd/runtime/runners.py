@@ -59,6 +59,7 @@ class HostClock:
     """Wall time of a synchronous call: what a caller of the model waits, host overhead included."""
 
     kind = HOST_WALL
+    calls = 1
 
     def measure(self, step: Callable[[], object]) -> float:
         start = time.perf_counter()
@@ -67,14 +68,20 @@ class HostClock:
 
 
 class CudaEventClock:
-    """Device time between two CUDA events on the runner's stream: the GPU work alone, no host overhead."""
+    """Device time per call between two CUDA events on the runner's stream, around `calls` back-to-back enqueues.
+
+    Around one enqueue the start event is recorded on an idle stream, so for a small model at batch 1 the
+    interval is the launch latency of that one call, not the GPU's work. With `calls` enqueues queued behind each
+    other the GPU stays fed, and the interval divided by `calls` is the time per inference at steady state
+    (each sample is that mean; the record says how many calls a sample spans)."""
 
     kind = DEVICE_EVENTS
+    CALLS = 10
 
-    def __init__(self, cudart, stream):
+    def __init__(self, cudart, stream, calls: int = CALLS):
         from edgekd.gpu import check
 
-        self.cudart, self.stream = cudart, stream
+        self.cudart, self.stream, self.calls = cudart, stream, calls
         self.check = functools.partial(check, cudart)
         self.start = self.check(cudart.cudaEventCreate(), "creating a CUDA event")
         self.end = self.check(cudart.cudaEventCreate(), "creating a CUDA event")
@@ -82,23 +89,27 @@ class CudaEventClock:
     def measure(self, step):
         cudart = self.cudart
         self.check(cudart.cudaEventRecord(self.start, self.stream), "recording a CUDA event")
-        step()
+        for _ in range(self.calls):
+            step()
         self.check(cudart.cudaEventRecord(self.end, self.stream), "recording a CUDA event")
         self.check(cudart.cudaEventSynchronize(self.end), "waiting for the GPU")
-        return self.check(cudart.cudaEventElapsedTime(self.start, self.end), "reading a CUDA event") / 1000.0
+        elapsed = self.check(cudart.cudaEventElapsedTime(self.start, self.end), "reading a CUDA event") / 1000.0
+        return elapsed / self.calls
 
 
 @dataclass
 class Timings:
-    seconds: list[float]  # one per timed call
+    seconds: list[float]  # one per sample: the time per call, over `calls_per_sample` calls
     window: tuple[float, float]  # perf_counter at the first and after the last timed call: warm-up excluded
     kind: str  # HOST_WALL | DEVICE_EVENTS
+    calls_per_sample: int = 1  # CUDA events time several enqueues and divide (CudaEventClock says why)
 
 
 class Runner(ABC):
     """A model opened by one backend. Subclasses register in RUNNERS under their backend name (targets.BACKENDS)."""
 
     backend = ""
+    max_batch: int | None = None  # the largest batch the opened model takes, where it has a limit (an engine's profile)
 
     @abstractmethod
     def infer(self, x: np.ndarray) -> np.ndarray:
@@ -122,7 +133,7 @@ class Runner(ABC):
         deadline = start + duration if duration else None
         while len(times) < iters if deadline is None else now() < deadline:
             times.append(measure(step))
-        return Timings(times, (start, now()), clock.kind)
+        return Timings(times, (start, now()), clock.kind, clock.calls)
 
     def close(self) -> None:  # noqa: B027 - optional hook: only runners holding device buffers free them
         """Release what the runner holds beyond Python objects (device buffers); most hold nothing."""
@@ -307,7 +318,9 @@ class TrtRunner(Runner):
         self.output = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
         self.stream = self.check(cudart.cudaStreamCreate(), "creating a CUDA stream")
         self.buffers: dict[str, tuple[int, int]] = {}
-        self.device = device
+        self.device, self.name = device, Path(engine).name
+        # profile 0's (min, opt, max) input shapes: the accuracy pass batches within them
+        self.max_batch = int(self.engine.get_tensor_profile_shape(self.input, 0)[2][0])
 
     def _buffer(self, name: str, nbytes: int) -> int:
         ptr, size = self.buffers.get(name, (0, 0))
@@ -326,15 +339,24 @@ class TrtRunner(Runner):
             raise EdgeKDError(f"the engine cannot take input of shape {list(x.shape)} (its profile allows "
                               f"{[list(s) for s in profile]}): rebuild with `edgekd build --batch-range`")
         out = np.empty(tuple(self.context.get_tensor_shape(self.output)), dtype=np.float32)
-        self.context.set_tensor_address(self.input, self._buffer(self.input, x.nbytes))
-        self.context.set_tensor_address(self.output, self._buffer(self.output, out.nbytes))
+        for name, nbytes in ((self.input, x.nbytes), (self.output, out.nbytes)):
+            if not self.context.set_tensor_address(name, self._buffer(name, nbytes)):  # False, not an exception
+                raise EdgeKDError(f"TensorRT refused the GPU address of tensor {name!r} of {self.name}: the engine "
+                                  f"and this TensorRT disagree; rebuild it here with `edgekd build`")
         self.check(self.cudart.cudaMemcpy(self.buffers[self.input][0], x.ctypes.data, x.nbytes,
                                           self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice), "copying to the GPU")
         return out
 
+    def _enqueue(self) -> None:
+        # execute_async_v3 reports failure by returning False: unchecked, the output stays the uninitialised
+        # np.empty and a latency of ~0 ms is recorded as valid
+        if not self.context.execute_async_v3(int(self.stream)):
+            raise EdgeKDError(f"TensorRT could not enqueue {self.name} (execute_async_v3 returned False; its log "
+                              "above says why): rebuild the engine on this device with `edgekd build`")
+
     def infer(self, x: np.ndarray) -> np.ndarray:
         out = self._upload(x)
-        self.context.execute_async_v3(int(self.stream))
+        self._enqueue()
         self.check(self.cudart.cudaMemcpyAsync(out.ctypes.data, self.buffers[self.output][0], out.nbytes,
                                                self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream),
                    "copying from the GPU")
@@ -343,7 +365,7 @@ class TrtRunner(Runner):
 
     def prepare(self, x):
         self._upload(x)  # input stays on the GPU: the timed call is the engine alone
-        return functools.partial(self.context.execute_async_v3, int(self.stream))
+        return self._enqueue
 
     def clock(self):
         return CudaEventClock(self.cudart, self.stream)
