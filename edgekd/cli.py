@@ -422,7 +422,8 @@ def bench_table(record: dict) -> Table:
                   caption=f"warm latency in ms over {record['eval_samples']} eval images' batches, n = samples; "
                           f"cold: opening the model (load) and its first inference; threads {env['threads']}; "
                           "timing host_wall = host clock around the call, device_events = CUDA events around "
-                          f"the GPU work ({calls} enqueues per sample); * = not made for this device")
+                          f"the GPU work ({calls} enqueues per sample); * = not made for this device, or computed "
+                          "there in float with its Q/DQ simulated (the record's 'computes')")
     for col in ("model", "timing", "load ms", "1st ms", "batch", "accuracy %", "n", "p50", "p90", "p99", "mean ± std",
                 "images/s", "MiB file", "MiB RSS+"):
         table.add_column(col, justify="left" if col == "model" else "right")

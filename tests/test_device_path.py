@@ -434,7 +434,21 @@ def test_tensorrt_provider_list_builds_engines_before_timing(tiny_bundle):
     assert options["trt_engine_cache_enable"] and options["trt_engine_cache_path"].endswith(".ort-trt-cache")
     assert options["trt_profile_min_shapes"] == "input:1x1x12x12"
     assert options["trt_profile_max_shapes"] == "input:512x1x12x12"
-    assert options["trt_int8_enable"] is True and options["trt_fp16_enable"] is False
+    # a Q/DQ model carries its quantization: trt_int8_enable would make ORT build a weakly typed network
+    assert "trt_int8_enable" not in options and options["trt_fp16_enable"] is False
+    assert providers[1] == ("CUDAExecutionProvider", {"device_id": 0, "use_tf32": 0})  # FP32 is not TF32
+    assert runner.tf32 is True  # ORT's TensorRT EP has no TF32 switch: the record says so
+    cuda = runner._providers("CUDAExecutionProvider", tiny_bundle / "model.onnx", 512)
+    assert cuda[0] == ("CUDAExecutionProvider", {"device_id": 0, "use_tf32": 0}) and runner.tf32 is False
+
+
+def test_tensorrts_int8_model_on_orts_cuda_ep_is_not_an_int8_figure():
+    """ORT's CUDA EP runs model.int8-trt.onnx as float convolutions with Q/DQ around them: benched there for its
+    accuracy, labelled as what it computes, and kept out of the deployment figures."""
+    target = TARGETS["onnx-int8-trt"]
+    assert target.computes("ort", "cuda") == "fp32 (simulated int8)" and not target.meant_for_run("ort", "cuda")
+    assert target.computes("ort-trt", "cuda") == "int8" and target.meant_for_run("ort-trt", "cuda")
+    assert TARGETS["onnx-int8-cpu"].meant_for_run("ort", "cpu")
 
 
 def test_report_never_puts_two_clocks_on_one_axis():

@@ -172,7 +172,9 @@ def bench_bundle(bundle: Path, options: BenchOptions, progress=None) -> dict:
             # host_wall: host clock around a synchronous call; device_events: CUDA events around the GPU work.
             "timing": timing.pop() if len(timing) == 1 else sorted(timing),
             "calls_per_sample": max(calls),  # device_events: each latency sample is the mean of this many enqueues
-            "meant_for_device": options.device in target.meant_for,
+            "meant_for_device": target.meant_for_run(options.backend, options.device),
+            "computes": target.computes(options.backend, options.device),
+            "tf32": getattr(runner, "tf32", None),  # GPU float math: TF32 allowed (True), IEEE FP32 (False)
             "peak_rss_increase_mib": (max(v for _, v in memory.samples) - rss_before) / 2**20,
             "gpu_memory_mib": gpu_mem, "cold": cold, "latency": latency, "power": power or None,
             "providers": getattr(runner, "providers", None), "engine": engine,

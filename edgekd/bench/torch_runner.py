@@ -12,14 +12,16 @@ from pathlib import Path
 import numpy as np
 
 from edgekd.errors import EdgeKDError
-from edgekd.runtime.runners import RUNNERS, HostClock, Runner, check_model_file, require
+from edgekd.runtime.runners import RUNNERS, CudaEventClock, HostClock, Runner, check_model_file, require
 from edgekd.targets import DEVICE_EVENTS
 
 
 class TorchEventClock:
-    """CUDA events recorded through PyTorch on its current stream: the GPU work alone, as CudaEventClock."""
+    """CUDA events recorded through PyTorch on its current stream, around `calls` back-to-back calls, divided:
+    the GPU work per call at steady state, as CudaEventClock (which says why one call is not enough)."""
 
     kind = DEVICE_EVENTS
+    calls = CudaEventClock.CALLS
 
     def __init__(self, torch):
         self.start = torch.cuda.Event(enable_timing=True)
@@ -27,10 +29,11 @@ class TorchEventClock:
 
     def measure(self, step):
         self.start.record()
-        step()
+        for _ in range(self.calls):
+            step()
         self.end.record()
         self.end.synchronize()
-        return self.start.elapsed_time(self.end) / 1000.0
+        return self.start.elapsed_time(self.end) / 1000.0 / self.calls
 
 
 @RUNNERS.register("torch")
@@ -54,6 +57,9 @@ class TorchRunner(Runner):
                                                info.get("small_input", True)), check_model_file(weights))
         self.model = self.model.to(device).eval()
         self.device = device
+        # cuDNN convolutions may run as TF32 in PyTorch by default: recorded beside the figure, not changed (the
+        # bench may share its process with training)
+        self.tf32 = bool(torch.backends.cudnn.allow_tf32) if device == "cuda" else None
 
     def infer(self, x: np.ndarray) -> np.ndarray:
         with self.torch.inference_mode():

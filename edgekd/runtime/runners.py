@@ -198,6 +198,7 @@ def optimization_level(ort, as_written: bool):
 @RUNNERS.register("ort")
 class OrtRunner(Runner):
     backend = "ort"
+    tf32: bool | None = None  # on a GPU: whether float math may run as TF32 (None on CPU)
     PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
                  "tensorrt": "TensorrtExecutionProvider"}
 
@@ -244,8 +245,11 @@ class OrtRunner(Runner):
     def _providers(self, wanted: str, model: Path, max_batch: int) -> list:
         if wanted == "CPUExecutionProvider":
             return [wanted]
+        # "fp32" means FP32: ORT's CUDA EP allows TF32 unless told (use_tf32, ORT 1.16 and later)
+        cuda = ("CUDAExecutionProvider", {"device_id": 0, "use_tf32": 0})
         if wanted == "CUDAExecutionProvider":
-            return [(wanted, {"device_id": 0}), "CPUExecutionProvider"]
+            self.tf32 = False
+            return [cuda, "CPUExecutionProvider"]
         # TensorRT first, CUDA for what TensorRT cannot take, CPU last. The profile covers every batch size the
         # bench will use, and engines are cached beside the model, so ORT builds them once, before timing.
         probe = self.ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).get_inputs()[0]
@@ -258,9 +262,13 @@ class OrtRunner(Runner):
                "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache),
                "trt_profile_min_shapes": f"{probe.name}:1x{dims}", "trt_profile_opt_shapes": f"{probe.name}:64x{dims}",
                "trt_profile_max_shapes": f"{probe.name}:{max_batch}x{dims}",
-               # Q/DQ models: TensorRT runs the explicit quantization they carry; no calibration table is used.
-               "trt_int8_enable": ".int8" in model.name, "trt_fp16_enable": False}
-        return [(wanted, trt), ("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
+               # No trt_int8_enable: a Q/DQ model carries its quantization (explicit), and the flag makes ORT
+               # build a weakly typed network (deprecated since TensorRT 10.12) unlike the engine `edgekd build`
+               # makes. No FP16 either: each model runs in the precision its file says.
+               "trt_fp16_enable": False}
+        # ORT's TensorRT EP has no TF32 switch (TensorRT's builder allows TF32 by default): recorded, not hidden
+        self.tf32 = True
+        return [(wanted, trt), cuda, "CPUExecutionProvider"]
 
     def infer(self, x: np.ndarray) -> np.ndarray:
         try:
@@ -298,6 +306,7 @@ class TrtRunner(Runner):
     """A serialized TensorRT engine, run with the TensorRT 10/11 tensor API; timed with CUDA events."""
 
     backend = "trt"
+    tf32 = False  # `edgekd build` clears BuilderFlag.TF32 (the manifest records it per engine)
 
     def __init__(self, engine: Path, device: str = "cuda", threads: int = 0):
         from edgekd.gpu import check, import_cudart
