@@ -53,6 +53,8 @@ RUN pip install --no-cache-dir '.[jetson]' \
     && python -c "import sys, tensorrt; assert not tensorrt.__file__.startswith(sys.prefix), \
 'pip installed a tensorrt into the venv: ' + tensorrt.__file__; print('TensorRT', tensorrt.__version__)" \
     && python -c "import onnxruntime as ort; print('onnxruntime', ort.__version__, ort.get_available_providers())" \
-    && python -c "from cuda.bindings import driver; print('cuda-python ok')" \
+    && python -c "from cuda.bindings import runtime as rt; v = rt.cudaRuntimeGetVersion()[1]; \
+assert v <= 12060, f'cuda-python runtime {v} is newer than JetPack 6 drivers (CUDA 12.6, 12060): pin cuda-python<12.7'; \
+print('cuda-python runtime', v)" \
     && edgekd --help > /dev/null
 ENTRYPOINT ["edgekd"]

@@ -11,9 +11,9 @@ INSTALL = ("pip install 'edgekd[trt-cu12]' (CUDA 12 drivers, JetPack 6: 'edgekd[
 
 # The CUDA runtime errors a user meets before the first kernel, and what to do about each.
 FIXES = {
-    "cudaErrorInsufficientDriver": "the NVIDIA driver is older than this cuda-python's CUDA: install the cuda-python "
-                                   "of the driver's CUDA major ('edgekd[trt-cu12]' below driver 580) or update the "
-                                   "driver",
+    "cudaErrorInsufficientDriver": "the NVIDIA driver is older than this cuda-python's CUDA runtime (compiled into "
+                                   "it): install a cuda-python no newer than the driver's CUDA (JetPack 6: "
+                                   "'edgekd[jetson]', cuda-python 12.6.x) or update the driver",
     "cudaErrorNoDevice": "no CUDA GPU is visible: check nvidia-smi, CUDA_VISIBLE_DEVICES and the container's --gpus",
     "cudaErrorInitializationError": "the CUDA driver failed to initialise: check nvidia-smi and dmesg",
     "cudaErrorSystemDriverMismatch": "the driver's kernel module and user library differ: reboot or reinstall the "
@@ -47,8 +47,30 @@ def check(cudart, result, doing: str):
         fix = FIXES.get(name, "check the GPU and driver with nvidia-smi")
         if name == "cudaErrorInsufficientDriver" and "no NVIDIA driver" in note:  # CUDA reports a missing driver so
             fix = "this machine has no NVIDIA driver (libcuda): run on the GPU host, or check nvidia-smi there"
+        elif name == "cudaErrorInsufficientDriver":
+            fix = insufficient_driver_fix(cudart) or fix
         raise EdgeKDError(f"{doing} failed: {name} (CUDA error {int(err)}{note}): {fix}")
     return values[0] if len(values) == 1 else values
+
+
+def _cuda_version(code: int) -> str:
+    return f"{code // 1000}.{code % 1000 // 10}"
+
+
+def insufficient_driver_fix(cudart) -> str | None:
+    """The pin that matches the driver: cuda-python's runtime version against the driver's CUDA version (a
+    cuda-python of the driver's major is not enough: 12.9's runtime fails on JetPack 6's CUDA 12.6 driver)."""
+    try:
+        _, runtime = cudart.cudaRuntimeGetVersion()
+        err, driver = cudart.cudaDriverGetVersion()
+    except Exception:  # no libcuda to ask
+        return None
+    if int(err) != 0 or not driver or not runtime or runtime <= driver:
+        return None
+    major, minor = driver // 1000, driver % 1000 // 10
+    return (f"this cuda-python's CUDA runtime is {_cuda_version(runtime)}, the driver supports CUDA "
+            f"{_cuda_version(driver)}: pip install 'cuda-python>={major}.{minor},<{major}.{minor + 1}' "
+            f"(on JetPack 6: 'edgekd[jetson]'), or update the driver")
 
 
 def driver_note(cudart) -> str:

@@ -153,20 +153,43 @@ def test_gpu_identity_names_the_cuda_error():
         gpu_identity()
 
 
-def test_driver_too_old_names_the_extra():
+@pytest.mark.parametrize("runtime, driver, pin", [(13000, 12040, "cuda-python>=12.4,<12.5"),
+                                                  (12090, 12060, "cuda-python>=12.6,<12.7")])  # 12.9 on JetPack 6
+def test_driver_too_old_names_the_pin_that_matches_it(runtime, driver, pin):
+    """cuda-python's answers on an older driver (fake: no GPU here). A cuda-python of the driver's CUDA major is
+    not enough (12.9's runtime fails on a CUDA 12.6 driver): the fix names the driver's minor."""
     from edgekd.gpu import check
 
-    class OldDriver:  # cuda-python's answers on a CUDA 12.4 driver with cuda-python 13 (fake: no GPU here)
+    class OldDriver:
         @staticmethod
         def cudaGetErrorName(err):
             return 0, b"cudaErrorInsufficientDriver"
 
         @staticmethod
         def cudaDriverGetVersion():
-            return 0, 12040
+            return 0, driver
 
-    with pytest.raises(EdgeKDError, match=r"driver supports CUDA 12.4\): .*edgekd\[trt-cu12\]"):
+        @staticmethod
+        def cudaRuntimeGetVersion():
+            return 0, runtime
+
+    with pytest.raises(EdgeKDError, match=rf"runtime is {runtime // 1000}\.{runtime % 1000 // 10}, the driver "
+                                          rf"supports CUDA {driver // 1000}\.{driver % 1000 // 10}: pip install '{pin}'"):
         check(OldDriver, (35, None), "finding a CUDA GPU")
+
+
+def test_the_jetson_extra_resolves_to_a_runtime_jetpack_6_accepts():
+    """JetPack 6.1/6.2 drivers are CUDA 12.6: the jetson extra's cuda-python must not resolve past 12.6.x (measured:
+    cuda-python 12.6.2.post1's cudaRuntimeGetVersion() = 12060, 12.9.x's = 12090)."""
+    import tomllib
+    from pathlib import Path
+
+    from packaging.specifiers import SpecifierSet
+
+    extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    spec = SpecifierSet(next(d for d in extras["jetson"] if d.startswith("cuda-python"))[len("cuda-python"):])
+    released = ["12.6.0", "12.6.2.post1", "12.8.0", "12.9.0", "12.9.10", "13.0.0"]  # PyPI's, at the time of writing
+    assert [v for v in released if v in spec] == ["12.6.2.post1"]  # 12.6.0 has no cuda.bindings
 
 
 # -- edgekd build --------------------------------------------------------------------------------------------------
