@@ -1,8 +1,8 @@
 """The TensorRT, cuda-python and ONNX Runtime names the device code uses exist in every version it supports.
 
-TensorRT cannot be installed on the machines that run this suite, so its Python API is checked against name
-snapshots of its pybind11 bindings (tests/fixtures/api/tensorrt-10.txt, tensorrt-11.txt; make_snapshots.py
-there says how they are made). cuda-python is checked against snapshots of 12.x and 13.x and against the
+TensorRT cannot be installed on the machines that run this suite, so its Python API is checked against dumps
+of its real binary bindings (tests/fixtures/api/tensorrt-10.3.txt, JetPack 6's TensorRT, and tensorrt-11.4.txt:
+names, enum values, return types; make_snapshots.py there says how they are made). cuda-python is checked against snapshots of 12.x and 13.x and against the
 installed one; ONNX Runtime's Python API against the installed module, its provider-option keys against a
 snapshot.
 
@@ -55,7 +55,9 @@ TRT_RUNTIME = "edgekd/runtime/tensorrt.py"  # TensorRT's import and the engine c
 RUNNERS = "edgekd/runtime/runners.py"
 GPU = "edgekd/gpu.py"  # cuda-python helpers both of the others call
 DEVICE_FILES = (TRT_BUILD, TRT_RUNTIME, RUNNERS, GPU)
-TRT_SNAPSHOTS = {"10": "tensorrt-10.txt", "11": "tensorrt-11.txt"}
+# Dumps of NVIDIA's real binary bindings (make_snapshots.py tensorrt-wheel): 10.3 is JetPack 6's TensorRT, the
+# floor; 11.4 the newest on PyPI when written
+TRT_SNAPSHOTS = {"10": "tensorrt-10.3.txt", "11": "tensorrt-11.4.txt"}
 CUDA_SNAPSHOTS = {"12": "cuda-python-12.txt", "13": "cuda-python-13.txt"}
 ORT_OPTIONS = "onnxruntime-provider-options.txt"
 
@@ -322,7 +324,8 @@ class Api:
         return [qual]
 
 
-SNAPSHOT_LINE = re.compile(r"^(?P<name>[\w.]+)(?: \[(?P<kind>class|enum)(?:: (?P<bases>[\w., ]+))?\])?$")
+SNAPSHOT_LINE = re.compile(r"^(?P<name>[\w.]+)(?: \[(?P<kind>class|enum)(?:: (?P<bases>[\w., ]+))?\]| = (?P<value>-?\d+)"
+                           r"| -> (?P<returns>[\w.|]+))?$")
 
 
 class SnapshotApi(Api):
@@ -332,6 +335,8 @@ class SnapshotApi(Api):
         self.names: set[str] = set()
         self.kinds: dict[str, str] = {}
         self.bases: dict[str, list[str]] = {}
+        self.values: dict[str, int] = {}  # enum member -> its integer value (the real-binary dumps only)
+        self.returns: dict[str, set[str]] = {}  # member -> return types from its pybind11 signature ("py": plain)
         for line in path.read_text().splitlines():
             if line.startswith("#"):
                 self.header.append(line)
@@ -340,6 +345,10 @@ class SnapshotApi(Api):
             if not m:
                 raise ValueError(f"{path}: unreadable line {line!r}")
             self.names.add(m["name"])
+            if m["value"] is not None:
+                self.values[m["name"]] = int(m["value"])
+            if m["returns"]:
+                self.returns[m["name"]] = set(m["returns"].split("|"))
             if m["kind"]:
                 self.kinds[m["name"]] = m["kind"]
                 self.bases[m["name"]] = [b.strip() for b in (m["bases"] or "").split(",") if b.strip()]
@@ -351,6 +360,11 @@ class SnapshotApi(Api):
 
     def kind(self, qual):
         return self.kinds.get(qual)
+
+    def returns_of(self, owner, attr) -> set[str] | None:
+        """What a member returns by its signature (inherited members included); None where the dump has none."""
+        quals = [f"{c}.{attr}" for c in self.mro(owner)] if owner else [attr]
+        return next((self.returns[q] for q in quals if q in self.returns), None)
 
     def mro(self, qual):
         out, todo = [], [qual]
@@ -1052,8 +1066,8 @@ def test_snapshot_is_sorted_with_its_source_in_the_header(name):
     assert lines[:len(header)] == header, "the header comes first"
     assert body == sorted(body) and len(body) == len(set(body)) and len(body) > 50
     text = "\n".join(header)
-    if name.startswith("tensorrt"):
-        assert re.search(r"commit [0-9a-f]{40}", text) and "NVIDIA/TensorRT" in text
+    if name.startswith("tensorrt"):  # the real binary, named by its sha256
+        assert re.search(r"sha256 [0-9a-f]{64}", text) and "tensorrt-cu12-bindings" in text
     elif name.startswith("cuda"):
         assert re.search(r"cuda-bindings \d+\.", text)
     else:
@@ -1070,7 +1084,15 @@ def test_snapshots_hold_what_they_should(trt_apis, cuda_apis):
     assert trt_apis["10"].has("BuilderFlag", "INT8") and not trt_apis["11"].has("BuilderFlag", "INT8")
     assert trt_apis["10"].has("Builder", "platform_has_fast_fp16")
     assert not trt_apis["11"].has("Builder", "platform_has_fast_fp16")
-    assert "v10." in "\n".join(trt_apis["10"].header) and "v11." in "\n".join(trt_apis["11"].header)
+    assert "__version__: 10.3.0" in "\n".join(trt_apis["10"].header)  # JetPack 6's, not a newer 10.x
+    assert "__version__: 11." in "\n".join(trt_apis["11"].header)
+    # the facts a fake must copy: STRONGLY_TYPED moved; execute_async_v3 and set_tensor_address return bool
+    assert trt_apis["10"].values["NetworkDefinitionCreationFlag.STRONGLY_TYPED"] == 1
+    assert trt_apis["11"].values["NetworkDefinitionCreationFlag.STRONGLY_TYPED"] == 0
+    assert not trt_apis["10"].has("Builder", "build_engine_with_config")
+    for api in trt_apis.values():
+        assert api.returns["IExecutionContext.execute_async_v3"] == {"py"}
+        assert api.returns["Builder.create_network"] == {"INetworkDefinition"}
     for api in cuda_apis.values():
         assert api.has("cudaDeviceProp", "uuid") and api.has("cudaMemcpyKind", "cudaMemcpyHostToDevice")
         assert api.has(None, "cudaGetDeviceProperties")
@@ -1080,6 +1102,20 @@ def test_snapshots_hold_what_they_should(trt_apis, cuda_apis):
     assert {"trt_engine_cache_enable", "trt_profile_min_shapes", "device_id"} \
         <= keys["TensorrtExecutionProvider"]
     assert {"device_id", "gpu_mem_limit", "cudnn_conv_algo_search"} <= keys["CUDAExecutionProvider"]
+
+
+def test_the_type_table_agrees_with_the_real_signatures(trt_apis):
+    """TRT_TYPES was written from the API reference; the real bindings' pybind11 signatures now say what each
+    method and property returns: where both speak, they must agree (in every version that has the member)."""
+    wrong = []
+    for key, value in TRT_TYPES.items():
+        want = {"py" if v == PY else v for v in (value if isinstance(value, tuple) else (value,))}
+        owner, _, attr = key.rpartition(".")
+        for api in trt_apis.values():
+            found = api.returns_of(owner or None, attr)
+            if found is not None and found != want:
+                wrong.append(f"{key}: table says {sorted(want)}, TensorRT {api.label} returns {sorted(found)}")
+    _fail(wrong)
 
 
 def test_type_tables_name_real_members(trt_apis, cuda_apis):
@@ -1186,6 +1222,17 @@ def build(trt):
     config.clear_flag(trt.BuilderFlag.FP8)
     return getattr(trt.BuilderFlag, "INT9", None)                 # guarded, but in no version: a typo
 '''
+
+
+def test_a_planted_tensorrt_10_16_call_fails_against_jetpacks_10_3(sources, trt_apis):
+    """The build code calling Builder.build_engine_with_config (TensorRT 10.16 and 11 have it, JetPack 6's 10.3 does
+    not): the old source snapshot of 10.16 let it pass; the dump of the real 10.3 binary does not."""
+    call = "builder.build_serialized_network(network, config)"
+    assert call in sources[TRT_BUILD], "the build call moved: plant the name elsewhere"
+    planted = {**sources, TRT_BUILD: sources[TRT_BUILD].replace(call, "builder.build_engine_with_config(network, config)")}
+    problems, _ = check_sources(planted, "trt", trt_apis)
+    assert [p for p in problems if "build_engine_with_config" in p] and all(
+        "TensorRT 10 has no Builder.build_engine_with_config" in p for p in problems), problems
 
 
 def test_self_test_reports_names_missing_in_one_version(trt_apis):

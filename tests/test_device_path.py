@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 from conftest import run_without_torch
@@ -181,9 +182,9 @@ def test_driver_too_old_names_the_pin_that_matches_it(runtime, driver, pin):
 def test_the_jetson_extra_resolves_to_a_runtime_jetpack_6_accepts():
     """JetPack 6.1/6.2 drivers are CUDA 12.6: the jetson extra's cuda-python must not resolve past 12.6.x (measured:
     cuda-python 12.6.2.post1's cudaRuntimeGetVersion() = 12060, 12.9.x's = 12090)."""
-    import tomllib
     from pathlib import Path
 
+    import tomllib
     from packaging.specifiers import SpecifierSet
 
     extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["optional-dependencies"]
@@ -213,8 +214,16 @@ def test_export_trt_checks_tensorrt_before_any_work(tiny_study, tmp_path):
     assert not (run / "bundle").exists()
 
 
+def real_enum_value(version: str, member: str) -> int:
+    """An enum value of the real TensorRT bindings of this major, from the dump of the binary (test_api_surface)."""
+    name = {"10": "tensorrt-10.3.txt", "11": "tensorrt-11.4.txt"}[version.split(".")[0]]
+    path = Path(__file__).parent / "fixtures" / "api" / name
+    return next(int(line.split(" = ")[1]) for line in path.read_text().splitlines() if line.startswith(f"{member} = "))
+
+
 class FakeTensorRT:
-    """Records what edgekd asks of TensorRT (fake: TensorRT cannot be installed here)."""
+    """Records what edgekd asks of TensorRT (fake: TensorRT cannot be installed here); its enum values are the
+    real bindings' of that version."""
 
     def __init__(self, version):
         self.__version__ = version
@@ -241,12 +250,13 @@ class FakeTensorRT:
         self.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda s, level: None})
         self.Builder = lambda logger: Obj("builder")
         self.OnnxParser = lambda network, logger: Obj("parser")
-        self.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=3)
+        self.NetworkDefinitionCreationFlag = types.SimpleNamespace(
+            STRONGLY_TYPED=real_enum_value(version, "NetworkDefinitionCreationFlag.STRONGLY_TYPED"))  # 1 in 10.3, 0 in 11
         self.MemoryPoolType = types.SimpleNamespace(WORKSPACE="workspace")
         self.BuilderFlag = types.SimpleNamespace(TF32="tf32")
 
 
-@pytest.mark.parametrize("version, network_flags", [("10.3.0", 1 << 3), ("11.4.0", 0)])
+@pytest.mark.parametrize("version, network_flags", [("10.3.0", 1 << 1), ("11.4.0", 0)])
 def test_build_records_engines_strongly_typed_without_tf32(tiny_bundle, tmp_path, monkeypatch, version,
                                                            network_flags):
     bundle = _copy(tiny_bundle, tmp_path)
