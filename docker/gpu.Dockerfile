@@ -13,6 +13,10 @@
 # on purpose: onnxruntime-gpu from PyPI is the CUDA 12 + cuDNN 9 build, and NGC images from 25.08 on are CUDA 13.
 # The host driver must run CUDA 12.9 (R575 or newer, or a data-center branch NGC lists as forward compatible).
 # An earlier CUDA 12 tag works too: --build-arg TRT_IMAGE=nvcr.io/nvidia/tensorrt:25.03-py3 (TensorRT 10.9).
+# Not served by this image: `--backend ort-trt`. onnxruntime-gpu 1.26's TensorRT EP is built against TensorRT
+# 10.14.1 and the image's is 10.11 (no CUDA 12 NGC image has 10.14; pip's tensorrt-cu12 would shadow the image's
+# TensorRT). `--backend trt` (engines by the image's TensorRT) and `--backend ort --device cuda` are; on a host
+# install, 'edgekd[gpu-cu12,trt-cu12]' pairs the two (TensorRT 10.14+).
 #
 # TensorRT comes from the image, never from pip: the engines must be built and run by the image's libnvinfer, and
 # a second TensorRT from PyPI (what 'edgekd[trt-cu12]' would add) would shadow it with another version. So this

@@ -1074,6 +1074,26 @@ def test_snapshot_is_sorted_with_its_source_in_the_header(name):
         assert "microsoft/onnxruntime" in text and re.search(r"[0-9a-f]{40}", text)
 
 
+@pytest.mark.parametrize("version, name", [("10.3.0", "tensorrt-10.3.txt"), ("11.4.0.106", "tensorrt-11.4.txt")])
+def test_committed_tensorrt_dumps_are_what_the_real_wheels_give(version, name):
+    """.ci/run downloads the real bindings wheels: the dumps are regenerated and must match what is committed."""
+    import os
+    import sys
+
+    wheels = os.environ.get("EDGEKD_TRT_WHEELS")
+    if not wheels:
+        pytest.skip("EDGEKD_TRT_WHEELS is not set (.ci/run downloads tensorrt-cu12-bindings 10.3.0 and 11.4.0.106)")
+    wheel = next(Path(wheels).glob(f"tensorrt_cu12_bindings-{version}-*.whl"))
+    sys.path.insert(0, str(FIXTURES))
+    try:
+        from make_snapshots import tensorrt_wheel_snapshot
+    finally:
+        sys.path.remove(str(FIXTURES))
+    fresh = [x for x in tensorrt_wheel_snapshot(str(wheel)) if not x.startswith("#")]
+    committed = [x for x in (FIXTURES / name).read_text().splitlines() if x and not x.startswith("#")]
+    assert fresh == committed
+
+
 def test_snapshots_hold_what_they_should(trt_apis, cuda_apis):
     """Known facts, so that a broken regeneration cannot pass as a new API."""
     for api in trt_apis.values():

@@ -452,6 +452,39 @@ def test_extras_do_not_mix_onnxruntime_builds_or_replace_jetpacks_tensorrt():
     assert any("<1.27" in d for d in extras["gpu-cu12"])  # 1.27+ on PyPI is built for CUDA 13
 
 
+def test_x86_extras_install_the_tensorrt_orts_tensorrt_ep_links():
+    """`edgekd[gpu-cuNN,trt-cuNN]` must give `--backend ort-trt` a TensorRT it loads: the EP of each onnxruntime-gpu
+    the gpu extra admits links libnvinfer.so.M (readelf on the real wheels, tests/fixtures/api/onnxruntime-gpu-
+    links.txt), so the trt extra must admit TensorRT M only, and no onnxruntime-gpu newer than the ones read."""
+    import tomllib
+
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    links: dict[str, dict[str, set[str]]] = {}
+    for line in (Path(__file__).parent / "fixtures" / "api" / "onnxruntime-gpu-links.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            version, provider, lib = line.split()
+            links.setdefault(version, {}).setdefault(provider, set()).add(lib)
+
+    def spec(extra, package):
+        return SpecifierSet(next(d for d in extras[extra] if d.startswith(package + ">"))[len(package):])
+
+    for cuda in ("12", "13"):
+        ort, trt = spec(f"gpu-cu{cuda}", "onnxruntime-gpu"), spec(f"trt-cu{cuda}", f"tensorrt-cu{cuda}")
+        read = [v for v in links if v in ort]
+        assert read, f"no onnxruntime-gpu admitted by gpu-cu{cuda} was read: run make_snapshots.py ort-links"
+        newest = max(Version(v) for v in read)
+        assert f"{newest.major}.{newest.minor + 1}.0" not in ort, f"gpu-cu{cuda} admits an onnxruntime-gpu never read"
+        for v in read:
+            assert f"libcudart.so.{cuda}" in links[v]["tensorrt"], (v, cuda)
+            majors = {int(lib.rsplit(".", 1)[1]) for lib in links[v]["tensorrt"] if lib.startswith("libnvinfer.so.")}
+            assert len(majors) == 1, (v, majors)
+            m = majors.pop()
+            assert f"{m}.14.1" in trt and f"{m + 1}.0.0" not in trt and f"{m - 1}.99" not in trt, (cuda, str(trt))
+
+
 def test_tensorrt_provider_list_builds_engines_before_timing(tiny_bundle):
     """TensorRT, then CUDA, then CPU; engine cache beside the model; a profile that covers every batch."""
     import onnxruntime
