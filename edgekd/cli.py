@@ -349,9 +349,12 @@ def cmd_bench(args) -> int:
     from edgekd.bench.harness import BenchOptions, bench_bundle, save_bench
 
     batch_sizes = _int_list(args.batch_sizes, "--batch-sizes", "1,8,64")
+    threads = (0,) if args.threads in ("", "0") else _int_list(args.threads, "--threads", "1,2,4")
     _check_bundles(args.bundle, args.backend)
-    options = BenchOptions(args.backend, args.device, batch_sizes, args.threads, args.iters, args.duration,
+    options = BenchOptions(args.backend, args.device, batch_sizes, threads[0], args.iters, args.duration,
                            args.warmup, tuple(args.model or ()))
+    if len(threads) > 1:
+        return _thread_sweep(args.bundle, options, threads)
     for bundle in args.bundle:
         with console.status(f"bench {bundle}") as status:
             record = bench_bundle(Path(bundle), options, progress=lambda text: status.update(f"bench {text}"))
@@ -362,6 +365,44 @@ def cmd_bench(args) -> int:
                           "benches it anyway[/yellow]", highlight=False)
         console.print(f"[dim]written {path}[/dim]")
     return 0
+
+
+def _thread_sweep(bundles: list[str], options, threads: tuple[int, ...]) -> int:
+    """One bench per thread count, side by side in one run (thread settings are the commonest cause of unstable
+    CPU figures); each record goes to bundle/threads/, apart from the bench files the report reads."""
+    from dataclasses import replace
+
+    from edgekd.bench.harness import bench_bundle, save_bench
+
+    for bundle in bundles:
+        records = {}
+        for n in threads:
+            with console.status(f"bench {bundle}, {n} threads") as status:
+                records[n] = bench_bundle(Path(bundle), replace(options, threads=n),
+                                          progress=lambda text, n=n: status.update(f"bench {text}, {n} threads"))
+            save_bench(records[n], Path(bundle) / "threads" / f"bench-{options.backend}-{options.device}-t{n}.json")
+        console.print(thread_sweep_table(records))
+        console.print(f"[dim]written {Path(bundle) / 'threads'}[/dim]")
+    return 0
+
+
+def thread_sweep_table(records: dict[int, dict]) -> Table:
+    first = next(iter(records.values()))
+    table = Table(title=f"{first['dataset']}/{first['variant']}: p50 ms (images/s) by intra-op threads on "
+                        f"{first['environment']['cpu']} ({first['environment'].get('cores', '?')} cores)",
+                  caption="each thread count benched in turn in this one run; compare within this table only")
+    table.add_column("model")
+    table.add_column("batch", justify="right")
+    for n in records:
+        table.add_column(f"{n} threads", justify="right")
+    for i, r in enumerate(first["results"]):
+        for batch in r["latency"]:
+            cells = []
+            for record in records.values():
+                s = record["results"][i]["latency"][batch]
+                cells.append(f"{s['p50_ms']:.3f} ({s['throughput_ips']:,.0f})")
+            table.add_row(r["model"], batch, *cells)
+    return table
 
 
 def _int_list(text: str, option: str, example: str) -> tuple[int, ...]:
@@ -592,7 +633,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="ort", help="; ".join(f"{b.name}: {b.help}" for b in BACKENDS.values()))
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--batch-sizes", default="1,8,64")
-    p.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = runtime default)")
+    p.add_argument("--threads", default="0", help="intra-op threads (0 = runtime default); several (1,2,4) bench "
+                                                  "each in turn and print them side by side")
     p.add_argument("--iters", type=int, default=200, help="timed iterations per batch size")
     p.add_argument("--duration", type=float, help="seconds per batch size instead of --iters")
     p.add_argument("--warmup", type=int, default=10)

@@ -185,6 +185,20 @@ def test_onnx_runtime_refuses_external_data_outside_the_models_folder(tmp_path):
         RUNNERS.get("ort")(tmp_path / "bundle" / "model.onnx", "cpu", 1)
 
 
+def test_cli_bench_thread_sweep_side_by_side(tiny_bundle, tmp_path, capsys):
+    bundle = _copy(tiny_bundle, tmp_path)
+    assert main(["bench", str(bundle), "--iters", "3", "--batch-sizes", "1,2", "--model", "onnx-fp32",
+                 "--threads", "1,2"]) == 0
+    text = capsys.readouterr().out
+    assert "1 threads" in text and "2 threads" in text and "by intra-op threads" in text
+    for n in (1, 2):
+        record = json.loads((bundle / "threads" / f"bench-ort-cpu-t{n}.json").read_text())
+        assert record["options"]["threads"] == n and record["environment"]["threads"] == n
+    assert not list(bundle.glob("bench-*.json"))  # the report's bench files are not touched
+    assert main(["bench", str(bundle), "--threads", "1,x"]) == 2
+    assert "--threads '1,x' must be integers" in capsys.readouterr().err
+
+
 def test_cli_bench_bad_batch_sizes(tiny_bundle, capsys):
     assert main(["bench", str(tiny_bundle), "--batch-sizes", "1,x"]) == 2
     assert "--batch-sizes" in capsys.readouterr().err
