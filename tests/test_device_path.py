@@ -457,7 +457,6 @@ def test_x86_extras_install_the_tensorrt_orts_tensorrt_ep_links():
     the gpu extra admits links libnvinfer.so.M (readelf on the real wheels, tests/fixtures/api/onnxruntime-gpu-
     links.txt), so the trt extra must admit TensorRT M only, and no onnxruntime-gpu newer than the ones read."""
     import tomllib
-
     from packaging.specifiers import SpecifierSet
     from packaging.version import Version
 
