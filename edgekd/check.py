@@ -223,7 +223,7 @@ def deploy_problems(deploy: DeployConfig) -> list[str]:
     """What `edgekd study` would refuse in the profile's [deploy] table, or lack on this machine to run it."""
     from edgekd.export.int8 import INT8_METHODS
     from edgekd.export.quantize import CALIB_METHODS
-    from edgekd.targets import BACKENDS, TARGETS, missing_for
+    from edgekd.targets import BACKENDS, ONNX_EXPORTERS, TARGETS, missing_for
 
     presets = sorted({t.preset for t in TARGETS.values() if t.preset})
     rules = {
@@ -241,6 +241,7 @@ def deploy_problems(deploy: DeployConfig) -> list[str]:
         "qat_epochs": (deploy.qat_epochs >= 1, "at least 1"),
         "qat_lr": (deploy.qat_lr >= 0, "0 (a hundredth of the student's lr) or more"),
         "eval_limit": (deploy.eval_limit >= 0, "0 (the whole test split) or more"),
+        "onnx_exporter": (deploy.onnx_exporter in ONNX_EXPORTERS, " or ".join(ONNX_EXPORTERS)),
         "backend": (deploy.backend in BACKENDS, ", ".join(BACKENDS)),
         "batch_sizes": (bool(deploy.batch_sizes) and min(deploy.batch_sizes) >= 1, "sizes of at least 1, e.g. [1, 64]"),
         "iters": (deploy.iters >= 1, "at least 1"),

@@ -17,7 +17,7 @@ from edgekd.errors import EdgeKDError
 from edgekd.export.int8 import INT8_METHODS
 from edgekd.export.quantize import CALIB_METHODS
 from edgekd.runio import MANIFEST
-from edgekd.targets import BACKENDS, EXPORT_TARGETS
+from edgekd.targets import BACKENDS, EXPORT_TARGETS, ONNX_EXPORTERS
 
 TRAINING_STACK = {"torch", "torchvision", "timm", "safetensors", "sklearn", "PIL", "onnx", "onnxscript", "matplotlib"}
 
@@ -309,7 +309,7 @@ def cmd_export(args) -> int:
                             int8_max_drop=args.int8_max_drop, int8_escalation=escalate,
                             int8_sensitivity=args.int8_sensitivity,
                             qat_epochs=args.qat_epochs, qat_lr=args.qat_lr,
-                            int8_compare=compare)
+                            int8_compare=compare, onnx_exporter=args.onnx_exporter)
     require(export_problems(Path(args.run_dir), options.targets, options.int8_presets, options.calib_size,
                             options.eval_limit))
     runs = find_student_runs(Path(args.run_dir))
@@ -616,6 +616,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8-compare", default="", metavar="METHODS",
                    help="other INT8 methods (comma-separated, e.g. ptq,qat-kd) made beside --int8-method, scored on "
                         "the evaluation images and recorded in the manifest, not kept: the report compares them")
+    p.add_argument("--onnx-exporter", choices=ONNX_EXPORTERS, default=ONNX_EXPORTERS[0],
+                   help="torch's ONNX exporter: torchscript (+ onnxscript's optimizer; the same graph, much faster "
+                        "here) or dynamo (for a model TorchScript cannot trace)")
     p.add_argument("--qat-epochs", type=int, default=2, help="qat-kd: fine-tune epochs (default 2)")
     p.add_argument("--qat-lr", type=float, default=0.0, help="qat-kd: learning rate (default: the student's / 100)")
     p.add_argument("--int8-max-drop", type=float, default=1.0,

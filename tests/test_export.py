@@ -34,12 +34,43 @@ def test_bundle_contents_and_manifest(tiny_bundle):
 
 def test_onnx_matches_pytorch(tiny_bundle):
     m = json.loads((tiny_bundle / "manifest.json").read_text())["models"]["onnx-fp32"]
+    assert m["exporter"] == "torchscript"  # the default, recorded
     assert m["parity"]["max_abs_logit_diff"] <= 1e-4 and m["parity"]["top1_agreement"] >= 0.999
     model = onnx.load(str(tiny_bundle / "model.onnx"))
     onnx.checker.check_model(model)
     assert model.opset_import[0].version >= 17
     dim = model.graph.input[0].type.tensor_type.shape.dim[0]
     assert dim.dim_param and not dim.dim_value  # dynamic batch
+
+
+@pytest.mark.parametrize("name, shape, small_input", [("mobilenetv3_small_050", (1, 16, 16), True),
+                                                      ("resnet10t", (1, 28, 28), False)])
+def test_both_onnx_exporters_make_the_same_graph(tmp_path, name, shape, small_input):
+    """The default TorchScript exporter (+ onnxscript's optimizer) against torch's dynamo exporter on edgekd's
+    students: the same operators and node count, the same logits (what lets the faster one be the default)."""
+    import collections
+
+    import onnxruntime as ort
+    import torch
+
+    from edgekd.export.bundle import _export_onnx
+
+    torch.manual_seed(0)
+    model = create_model(name, 10, shape[0], small_input).eval()
+    x = torch.randn(5, *shape)  # another batch size than the export's example: the batch axis is dynamic
+    with torch.inference_mode():
+        reference = model(x).numpy()
+    graphs = {}
+    for exporter in ("torchscript", "dynamo"):
+        path = tmp_path / f"{exporter}.onnx"
+        _export_onnx(model, path, shape, exporter=exporter)
+        logits = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+        assert np.abs(logits - reference).max() <= 1e-4 * max(1.0, np.abs(reference).max())
+        graphs[exporter] = collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+    assert "Identity" not in graphs["torchscript"] and "Constant" not in graphs["torchscript"]
+    pooled = {"ReduceMean", "GlobalAveragePool", "Flatten", "Reshape"}  # the head's pooling is spelled two ways
+    strip = [{op: n for op, n in g.items() if op not in pooled} for g in graphs.values()]
+    assert strip[0] == strip[1], graphs
 
 
 def test_onnx_has_exactly_the_students_parameters(tiny_bundle):

@@ -44,7 +44,7 @@ from edgekd.runtime.evalset import accuracy, normalize, predict
 from edgekd.runtime.manifest import MANIFEST, write_manifest
 from edgekd.runtime.runners import OrtRunner
 from edgekd.runtime.tensorrt import engine_builder
-from edgekd.targets import EXPORT_TARGETS, exported_target, int8_target
+from edgekd.targets import EXPORT_TARGETS, ONNX_EXPORTERS, exported_target, int8_target
 from edgekd.timing import Stopwatch
 
 if TYPE_CHECKING:
@@ -82,6 +82,7 @@ class ExportOptions:
     # Other INT8 methods made beside the deployed one, scored on the evaluation images and recorded in the manifest
     # (`int8_compare`), not kept: what the report's "KD gain kept after INT8" table compares methods with.
     int8_compare: tuple[str, ...] = ()
+    onnx_exporter: str = ONNX_EXPORTERS[0]  # targets.ONNX_EXPORTERS says why; parity is checked either way
 
 
 def find_student_runs(path: Path) -> list[Path]:
@@ -133,7 +134,7 @@ def export_key(run: Path, options: ExportOptions) -> dict:
                             if "qat-kd" in (options.int8_method, *options.int8_compare) else {}),
                          **({"int8_compare": sorted(options.int8_compare)} if options.int8_compare else {})},
               "export": {"atol": options.atol, "rtol": options.rtol, "min_agreement": options.min_agreement,
-                         "opset": OPSET}}
+                         "opset": OPSET, "onnx_exporter": options.onnx_exporter}}
     data = {f"datasets.{name}": {k: v for k, v in dataset.items() if k not in ("data_dir", "download")}}
     inputs = {"student": sha256(run / WEIGHTS)}
     if "qat-kd" in (options.int8_method, *options.int8_compare):  # the fine-tune learns from the run's teacher and data
@@ -214,7 +215,8 @@ def _qat_int8(run: Path, model, preset: str, path: Path, options: ExportOptions,
     return info
 
 
-def _export_onnx(model, path: Path, shape: tuple[int, ...], half: bool = False) -> None:
+def _export_onnx(model, path: Path, shape: tuple[int, ...], half: bool = False, exporter: str = ONNX_EXPORTERS[0]) -> None:
+    """Export `model` to `path` with a dynamic batch dimension; the caller checks parity with PyTorch."""
     import torch
 
     class Half(torch.nn.Module):  # fp16 weights and compute, fp32 at the edges: a strongly typed FP16 graph
@@ -228,11 +230,25 @@ def _export_onnx(model, path: Path, shape: tuple[int, ...], half: bool = False) 
     import copy
 
     module = Half(copy.deepcopy(model)).eval() if half else model
-    batch = torch.export.Dim("batch", min=1, max=4096)
+    names = {"input_names": ["input"], "output_names": ["logits"], "verbose": False}
     try:
-        torch.onnx.export(module, (torch.randn(2, *shape),), str(path), opset_version=OPSET, dynamo=True, external_data=False,
-                          input_names=["input"], output_names=["logits"], dynamic_shapes={"x": {0: batch}},
-                          verbose=False)
+        if exporter == "dynamo":
+            batch = torch.export.Dim("batch", min=1, max=4096)
+            torch.onnx.export(module, (torch.randn(2, *shape),), str(path), opset_version=OPSET, dynamo=True,
+                              external_data=False, dynamic_shapes={"x": {0: batch}}, **names)
+        else:
+            import warnings
+
+            with warnings.catch_warnings():  # its deprecation notice, once per export: not news to a user
+                warnings.simplefilter("ignore", DeprecationWarning)
+                torch.onnx.export(module, (torch.randn(2, *shape),), str(path), opset_version=OPSET, dynamo=False,
+                                  dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, **names)
+            import onnx
+            from onnxscript import optimizer
+
+            # the optimizer the dynamo path runs: constants folded, timm's nn.Identity nodes gone, so the graph
+            # (and the node groups INT8 works on) is the same kind whichever exporter made it
+            onnx.save(optimizer.optimize(onnx.load(str(path))), str(path))
     except Exception as exc:
         raise EdgeKDError(f"ONNX export of {path.name} failed ({type(exc).__name__}: {str(exc)[:200]}): "
                           "choose an export-friendly student or report the model name") from None
@@ -369,10 +385,11 @@ def _export_fp32(ex: _Export) -> None:
     """model.onnx, which the INT8 models and the engines are made from: refused unless it matches PyTorch."""
     fp32 = exported_target("fp32")
     with ex.watch("onnx export"):
-        _export_onnx(ex.model, ex.bundle / fp32.file, ex.shape)
+        _export_onnx(ex.model, ex.bundle / fp32.file, ex.shape, exporter=ex.options.onnx_exporter)
     logits, acc = ex.accuracy_of(ex.bundle / fp32.file)
     parity = logit_parity(logits, ex.reference, ex.options)
-    ex.add(fp32.key, fp32.file, fp32.precision, opset=OPSET, accuracy=acc, parity=parity)
+    ex.add(fp32.key, fp32.file, fp32.precision, opset=OPSET, exporter=ex.options.onnx_exporter, accuracy=acc,
+           parity=parity)
     ex.log(f"onnx: max |Δlogit| {parity['max_abs_logit_diff']:.2e} ({parity['max_relative_diff']:.1e} of the logits' "
            f"scale), top-1 agreement {parity['top1_agreement']:.4%}")
     if not parity["ok"]:
@@ -544,7 +561,7 @@ def _export_fp16(ex: _Export) -> None:
     changed, not as a small logit difference on a few test images."""
     fp16 = exported_target("fp16")
     with ex.watch("onnx export"):
-        _export_onnx(ex.model, ex.bundle / fp16.file, ex.shape, half=True)
+        _export_onnx(ex.model, ex.bundle / fp16.file, ex.shape, half=True, exporter=ex.options.onnx_exporter)
     val, limit = _validation(ex), ex.options.int8_max_drop
     try:
         score = val.score(ex.bundle / fp16.file)

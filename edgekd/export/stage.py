@@ -22,7 +22,8 @@ def export_options(profile):
     return ExportOptions(targets=tuple(d.targets), calib_size=d.calib_size, calib_method=d.calib_method,
                          int8_presets=tuple(d.int8_presets), eval_limit=d.eval_limit, int8_method=d.int8_method,
                          int8_max_drop=d.int8_max_drop, int8_escalation=tuple(d.int8_escalation),
-                         qat_epochs=d.qat_epochs, qat_lr=d.qat_lr, int8_compare=tuple(d.int8_compare))
+                         qat_epochs=d.qat_epochs, qat_lr=d.qat_lr, int8_compare=tuple(d.int8_compare),
+                         onnx_exporter=d.onnx_exporter)
 
 
 def wanted_models(profile) -> set[str]:
