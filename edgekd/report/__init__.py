@@ -170,17 +170,19 @@ def _cold_start_table(deploy: list[dict]) -> list[str]:
         return values[len(values) // 2]
 
     lines = ["", "Cold start beside warm latency: opening the model (session or engine) and its first inference, "
-             "then the warm percentiles at the smallest batch benched, in ms; medians over the bundles benched "
-             "(n).", "",
-             "| dataset | runner | machine | model | n | load | first inference | batch | p50 | p90 | p99 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "then the warm percentiles at the smallest batch benched, in ms, and the throughput at the batch that "
+             "gave the most images/s; medians over the bundles benched (n).", "",
+             "| dataset | runner | machine | model | n | load | first inference | batch | p50 | p90 | p99 | "
+             "best images/s (batch) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (dataset, runner, machine, model), rows in sorted(groups.items()):
         batch = min(r["batch"] for r in rows)
         warm = [r for r in rows if r["batch"] == batch]
+        throughput = {b: median(r["throughput_ips"] for r in rows if r["batch"] == b) for b in {r["batch"] for r in rows}}
+        best = max(throughput, key=throughput.get)
         lines.append(f"| {dataset} | {runner} | {machine} | {model} | {len(warm)} | "
                      f"{median(r['load_ms'] for r in warm):.1f} | {median(r['first_inference_ms'] for r in warm):.2f} | "
                      f"{batch} | " + " | ".join(f"{median(r[k] for r in warm):.3f}" for k in ("p50_ms", "p90_ms", "p99_ms"))
-                     + " |")
+                     + f" | {throughput[best]:,.0f} ({best}) |")
     return lines
 
 
