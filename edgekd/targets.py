@@ -42,6 +42,9 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
             "TensorRT 10/11 and cuda-python: JetPack's own TensorRT on a Jetson, pip install 'edgekd[trt-cu12]' "
             "or 'edgekd[trt-cu13]' on an x86 GPU server (see README: Devices)",
             {"cuda": DEVICE_EVENTS}, "TensorRT engines built on this device by `edgekd build`"),
+    # Intel's runtime for its CPUs (and iGPUs, not benched here): it reads the bundle's ONNX files, Q/DQ included.
+    Backend("openvino", ("cpu",), "openvino", "pip install 'edgekd[openvino]'", {"cpu": HOST_WALL},
+            "OpenVINO on the CPU: the bundle's ONNX models compiled by ov.Core, latency hint, FP32 math"),
     Backend("torch", ("cpu", "cuda"), "torch", "pip install 'edgekd[train]'",
             {"cpu": HOST_WALL, "cuda": DEVICE_EVENTS}, "PyTorch eager, the reference the exports are checked against"),
 )}
@@ -71,14 +74,15 @@ class Target:
 
 
 TARGETS: dict[str, Target] = {t.key: t for t in (
-    Target("onnx-fp32", "model.onnx", "fp32", "onnx", ("ort", "ort-trt"), ("cpu", "cuda")),
+    Target("onnx-fp32", "model.onnx", "fp32", "onnx", ("ort", "ort-trt", "openvino"), ("cpu", "cuda")),
     # Weights and compute in half, float32 at the edges: what a strongly typed TensorRT network builds FP16 from.
     Target("onnx-fp16", "model.fp16.onnx", "fp16", "onnx", ("ort", "ort-trt"), ("cuda",)),
     # U8 asymmetric activations: ORT's fast CPU kernels. Not for TensorRT, which takes symmetric INT8 only.
-    Target("onnx-int8-cpu", "model.int8-cpu.onnx", "int8", "int8", ("ort",), ("cpu",), preset="cpu"),
+    Target("onnx-int8-cpu", "model.int8-cpu.onnx", "int8", "int8", ("ort", "openvino"), ("cpu",), preset="cpu"),
     # Symmetric S8 Q/DQ for TensorRT. ORT's CUDA EP runs it too, but as float convolutions with Q/DQ around them
     # (ORT fuses Q/DQ into integer kernels on CPU only): an accuracy check there, not an INT8 latency.
-    Target("onnx-int8-trt", "model.int8-trt.onnx", "int8", "int8", ("ort", "ort-trt"), ("cuda",), preset="trt",
+    Target("onnx-int8-trt", "model.int8-trt.onnx", "int8", "int8", ("ort", "ort-trt", "openvino"), ("cuda",),
+           preset="trt",
            simulated_on=("ort/cuda",)),
     Target("trt-fp32", "trt-fp32.engine", "fp32", "trt", ("trt",), ("cuda",), builds_from="model.onnx"),
     Target("trt-fp16", "trt-fp16.engine", "fp16", "trt", ("trt",), ("cuda",), builds_from="model.fp16.onnx"),

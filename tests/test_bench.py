@@ -16,11 +16,11 @@ from edgekd.runtime.runners import RUNNERS
 FAST = BenchOptions(batch_sizes=(1, 4), iters=5, warmup=1, threads=1)
 
 
-@pytest.mark.parametrize("backend", ["ort", "torch"])
+@pytest.mark.parametrize("backend", ["ort", "torch", "openvino"])
 def test_bench_every_runnable_backend(tiny_bundle, backend):
     record = bench_bundle(tiny_bundle, BenchOptions(**{**FAST.__dict__, "backend": backend}))
     manifest = json.loads((tiny_bundle / "manifest.json").read_text())
-    expected = ["onnx-fp32", "onnx-int8-cpu", "onnx-int8-trt"] if backend == "ort" else ["torch-fp32"]
+    expected = ["torch-fp32"] if backend == "torch" else ["onnx-fp32", "onnx-int8-cpu", "onnx-int8-trt"]
     assert [r["model"] for r in record["results"]] == expected
     for r in record["results"]:
         assert set(r["latency"]) == {"1", "4"}
@@ -33,8 +33,12 @@ def test_bench_every_runnable_backend(tiny_bundle, backend):
     assert student["macs_per_image"] * 2 == student["flops_per_image"] > 0 and student["parameters"] > 0
     assert "FlopCounterMode" in student["counted_by"]
     fp32 = record["results"][0]["accuracy"]
-    assert fp32 == pytest.approx(manifest["models"]["onnx-fp32"]["accuracy"] if backend == "ort"
+    assert fp32 == pytest.approx(manifest["models"]["onnx-fp32"]["accuracy"] if backend != "torch"
                                  else manifest["pytorch_accuracy"])
+    if backend == "openvino":  # FP32 means FP32 on a CPU with bf16 too, and the record says what it compiled with
+        settings = record["results"][0]["runtime_settings"]
+        assert settings["INFERENCE_PRECISION_HINT"] == "<Type: 'float32'>" and settings["PERFORMANCE_HINT"] == "LATENCY"
+        assert settings["INFERENCE_NUM_THREADS"] == "1"
     env = record["environment"]
     assert env["cpu"] and env["cores"] and env["packages"]["onnxruntime"] and "jetson" in env
 
@@ -202,6 +206,15 @@ def test_cli_bench_thread_sweep_side_by_side(tiny_bundle, tmp_path, capsys):
 def test_cli_bench_bad_batch_sizes(tiny_bundle, capsys):
     assert main(["bench", str(tiny_bundle), "--batch-sizes", "1,x"]) == 2
     assert "--batch-sizes" in capsys.readouterr().err
+
+
+def test_openvino_runner_without_openvino(tiny_bundle, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino fails, as where it is not installed
+    with pytest.raises(EdgeKDError, match=r"backend 'openvino' needs openvino, which is not installed: pip install "
+                                          r"'edgekd\[openvino\]'"):
+        RUNNERS.get("openvino")(tiny_bundle / "model.onnx", "cpu", 1)
 
 
 def test_trt_runner_without_tensorrt(tmp_path):

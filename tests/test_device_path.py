@@ -424,6 +424,8 @@ def test_bench_and_build_on_python310_without_torch(tiny_bundle, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "onnx-int8-cpu" in result.stdout
     _one_line_error(_run(python, "build", bundle), "TensorRT is not installed here")
+    # the device's base install has no OpenVINO: the bench says which extra brings it
+    _one_line_error(_run(python, "bench", bundle, "--backend", "openvino"), "pip install 'edgekd[openvino]'")
 
 
 # -- packaging and report -------------------------------------------------------------------------------------------

@@ -175,6 +175,7 @@ def bench_bundle(bundle: Path, options: BenchOptions, progress=None) -> dict:
             "meant_for_device": target.meant_for_run(options.backend, options.device),
             "computes": target.computes(options.backend, options.device),
             "tf32": getattr(runner, "tf32", None),  # GPU float math: TF32 allowed (True), IEEE FP32 (False)
+            "runtime_settings": getattr(runner, "settings", None),  # e.g. OpenVINO's hints, as compiled
             "peak_rss_increase_mib": (max(v for _, v in memory.samples) - rss_before) / 2**20,
             "gpu_memory_mib": gpu_mem, "cold": cold, "latency": latency, "power": power or None,
             "providers": getattr(runner, "providers", None), "engine": engine,

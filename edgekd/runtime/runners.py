@@ -300,6 +300,50 @@ class OrtTensorrtRunner(OrtRunner):
         super().__init__(model, device, threads, provider="tensorrt", max_batch=max_batch)
 
 
+# -- OpenVINO --------------------------------------------------------------------------------------------------
+@RUNNERS.register("openvino")
+class OpenVinoRunner(Runner):
+    """An ONNX model compiled by OpenVINO for the CPU. Its Q/DQ pairs become OpenVINO's FakeQuantize and run as
+    INT8 where the CPU plugin has kernels for them."""
+
+    backend = "openvino"
+
+    def __init__(self, model: Path, device: str = "cpu", threads: int = 0, max_batch: int = 256):
+        ov = require("openvino", self.backend)
+        core = ov.Core()
+        # LATENCY: one stream, what a single-stream bench measures. f32: on CPUs with BF16 (AVX-512 BF16, AMX) the
+        # plugin's default inference precision is bf16, which would time "fp32" models in bfloat16.
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        model = check_model_file(model)
+        try:
+            self.compiled = core.compile_model(core.read_model(str(model)), "CPU", config)
+        except RuntimeError as exc:
+            reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+            raise EdgeKDError(f"OpenVINO cannot compile {model.name} ({reason}): export it again, or bench it with "
+                              "--backend ort") from None
+        self.request = self.compiled.create_infer_request()
+        self.output = self.compiled.output(0)
+        self.input_shape = self.compiled.input(0).get_partial_shape()
+        # what it compiled with, beside every figure (the plugin may choose other values than were asked for)
+        self.settings = {k: str(self.compiled.get_property(k)) for k in
+                         ("PERFORMANCE_HINT", "NUM_STREAMS", "INFERENCE_NUM_THREADS", "INFERENCE_PRECISION_HINT")}
+        self.settings["openvino"] = ov.get_version()
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        try:
+            return self.request.infer({0: x})[self.output].copy()  # the request reuses its output buffer
+        except RuntimeError as exc:
+            raise EdgeKDError(f"the model cannot take input of shape {list(x.shape)} (it expects "
+                              f"{self.input_shape}): choose batch sizes the export allows") from exc
+
+    def prepare(self, x):
+        self.infer(x[:1])
+        tensor = {0: np.ascontiguousarray(x)}
+        return functools.partial(self.request.infer, tensor)
+
+
 # -- TensorRT --------------------------------------------------------------------------------------------------
 @RUNNERS.register("trt")
 class TrtRunner(Runner):
