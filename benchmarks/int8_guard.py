@@ -55,11 +55,12 @@ def report(runs: list[dict]) -> dict:
     """Print every INT8 model of the seed lists run so far; return the summary."""
     every = [r for run in runs for r in run["models"]]
     show("INT8 models: the guard's choice on validation, the change on test", ["run", "model",
-         "steps (validation: answers changed %, its upper bound, accuracy change pts)", "groups float", "weights float %",
-         "deployed",
-         "test change (pts)"],
+         "steps (validation: answers changed % (upper bound), accuracy change pts (lower bound))", "groups float",
+         "weights float %", "deployed", "test change (pts)"],
          [[r["run"], r["model"], " -> ".join(f"{s['method']} {s['val_flips_pts']:.1f}% (<{s['val_flips_bound_pts']:.1f}) "
                                              f"{-s['val_drop_pts']:+.2f}"
+                                             + (f" (>{-s['val_drop_bound_pts']:+.2f})" if "val_drop_bound_pts" in s
+                                                else "")
                                              for s in r["steps"] if "val_flips_pts" in s),
            f"{r['float_groups']} of {r['groups']}" if r["groups"] else 0, r["float_weight_pct"],
            "yes" if r["deployed"] else "NO", r["test_change_pts"]] for r in every])

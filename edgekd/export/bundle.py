@@ -29,9 +29,7 @@ from edgekd.export.int8 import (
     GUARD_Z,
     RULES_REVISION,
     Evaluator,
-    better,
-    faithful,
-    flips_bound,
+    Guard,
     make_int8,
     validation_views,
 )
@@ -71,9 +69,10 @@ class ExportOptions:
     # INT8: "ptq" (one calibration, all INT8) or "ptq-search" (calibration and float groups chosen on the validation
     # split; edgekd.export.int8). The sensitivity analysis is recorded in the manifest as `int8_sensitivity`.
     int8_method: str = "ptq"
-    # percent: the most of FP32's top-1 answers an INT8 model may change on the validation split to be deployed (the
-    # guard, by the upper bound edgekd.export.int8.flips_bound), and ptq-search's target; it bounds the accuracy lost on any data (edgekd.export.int8.faithful). A model
-    # past it escalates through `int8_escalation`; if none holds it is not deployed.
+    # points: the most accuracy an INT8 (or FP16) model may lose against FP32 on the validation split to be deployed,
+    # as an upper bound, certified by the paired accuracy drop or by the label-free share of answers changed
+    # (edgekd.export.int8.Guard); ptq-search's target too. A model past it escalates through `int8_escalation`; if
+    # none holds it is not deployed.
     int8_max_drop: float = 1.0
     int8_escalation: tuple[str, ...] = ("ptq-search",)
     int8_sensitivity: bool = False
@@ -419,32 +418,50 @@ def _validation(ex: _Export) -> Evaluator:
         val_x, val_y, views = validation_views(data.val.images, data.val.labels.numpy(), ex.dataset.crop_padding,
                                                ex.dataset.hflip)
         clusters = np.tile(np.arange(len(data.val)), views)  # row i is a view of validation image clusters[i]
+        # a label-noise variant's validation labels are as wrong as its training labels: judged label-free only
+        trusted = (read_json(ex.run / RUN_PROFILE).get("variant") or {}).get("kind") != "label_noise"
         ex.val = Evaluator(ex.bundle / exported_target("fp32").file, normalize(val_x, data.mean, data.std), val_y,
-                           clusters=clusters, watch=ex.watch)
+                           clusters=clusters, watch=ex.watch, labels_trusted=trusted)
         ex.manifest["validation"] = {"split": "validation", "images": len(data.val), "views": views,
-                                     "scored": len(val_y), "reference": exported_target("fp32").key}
+                                     "scored": len(val_y), "reference": exported_target("fp32").key,
+                                     "labels_trusted": trusted}
     return ex.val
 
 
-def _guard_step(method: str, score: Score, val: Evaluator) -> dict:
+def _guard_step(method: str, score: Score, val: Evaluator, limit: float) -> dict:
     """One model the guard scored, as the manifest keeps it."""
+    guard = Guard.on(val, limit / 100)
     return {"method": method, "val_accuracy": score.accuracy, "val_drop_pts": round(score.drop(val.fp32) * 100, 3),
-            "val_flips_pts": round(score.flips * 100, 3), "val_flips_bound_pts": round(flips_bound(score) * 100, 3),
-            "val_agreement": score.agreement}
+            "val_flips_pts": round(score.flips * 100, 3), **{f"val_{k}": v for k, v in guard.bounds(score).items()},
+            "val_agreement": score.agreement, "held_by": guard.held_by(score)}
 
 
 def _guard_record(val: Evaluator, limit: float, steps: list[dict], deployed: bool, reason: str | None) -> dict:
     """The manifest's `guard` of a model: the rule, the split, each step tried, the verdict."""
+    by = ("the paired accuracy drop, or the share of FP32's top-1 answers changed" if val.labels_trusted else
+          "the share of FP32's top-1 answers changed (the split's labels are known to be noisy)")
     return {"split": "validation", "images": val.images_scored, "scored": len(val.labels),
-            "rule": f"top-1 answers changed against FP32 + {GUARD_Z:g} SE (clustered by image) <= max_flips_pts", "max_flips_pts": limit, "steps": steps,
+            "rule": f"points lost against FP32, as an upper bound (+{GUARD_Z:g} SE clustered by image) on {by}, "
+                    "<= max_drop_pts", "max_drop_pts": limit, "labels_trusted": val.labels_trusted, "steps": steps,
             "deployed": deployed, "reason": reason}
+
+
+def _scored(score: Score, val: Evaluator) -> str:
+    """A model's guard scores in a few words, for the CLI line: the drop and the answers changed, each with its
+    upper bound."""
+    bounds = Guard.on(val).bounds(score)
+    drop = (f"{-score.drop(val.fp32) * 100:+.1f} pts (down to {-bounds['drop_bound_pts']:+.1f})" if val.labels_trusted
+            else f"{-score.drop(val.fp32) * 100:+.1f} pts on noisy labels")
+    return f"{drop}, {score.flips * 100:.1f}% changed (up to {bounds['flips_bound_pts']:.1f}%)"
 
 
 def _refusal(score: Score, val: Evaluator, limit: float, tried: str = "") -> str:
     """Why the guard did not deploy a model, for the manifest, the CLI and the report."""
-    return (f"changes {score.flips * 100:.2f}% of FP32's answers on the validation split (up to "
-            f"{flips_bound(score) * 100:.2f}%, {-score.drop(val.fp32) * 100:+.2f} pts){tried}; the guard allows "
-            f"{limit:g}% (deploy.int8_max_drop)")
+    guard = Guard.on(val)
+    drop = (f"loses {score.drop(val.fp32) * 100:+.2f} pts (up to {guard.bounds(score)['drop_bound_pts']:+.2f}) and "
+            if val.labels_trusted else f"({score.drop(val.fp32) * 100:+.2f} pts on labels known to be noisy) ")
+    return (f"{drop}changes {score.flips * 100:.2f}% of FP32's answers (up to {guard.bounds(score)['flips_bound_pts']:.2f}%) "
+            f"on the validation split{tried}; the guard allows {limit:g} pts (deploy.int8_max_drop)")
 
 
 # How an INT8 model's accuracy and guard scores were computed here (Preset.score_as_written)
@@ -504,13 +521,13 @@ def escalation(options: ExportOptions) -> list[str]:
 
 
 def _guarded_int8(ex: _Export, preset: str, file: str, val: Evaluator, qat) -> tuple[dict, dict | None]:
-    """The preset's INT8 model, deployed only if it holds on the validation split (never test): its answers differ
-    from FP32's on at most int8_max_drop percent of the validation images (edgekd.export.int8.faithful, which bounds
-    the accuracy it can lose). The profile's method first, then each escalation step until one holds. When none
+    """The preset's INT8 model, deployed only if it holds on the validation split (never test): at most
+    int8_max_drop points lost against FP32, as an upper bound (edgekd.export.int8.Guard). The profile's method first, then each escalation step until one holds. When none
     does, the closest stays in the bundle marked not deployed, with its score and the reason (bench skips it unless
     asked by --model). Every step and its validation scores go in the manifest."""
     options = ex.options
     limit = options.int8_max_drop
+    guard = Guard.on(val, limit / 100)
     steps, tried, best = [], [], None
     with tempfile.TemporaryDirectory(dir=ex.bundle) as tmp:
         for method in escalation(options):
@@ -521,19 +538,18 @@ def _guarded_int8(ex: _Export, preset: str, file: str, val: Evaluator, qat) -> t
             path = Path(tmp) / f"{method}-{file}"
             info, analysis = _make_int8(ex, method, preset, path, val, options.int8_sensitivity and not tried, qat)
             score = val.score(path, PRESETS[preset].score_as_written)
-            steps.append(_guard_step(method, score, val))
+            steps.append(_guard_step(method, score, val, limit))
             floated = info.get("mixed_precision", {}).get("float_closure")
             share = (f", {info['mixed_precision']['float_weight_share']:.0%} of the weights float" if floated
                      else "")
-            tried.append(f"{method} {score.flips * 100:.1f}% changed (up to {flips_bound(score) * 100:.1f}%, "
-                         f"{-score.drop(val.fp32) * 100:+.1f} pts{share})")
-            if best is None or better(score, best[0]):  # a faithful model is better than every unfaithful one
+            tried.append(f"{method} {_scored(score, val)}{share}")
+            if best is None or guard.better(score, best[0]):  # a holding model is better than every other
                 best = (score, method, path, info, analysis)
-            if faithful(score, limit / 100):
+            if guard.holds(score):
                 break
         score, method, path, info, analysis = best
         shutil.move(str(path), ex.bundle / file)
-    deployed = faithful(score, limit / 100)
+    deployed = guard.holds(score)
     reason = None if deployed else _refusal(score, val, limit, " after " + ", ".join(
         s["method"] for s in steps if "skipped" not in s))
     ex.log(f"int8 {preset}: {' -> '.join(tried)} on validation -> {'deployed' if deployed else 'NOT deployed'} "
@@ -569,8 +585,8 @@ def _export_fp16(ex: _Export) -> None:
         steps, reason = [], (f"could not be scored on the validation split here ({type(exc).__name__}: "
                              f"{str(exc)[:160]}); check it on the device with `edgekd bench --model {fp16.key}`")
     else:
-        steps = [_guard_step("fp16", score, val)]
-        reason = None if faithful(score, limit / 100) else _refusal(score, val, limit)
+        steps = [_guard_step("fp16", score, val, limit)]
+        reason = None if Guard.on(val, limit / 100).holds(score) else _refusal(score, val, limit)
     guard = _guard_record(val, limit, steps, reason is None, reason)
     changed = f"{steps[0]['val_flips_pts']:.2f}% of FP32's answers changed on validation -> " if steps else ""
     ex.log(f"fp16: {changed}{'deployed' if reason is None else f'NOT deployed: {reason}'}")

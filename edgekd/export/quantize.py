@@ -609,10 +609,13 @@ class Evaluator:
     i is a view of (validation_views), so that standard errors count images, not views."""
 
     def __init__(self, fp32_onnx: Path, images: np.ndarray, labels: np.ndarray, batch_size: int = 512,
-                 clusters: np.ndarray | None = None, watch: Stopwatch | None = None):
+                 clusters: np.ndarray | None = None, watch: Stopwatch | None = None, labels_trusted: bool = True):
+        """`labels_trusted`: False where the split's labels are known to be corrupted (a label-noise variant's
+        validation split): the guard then judges by the label-free share of answers changed alone."""
         if len(images) == 0:
             raise EdgeKDError("the validation split is empty: INT8 choices need one (raise val_fraction)")
         self.images, self.labels, self.batch_size = images, np.asarray(labels), batch_size
+        self.labels_trusted = labels_trusted
         self.clusters = None if clusters is None else np.asarray(clusters, dtype=np.int64)
         self.evaluations = 0
         self.watch = watch or Stopwatch()
