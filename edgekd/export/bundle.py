@@ -31,6 +31,7 @@ from edgekd.export.int8 import (
     Evaluator,
     Guard,
     make_int8,
+    resolves,
     validation_views,
 )
 from edgekd.export.qdq_rules import check_tensorrt_qdq
@@ -433,12 +434,14 @@ def _guard_step(method: str, score: Score, val: Evaluator, limit: float) -> dict
     guard = Guard.on(val, limit / 100)
     return {"method": method, "val_accuracy": score.accuracy, "val_drop_pts": round(score.drop(val.fp32) * 100, 3),
             "val_flips_pts": round(score.flips * 100, 3), **{f"val_{k}": v for k, v in guard.bounds(score).items()},
-            "val_agreement": score.agreement, "held_by": guard.held_by(score)}
+            "val_agreement": score.agreement, "held_by": guard.held_by(score),
+            **({"val_drop_resolved": resolves(score, limit / 100)} if val.labels_trusted else {})}
 
 
 def _guard_record(val: Evaluator, limit: float, steps: list[dict], deployed: bool, reason: str | None) -> dict:
     """The manifest's `guard` of a model: the rule, the split, each step tried, the verdict."""
-    by = ("the paired accuracy drop, or the share of FP32's top-1 answers changed" if val.labels_trusted else
+    by = ("the paired accuracy drop (where its margin is at most half the limit), or the share of FP32's top-1 "
+          "answers changed" if val.labels_trusted else
           "the share of FP32's top-1 answers changed (the split's labels are known to be noisy)")
     return {"split": "validation", "images": val.images_scored, "scored": len(val.labels),
             "rule": f"points lost against FP32, as an upper bound (+{GUARD_Z:g} SE clustered by image) on {by}, "
@@ -458,8 +461,10 @@ def _scored(score: Score, val: Evaluator) -> str:
 def _refusal(score: Score, val: Evaluator, limit: float, tried: str = "") -> str:
     """Why the guard did not deploy a model, for the manifest, the CLI and the report."""
     guard = Guard.on(val)
-    drop = (f"loses {score.drop(val.fp32) * 100:+.2f} pts (up to {guard.bounds(score)['drop_bound_pts']:+.2f}) and "
-            if val.labels_trusted else f"({score.drop(val.fp32) * 100:+.2f} pts on labels known to be noisy) ")
+    unresolved = "" if resolves(score, limit / 100) else ", too loose a bound for this split to certify"
+    drop = (f"loses {score.drop(val.fp32) * 100:+.2f} pts (up to {guard.bounds(score)['drop_bound_pts']:+.2f}"
+            f"{unresolved}) and " if val.labels_trusted
+            else f"({score.drop(val.fp32) * 100:+.2f} pts on labels known to be noisy) ")
     return (f"{drop}changes {score.flips * 100:.2f}% of FP32's answers (up to {guard.bounds(score)['flips_bound_pts']:.2f}%) "
             f"on the validation split{tried}; the guard allows {limit:g} pts (deploy.int8_max_drop)")
 
