@@ -35,7 +35,7 @@ from edgekd.export.int8 import (
     validation_views,
 )
 from edgekd.export.qdq_rules import check_tensorrt_qdq
-from edgekd.export.quantize import PRESETS, Score
+from edgekd.export.quantize import PRESETS, Quantizer, Score
 from edgekd.records import SCHEMA_VERSION, current_runs, fingerprint, group_runs, make_key, variant_label
 from edgekd.runio import METRICS, RUN_PROFILE, WEIGHTS, read_json, write_json
 from edgekd.runio import sha256_file as sha256
@@ -475,7 +475,7 @@ SCORED_AS = {False: "ONNX Runtime CPU, its integer kernels (what the cpu deploym
 
 
 def _make_int8(ex: _Export, method: str, preset: str, path: Path, val: Evaluator | None, sensitivity: bool,
-               qat) -> tuple[dict, dict | None]:
+               qat, quantizer: Quantizer | None = None) -> tuple[dict, dict | None]:
     """One INT8 model by `method` at `path`, scored on the evaluation images like every model of the bundle.
     Returns (its manifest entry's info, the sensitivity analysis or None)."""
     from edgekd.data.splits import SPLIT_SEED, stratified_cap
@@ -492,7 +492,7 @@ def _make_int8(ex: _Export, method: str, preset: str, path: Path, val: Evaluator
     else:
         info, analysis = make_int8(ex.bundle / "model.onnx", path, preset, calibration, len(data.train), method,
                                    options.calib_method, options.calib_size, val, options.int8_max_drop / 100,
-                                   sensitivity, ex.log, ex.watch)
+                                   sensitivity, ex.log, ex.watch, quantizer)
     as_written = PRESETS[preset].score_as_written
     _, acc = ex.accuracy_of(path, as_written)
     change = acc - ex.manifest["models"][exported_target("fp32").key]["accuracy"]
@@ -534,14 +534,17 @@ def _guarded_int8(ex: _Export, preset: str, file: str, val: Evaluator, qat) -> t
     limit = options.int8_max_drop
     guard = Guard.on(val, limit / 100)
     steps, tried, best = [], [], None
-    with tempfile.TemporaryDirectory(dir=ex.bundle) as tmp:
+    # one Quantizer for every step: ptq's calibration and full quantization are ptq-search's first candidate's
+    with tempfile.TemporaryDirectory(dir=ex.bundle) as tmp, Quantizer(ex.bundle / exported_target("fp32").file,
+                                                                       preset, ex.watch) as quantizer:
         for method in escalation(options):
             if method == "qat-kd" and qat is None:
                 steps.append({"method": method, "skipped": "needs the student's trainer: edgekd export and edgekd "
                                                             "study hand it over"})
                 continue
             path = Path(tmp) / f"{method}-{file}"
-            info, analysis = _make_int8(ex, method, preset, path, val, options.int8_sensitivity and not tried, qat)
+            info, analysis = _make_int8(ex, method, preset, path, val, options.int8_sensitivity and not tried, qat,
+                                        quantizer)
             score = val.score(path, PRESETS[preset].score_as_written)
             steps.append(_guard_step(method, score, val, limit))
             floated = info.get("mixed_precision", {}).get("float_closure")

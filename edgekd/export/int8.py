@@ -28,6 +28,7 @@ uses depends on the mechanism only, not back on this module.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -269,15 +270,18 @@ def calibration_sizes(calib_size: int, available: int) -> list[int]:
 def make_int8(fp32_onnx: Path, out: Path, preset: str, calibration: Callable[[int], np.ndarray], available: int,
               method: str = "ptq", calib_method: str = "minmax", calib_size: int = 512, val: Evaluator | None = None,
               max_drop: float = 0.01, sensitivity: bool = False,
-              log: Callable[[str], None] = lambda line: None, watch: Stopwatch | None = None) -> tuple[dict, dict | None]:
+              log: Callable[[str], None] = lambda line: None, watch: Stopwatch | None = None,
+              quantizer: Quantizer | None = None) -> tuple[dict, dict | None]:
     """An INT8 model at `out` by `method`; returns (what the manifest records about it, the sensitivity analysis
-    or None). `calibration(n)` gives n preprocessed training images; `val` scores candidates on validation."""
+    or None). `calibration(n)` gives n preprocessed training images; `val` scores candidates on validation.
+    `quantizer`: one already open on `fp32_onnx` for this preset, whose pre-processing, calibrations and full
+    quantizations (cached by content) the guard's escalation steps then share instead of redoing."""
     if method not in PTQ_METHODS:
         raise EdgeKDError(f"unknown INT8 method {method!r} for post-training quantization: use "
                           f"{', '.join(PTQ_METHODS)} (qat-kd fine-tunes in edgekd.distill.qat)")
     if (method == "ptq-search" or sensitivity) and val is None:
         raise EdgeKDError(f"INT8 method {method!r} and the sensitivity analysis need the validation split")
-    with Quantizer(fp32_onnx, preset, watch) as q:
+    with contextlib.nullcontext(quantizer) if quantizer else Quantizer(fp32_onnx, preset, watch) as q:
         if method == "ptq":
             recipe = Recipe(calib_method, min(calib_size, available))
             images = calibration(recipe.images)
