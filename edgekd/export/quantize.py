@@ -618,6 +618,7 @@ class Evaluator:
         self.labels_trusted = labels_trusted
         self.clusters = None if clusters is None else np.asarray(clusters, dtype=np.int64)
         self.evaluations = 0
+        self._scores: dict[tuple[str, bool], Score] = {}
         self.watch = watch or Stopwatch()
         self.reference = self.logits(fp32_onnx)
         self.fp32 = self._score(self.reference)
@@ -653,7 +654,12 @@ class Evaluator:
                      _clustered_se(diff, self.clusters), _clustered_se(flipped, self.clusters))
 
     def score(self, model: Path, as_written: bool = False) -> Score:
-        return self._score(self.logits(model, as_written))
+        """The model's score, computed once per (file content, way of running it): the guard re-scores the model
+        a search just chose, which is the very candidate it scored."""
+        key = (hashlib.sha1(Path(model).read_bytes()).hexdigest(), as_written)
+        if key not in self._scores:
+            self._scores[key] = self._score(self.logits(model, as_written))
+        return self._scores[key]
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
