@@ -456,7 +456,7 @@ def bench_table(record: dict) -> Table:
     gpu = (env.get("gpu") or {}).get("gpu")  # None where nvidia-smi failed (its line is in the record)
     where = gpu if record["options"]["device"] == "cuda" and gpu else env["cpu"]
     student = record["student"]
-    size = (f" ({student['parameters'] / 1e6:.2f}M parameters, {student['macs_per_image'] / 1e6:.2f}M MACs/image)"
+    size = (f" ({student['params'] / 1e6:.2f}M parameters, {student['macs_per_image'] / 1e6:.2f}M MACs/image)"
             if "macs_per_image" in student else "")
     calls = max((r.get("calls_per_sample", 1) for r in record["results"]), default=1)
     table = Table(title=f"{record['dataset']}/{record['variant']}: {student['model']}{size} on {where}",

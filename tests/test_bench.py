@@ -30,7 +30,7 @@ def test_bench_every_runnable_backend(tiny_bundle, backend):
         assert r["file_bytes"] > 0 and r["peak_rss_increase_mib"] >= 0
         assert r["cold"]["load_ms"] > 0 and r["cold"]["first_inference_ms"] > 0 and r["calls_per_sample"] == 1
     student = manifest["student"]  # counted by torch at export, no hand-written counter
-    assert student["macs_per_image"] * 2 == student["flops_per_image"] > 0 and student["parameters"] > 0
+    assert student["macs_per_image"] * 2 == student["flops_per_image"] > 0 and student["params"] > 0
     assert "FlopCounterMode" in student["counted_by"]
     fp32 = record["results"][0]["accuracy"]
     assert fp32 == pytest.approx(manifest["models"]["onnx-fp32"]["accuracy"] if backend != "torch"

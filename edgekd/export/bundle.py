@@ -31,7 +31,6 @@ from edgekd.export.int8 import (
     Evaluator,
     Guard,
     make_int8,
-    resolves,
     validation_views,
 )
 from edgekd.export.qdq_rules import check_tensorrt_qdq
@@ -368,8 +367,8 @@ def _pytorch_reference(ex: _Export) -> None:
 
 def compute_per_image(model, shape: tuple[int, int, int]) -> dict:
     """The student's multiply-accumulates and FLOPs for one image, counted by PyTorch's own FlopCounterMode
-    (convolutions and matrix products, 2 FLOPs per multiply-add; element-wise ops are not counted), and its
-    parameters: the size figures edge users compare models by, beside the measured latency."""
+    (convolutions and matrix products, 2 FLOPs per multiply-add; element-wise ops are not counted): with its
+    `params` (already in the manifest), the size figures edge users compare models by, beside the latency."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -377,7 +376,6 @@ def compute_per_image(model, shape: tuple[int, int, int]) -> dict:
         model(torch.zeros((1, *shape)))
     flops = int(counter.get_total_flops())
     return {"flops_per_image": flops, "macs_per_image": flops // 2,
-            "parameters": sum(p.numel() for p in model.parameters()),
             "counted_by": f"torch.utils.flop_counter.FlopCounterMode (torch {torch.__version__})"}
 
 
@@ -429,13 +427,13 @@ def _validation(ex: _Export) -> Evaluator:
     return ex.val
 
 
-def _guard_step(method: str, score: Score, val: Evaluator, limit: float) -> dict:
+def _guard_step(method: str, score: Score, val: Evaluator, guard: Guard) -> dict:
     """One model the guard scored, as the manifest keeps it."""
-    guard = Guard.on(val, limit / 100)
+    resolved = guard.resolves(score)
     return {"method": method, "val_accuracy": score.accuracy, "val_drop_pts": round(score.drop(val.fp32) * 100, 3),
             "val_flips_pts": round(score.flips * 100, 3), **{f"val_{k}": v for k, v in guard.bounds(score).items()},
             "val_agreement": score.agreement, "held_by": guard.held_by(score),
-            **({"val_drop_resolved": resolves(score, limit / 100)} if val.labels_trusted else {})}
+            **({"val_drop_resolved": resolved} if resolved is not None else {})}
 
 
 def _guard_record(val: Evaluator, limit: float, steps: list[dict], deployed: bool, reason: str | None) -> dict:
@@ -449,24 +447,25 @@ def _guard_record(val: Evaluator, limit: float, steps: list[dict], deployed: boo
             "deployed": deployed, "reason": reason}
 
 
-def _scored(score: Score, val: Evaluator) -> str:
+def _scored(score: Score, val: Evaluator, guard: Guard) -> str:
     """A model's guard scores in a few words, for the CLI line: the drop and the answers changed, each with its
     upper bound."""
-    bounds = Guard.on(val).bounds(score)
-    drop = (f"{-score.drop(val.fp32) * 100:+.1f} pts (down to {-bounds['drop_bound_pts']:+.1f})" if val.labels_trusted
-            else f"{-score.drop(val.fp32) * 100:+.1f} pts on noisy labels")
+    bounds = guard.bounds(score)
+    drop = (f"{-score.drop(val.fp32) * 100:+.1f} pts (down to {-bounds['drop_bound_pts']:+.1f})"
+            if "drop_bound_pts" in bounds else f"{-score.drop(val.fp32) * 100:+.1f} pts on noisy labels")
     return f"{drop}, {score.flips * 100:.1f}% changed (up to {bounds['flips_bound_pts']:.1f}%)"
 
 
-def _refusal(score: Score, val: Evaluator, limit: float, tried: str = "") -> str:
+def _refusal(score: Score, val: Evaluator, guard: Guard, tried: str = "") -> str:
     """Why the guard did not deploy a model, for the manifest, the CLI and the report."""
-    guard = Guard.on(val)
-    unresolved = "" if resolves(score, limit / 100) else ", too loose a bound for this split to certify"
-    drop = (f"loses {score.drop(val.fp32) * 100:+.2f} pts (up to {guard.bounds(score)['drop_bound_pts']:+.2f}"
-            f"{unresolved}) and " if val.labels_trusted
-            else f"({score.drop(val.fp32) * 100:+.2f} pts on labels known to be noisy) ")
-    return (f"{drop}changes {score.flips * 100:.2f}% of FP32's answers (up to {guard.bounds(score)['flips_bound_pts']:.2f}%) "
-            f"on the validation split{tried}; the guard allows {limit:g} pts (deploy.int8_max_drop)")
+    bounds = guard.bounds(score)
+    if "drop_bound_pts" in bounds:
+        unresolved = "" if guard.resolves(score) else ", too loose a bound for this split to certify"
+        drop = f"loses {score.drop(val.fp32) * 100:+.2f} pts (up to {bounds['drop_bound_pts']:+.2f}{unresolved}) and "
+    else:
+        drop = f"({score.drop(val.fp32) * 100:+.2f} pts on labels known to be noisy) "
+    return (f"{drop}changes {score.flips * 100:.2f}% of FP32's answers (up to {bounds['flips_bound_pts']:.2f}%) "
+            f"on the validation split{tried}; the guard allows {guard.max_drop * 100:g} pts (deploy.int8_max_drop)")
 
 
 # How an INT8 model's accuracy and guard scores were computed here (Preset.score_as_written)
@@ -546,11 +545,11 @@ def _guarded_int8(ex: _Export, preset: str, file: str, val: Evaluator, qat) -> t
             info, analysis = _make_int8(ex, method, preset, path, val, options.int8_sensitivity and not tried, qat,
                                         quantizer)
             score = val.score(path, PRESETS[preset].score_as_written)
-            steps.append(_guard_step(method, score, val, limit))
+            steps.append(_guard_step(method, score, val, guard))
             floated = info.get("mixed_precision", {}).get("float_closure")
             share = (f", {info['mixed_precision']['float_weight_share']:.0%} of the weights float" if floated
                      else "")
-            tried.append(f"{method} {_scored(score, val)}{share}")
+            tried.append(f"{method} {_scored(score, val, guard)}{share}")
             if best is None or guard.better(score, best[0]):  # a holding model is better than every other
                 best = (score, method, path, info, analysis)
             if guard.holds(score):
@@ -558,7 +557,7 @@ def _guarded_int8(ex: _Export, preset: str, file: str, val: Evaluator, qat) -> t
         score, method, path, info, analysis = best
         shutil.move(str(path), ex.bundle / file)
     deployed = guard.holds(score)
-    reason = None if deployed else _refusal(score, val, limit, " after " + ", ".join(
+    reason = None if deployed else _refusal(score, val, guard, " after " + ", ".join(
         s["method"] for s in steps if "skipped" not in s))
     ex.log(f"int8 {preset}: {' -> '.join(tried)} on validation -> {'deployed' if deployed else 'NOT deployed'} "
            f"({method})")
@@ -593,8 +592,9 @@ def _export_fp16(ex: _Export) -> None:
         steps, reason = [], (f"could not be scored on the validation split here ({type(exc).__name__}: "
                              f"{str(exc)[:160]}); check it on the device with `edgekd bench --model {fp16.key}`")
     else:
-        steps = [_guard_step("fp16", score, val, limit)]
-        reason = None if Guard.on(val, limit / 100).holds(score) else _refusal(score, val, limit)
+        guard = Guard.on(val, limit / 100)
+        steps = [_guard_step("fp16", score, val, guard)]
+        reason = None if guard.holds(score) else _refusal(score, val, guard)
     guard = _guard_record(val, limit, steps, reason is None, reason)
     changed = f"{steps[0]['val_flips_pts']:.2f}% of FP32's answers changed on validation -> " if steps else ""
     ex.log(f"fp16: {changed}{'deployed' if reason is None else f'NOT deployed: {reason}'}")

@@ -118,10 +118,13 @@ class Guard:
 
         return key(a) > key(b)
 
+    def resolves(self, score: Score) -> bool | None:
+        """Does the split measure this model's drop finely enough to certify it? None without trusted labels."""
+        return None if self.fp32 is None else resolves(score, self.max_drop)
+
     def held_by(self, score: Score) -> str | None:
         """The certificate that holds: "accuracy drop", "answers changed" (label-free), or None."""
-        if (self.fp32 is not None and resolves(score, self.max_drop)
-                and drop_bound(score, self.fp32) <= self.max_drop + 1e-12):  # a bound equal to the limit holds
+        if self.resolves(score) and drop_bound(score, self.fp32) <= self.max_drop + 1e-12:  # equal to the limit holds
             return "accuracy drop"
         return "answers changed" if flips_bound(score) <= self.max_drop + 1e-12 else None
 
