@@ -137,7 +137,7 @@ class DeployConfig:
     # has a row per method. Each costs an export (or a qat fine-tune) per student.
     int8_compare: list[str] = field(default_factory=list)
     eval_limit: int = 2000  # test images carried in each bundle; bench accuracy is measured on them
-    # "torchscript" (torch's TorchScript-based exporter + onnxscript's optimizer: the same graph, 6-15x faster on
+    # "torchscript" (torch's TorchScript-based exporter + onnxscript's optimizer: the same graph, 9-20x faster on
     # these students) or "dynamo" (torch's default, for a model TorchScript cannot trace); targets.ONNX_EXPORTERS
     onnx_exporter: str = "torchscript"
     backend: str = "ort"

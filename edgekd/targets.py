@@ -92,7 +92,7 @@ TARGETS: dict[str, Target] = {t.key: t for t in (
 
 EXPORT_TARGETS = ("onnx", "int8", "trt")  # `edgekd export --target` choices
 # torch's ONNX exporters: its TorchScript-based one followed by onnxscript's graph optimizer (the default: the same
-# graph as dynamo's on edgekd's students, 6-15x faster, benchmarks/results/onnx_exporters-cpu.json), and its
+# graph as dynamo's on edgekd's students, 9-20x faster, benchmarks/results/onnx_exporters-cpu.json), and its
 # torch.export-based one (torch's own default; for a model TorchScript cannot trace)
 ONNX_EXPORTERS = ("torchscript", "dynamo")
 ENGINE_PRECISIONS = tuple(t.precision for t in TARGETS.values() if t.builds_from)  # `edgekd build` makes these
