@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgekd.errors import EdgeKDError
+from edgekd.roles import segment_problem
 from edgekd.runio import METRICS, RUN_PROFILE, WEIGHTS, UnreadableFile, read_json, sha256_file, tensor_shapes
 
 if TYPE_CHECKING:
@@ -94,7 +95,7 @@ def check_profile(path: str | Path, overrides: list[str] | None = None, out: Pat
     data_problems, images = _data_problems(profile)
     problems += losses + model_problems(profile) + data_problems + _device_problems(profile.study.device)
     if deploy:
-        problems += deploy_problems(profile.deploy)
+        problems += deploy_problems(profile.deploy, profile.devices)
     if out is not None:
         problems += writable_problems(out)
         if not losses and not force:  # the plan's jobs are known only when every method's losses are
@@ -219,11 +220,11 @@ def dataset_sizes(name: str, cfg: DatasetConfig) -> tuple[SourceSizes | None, li
     return sizes, split_problems(name, sizes.classes, sizes.train, sizes.test, cfg)
 
 
-def deploy_problems(deploy: DeployConfig) -> list[str]:
+def deploy_problems(deploy: DeployConfig, devices: dict | None = None) -> list[str]:
     """What `edgekd study` would refuse in the profile's [deploy] table, or lack on this machine to run it."""
     from edgekd.export.int8 import INT8_METHODS
     from edgekd.export.quantize import CALIB_METHODS
-    from edgekd.targets import BACKENDS, ONNX_EXPORTERS, TARGETS, missing_for
+    from edgekd.targets import ONNX_EXPORTERS, TARGETS
 
     presets = sorted({t.preset for t in TARGETS.values() if t.preset})
     rules = {
@@ -242,21 +243,44 @@ def deploy_problems(deploy: DeployConfig) -> list[str]:
         "qat_lr": (deploy.qat_lr >= 0, "0 (a hundredth of the student's lr) or more"),
         "eval_limit": (deploy.eval_limit >= 0, "0 (the whole test split) or more"),
         "onnx_exporter": (deploy.onnx_exporter in ONNX_EXPORTERS, " or ".join(ONNX_EXPORTERS)),
-        "backend": (deploy.backend in BACKENDS, ", ".join(BACKENDS)),
         "batch_sizes": (bool(deploy.batch_sizes) and min(deploy.batch_sizes) >= 1, "sizes of at least 1, e.g. [1, 64]"),
         "iters": (deploy.iters >= 1, "at least 1"),
         "threads": (deploy.threads >= 0, "0 (the runtime's default) or more"),
     }
     problems = [f"profile key 'deploy.{key}' must be {expected}, got {getattr(deploy, key)!r}"
                 for key, (ok, expected) in rules.items() if not ok]
-    backend = BACKENDS.get(deploy.backend)
-    if backend and deploy.device not in backend.devices:
-        problems.append(f"profile key 'deploy.device' must be {' or '.join(backend.devices)} for backend "
-                        f"{deploy.backend}, got {deploy.device!r}")
-    if backend and missing_for(deploy.backend):
-        problems.append(f"deploy.backend {deploy.backend} needs {backend.module}, which is not installed here: "
-                        f"{missing_for(deploy.backend)}")
+    if not devices:
+        problems += _bench_problems(deploy.backend, deploy.device, "deploy.backend", "deploy.device", here=True)
+    for name, d in (devices or {}).items():
+        where = f"devices.{name}"
+        named = segment_problem(name, "device name")
+        if named:
+            problems.append(named)
+        if d.ssh and d.ray:
+            problems.append(f"profile table '{where}' has both ssh and ray: a device is reached one way; keep one")
+        if d.retries < 0:
+            problems.append(f"profile key '{where}.retries' must be 0 or more, got {d.retries!r}")
+        for backend in d.backends or [deploy.backend]:
+            problems += _bench_problems(backend, d.device or deploy.device, f"{where}.backends", f"{where}.device",
+                                        here=not (d.ssh or d.ray))
     return problems + target_needs(deploy.targets, "deploy.targets")
+
+
+def _bench_problems(name: str, device: str, backend_key: str, device_key: str, here: bool) -> list[str]:
+    """A backend and device a bench runs with: known, a pair the targets table has, and (benched `here`, on this
+    machine) its runtime installed. A remote device's runtimes are checked on the device, before any work."""
+    from edgekd.targets import BACKENDS, missing_for
+
+    backend = BACKENDS.get(name)
+    if backend is None:
+        return [f"profile key '{backend_key}' names {name!r}, which is not a backend: use {', '.join(BACKENDS)}"]
+    if device not in backend.devices:
+        return [f"profile key '{device_key}' must be {' or '.join(backend.devices)} for backend {name}, got "
+                f"{device!r}"]
+    if here and missing_for(name):
+        return [f"backend {name} ({backend_key}) needs {backend.module}, which is not installed here: "
+                f"{missing_for(name)}"]
+    return []
 
 
 def stale_run_problems(profile: Profile, study_root: Path) -> list[str]:

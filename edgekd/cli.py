@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import logging
 import sys
 import time
@@ -117,6 +118,9 @@ class RichReporter:
         console.print(f"[red]failed[/red] {escape(job.label)}: {escape(message)}", highlight=False)
         self.counts["failed"] += 1
         self._update()
+
+    def note(self, text):
+        console.print(escape(text), highlight=False)
 
     def left_out(self, lines):
         shown = "; ".join(lines[:5]) + (f"; and {len(lines) - 5} more" if len(lines) > 5 else "")
@@ -350,11 +354,21 @@ def cmd_bench(args) -> int:
 
     batch_sizes = _int_list(args.batch_sizes, "--batch-sizes", "1,8,64")
     threads = (0,) if args.threads in ("", "0") else _int_list(args.threads, "--threads", "1,2,4")
-    _check_bundles(args.bundle, args.backend)
     options = BenchOptions(args.backend, args.device, batch_sizes, threads[0], args.iters, args.duration,
                            args.warmup, tuple(args.model or ()))
+    if args.on:
+        return _bench_on(args, options)
+    _check_bundles(args.bundle, args.backend)
     if len(threads) > 1:
         return _thread_sweep(args.bundle, options, threads)
+    if args.json:  # what `edgekd bench --on` reads back from a device: the record, and nothing else on stdout
+        if len(args.bundle) != 1:
+            raise EdgeKDError("--json benches one bundle: give one bundle directory")
+        record = bench_bundle(Path(args.bundle[0]), options)
+        if args.out:
+            save_bench(record, Path(args.out))
+        sys.stdout.write(json.dumps(record) + "\n")
+        return 0
     for bundle in args.bundle:
         with console.status(f"bench {bundle}") as status:
             record = bench_bundle(Path(bundle), options, progress=lambda text: status.update(f"bench {text}"))
@@ -364,6 +378,49 @@ def cmd_bench(args) -> int:
             console.print(f"[yellow]skipped {escape(key)}: not deployed ({escape(why)}); --model {escape(key)} "
                           "benches it anyway[/yellow]", highlight=False)
         console.print(f"[dim]written {path}[/dim]")
+    return 0
+
+
+def _bench_on(args, options) -> int:
+    """`edgekd bench BUNDLE... --on HOST`: the device checked first (one line), then each bundle copied there,
+    benched by the device's edgekd, and its record brought back as bench-<backend>-<device>@<name>.json."""
+    from edgekd.bench.devices import SSH, Device, Ssh, bench_over_ssh, device_problem, facts_line
+    from edgekd.bench.harness import save_bench
+
+    if len(str(args.threads).split(",")) > 1:
+        raise EdgeKDError("--on benches one thread count: give --threads N (run the sweep on the device itself)")
+    _check_bundles(args.bundle)
+    name = args.name or args.on.rpartition("@")[2].split(":")[0]
+    device = Device(name, SSH, args.on, (options.backend,), options.device, args.ssh_config or "",
+                    args.remote_edgekd, args.remote_workdir)
+    ssh = Ssh(device)
+    with console.status(f"asking {device.title} what it is"):
+        facts = ssh.facts()
+    console.print(facts_line(device, facts), highlight=False)
+    problem = device_problem(device, facts)
+    if problem:
+        raise EdgeKDError(problem)
+    for bundle in args.bundle:
+        with console.status(f"bench {bundle} on {device.title}"):
+            record = bench_over_ssh(device, Path(bundle), options, facts, ssh)
+        path = save_bench(record)
+        console.print(bench_table(record))
+        console.print(f"[dim]written {path}[/dim]")
+    return 0
+
+
+def cmd_device(args) -> int:
+    """`edgekd device`: this machine as a bench device (what `--on` and [devices] ask a device before any work)."""
+    from edgekd.bench.devices import Device, device_facts, facts_line
+
+    facts = device_facts()
+    if args.json:
+        sys.stdout.write(json.dumps(facts) + "\n")
+        return 0
+    console.print(facts_line(Device(), facts), highlight=False)
+    for name, info in facts["backends"].items():
+        console.print(f"  {name}: " + (info["version"] and f"[green]{info['version']}[/green]"
+                                       or f"[yellow]not installed[/yellow]: {escape(info['missing'] or '')}"))
     return 0
 
 
@@ -643,7 +700,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--model", action="append", help="only these manifest models (repeatable), e.g. onnx-int8-cpu")
     p.add_argument("--out", help="where to write bench.json (default: in the bundle)")
+    p.add_argument("--json", action="store_true", help="print the bench record as JSON on stdout, nothing else "
+                                                       "(written to a file only with --out)")
+    p.add_argument("--on", metavar="HOST", help="bench on a device over SSH (user@host or a Host of ~/.ssh/config): "
+                                                "copies each bundle there, runs its edgekd, brings the record back")
+    p.add_argument("--name", help="with --on: the device's name in the record's file name (default: the host)")
+    p.add_argument("--ssh-config", help="with --on: an ssh config file (ssh -F) instead of ~/.ssh/config")
+    p.add_argument("--remote-edgekd", default="edgekd", help="with --on: the edgekd command on the device")
+    p.add_argument("--remote-workdir", default=".cache/edgekd/bundles",
+                   help="with --on: where bundles are copied on the device (under its home, or absolute)")
     p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("device", help="this machine as a bench device: identity and the backends it can run")
+    p.add_argument("--json", action="store_true", help="as JSON (what a study asks a device over SSH)")
+    p.set_defaults(func=cmd_device)
     p = sub.add_parser("build", help="TensorRT engines from a bundle's ONNX files, on this GPU (no PyTorch needed)")
     p.add_argument("bundle", nargs="+", help="bundle directories (<run>/bundle) made by edgekd export")
     p.add_argument("--fp16", action="store_true", help="also an FP16 engine, from model.fp16.onnx")

@@ -148,6 +148,27 @@ class DeployConfig:
 
 
 @dataclass
+class DeviceConfig:
+    """A machine a study's bundles are benched on (edgekd/bench/devices.py), `[devices.<name>]`. Neither `ssh` nor
+    `ray`: this machine. Each bundle is benched there on each of `backends`, its record named by the device
+    (bundle/bench-<backend>-<device>@<name>.json), its key holding the device's identity (hostname, CPU, GPU, edgekd
+    and runtime versions) so a changed device reruns its own benches only."""
+
+    # user@host, or a Host of the ssh config: reached with the system's OpenSSH client (keys, agent, ProxyJump as in
+    # ~/.ssh/config), files copied with rsync (content checksums: only what changed), else scp
+    ssh: str = ""
+    # a Ray custom resource the device's node was started with (ray start --resources '{"orin": 1}'): the bench jobs
+    # ask for it, so Ray places them there; the study runs with --executor ray
+    ray: str = ""
+    ssh_config: str = ""  # an ssh config file (ssh -F) instead of ~/.ssh/config
+    edgekd: str = "edgekd"  # the command that runs edgekd on the device, e.g. ~/venv/bin/edgekd (ssh only)
+    workdir: str = ".cache/edgekd/bundles"  # where bundles are copied on the device: under the login's home, or absolute
+    backends: list[str] = field(default_factory=list)  # empty: [deploy.backend]
+    device: str = ""  # cpu | cuda; empty: deploy.device
+    retries: int = 2  # a lost SSH connection is tried again this many times (after 1 s, 2 s, ...) before its job fails
+
+
+@dataclass
 class CompressConfig:
     """The compression ladder: each KD student of `students` is also pruned and fine-tuned with KD from the same
     teacher, as its own run (`<method>+prune<percent>`, e.g. kd+prune50) with its own bundle and bench, so the
@@ -232,6 +253,9 @@ class Profile:
     teachers: dict[str, TrainConfig] = field(default_factory=dict)
     variants: dict[str, VariantConfig] = field(default_factory=lambda: {"base": VariantConfig()})
     deploy: DeployConfig = field(default_factory=DeployConfig)
+    # Where bundles are benched; empty: this machine, with deploy.backend and deploy.device. When given, only these
+    # (add a table with neither ssh nor ray to keep this machine too).
+    devices: dict[str, DeviceConfig] = field(default_factory=dict)
     compress: CompressConfig = field(default_factory=CompressConfig)
     explain: ExplainConfig = field(default_factory=ExplainConfig)
 

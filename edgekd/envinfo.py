@@ -6,7 +6,8 @@ import importlib.metadata
 import os
 import platform
 
-PACKAGES = ("edgekd", "numpy", "torch", "torchvision", "timm", "onnx", "onnxruntime", "tensorrt", "rich")
+PACKAGES = ("edgekd", "numpy", "torch", "torchvision", "timm", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt",
+            "openvino", "executorch", "rich")
 
 
 def cpu_model() -> str:

@@ -290,6 +290,12 @@ class BenchRecord:
     wall_s: float | None = None  # the bench's own time (absent in records written before edgekd recorded it)
     fingerprint: str = ""  # of the bench key (the bundle's model files, the bench options)
     not_deployed: dict = field(default_factory=dict)  # models the export's INT8 guard did not deploy: the reason
+    on: dict = field(default_factory=dict)  # the device it ran on: name ("" this machine), reach, address, hostname
+
+    @property
+    def device_name(self) -> str:
+        """The profile's name of the device (the [devices] table), "" for the machine that ran the study."""
+        return str(self.on.get("name") or "")
 
     @classmethod
     def read(cls, path: Path, study_root: Path | None = None) -> BenchRecord:
@@ -300,7 +306,7 @@ class BenchRecord:
         opts = b.get("options", {})
         return cls(path, b["dataset"], b["variant"], opts.get("backend", ""), opts.get("device", ""), b["results"],
                    b.get("environment", {}), opts, run, b.get("schema_version", 1), b.get("wall_s"),
-                   b.get("fingerprint", ""), dict(b.get("not_deployed") or {}))
+                   b.get("fingerprint", ""), dict(b.get("not_deployed") or {}), dict(b.get("on") or {}))
 
 
 def read_runs(study_root: Path) -> list[RunRecord]:

@@ -61,7 +61,9 @@ def plan_jobs(profile, study_root: Path, deploy: bool = False, device: str = "cp
     return jobs
 
 
-def _measure_here(fn, *args, num_gpus: float = 0.0):
+def _measure_here(fn, *args, num_gpus: float = 0.0, resources: dict | None = None):
+    if resources:
+        raise EdgeKDError(f"the Ray resource {', '.join(resources)} is asked for: run the study with --executor ray")
     return fn(*args)
 
 
@@ -141,7 +143,7 @@ def run_graph(profile, root: Path, executor, reporter: Reporter | None = None, f
     device = study_device(profile, executor)
     jobs = plan_jobs(profile, root, deploy, device, executor.job_cpus(default_threads(profile)))
     measured = {**previous_measurements(root), **(pinned or {})}
-    ctx = PlanContext(profile, root, force, reporter, device=device, measure=executor.measure)
+    ctx = PlanContext(profile, root, force, reporter, device=device, measure=executor.measure, executor=executor.name)
     jobs = prepare_jobs(ctx, jobs, measured)
     set_threads(profile.study.threads)  # jobs run in this process train with study.threads (workers get theirs)
     ctx = Context(profile, root, force, reporter, setup=setup_worker, services=services())

@@ -29,7 +29,7 @@ from edgekd.bench.monitor import (
 )
 from edgekd.envinfo import environment
 from edgekd.errors import EdgeKDError
-from edgekd.runio import sha256_file, write_json
+from edgekd.runio import MANIFEST, sha256_file, write_json
 from edgekd.runtime.evalset import accuracy, load_eval, normalize, predict
 from edgekd.runtime.manifest import bundle_file, read_manifest
 from edgekd.runtime.runners import RUNNERS
@@ -107,8 +107,20 @@ def check_backend(backend: str, device: str) -> None:
                           f"{' or '.join(BACKENDS[backend].devices)}")
 
 
-def bench_key(bundle: Path, options: BenchOptions) -> dict:
-    """What a bench record is a function of: the bundle's files it times (by content) and the bench options."""
+def bench_files(bundle: Path, options: BenchOptions) -> list[str]:
+    """The bundle's files a bench on another device needs: the manifest, every model it lists (the bench checks
+    them all), the evaluation images, and the PyTorch weights for --backend torch."""
+    bundle = Path(bundle)
+    files = {MANIFEST, "eval.npz", *(str(m["file"]) for m in read_manifest(bundle)["models"].values())}
+    if options.backend == "torch":
+        files.add(TARGETS["torch-fp32"].file)
+    return sorted(f for f in files if (bundle / f).is_file())
+
+
+def bench_key(bundle: Path, options: BenchOptions, device: dict | None = None) -> dict:
+    """What a bench record is a function of: the bundle's files it times (by content), the bench options, and the
+    device's identity (edgekd.bench.devices.identity; None: this machine's)."""
+    from edgekd.bench.devices import device_facts, identity
     from edgekd.records import make_key
 
     bundle = Path(bundle)
@@ -116,7 +128,7 @@ def bench_key(bundle: Path, options: BenchOptions) -> dict:
     files = sorted({entry["file"] for _, entry in _entries(bundle, manifest, options)} | {"eval.npz"})
     opts = dict(options.__dict__)
     config = {"deploy": {k: opts.pop(k) for k in ("backend", "device", "batch_sizes", "threads", "iters")},
-              "bench": opts}
+              "bench": opts, "on": device or identity(device_facts(), options.backend)}
     # a missing file gets no hash here: opening it fails below with the one line that says what to do
     return make_key("bench", config, {}, {name: sha256_file(bundle / name) if (bundle / name).is_file() else None
                                           for name in files})
@@ -187,14 +199,18 @@ def bench_bundle(bundle: Path, options: BenchOptions, progress=None) -> dict:
               "options": {k: v for k, v in options.__dict__.items()}, "environment": env,
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "results": results,
               "not_deployed": not_deployed(manifest, [r["model"] for r in results]),
+              "on": {"name": "", "reach": "local", "hostname": key["config"]["on"]["hostname"]},
               "wall_s": round(time.perf_counter() - start, 2),  # this bench's own time, for the report's phases
               "schema_version": key["schema_version"], "key": key, "fingerprint": fingerprint(key)}
     return record
 
 
 def save_bench(record: dict, out: Path | None = None) -> Path:
-    """bench.json beside the bundle (one file per backend and device), or where --out says."""
+    """bench-<backend>-<device>[@<device name>].json beside the bundle, or where --out says."""
+    from edgekd.bench.devices import bench_file_name
+
     opts = record["options"]
-    path = Path(out) if out else Path(record["bundle"]) / f"bench-{opts['backend']}-{opts['device']}.json"
+    name = (record.get("on") or {}).get("name", "")
+    path = Path(out) if out else Path(record["bundle"]) / f"{bench_file_name(opts['backend'], opts['device'], name)}.json"
     write_json(path, record)
     return path

@@ -42,7 +42,6 @@ def job_lock(root: Path, job: Job):
     instead of working in the same directory. Keyed by the record's path, not the label: a torchrun follower runs
     its rank 0's job into a scratch directory of its own, beside rank 0, which holds the job's lock. The lock goes
     with the process that holds it."""
-    import fcntl
     import hashlib
 
     record = job.record.absolute()
@@ -50,7 +49,15 @@ def job_lock(root: Path, job: Job):
         name = record.relative_to(Path(root).absolute()).as_posix().replace("/", "__")
     except ValueError:  # outside the study (a follower's scratch directory)
         name = hashlib.sha256(str(record).encode()).hexdigest()[:16]
-    path = root / ".locks" / (name + ".lock")
+    with file_lock(root / ".locks" / (name + ".lock")):
+        yield
+
+
+@contextmanager
+def file_lock(path: Path):
+    """An exclusive lock on `path` (made if absent) while the block runs, released when it ends or its process dies."""
+    import fcntl
+
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -74,7 +81,8 @@ def execute(ctx: Context, job: Job) -> tuple[dict, bool]:
             try:
                 status.key = kind.key(ctx, job)
             except NotReady as exc:
-                raise EdgeKDError(f"{job.label}: {exc}: run the jobs it needs first") from None
+                fix = getattr(exc, "fix", "run the jobs it needs first")
+                raise EdgeKDError(f"{job.label}: {exc}: {fix}") from None
         return kind.run(ctx, job, status), False
 
 
@@ -127,6 +135,7 @@ class Task:
     num_cpus: float
     num_gpus: float
     exclusive: bool
+    resources: Any = None  # Mapping[str, float]: custom Ray resources; None or empty: none
 
 
 class JobsFailed(EdgeKDError):
@@ -187,7 +196,7 @@ class Driver:
         remote = Context(ctx.profile, ctx.root, ctx.force, setup=ctx.setup, services=ctx.services)
         local = Context(ctx.profile, ctx.root, ctx.force, StepsOnly(self.reporter), services=ctx.services)
         return Task(job.label, lambda: run_task(local, job), run_in_worker, (remote, job), job.deps, job.num_cpus,
-                    job.num_gpus, job.exclusive)
+                    job.num_gpus, job.exclusive, dict(job.resources))
 
     # -- what the executors report, by task id -------------------------------------------------------------------
     def running(self, label: str) -> None:

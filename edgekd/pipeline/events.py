@@ -19,6 +19,7 @@ class Reporter:
     def finish(self, job: Job, metrics: dict, skipped: bool) -> None: ...
     def failed(self, job: Job, message: str) -> None: ...
     def left_out(self, lines: list[str]) -> None: ...  # records on disk that are not current for this profile
+    def note(self, text: str) -> None: ...  # a plan-time fact, before any job runs (each bench device, as it answered)
 
 
 class StepsOnly(Reporter):

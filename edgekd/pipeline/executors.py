@@ -56,8 +56,10 @@ class Executor(ABC):
         """Whether the machines the jobs run on have a GPU, when that is not this machine (None: ask this one)."""
         return None
 
-    def measure(self, fn, *args, num_gpus: float = 0.0):
+    def measure(self, fn, *args, num_gpus: float = 0.0, resources: dict | None = None):
         """Run a plan-time measurement where the jobs will run (here: this process, before any job starts)."""
+        if resources:
+            raise EdgeKDError(f"the Ray resource {', '.join(resources)} is asked for: run with --executor ray")
         return fn(*args)
 
     @abstractmethod
@@ -73,6 +75,14 @@ def _not_run(dep: str) -> str:
     return f"not run: it needs {dep}, which failed"
 
 
+def _refuse_resources(tasks: list[Task]) -> None:
+    """Only Ray places a task by custom resource (a device's node): elsewhere say so before the first task."""
+    asking = sorted({r for t in tasks for r in (t.resources or {})})
+    if asking:
+        raise EdgeKDError(f"jobs ask for the Ray resource(s) {', '.join(asking)} (a device reached through Ray): "
+                          "run with --executor ray --address <the cluster>")
+
+
 class LocalExecutor(Executor):
     """One job after the other in this process, with step-by-step progress; the default."""
 
@@ -80,6 +90,7 @@ class LocalExecutor(Executor):
 
     def run(self, tasks, driver):
         failed: set[str] = set()
+        _refuse_resources(tasks)
         for task in tasks:
             dep = _blocked_by(task, failed)
             if dep:
@@ -112,6 +123,7 @@ class ProcessExecutor(Executor):
         import multiprocessing
         from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
+        _refuse_resources(tasks)
         ids = {t.id for t in tasks}
         waiting, running, done, failed = list(tasks), {}, set(), set()
         with ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -239,11 +251,26 @@ class RayExecutor(Executor):
         self._start()
         return self.ray.cluster_resources().get("GPU", 0) > 0
 
-    def measure(self, fn, *args, num_gpus: float = 0.0):
-        if not self.address:  # a local Ray runs on this machine: measure here, before any task
+    def measure(self, fn, *args, num_gpus: float = 0.0, resources: dict | None = None):
+        if not self.address and not resources:  # a local Ray runs on this machine: measure here, before any task
             return fn(*args)
         self._start()
-        return self.ray.get(self.ray.remote(num_cpus=1, num_gpus=num_gpus, max_retries=0)(fn).remote(*args))
+        self._check_resources(resources or {})
+        task = self.ray.remote(num_cpus=0 if resources else 1, num_gpus=num_gpus, resources=resources or None,
+                               max_retries=0)(fn)
+        try:
+            return self.ray.get(task.remote(*args), timeout=300)
+        except self.ray.exceptions.GetTimeoutError:
+            raise EdgeKDError(f"no Ray node with {resources or 'a free CPU'} answered in 300 s: check that its node "
+                              "is up (ray status)") from None
+
+    def _check_resources(self, resources: dict) -> None:
+        """A custom resource no node of the cluster has would leave its jobs waiting for ever: one line instead."""
+        have = self.ray.cluster_resources()
+        for name in resources:
+            if have.get(name, 0) <= 0:
+                raise EdgeKDError(f"no node of the Ray cluster has the resource {name!r}: start the device's node "
+                                  f"with ray start --address <head> --resources '{{\"{name}\": 1}}'")
 
     def _check_storage(self, root: Path) -> None:
         """Fail with one line when a node's workers cannot read and write the study root."""
@@ -278,16 +305,21 @@ class RayExecutor(Executor):
         ray = self.ray
         self._start()
         self._check_storage(driver.ctx.root)
-        node_cpus = max((n.get("Resources", {}).get("CPU", 1) for n in ray.nodes() if n.get("Alive")), default=1)
+        alive = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        for task in tasks:
+            self._check_resources(task.resources or {})
         started = ray.remote(num_cpus=0)(_Started).remote()
         refs, by_ref, remotes = {}, {}, {}
         for task in tasks:
-            cpus = node_cpus if task.exclusive else min(task.num_cpus, node_cpus)  # never more than a node has
+            # the nodes that can run it (those with its custom resources); never more CPUs than the biggest has
+            node_cpus = max((n.get("CPU", 1) for n in alive if all(n.get(r, 0) > 0 for r in task.resources or {})),
+                            default=1)
+            cpus = node_cpus if task.exclusive else min(task.num_cpus, node_cpus)
             threads = max(1, int(cpus))
             deps = [refs[d] for d in task.deps if d in refs]
             remote = remotes.setdefault(task.fn, ray.remote(max_retries=0)(task.fn))
-            ref = remote.options(num_cpus=cpus, num_gpus=task.num_gpus, name=task.id).remote(
-                threads, started, *task.args, *deps)
+            ref = remote.options(num_cpus=cpus, num_gpus=task.num_gpus, resources=dict(task.resources or {}) or None,
+                                 name=task.id).remote(threads, started, *task.args, *deps)
             refs[task.id], by_ref[ref] = ref, task
         order = {task.id: i for i, task in enumerate(tasks)}
         failed: set[str] = set()

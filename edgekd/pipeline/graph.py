@@ -43,6 +43,8 @@ class Job:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     exclusive: bool = False  # alone on its machine while it runs (a bench times latency)
+    # custom resources it asks of a Ray cluster ({"orin": 1}: a node started with that resource runs it)
+    resources: Mapping[str, float] = field(default_factory=dict, hash=False)
     params: Mapping[str, Any] = field(default_factory=dict, hash=False)  # its kind's plan-time choices (JSON data)
 
     @property
@@ -138,12 +140,14 @@ class JobKind(ABC):
 
 @dataclass
 class PlanContext(Context):
-    """A Context at plan time: also the device the jobs train on, the CPUs one training gets, and `measure`, which
-    runs a plan-time measurement where the jobs will run (the executor's)."""
+    """A Context at plan time: also the device the jobs train on, the CPUs one training gets, `measure`, which
+    runs a plan-time measurement where the jobs will run (the executor's; `resources=`: on a Ray node that has
+    them), and the executor's name."""
 
     device: str = "cpu"
     cpus_per_job: float = 1.0
     measure: Callable[..., Any] | None = None
+    executor: str = "local"  # the executor's name: a job that needs a Ray resource needs "ray"
 
 
 KINDS: Registry[JobKind] = Registry("job kind")
@@ -210,7 +214,7 @@ class PlanFile:
         self.path = root / PLAN_FILE
         self.entries = {j.label: {"id": j.label, "kind": j.kind, "record": j.record.relative_to(root).as_posix(),
                                   "deps": list(j.deps), "resources": {"num_cpus": j.num_cpus, "num_gpus": j.num_gpus,
-                                                                      "exclusive": j.exclusive},
+                                                                      "exclusive": j.exclusive, **j.resources},
                                   **j.params, "state": "queued", "fingerprint": None, "reason": ""} for j in jobs}
         # The graph's sink: the workflow builds the report after the rest, from whatever is current then.
         report = {"id": "report", "kind": "report", "record": None, "deps": list(self.entries)}

@@ -105,10 +105,12 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
 
 
 def latency_panels(rows: list[dict]) -> dict[tuple[str, str, str], list[dict]]:
-    """Rows by (variant, device, timing kind): what may share one latency axis."""
+    """Rows by (variant, device, timing kind): what may share one latency axis. Each named bench device (the
+    profile's [devices]) is a device of its own: a Jetson's milliseconds are not a server's."""
     panels = defaultdict(list)
     for r in rows:
-        panels[(r["variant"], r["device"], r.get("timing", "host_wall"))].append(r)
+        where = f"{r['device_name']} ({r['device']})" if r.get("device_name") else r["device"]
+        panels[(r["variant"], where, r.get("timing", "host_wall"))].append(r)
     return dict(panels)
 
 
@@ -121,6 +123,8 @@ def accuracy_vs_latency(deploy: list[dict], batch: int) -> bytes | None:
         return None
     panels = latency_panels(rows)
     keys = sorted(panels)
+    cpus = {r["cpu"] for r in rows}
+    on = f" ({next(iter(cpus))[:40]})" if len(cpus) == 1 else ""  # several devices: each panel names its own
     cols = min(2, len(keys))  # two panels a line: at the report's width their labels stay readable
     nrows = -(-len(keys) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(5.0 * cols, 4.4 * nrows), squeeze=False)
@@ -146,11 +150,13 @@ def accuracy_vs_latency(deploy: list[dict], batch: int) -> bytes | None:
         ax.tick_params(labelsize=8, which="both")
         left_out = len({r["deployed"] for r in panels[key]} - {r["deployed"] for r in shown})
         note = f"\n{left_out} model kind(s) not made for {device} left out" if left_out else ""
-        _title(ax, f"{variant} on {device}{note}", 10)
+        cpu = {r["cpu"] for r in panels[key]}
+        machine = f", {next(iter(cpu))[:32]}" if len(cpus) > 1 and len(cpu) == 1 else ""
+        _title(ax, f"{variant} on {device}{machine}{note}", 10)
         ax.legend(fontsize=7.5, loc="best", framealpha=0.8)
     for ax in list(axes.flat)[len(keys):]:
         ax.set_visible(False)
-    _suptitle(fig, f"Accuracy against latency per model kind, batch {batch} ({rows[0]['cpu'][:40]})", 11)
+    _suptitle(fig, f"Accuracy against latency per model kind, batch {batch}{on}", 11)
     fig.tight_layout()
     return _png(fig)
 

@@ -344,13 +344,21 @@ def _flags(flags: list[str]) -> str:
     return ", ".join(out) or "none of avx2, avx512, vnni, amx, neon, dotprod"
 
 
+def _runtimes(packages: dict) -> str:
+    """The inference runtimes a bench machine had, with versions (the ones a latency depends on)."""
+    return ", ".join(f"{name} {packages[name]}" for name in ("onnxruntime", "onnxruntime-gpu", "openvino", "tensorrt",
+                                                        "executorch", "torch")
+                     if packages.get(name))
+
+
 def _machine_section(benches: list, setups: list[tuple[dict, dict]]) -> list[str]:
     lines = ["### Machine", ""]
     devices = sorted({str((s.get("execution") or {}).get("device")) for _, s in setups if s.get("execution")})
     if devices:
         lines.append(f"- Training device: {', '.join(devices)} (from the runs' execution records, which do not name "
                      "the CPU or GPU model).")
-    machines: dict[tuple, int] = {}
+    machines: dict[tuple, set] = {}
+    counts: dict[tuple, int] = {}
     for b in benches:
         env = b.environment
         flags = env.get("cpu_flags")
@@ -359,14 +367,19 @@ def _machine_section(benches: list, setups: list[tuple[dict, dict]]) -> list[str
                     if isinstance(gpu, dict) and gpu.get("gpu")
                     else f"none usable (nvidia-smi: {gpu['nvidia_smi']})" if isinstance(gpu, dict)
                     else (str(gpu) if gpu else "none found"))
+        on = b.on or {}
+        where = (f"**{on['name']}** ({on.get('reach')} {on.get('address') or ''}".rstrip() + ", host "
+                 f"{on.get('hostname') or '?'}), {b.device}" if on.get("name") else b.device)
         key = (env.get("cpu", "?"), env.get("cores", "?"), _flags(flags) if flags is not None else None, gpu_text,
-               str(env.get("threads", "?")), (env.get("packages") or {}).get("onnxruntime"), b.device)
-        machines[key] = machines.get(key, 0) + 1
-    for (cpu, cores, flags, gpu, threads, ort, device), n in machines.items():
+               str(env.get("threads", "?")), _runtimes(env.get("packages") or {}), where)
+        machines.setdefault(key, set()).add(b.backend)
+        counts[key] = counts.get(key, 0) + 1
+    for (cpu, cores, flags, gpu, threads, runtimes, where), backends in machines.items():
+        n = counts[(cpu, cores, flags, gpu, threads, runtimes, where)]
         flag_text = flags if flags is not None else "not recorded (benched before edgekd recorded CPU flags)"
-        lines.append(f"- Benchmarked on {device} ({n} bench file{'s' if n > 1 else ''}): CPU {cpu}, {cores} cores; "
-                     f"speed-relevant CPU flags: {flag_text}; GPU: {gpu}; threads: {threads}"
-                     + (f"; onnxruntime {ort}" if ort else "") + ".")
+        lines.append(f"- Benchmarked on {where} ({n} bench file{'s' if n > 1 else ''}, backends "
+                     f"{', '.join(sorted(backends))}): CPU {cpu}, {cores} cores; speed-relevant CPU flags: {flag_text}; "
+                     f"GPU: {gpu}; threads: {threads}" + (f"; {runtimes}" if runtimes else "") + ".")
     return [*lines, ""] if len(lines) > 2 else []
 
 

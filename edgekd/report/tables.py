@@ -81,6 +81,7 @@ def deploy_rows(study_root: Path, benches: list[BenchRecord] | None = None) -> l
                              "family": run.family,
                              "method": run.method, "seed": run.seed, "model": run.model,
                              "deployed": r["model"], "backend": r["backend"], "device": r["device"],
+                             "device_name": record.device_name,  # [devices] name; "": the study's machine
                              # how its INT8 was made (ptq, ptq-search, qat-kd), from the bundle's manifest
                              "int8_method": made.get(r["model"], {}).get("method", "") if r["precision"] == "int8"
                              else "",
