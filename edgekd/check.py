@@ -35,7 +35,8 @@ TRAIN_STACK = "pip install 'edgekd[train]'"
 # ONNX Runtime; `trt` is checked by TensorRT's own import (PyPI's placeholder package imports but cannot build).
 EXPORT_NEEDS = {"onnx": ("onnx", "onnxscript", "onnxruntime"),
                 "int8": ("onnx", "onnxscript", "onnxruntime", "onnxruntime.quantization"),
-                "trt": ("onnx", "onnxscript", "onnxruntime")}
+                "trt": ("onnx", "onnxscript", "onnxruntime"),
+                "pte": ("onnx", "onnxscript", "onnxruntime", "executorch")}  # model.onnx: the INT8 guard's FP32
 # Loss parameters whose range does not depend on the loss: (allowed?, what it must be).
 LOSS_PARAMETER_RULES = {"weight": (lambda v: v >= 0, "at least 0"),
                         "temperature": (lambda v: v > 0, "above 0 (it divides the logits)")}
@@ -228,8 +229,9 @@ def deploy_problems(deploy: DeployConfig, devices: dict | None = None) -> list[s
 
     presets = sorted({t.preset for t in TARGETS.values() if t.preset})
     rules = {
-        "targets": (set(deploy.targets) <= {"onnx", "int8"},
-                    "some of 'onnx' and 'int8' (TensorRT engines are built on the target GPU with `edgekd build`)"),
+        "targets": (set(deploy.targets) <= {"onnx", "int8", "pte"},
+                    "some of 'onnx', 'int8' and 'pte' (TensorRT engines are built on the target GPU with `edgekd "
+                    "build`)"),
         "int8_presets": (set(deploy.int8_presets) <= set(presets), f"some of {', '.join(presets)}"),
         "calib_size": (deploy.calib_size >= 1, "at least 1"),
         "calib_method": (deploy.calib_method in CALIB_METHODS, ", ".join(CALIB_METHODS)),
@@ -380,7 +382,8 @@ def target_needs(targets: tuple[str, ...] | list[str], option: str) -> list[str]
     for module in sorted({m for t in targets for m in EXPORT_NEEDS.get(t, ())}):
         if _missing(module):
             users = ", ".join(t for t in targets if module in EXPORT_NEEDS.get(t, ()))
-            problems.append(f"{option} {users} needs {module}, which is not installed: {TRAIN_STACK}")
+            fix = "pip install 'edgekd[executorch]'" if module == "executorch" else TRAIN_STACK
+            problems.append(f"{option} {users} needs {module}, which is not installed: {fix}")
     return problems
 
 

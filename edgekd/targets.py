@@ -2,7 +2,7 @@
 export, CLI and benchmarks): which files a bundle holds, which `edgekd export` / `edgekd build` makes them,
 which backends open them on which devices, and what each backend needs installed.
 
-Adding a backend (OpenVINO, LiteRT) is one `Backend` entry, its targets, and one runner in `edgekd/runtime/`.
+Adding a backend (OpenVINO, ExecuTorch) is one `Backend` entry, its targets, and one runner in `edgekd/runtime/`.
 Standard library only: the bench, `edgekd build` and the report read this table on devices without PyTorch.
 """
 
@@ -45,6 +45,10 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
     # Intel's runtime for its CPUs (and iGPUs, not benched here): it reads the bundle's ONNX files, Q/DQ included.
     Backend("openvino", ("cpu",), "openvino", "pip install 'edgekd[openvino]'", {"cpu": HOST_WALL},
             "OpenVINO on the CPU: the bundle's ONNX models compiled by ov.Core, latency hint, FP32 math"),
+    # PyTorch's runtime for Android, iOS and Arm Linux: .pte programs lowered to XNNPACK at export (from the PyTorch
+    # student; ExecuTorch reads no ONNX). Its Python bindings link libtorch, so the device needs torch too.
+    Backend("executorch", ("cpu",), "executorch.runtime", "pip install 'edgekd[executorch]'", {"cpu": HOST_WALL},
+            "ExecuTorch on the CPU: the bundle's .pte programs (XNNPACK delegate), made by --target pte"),
     Backend("torch", ("cpu", "cuda"), "torch", "pip install 'edgekd[train]'",
             {"cpu": HOST_WALL, "cuda": DEVICE_EVENTS}, "PyTorch eager, the reference the exports are checked against"),
 )}
@@ -87,10 +91,14 @@ TARGETS: dict[str, Target] = {t.key: t for t in (
     Target("trt-fp32", "trt-fp32.engine", "fp32", "trt", ("trt",), ("cuda",), builds_from="model.onnx"),
     Target("trt-fp16", "trt-fp16.engine", "fp16", "trt", ("trt",), ("cuda",), builds_from="model.fp16.onnx"),
     Target("trt-int8", "trt-int8.engine", "int8", "trt", ("trt",), ("cuda",), builds_from="model.int8-trt.onnx"),
+    # ExecuTorch programs, made from the PyTorch student (`edgekd export --target pte`): FP32, and INT8 by XNNPACK's
+    # PT2E quantizer (symmetric per-channel weights) calibrated on training images, guarded like the ONNX INT8 models
+    Target("pte-fp32", "model.pte", "fp32", "pte", ("executorch",), ("cpu",)),
+    Target("pte-int8", "model.int8.pte", "int8", "pte", ("executorch",), ("cpu",)),
     Target("torch-fp32", WEIGHTS, "fp32", "onnx", ("torch",), ("cpu", "cuda")),
 )}
 
-EXPORT_TARGETS = ("onnx", "int8", "trt")  # `edgekd export --target` choices
+EXPORT_TARGETS = ("onnx", "int8", "trt", "pte")  # `edgekd export --target` choices
 # torch's ONNX exporters: its TorchScript-based one followed by onnxscript's graph optimizer (the default: the same
 # graph as dynamo's on edgekd's students, 9-20x faster, benchmarks/results/onnx_exporters-cpu.json), and its
 # torch.export-based one (torch's own default; for a model TorchScript cannot trace)

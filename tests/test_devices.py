@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import TINY_PROFILE
 from sshd import Sshd, have_sshd
 
-from conftest import TINY_PROFILE
 from edgekd.cli import main
 
 DEVICE_PYTHON = os.environ.get("EDGEKD_PY310")

@@ -14,7 +14,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "edgekd"
 STAGES = ("data", "models", "distill", "explain", "export", "bench", "report")
 BASE = ("edgekd", "errors", "registry", "runio", "roles", "records", "config", "targets", "gpu", "envinfo", "runtime",
-        "pipeline", "timing")
+        "pipeline", "timing", "pte")
 ENTRY_POINTS = ("edgekd.cli", "edgekd.check", "edgekd.workflows", "edgekd.tracking",
                 "edgekd.distill.worker")  # the worker is torchrun's `-m` target: an entry point inside distill
 TORCH_FREE = ("edgekd.pipeline", "edgekd.runtime", "edgekd.records", "edgekd.roles", "edgekd.runio")

@@ -32,7 +32,9 @@ from pathlib import Path
 from edgekd import __version__
 from edgekd.envinfo import cpu_model
 from edgekd.errors import EdgeKDError
-from edgekd.targets import BACKENDS, missing_for
+from edgekd.runio import MANIFEST
+from edgekd.runtime.manifest import read_manifest
+from edgekd.targets import BACKENDS, TARGETS, missing_for
 
 LOCAL, SSH, RAY = "local", "ssh", "ray"
 SSH_LOST = 255  # ssh's own exit status: the connection failed (the remote command's status is passed through)
@@ -74,7 +76,7 @@ def runtime_version(module: str) -> str | None:
     (JetPack's TensorRT comes from apt)."""
     if _absent(module):
         return None
-    for dist in importlib.metadata.packages_distributions().get(module, []):
+    for dist in importlib.metadata.packages_distributions().get(module.split(".")[0], []):
         try:
             return importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -249,6 +251,16 @@ def _last_line(text: str) -> str:
     return lines[-1][:300] if lines else ""
 
 
+def bench_files(bundle: Path, options) -> list[str]:
+    """The bundle's files a bench on another device needs: the manifest, every model it lists (the bench checks
+    them all), the evaluation images, and the PyTorch weights for --backend torch."""
+    bundle = Path(bundle)
+    files = {MANIFEST, "eval.npz", *(str(m["file"]) for m in read_manifest(bundle)["models"].values())}
+    if options.backend == "torch":
+        files.add(TARGETS["torch-fp32"].file)
+    return sorted(f for f in files if (bundle / f).is_file())
+
+
 def bench_args(where: str, options) -> list[str]:
     """`edgekd bench` on the device with the study's options, answering with the record as JSON."""
     args = ["bench", where, "--backend", options.backend, "--device", options.device, "--batch-sizes",
@@ -264,8 +276,6 @@ def bench_args(where: str, options) -> list[str]:
 def bench_over_ssh(device: Device, bundle: Path, options, facts: dict | None = None, ssh: Ssh | None = None) -> dict:
     """Copy the bundle to the device, bench it there, and return the record (its files and key are the device's,
     which hold the same content); `facts`: the device's, from the check before any work (asked again if None)."""
-    from edgekd.bench.harness import bench_files
-
     ssh = ssh or Ssh(device)
     facts = facts or ssh.facts()
     bundle = Path(bundle)

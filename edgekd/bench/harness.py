@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgekd import pte  # noqa: F401 - registers the "executorch" runner in RUNNERS
 from edgekd.bench import torch_runner  # noqa: F401 - registers the "torch" runner in RUNNERS
 from edgekd.bench.monitor import (
     Sampler,
@@ -29,10 +30,10 @@ from edgekd.bench.monitor import (
 )
 from edgekd.envinfo import environment
 from edgekd.errors import EdgeKDError
-from edgekd.runio import MANIFEST, sha256_file, write_json
+from edgekd.runio import sha256_file, write_json
 from edgekd.runtime.evalset import accuracy, load_eval, normalize, predict
 from edgekd.runtime.manifest import bundle_file, read_manifest
-from edgekd.runtime.runners import RUNNERS
+from edgekd.runtime.runners import RUNNERS, require
 from edgekd.runtime.tensorrt import engine_note
 from edgekd.targets import BACKENDS, TARGETS, Target, targets_for
 
@@ -74,7 +75,8 @@ def _entries(bundle: Path, manifest: dict, options: BenchOptions) -> list[tuple[
     if not found:
         have = ", ".join(manifest["models"]) or "none"
         made_by = {t.made_by for t in opened.values()}
-        fix = "`edgekd build BUNDLE`" if made_by == {"trt"} else "`edgekd export --target onnx`"
+        fix = {"trt": "`edgekd build BUNDLE`", "pte": "`edgekd export RUN --target pte`"}.get(
+            next(iter(made_by)) if len(made_by) == 1 else "", "`edgekd export --target onnx`")
         named = " named " + ",".join(options.models) if options.models else ""
         raise EdgeKDError(f"the bundle has no {options.backend} models{named} (it has: {have}): make them with {fix}")
     return found
@@ -107,16 +109,6 @@ def check_backend(backend: str, device: str) -> None:
                           f"{' or '.join(BACKENDS[backend].devices)}")
 
 
-def bench_files(bundle: Path, options: BenchOptions) -> list[str]:
-    """The bundle's files a bench on another device needs: the manifest, every model it lists (the bench checks
-    them all), the evaluation images, and the PyTorch weights for --backend torch."""
-    bundle = Path(bundle)
-    files = {MANIFEST, "eval.npz", *(str(m["file"]) for m in read_manifest(bundle)["models"].values())}
-    if options.backend == "torch":
-        files.add(TARGETS["torch-fp32"].file)
-    return sorted(f for f in files if (bundle / f).is_file())
-
-
 def bench_key(bundle: Path, options: BenchOptions, device: dict | None = None) -> dict:
     """What a bench record is a function of: the bundle's files it times (by content), the bench options, and the
     device's identity (edgekd.bench.devices.identity; None: this machine's)."""
@@ -147,6 +139,10 @@ def bench_bundle(bundle: Path, options: BenchOptions, progress=None) -> dict:
     key = bench_key(bundle, options)  # before timing: the files as they are benched
     mean, std = manifest["normalization"]["mean"], manifest["normalization"]["std"]
     power_reader = find_power_reader()
+    # the runtime imported before the first model's cold start is timed: load_ms is opening a model, not importing
+    # onnxruntime or ExecuTorch's libtorch (seconds, once per process)
+    if options.backend in BACKENDS:
+        require(BACKENDS[options.backend].module, options.backend)
     results = []
     for target, entry in _entries(bundle, manifest, options):
         engine = engine_note(entry, bundle) if options.backend == "trt" else None  # before any GPU memory

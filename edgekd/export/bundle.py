@@ -42,7 +42,7 @@ from edgekd.runtime.evalset import accuracy, normalize, predict
 from edgekd.runtime.manifest import MANIFEST, write_manifest
 from edgekd.runtime.runners import OrtRunner
 from edgekd.runtime.tensorrt import engine_builder
-from edgekd.targets import EXPORT_TARGETS, ONNX_EXPORTERS, exported_target, int8_target
+from edgekd.targets import EXPORT_TARGETS, ONNX_EXPORTERS, TARGETS, exported_target, int8_target
 from edgekd.timing import Stopwatch
 
 if TYPE_CHECKING:
@@ -292,8 +292,12 @@ class _Export:
     def accuracy_of(self, path: Path, as_written: bool = False) -> tuple[np.ndarray, float]:
         """An ONNX model's logits on the evaluation images and its accuracy, as `edgekd bench` would score it (with
         `as_written`, as its target computes it: Preset.score_as_written)."""
+        return self.scored_by(OrtRunner(path, as_written=as_written))
+
+    def scored_by(self, runner) -> tuple[np.ndarray, float]:
+        """Any runner's logits on the evaluation images and its accuracy (an ExecuTorch program's too)."""
         with self.watch("test scoring"):  # parity and each model's accuracy on the evaluation images
-            logits = predict(OrtRunner(path, as_written=as_written), self.images, self.data.mean, self.data.std)
+            logits = predict(runner, self.images, self.data.mean, self.data.std)
         return logits, accuracy(logits, self.labels)
 
     def add(self, key: str, file: str, precision: str, **info) -> None:
@@ -603,6 +607,50 @@ def _export_fp16(ex: _Export) -> None:
            **_fp16_parity(ex.bundle, ex.reference, ex.images, ex.labels, ex.data))
 
 
+def _export_pte(ex: _Export) -> None:
+    """ExecuTorch programs from the PyTorch student: model.pte, refused unless it matches PyTorch like model.onnx;
+    with `int8` in the targets, model.int8.pte by XNNPACK's quantizer on the same calibration images as the ONNX
+    INT8 models, deployed only if it holds under the same guard on the validation split (no escalation: XNNPACK's
+    quantizer has no float fallback here, so one that fails stays in the bundle, not deployed)."""
+    from edgekd.data.splits import SPLIT_SEED, stratified_cap
+    from edgekd.export.executorch import executorch_version, write_pte
+    from edgekd.pte import ExecuTorchRunner
+
+    fp32, int8 = TARGETS["pte-fp32"], TARGETS["pte-int8"]
+    version = executorch_version()
+    with ex.watch("executorch export"):
+        info = write_pte(ex.model, ex.shape, ex.bundle / fp32.file)
+    logits, acc = ex.scored_by(ExecuTorchRunner(ex.bundle / fp32.file))
+    parity = logit_parity(logits, ex.reference, ex.options)
+    ex.add(fp32.key, fp32.file, fp32.precision, exporter=f"executorch {version}", accuracy=acc, parity=parity, **info)
+    ex.log(f"pte: max |Δlogit| {parity['max_abs_logit_diff']:.2e}, top-1 agreement {parity['top1_agreement']:.4%}")
+    if not parity["ok"]:
+        raise EdgeKDError(f"{ex.run}: the ExecuTorch program differs from PyTorch (max |Δlogit| "
+                          f"{parity['max_abs_logit_diff']:.3g}, agreement {parity['top1_agreement']:.4%}): do not "
+                          "deploy it")
+    if "int8" not in ex.options.targets:
+        return
+    data = ex.data
+    calib = stratified_cap(data.train, ex.options.calib_size, data.num_classes, SPLIT_SEED + 4)  # as the ONNX INT8
+    with ex.watch("executorch int8"):
+        info = write_pte(ex.model, ex.shape, ex.bundle / int8.file,
+                         calibration=normalize(calib.images.numpy(), data.mean, data.std))
+    runner = ExecuTorchRunner(ex.bundle / int8.file)
+    val, limit = _validation(ex), ex.options.int8_max_drop
+    with ex.watch("validation scoring"):
+        score = val.score_logits(np.concatenate([runner.infer(val.images[i : i + 256])
+                                                 for i in range(0, len(val.images), 256)]))
+    guard = Guard.on(val, limit / 100)
+    reason = None if guard.holds(score) else _refusal(score, val, guard)
+    _, acc8 = ex.scored_by(runner)
+    ex.add(int8.key, int8.file, int8.precision, exporter=f"executorch {version}", method="ptq", accuracy=acc8,
+           accuracy_change_vs_fp32=acc8 - ex.manifest["models"][exported_target("fp32").key]["accuracy"],
+           deployed=reason is None, **({"not_deployed": reason} if reason else {}),
+           guard=_guard_record(val, limit, [_guard_step("ptq", score, val, guard)], reason is None, reason), **info)
+    ex.log(f"pte int8: {_scored(score, val, guard)} on validation -> "
+           f"{'deployed' if reason is None else 'NOT deployed'}; accuracy {acc8:.4f}")
+
+
 def _build_trt(ex: _Export, key: dict) -> None:
     """The bundle's TensorRT engines, built here as `edgekd build` would on the device."""
     from edgekd.export.tensorrt_build import build_engines
@@ -634,12 +682,14 @@ def export_run(run: Path, options: ExportOptions, log=print, qat=None) -> Path:
     ex.watch = watch
     with watch("pytorch reference"):
         _pytorch_reference(ex)
-    if "onnx" in options.targets or "int8" in options.targets or "trt" in options.targets:
+    if {"onnx", "int8", "trt", "pte"} & set(options.targets):  # the INT8 guards' reference is model.onnx
         _export_fp32(ex)
     if "int8" in options.targets or ("trt" in options.targets and "trt" in options.int8_presets):
         _export_int8(ex, qat)
     if options.fp16:
         _export_fp16(ex)
+    if "pte" in options.targets:
+        _export_pte(ex)
     if "trt" in options.targets:
         _build_trt(ex, key)
     _seal(ex.bundle, ex.manifest, key)

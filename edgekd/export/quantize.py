@@ -653,6 +653,10 @@ class Evaluator:
         return Score(float(right.mean()), float(1.0 - flipped.mean()), max(kl, 0.0),
                      _clustered_se(diff, self.clusters), _clustered_se(flipped, self.clusters))
 
+    def score_logits(self, logits: np.ndarray) -> Score:
+        """The score of a model another runtime ran on `images` (an ExecuTorch program), against the same FP32."""
+        return self._score(np.asarray(logits))
+
     def score(self, model: Path, as_written: bool = False) -> Score:
         """The model's score, computed once per (file content, way of running it): the guard re-scores the model
         a search just chose, which is the very candidate it scored."""
