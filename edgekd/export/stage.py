@@ -27,10 +27,12 @@ def export_options(profile):
 
 
 def wanted_models(profile) -> set[str]:
-    """The models a study's bundle must hold: the FP32 ONNX model, and an INT8 model per preset."""
+    """The models a study's bundle must hold: the FP32 ONNX model, an INT8 model per preset, and with `pte` the
+    ExecuTorch programs (FP32, and INT8 with `int8`)."""
     d = profile.deploy
     int8 = {int8_target(p).key for p in d.int8_presets} if "int8" in d.targets else set()
-    return {exported_target("fp32").key} | int8
+    pte = {"pte-fp32", *(["pte-int8"] if "int8" in d.targets else [])} if "pte" in d.targets else set()
+    return {exported_target("fp32").key} | int8 | pte
 
 
 class BundleKind(JobKind):
