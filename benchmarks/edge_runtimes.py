@@ -160,17 +160,26 @@ def main() -> int:
                 "ips_b64": r["latency"]["64"]["throughput_ips"], "load_ms": r["cold"]["load_ms"],
                 "first_inference_ms": r["cold"]["first_inference_ms"], "file_mib": r["file_bytes"] / 2**20,
                 "runtime_settings": r.get("runtime_settings"), "computes": r.get("computes")})
-        for model in b.not_deployed:  # the guard refused it: counted, not measured
+        for model in b.not_deployed:  # the guard refused it: counted, not measured; what the export saw, kept
             if any(t.key == model for t in targets_for(b.backend)):
-                cells.setdefault((b.backend, model), []).append({"run": str(b.path.parent.parent.relative_to(root)),
-                                                                 "deployed": False})
+                entry = manifest["models"][model]
+                step = entry["guard"]["steps"][-1]
+                cells.setdefault((b.backend, model), []).append({
+                    "run": str(b.path.parent.parent.relative_to(root)), "deployed": False,
+                    "reason": entry.get("not_deployed"), "test_change_vs_fp32_pts": 100 * entry["accuracy_change_vs_fp32"],
+                    "val_flips_pts": step["val_flips_pts"], "val_flips_bound_pts": step["val_flips_bound_pts"]})
     median = statistics.median
     rows, summary = [], []
     for (backend, model), every in sorted(cells.items(), key=lambda kv: (kv[0][1], BACKENDS.index(kv[0][0]))):
         rs = [r for r in every if r["deployed"]]
         if not rs:
-            rows.append([backend, model, f"0/{len(every)}", *["-"] * 9])
-            summary.append({"backend": backend, "model": model, "students": len(every), "deployed": 0})
+            changes = [r["test_change_vs_fp32_pts"] for r in every]
+            rows.append([backend, model, f"0/{len(every)}", "-", f"(refused: {min(changes):+.2f} to {max(changes):+.2f}"
+                         " pts on test)", *["-"] * 7])
+            summary.append({"backend": backend, "model": model, "students": len(every), "deployed": 0,
+                            "refused_test_change_pts": [min(changes), max(changes)],
+                            "refused_val_flips_pts": [min(r["val_flips_pts"] for r in every),
+                                                      max(r["val_flips_pts"] for r in every)]})
             continue
         agree = [r["agreement_with_pytorch"] for r in rs if r["agreement_with_pytorch"] is not None]
         row = {"backend": backend, "model": model, "students": len(every), "deployed": len(rs),

@@ -133,8 +133,10 @@ def accuracy_vs_latency(deploy: list[dict], batch: int) -> bytes | None:
         variant, device, timing = key
         shown = [r for r in panels[key] if r.get("meant_for_device", True)]
         groups = defaultdict(list)
+        several = len({r["backend"] for r in shown}) > 1  # one file on two runtimes: two points to tell apart
         for r in shown:
-            groups[(r["deployed"], r["role"] if r["role"] == "scratch" else r["method"])].append(r)
+            runtime = f"{r['backend']} " if several else ""
+            groups[(f"{runtime}{r['deployed']}", r["role"] if r["role"] == "scratch" else r["method"])].append(r)
         for (deployed, who), rs in sorted(groups.items()):
             ax.scatter([r["p50_ms"] for r in rs], [100 * r["accuracy"] for r in rs], label=f"{deployed} / {who}",
                        marker=markers.get(who, "^"), alpha=0.8)
