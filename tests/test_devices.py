@@ -188,3 +188,33 @@ def test_device_facts_name_what_a_bench_depends_on():
     assert facts["edgekd"] and facts["cpu"] and facts["backends"]["ort"]["version"]
     assert identity(facts, "ort")["runtime"].startswith("onnxruntime ")
     assert main(["device", "--json"]) == 0
+
+
+@needs_sshd
+def test_without_rsync_scp_sends_only_the_files_whose_sha256_differs(sshd, tiny_bundle, tmp_path):
+    from edgekd.bench.devices import SSH, Device, Ssh
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    ssh = Ssh(Device("loop", SSH, "loop", ssh_config=str(sshd.config), workdir=str(tmp_path / "device")))
+    files = ["manifest.json", "eval.npz", "model.onnx"]
+    where = Path(ssh.push(bundle, files, with_rsync=False))
+    assert sorted(p.name for p in where.iterdir()) == sorted(files)
+    sent = {p.name: p.stat().st_mtime_ns for p in where.iterdir()}
+    (bundle / "manifest.json").write_text((bundle / "manifest.json").read_text() + " ")
+    ssh.push(bundle, files, with_rsync=False)
+    now = {p.name: p.stat().st_mtime_ns for p in where.iterdir()}
+    assert now["manifest.json"] != sent["manifest.json"]  # changed: sent again
+    assert now["eval.npz"] == sent["eval.npz"] and now["model.onnx"] == sent["model.onnx"]  # same content: kept
+
+
+def test_a_changed_device_changes_its_benches_key_only(tiny_bundle):
+    from edgekd.bench.devices import device_facts, identity
+    from edgekd.bench.harness import BenchOptions, bench_key
+    from edgekd.records import fingerprint
+
+    options = BenchOptions(iters=5)
+    here = identity(device_facts(), "ort")
+    assert fingerprint(bench_key(tiny_bundle, options)) == fingerprint(bench_key(tiny_bundle, options, here))
+    other = fingerprint(bench_key(tiny_bundle, options, {**here, "runtime": "onnxruntime 1.18.0"}))
+    assert other != fingerprint(bench_key(tiny_bundle, options, here))
