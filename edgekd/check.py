@@ -169,6 +169,13 @@ def loss_problems(profile: Profile) -> list[str]:
         if (spec.get("teachers", ["main"]) != ["main"] and len(built) == len(terms)
                 and any(b.needs_features for b in built.values())):
             problems.append(f"{where}: feature losses learn from one teacher; drop 'teachers' or the feature terms")
+        mixing = [key for key, cfg in profile.trainings() if cfg.mix and not key.startswith("teacher")]
+        if mixing and any(b.needs_teacher for b in built.values()) and profile.study.teacher_cache:
+            problems.append(f"profile key '{mixing[0]}.mix' mixes images no teacher cache has outputs for ({where} "
+                            "distils): set study.teacher_cache = false, so the teacher runs online on each mixed batch")
+        if mixing and "dkd" in terms:
+            problems.append(f"{where}: dkd splits KD by the image's labelled class, and a mixed image has two: drop "
+                            f"'{mixing[0]}.mix' or the dkd term")
     return problems
 
 

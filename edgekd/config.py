@@ -89,6 +89,12 @@ class TrainConfig:
     checkpoint: str = ""  # teacher only: a local .safetensors or weights-only .pth instead of training
     precision: str = "auto"  # auto | fp32 | bf16 | fp16; auto measures the candidates on the device
     channels_last: str = "auto"  # auto | on | off; auto measures, as precision
+    # Batch mixing on top of the crop/flip views: "mixup" (Zhang et al. 2018) or "cutmix" (Yun et al. 2019), the
+    # mixing share drawn from Beta(mix_alpha, mix_alpha) per step. A mixed image is in no teacher cache, so a KD
+    # student that mixes distils from its teacher run online on each mixed batch (study.teacher_cache = false), the
+    # "consistent teaching" of Beyer et al. (CVPR 2022): teacher and student see the very same image.
+    mix: str = ""
+    mix_alpha: float = 1.0
 
     def epochs_for(self, samples: int) -> int:
         steps = max(1, samples // self.batch_size)  # the trainer drops a trailing partial batch
@@ -386,6 +392,8 @@ TRAIN_RULES = {
     "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "precision": (lambda v: v in ("auto", "fp32", "bf16", "fp16"), "auto, fp32, bf16 or fp16"),
     "channels_last": (lambda v: v in ("auto", "on", "off"), "auto, on or off"),
+    "mix": (lambda v: v in ("", "mixup", "cutmix"), "'' (none), 'mixup' or 'cutmix'"),
+    "mix_alpha": (lambda v: v > 0, "above 0 (the Beta distribution's parameter)"),
 }
 DATASET_RULES = {
     "image_size": (lambda v: v == 0 or v >= 4, "0 (the native size) or a side of at least 4 pixels"),

@@ -56,3 +56,36 @@ class ViewAugment:
         if self.hflip:
             images = torch.where(flip[:, None, None, None], images.flip(3), images)
         return images
+
+
+
+MIXES = ("mixup", "cutmix")
+
+
+def step_seed(seed: int, epoch: int, step: int) -> int:
+    """The seed of one training step's batch mixing: replayable on resume, the same on every machine."""
+    return 1_000_003 * seed + 7_919 * epoch + step + 1
+
+
+def mix_batch(images: torch.Tensor, kind: str, alpha: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Mix a normalised batch with a permutation of itself: (mixed images, partner of each image, the share `lam`
+    of each image that is its own). mixup: lam x + (1 - lam) x[partner], lam ~ Beta(alpha, alpha). cutmix: a box of
+    area (1 - lam) of the image, at a uniform centre, clipped to the image, taken from x[partner]; lam is then the
+    share left after clipping, as the reference implementation (clovaai/CutMix-PyTorch) recomputes it."""
+    import numpy as np
+
+    if kind not in MIXES:
+        raise ValueError(f"unknown batch mix {kind!r}: use one of {', '.join(MIXES)}")
+    rng = np.random.default_rng(seed)  # numpy: torch's Beta has no seeded generator
+    b, _, h, w = images.shape
+    lam = float(rng.beta(alpha, alpha))
+    partner = torch.from_numpy(rng.permutation(b)).to(images.device)
+    if kind == "mixup":
+        return lam * images + (1 - lam) * images[partner], partner, lam
+    cut_h, cut_w = int(h * (1 - lam) ** 0.5), int(w * (1 - lam) ** 0.5)
+    cy, cx = int(rng.integers(h)), int(rng.integers(w))
+    y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
+    x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
+    mixed = images.clone()
+    mixed[:, :, y0:y1, x0:x1] = images[partner][:, :, y0:y1, x0:x1]
+    return mixed, partner, 1.0 - (y1 - y0) * (x1 - x0) / (h * w)

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from edgekd.config import TrainConfig
-from edgekd.data.augment import ViewAugment
+from edgekd.data.augment import ViewAugment, mix_batch, step_seed
 from edgekd.data.types import DataSplits
 from edgekd.distill.execution import Execution
 from edgekd.distill.features import FeatureTap
@@ -343,14 +343,20 @@ def train(model: nn.Module, data: DataSplits, cfg: TrainConfig, criterion: Compo
                 batch = order[i * bs : (i + 1) * bs]
                 idx = shard(batch, rank, world)
                 v = views[idx]
-                x = normalize(augment.apply(train_x[idx], v)).contiguous(memory_format=ex.memory_format())
+                x = normalize(augment.apply(train_x[idx], v))
+                y, mixed, lam = train_y[idx], None, 1.0
+                if cfg.mix:  # the student and an online teacher see this mixed batch, both of them
+                    x, partner, lam = mix_batch(x, cfg.mix, cfg.mix_alpha, step_seed(seed, epoch, i * world + rank))
+                    mixed = y[partner]
+                x = x.contiguous(memory_format=ex.memory_format())
                 for g in optimizer.param_groups:
                     g["lr"] = cfg.lr * lr_factor(epoch * steps + i, total, warmup)
                 with ex.autocast():
                     logits = forward(x)
                 teacher_logits = teacher.outputs(idx, v, x) if teacher is not None else None
-                parts = criterion(StepOutputs(logits, train_y[idx], teacher_logits, tap.outputs if tap else {},
-                                              getattr(teacher, "features", {}), (epoch * steps + i) / total))
+                parts = criterion(StepOutputs(logits, y, teacher_logits, tap.outputs if tap else {},
+                                              getattr(teacher, "features", {}), (epoch * steps + i) / total,
+                                              mixed, lam))
                 optimizer.zero_grad(set_to_none=True)
                 # DDP averages the ranks' gradients: weighting each rank's mean loss by its share of the batch
                 # makes that average the gradient of the global batch's mean loss, parts of unequal size too.

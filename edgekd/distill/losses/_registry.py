@@ -22,6 +22,11 @@ class StepOutputs:
     student_features: dict[int, torch.Tensor] = field(default_factory=dict)  # stage -> output
     teacher_features: dict[int, torch.Tensor] = field(default_factory=dict)
     progress: float = 1.0  # fraction of training done, for terms that ramp in
+    # a mixed batch (mixup, cutmix): each image is `mix_weight` of its own and 1 - mix_weight of the image whose
+    # label is `mixed_targets`; the hard-label term weighs the two labels so (teacher terms need nothing: the
+    # teacher saw the mixed image itself)
+    mixed_targets: torch.Tensor | None = None
+    mix_weight: float = 1.0
 
 
 LOSSES: Registry[type[nn.Module]] = Registry("loss")

@@ -23,9 +23,16 @@ class CrossEntropy(nn.Module):
         self.label_smoothing = label_smoothing
 
     def forward(self, out: StepOutputs) -> torch.Tensor:
-        total = F.cross_entropy(out.student_logits.float(), out.targets, ignore_index=-1, reduction="sum",
+        loss = self._mean(out.student_logits, out.targets)
+        if out.mixed_targets is None:
+            return loss
+        # mixup's and cutmix's loss: the two labels' cross-entropies weighted by their share of the image
+        return out.mix_weight * loss + (1 - out.mix_weight) * self._mean(out.student_logits, out.mixed_targets)
+
+    def _mean(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        total = F.cross_entropy(logits.float(), targets, ignore_index=-1, reduction="sum",
                                 label_smoothing=self.label_smoothing)
-        return total / (out.targets >= 0).sum().clamp_min(1)
+        return total / (targets >= 0).sum().clamp_min(1)
 
 
 def kd_divergence(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
