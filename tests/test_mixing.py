@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
 from conftest import TINY_PROFILE
+
 from edgekd.data.augment import mix_batch
 from edgekd.distill.losses import LOSSES
 from edgekd.distill.losses._registry import StepOutputs
