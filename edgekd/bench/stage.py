@@ -42,6 +42,10 @@ class DeviceUnavailable(NotReady):
     fix = "run again once the device answers; the other jobs are not affected"
 
 
+class NeedsRay(EdgeKDError):
+    """A device reached through Ray, in a study on another executor: a profile error, refused before any work."""
+
+
 class BenchKind(JobKind):
     name = "bench"
     deploy = True
@@ -75,11 +79,9 @@ class BenchKind(JobKind):
             try:
                 facts = self._ask(ctx, device) if device.reach != LOCAL else device_facts()
                 problem = device_problem(device, facts)
-            except NotReady:
+            except NeedsRay:
                 raise
-            except EdgeKDError as exc:
-                if device.reach == RAY and "--executor ray" in str(exc):
-                    raise
+            except EdgeKDError as exc:  # it did not answer, or not as edgekd does: its benches fail with this
                 problem = str(exc)
             answers[name] = facts, problem
             if ctx.reporter and device.name:
@@ -102,7 +104,7 @@ class BenchKind(JobKind):
         if device.reach == SSH:
             return Ssh(device).facts()
         if getattr(ctx, "executor", "local") != "ray":
-            raise EdgeKDError(f"device {device.name} is a Ray node (ray = {device.address!r}): run the study with "
+            raise NeedsRay(f"device {device.name} is a Ray node (ray = {device.address!r}): run the study with "
                               "--executor ray --address <its cluster>")
         return ctx.measure(node_facts, resources={device.address: 1.0})
 
