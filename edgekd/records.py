@@ -38,7 +38,7 @@ T_975 = dict(enumerate([12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306,
 RUN_IDENTITY = ("dataset", "variant", "role", "method", "seed", "family", "model")
 RUN_VALUES = ("test_acc", "val_acc", "balanced_test_acc", "ece", "head_acc", "tail_acc", "worst_group_acc",
               "extra_test_acc", "teacher_agreement", "params", "epochs", "wall_s", "train_s", "images_per_s", "fill_s",
-              "teacher_forwards", "grid")
+              "teacher_forwards", "grid", "teachers")
 
 
 # -- statistics ----------------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from edgekd.report.tables import (
     deploy_rows,
     int8_compare_rows,
     not_deployed_rows,
+    teacher_rows,
     variant_rows,
     write_csv,
 )
@@ -46,6 +47,7 @@ class Report:
     grids: list[dict] = field(default_factory=list)  # run records of tuned methods (their `grid` field)
     explains: list[dict] = field(default_factory=list)  # Grad-CAM records (edgekd/explain.py)
     not_deployed: list[dict] = field(default_factory=list)  # INT8 models the export's guard refused: failed exports
+    teachers: list[dict] = field(default_factory=list)  # KD gain per teacher, where methods learn from different ones
     files: dict[str, Path] = field(default_factory=dict)
     left_out: list[str] = field(default_factory=list)  # records on disk not current for the study's last plan
 
@@ -128,6 +130,7 @@ def _markdown_tables(report: Report) -> list[str]:
         lines.append(f"| {r['dataset']} | {r['variant']} | {r['factor']} | {r['student']} | {r['method']} | {teacher} | "
                      f"{_pct(r['scratch_acc'])} | {_pct(r['kd_acc'])} | {_pct(r['gain'], signed=True)} | {extra} |")
     lines += _method_table(report.variants)
+    lines += _teacher_table(report.teachers)
     if report.retention:
         lines += ["", "KD gain after INT8, on the bundles' evaluation images (points, mean ± std over seeds). "
                   "'kept' (the INT8 gain as a share of the FP32 gain) is shown only where the FP32 gain is positive "
@@ -153,6 +156,35 @@ def _markdown_tables(report: Report) -> list[str]:
     lines += _grid_table(report.grids)
     lines += _explain_table(report.explains)
     return lines
+
+
+def _teacher_table(rows: list[dict]) -> list[str]:
+    """Which teacher teaches best here: per variant and student family, each method's teacher(s), their accuracy and
+    the KD gain paired by seed, best first; whether the best's interval excludes the next one's is said, not implied."""
+    if not rows:
+        return []
+    lines = ["", "Which teacher teaches best here? Per variant and student family, the KD methods that learn from "
+             "different teachers ([teachers.<name>], a method's `teachers`), best KD gain first (points, mean ± std "
+             "[95% CI] over seeds, paired with the same scratch students). A more accurate teacher is not always the "
+             "better teacher.", "",
+             "| dataset | variant | method | teacher(s) | teacher test acc | KD | KD gain |", "|---|---|---|---|---|---|---|"]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["dataset"], variant_label(r["variant"], r.get("family", ""))), []).append(r)
+    verdicts = []
+    for (dataset, variant), group in groups.items():
+        for r in group:
+            accs = ", ".join("-" if a is None else f"{100 * a:.2f}" for a in r["teacher_accs"])
+            lines.append(f"| {dataset} | {variant} | {r['method']} | {' + '.join(r['teachers'])} | {accs} | "
+                         f"{_pct(r['kd_acc'], ci=False)} | {_pct(r['gain'], signed=True)} |")
+        best, second = group[0], group[1]
+        if best["gain"] and second["gain"] and best["gain"].n > 1 and second["gain"].n > 1:
+            apart = best["gain"].mean - best["gain"].ci95 > second["gain"].mean + second["gain"].ci95
+            verdicts.append(f"- {dataset} {variant}: {' + '.join(best['teachers'])} ({best['method']}) teaches best, "
+                            + ("its interval clear of the next one's." if apart else
+                               f"but its interval overlaps that of {' + '.join(second['teachers'])} "
+                               f"({second['method']}): not distinguishable on these seeds."))
+    return [*lines, "", *verdicts] if verdicts else lines
 
 
 def _cold_start_table(deploy: list[dict]) -> list[str]:
@@ -307,7 +339,7 @@ def build_report(study_root: Path) -> Report:
                     int8_retention(deploy, int8_compare_rows(selection.benches), refused),
                     compression_ladder(deploy, records), [r for r in records if (r.get("grid") or {}).get("chosen")
                                                           is not None], selection.explains,
-                    left_out=selection.left_out, not_deployed=refused)
+                    left_out=selection.left_out, not_deployed=refused, teachers=teacher_rows(records))
     write_csv(out / "runs.csv", records)
     write_csv(out / "variants.csv", report.variants)
     write_csv(out / "deploy.csv", deploy)

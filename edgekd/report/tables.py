@@ -66,6 +66,33 @@ def variant_rows(records: list[dict] | list[RunRecord]) -> list[dict]:
     return rows
 
 
+def teacher_rows(records: list[dict] | list[RunRecord]) -> list[dict]:
+    """Which teacher teaches best: per (dataset, variant, student family) whose KD methods learn from different
+    teachers (`[teachers.<name>]` and a method's `teachers`), one row per method with its teacher(s), their test
+    accuracy, and the KD gain paired by seed; sorted by gain. A group whose methods share one teacher has none."""
+    records = [r if isinstance(r, dict) else r.as_dict() for r in records]
+    named = {(r["dataset"], r["variant"], r.get("family") or "main"): r["test_acc"] for r in records
+             if r["role"] == "teacher" and r.get("test_acc") is not None}
+
+    def teacher_acc(dataset: str, variant: str, name: str) -> float | None:  # the variant's own, else the clean one's
+        return named.get((dataset, variant, name), named.get((dataset, BASE_VARIANT, name)))
+
+    rows = []
+    for g in group_runs(records):
+        taught = {m: tuple(g.kd(m)[0].get("teachers") or ["main"]) for m in g.methods if g.kd(m)}
+        if len(set(taught.values())) < 2:
+            continue
+        group = []
+        for method, teachers in taught.items():
+            accs = [teacher_acc(g.dataset, g.variant, t) for t in teachers]
+            group.append({"dataset": g.dataset, "variant": g.variant, "family": g.family, "method": method,
+                          "teachers": list(teachers),
+                          "teacher_acc": accs[0] if len(accs) == 1 else None,  # an ensemble's members differ
+                          "teacher_accs": accs, "kd_acc": g.kd_acc(method), "gain": g.gain(method)})
+        rows += sorted(group, key=lambda r: -(r["gain"].mean if r["gain"] else float("-inf")))
+    return rows
+
+
 def deploy_rows(study_root: Path, benches: list[BenchRecord] | None = None) -> list[dict]:
     """One row per (student run, bench file, model): accuracy and latency where it was measured; `benches`: these
     bench records only (the current ones), else every bench file of the study."""
