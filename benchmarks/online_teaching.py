@@ -8,7 +8,9 @@ the same teacher (trained once, in the first; the others load its weights: `teac
 - online-cutmix: online, with cutmix on every batch (`student.mix = "cutmix"`): augmentation the cache cannot
   hold; its scratch students mix too;
 - online-cutmix-equal-time: online-cutmix with the student epochs cut so that a KD student's training time
-  matches the cached one's (from the two studies above, measured in this run).
+  matches the cached one's. The ratio is measured side by side, not taken from the studies' own training times
+  (anything else running on the machine meanwhile would skew those): one-epoch KD trainings of seed 0, cached and
+  online-cutmix in alternation, `--timing-rounds` each, the median of each.
 Per mode: the KD students' test accuracy (mean ± std over seeds), the paired KD gain over the same study's scratch
 students with its 95% interval, the KD students' summed training time, and the teacher work (cache build).
 
@@ -41,6 +43,7 @@ def main() -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--name", default="online_teaching")
+    p.add_argument("--timing-rounds", type=int, default=3)
     args = p.parse_args()
 
     common = ['variants={base={kind="base"}}', "students={}", "explain.images=0", *args.set]
@@ -49,14 +52,14 @@ def main() -> int:
              "online-cutmix": ["study.teacher_cache=false", 'student.mix="cutmix"']}
     results, teacher = {}, None
 
-    def study(mode: str, extra: list[str]) -> dict:
+    def study(mode: str, extra: list[str], force: bool = False) -> dict:
         nonlocal teacher
         overrides = [*common, f'study.name="{base.study.name}-{mode}"', *extra]
         if teacher is not None:
             overrides.append(f'teacher.checkpoint="{teacher}"')
         profile = load_profile(args.profile, overrides)
         start = time.perf_counter()
-        distill(profile, Path(args.out))
+        distill(profile, Path(args.out), force=force)
         wall = time.perf_counter() - start
         root = Path(args.out) / profile.study.name
         runs = [r.as_dict() for r in select_current(root).runs]
@@ -73,8 +76,15 @@ def main() -> int:
 
     for mode, extra in modes.items():
         results[mode] = study(mode, extra)
-    # equal wall time: the cutmix KD student gets the epochs the cached KD student's training time buys
-    ratio = results["cached"]["kd_train_s"] / results["online-cutmix"]["kd_train_s"]
+    # equal wall time: the cutmix KD student gets the epochs the cached KD student's training time buys, the two
+    # timed side by side (alternating one-epoch trainings of seed 0), not read from the studies above
+    timed: dict[str, list[float]] = {"cached": [], "online-cutmix": []}
+    for _ in range(args.timing_rounds):
+        for mode in timed:
+            r = study(f"timing-{mode}", [*modes[mode], "student.epochs=1", "student.min_steps=0", "study.seeds=[0]"],
+                      force=True)
+            timed[mode].append(r["kd_train_s"])
+    ratio = statistics.median(timed["cached"]) / statistics.median(timed["online-cutmix"])
     epochs = max(1, round(base.student.epochs * ratio))
     results["online-cutmix-equal-time"] = study("online-cutmix-equal-time",
                                                 [*modes["online-cutmix"], f"student.epochs={epochs}"])
@@ -90,7 +100,8 @@ def main() -> int:
          ["mode", "student epochs", "KD test acc %", "KD gain pts [95%]", "KD train s (mean)",
           "scratch train s (mean)", "cache build s", "study wall s"], rows)
     path = save(args.name, {"device": "cpu", "profile": args.profile, "common": common, "modes": results,
-                            "equal_time_epochs": epochs, "time_ratio_cached_over_online_cutmix": ratio})
+                            "equal_time_epochs": epochs, "time_ratio_cached_over_online_cutmix": ratio,
+                            "timing_one_epoch_kd_train_s": timed})
     print(f"written {path}")
     return 0
 
