@@ -40,7 +40,7 @@ class ExecuTorchRunner(Runner):
                               "with `edgekd export --target pte`") from None
         from executorch.extension.pybindings import portable_lib
 
-        self.settings = {"executorch": _dist_version("executorch"), "delegate": "XnnpackBackend",
+        self.settings = {"executorch": executorch_version(), "delegate": "XnnpackBackend",
                          "threads": portable_lib._threadpool_get_thread_count()}
         self.max_batch = max_batch
 
@@ -57,10 +57,11 @@ class ExecuTorchRunner(Runner):
         return functools.partial(self.method.execute, tensor)
 
 
-def _dist_version(name: str) -> str:
+def executorch_version() -> str:
+    """The installed ExecuTorch's version, for the manifest and each bench result."""
     import importlib.metadata
 
     try:
-        return importlib.metadata.version(name)
+        return importlib.metadata.version("executorch")
     except importlib.metadata.PackageNotFoundError:
         return "unknown"

@@ -613,8 +613,8 @@ def _export_pte(ex: _Export) -> None:
     INT8 models, deployed only if it holds under the same guard on the validation split (no escalation: XNNPACK's
     quantizer has no float fallback here, so one that fails stays in the bundle, not deployed)."""
     from edgekd.data.splits import SPLIT_SEED, stratified_cap
-    from edgekd.export.executorch import executorch_version, write_pte
-    from edgekd.pte import ExecuTorchRunner
+    from edgekd.export.executorch import write_pte
+    from edgekd.pte import ExecuTorchRunner, executorch_version
 
     fp32, int8 = TARGETS["pte-fp32"], TARGETS["pte-int8"]
     version = executorch_version()

@@ -76,12 +76,3 @@ def write_pte(model, shape: tuple[int, ...], path: Path, calibration: np.ndarray
                    and "executorch_call_delegate" not in str(n.target) and "getitem" not in str(n.target)})
     Path(path).write_bytes(edge.to_executorch().buffer)
     return {**info, "not_delegated": left}
-
-
-def executorch_version() -> str:
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version("executorch")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
