@@ -95,6 +95,10 @@ class TrainConfig:
     # "consistent teaching" of Beyer et al. (CVPR 2022): teacher and student see the very same image.
     mix: str = ""
     mix_alpha: float = 1.0
+    # [teachers.<name>] only: k > 0 makes this teacher [teacher]'s own run stopped after epoch k (its weights at
+    # the end of that epoch, which that run saves), not a training of its own: an early-stopped teacher, which
+    # can teach better than the finished one (Cho & Hariharan, ICCV 2019). Its other settings are [teacher]'s.
+    stop_epoch: int = 0
 
     def epochs_for(self, samples: int) -> int:
         steps = max(1, samples // self.batch_size)  # the trainer drops a trailing partial batch
@@ -394,6 +398,7 @@ TRAIN_RULES = {
     "channels_last": (lambda v: v in ("auto", "on", "off"), "auto, on or off"),
     "mix": (lambda v: v in ("", "mixup", "cutmix"), "'' (none), 'mixup' or 'cutmix'"),
     "mix_alpha": (lambda v: v > 0, "above 0 (the Beta distribution's parameter)"),
+    "stop_epoch": _at_least(0),
 }
 DATASET_RULES = {
     "image_size": (lambda v: v == 0 or v >= 4, "0 (the native size) or a side of at least 4 pixels"),
@@ -469,6 +474,12 @@ def profile_problems(profile: Profile) -> list[str]:
         found += _rule_problems(train, TRAIN_RULES, where)
         if train.checkpoint and not where.startswith("teacher"):
             found.append(f"profile key '{where}.checkpoint' is for teachers: students always train")
+        if train.stop_epoch and not where.startswith("teachers."):
+            found.append(f"profile key '{where}.stop_epoch' is for [teachers.<name>]: the named teacher that is "
+                         "[teacher]'s run stopped after that epoch")
+        elif train.stop_epoch and train.stop_epoch > profile.teacher.epochs:
+            found.append(f"profile key '{where}.stop_epoch' is {train.stop_epoch}, past [teacher]'s "
+                         f"{profile.teacher.epochs} epochs: choose an epoch it trains")
     found += _rule_problems(profile.study, STUDY_RULES, "study")
     if not profile.study.seeds:
         found.append("profile key 'study.seeds' is empty: give at least one seed, e.g. seeds = [0]")

@@ -35,3 +35,39 @@ def test_the_less_accurate_teacher_can_teach_better_and_the_table_says_so():
 def test_methods_sharing_one_teacher_get_no_teacher_table():
     records = [r for r in _records() if r.get("method") != "kd_big"]
     assert teacher_rows(records) == [] and _teacher_table([]) == []
+
+
+def test_an_early_stopped_teacher_is_the_main_teachers_run_after_that_epoch(tmp_path):
+    import json
+
+    from conftest import TINY_PROFILE
+    from edgekd.config import load_profile
+    from edgekd.runio import load_tensors
+    from edgekd.workflows import distill
+
+    profile = tmp_path / "p.toml"
+    profile.write_text(TINY_PROFILE.replace("seeds = [0, 1]", "seeds = [0]")
+                       + '\n[teachers.e1]\nstop_epoch = 1\n\n[methods.kd_e1]\nteachers = ["e1"]\n'
+                         'kd = { weight = 1.0, temperature = 2.0 }\n')
+    records = distill(load_profile(profile), tmp_path / "runs")
+    root = tmp_path / "runs" / "tiny" / "synthetic" / "base"
+    snapshot = load_tensors(root / "teacher" / "seed0" / "snapshots" / "epoch1.safetensors")
+    early = load_tensors(root / "teacher@e1" / "seed0" / "model.safetensors")
+    assert snapshot.keys() == early.keys() and all((snapshot[k] == early[k]).all() for k in snapshot)
+    stopped = json.loads((root / "teacher@e1" / "seed0" / "metrics.json").read_text())
+    assert stopped["epochs"] == 1 and stopped["model"] == "test_resnet"
+    assert {r["method"] for r in teacher_rows(records)} == {"kd", "kd_e1"}
+    again = distill(load_profile(profile), tmp_path / "runs")  # nothing retrains
+    assert [r["fingerprint"] for r in again] == [r["fingerprint"] for r in records]
+
+
+def test_stop_epoch_belongs_to_named_teachers_within_the_main_run(tmp_path):
+    from conftest import TINY_PROFILE
+    from edgekd.check import check_profile
+
+    profile = tmp_path / "p.toml"
+    profile.write_text(TINY_PROFILE.replace('model = "test_resnet"', 'model = "test_resnet"\nstop_epoch = 2')
+                       + "\n[teachers.late]\nstop_epoch = 9\n")
+    problems = check_profile(profile).problems
+    assert any("'teacher.stop_epoch' is for [teachers.<name>]" in p for p in problems)
+    assert any("'teachers.late.stop_epoch' is 9, past [teacher]'s 3 epochs" in p for p in problems)

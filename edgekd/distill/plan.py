@@ -59,7 +59,9 @@ def train_config(profile: Profile, role: str) -> TrainConfig | None:
     if r.base == CACHE:
         return None
     if r.is_teacher:
-        return profile.teachers[r.family] if r.family else profile.teacher
+        named = profile.teachers[r.family] if r.family else profile.teacher
+        # an early-stopped teacher is [teacher]'s own run: its settings, so its model and key are that run's
+        return replace(profile.teacher, stop_epoch=named.stop_epoch) if named.stop_epoch else named
     cfg = profile.student_config(r.family)
     if r.pruned:  # a short fine-tune of trained weights: a low rate from the start, no warm-up
         c = profile.compress
@@ -84,6 +86,15 @@ def trains_on_labeled_only(profile: Profile, job: Job) -> bool:
     from edgekd.config import VariantConfig
 
     return Role.parse(job.role).ce_only and profile.variants.get(job.variant, VariantConfig()).kind == "labels"
+
+
+def snapshot_epochs(profile: Profile) -> tuple[int, ...]:
+    """The epochs after which the main teacher's run saves its weights: those its early-stopped teachers stop at."""
+    return tuple(sorted({t.stop_epoch for t in profile.teachers.values() if t.stop_epoch}))
+
+
+def snapshot_path(teacher_run: Path, epoch: int) -> Path:
+    return teacher_run / "snapshots" / f"epoch{epoch}.safetensors"
 
 
 def teacher_dir(profile: Profile, root: Path, job: Job, name: str = "") -> Path:
@@ -113,7 +124,8 @@ def plan_training(ctx: PlanContext, planned: list[Job]) -> list[Job]:
         for variant in profile.variants:
             tv = teacher_variant(profile, variant)
             for extra in ["", *profile.teachers]:
-                teacher = job(tv, teacher_role(extra), seed0)
+                stopped = extra and profile.teachers[extra].stop_epoch  # made from the main teacher's run
+                teacher = job(tv, teacher_role(extra), seed0, [job(tv, TEACHER, seed0).label] if stopped else ())
                 if teacher not in teachers:
                     teachers.append(teacher)
             main = job(tv, TEACHER, seed0).label

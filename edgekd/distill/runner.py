@@ -32,6 +32,8 @@ from edgekd.distill.plan import (
     cache_needs,
     grid_choice,
     loss_method,
+    snapshot_epochs,
+    snapshot_path,
     teacher_dir,
     train_config,
     training_losses,
@@ -52,7 +54,7 @@ from edgekd.models.pruning import PRUNED, prune_channels
 from edgekd.pipeline.events import Reporter
 from edgekd.pipeline.graph import Context, Job
 from edgekd.records import fingerprint
-from edgekd.roles import BASE_VARIANT, Role, grid_role
+from edgekd.roles import BASE_VARIANT, TEACHER, Role, grid_role, teacher_role
 from edgekd.runio import (
     CHECKPOINTS,
     METRICS,
@@ -116,7 +118,7 @@ def trained_teacher(profile: Profile, root: Path, job: Job, data: DataSplits, st
     weights = tdir / WEIGHTS
     if not weights.is_file():
         raise EdgeKDError(f"{job.label}: teacher not trained yet ({weights} missing): run the teacher job first")
-    cfg = profile.teachers[name] if name else profile.teacher
+    cfg = train_config(profile, teacher_role(name))  # an early-stopped teacher is built as [teacher]
     model = load_weights(build_model(cfg, data), weights)
     try:
         execution = Execution(**read_json(tdir / METRICS)["execution"])
@@ -366,11 +368,13 @@ def _train_job(run: _Run, variant: VariantData, log: _RunLog, start: float, key:
     log(f"{job.label}: {cfg.model}, {count_parameters(model):,} parameters, {ex}")
     teacher_logits, teacher_source, history, labeled_only = None, None, {}, None
     losses = training_losses(profile, run.root, job)
-    if role.is_teacher and cfg.checkpoint:
-        load_weights(model, cfg.checkpoint)
+    stopped = snapshot_path(teacher_dir(profile, run.root, job), cfg.stop_epoch) if role.is_teacher and cfg.stop_epoch \
+        else None
+    if role.is_teacher and (cfg.checkpoint or stopped):
+        load_weights(model, stopped or cfg.checkpoint)
         ex.prepare(model)
-        history = {"epoch": 0, "best_epoch": 0, "history": [], "train_s": 0.0, "images": 0}
-        log(f"teacher weights from {cfg.checkpoint}, not trained")
+        history = {"epoch": cfg.stop_epoch, "best_epoch": cfg.stop_epoch, "history": [], "train_s": 0.0, "images": 0}
+        log(f"teacher weights from {stopped or cfg.checkpoint}, not trained")
     else:
         criterion = ComposedLoss(method_losses(losses), f"methods.{loss_method(profile, role.base)}",
                                  cfg.label_smoothing).to(run.device)
@@ -386,7 +390,7 @@ def _train_job(run: _Run, variant: VariantData, log: _RunLog, start: float, key:
 
         history = train(model, data, cfg, criterion, ex, augment_for(profile.datasets[job.dataset]), seed=job.seed,
                         run_dir=job.run_dir, teacher=teacher_source, eval_batch_size=profile.study.eval_batch_size,
-                        on_step=on_step, log=log)
+                        on_step=on_step, log=log, snapshots=snapshot_epochs(profile) if job.role == TEACHER else ())
     metrics, test_logits = evaluate(model, data, ex, profile.study.eval_batch_size, teacher_logits,
                                     variant.extra_tests, variant.stats)
     save_tensors(job.run_dir / WEIGHTS, model.state_dict(),

@@ -22,6 +22,8 @@ from edgekd.distill.plan import (
     loss_method,
     method_spec,
     plan_training,
+    snapshot_epochs,
+    snapshot_path,
     teacher_dir,
     train_config,
     trains_on_labeled_only,
@@ -38,7 +40,7 @@ from edgekd.pipeline.graph import (
     register_kind,
 )
 from edgekd.records import fingerprint, make_key
-from edgekd.roles import Role
+from edgekd.roles import TEACHER, Role
 from edgekd.runio import METRICS, PREDICTIONS, WEIGHTS, UnreadableFile, read_json, run_dir, tensor_shapes
 
 EXECUTION_FIELDS = ("precision", "channels_last", "device")
@@ -67,6 +69,14 @@ class TrainKind(JobKind):
 
     def damage(self, ctx, job, record):
         return _check_run_files(job, record, (WEIGHTS, PREDICTIONS))
+
+    def outgrown(self, ctx, job, record):
+        """A main teacher trained before an early-stopped teacher asked for its weights at some epoch trains again
+        (the same run: the same weights, now with the snapshot)."""
+        if job.role != TEACHER:
+            return None
+        missing = [k for k in snapshot_epochs(ctx.profile) if not snapshot_path(job.run_dir, k).is_file()]
+        return f"has no snapshot after epoch {missing[0]}, which an early-stopped teacher needs" if missing else None
 
     def run(self, ctx, job, status):
         from edgekd.distill.runner import run_training
@@ -129,6 +139,9 @@ def train_key(profile, root: Path, job: Job) -> dict:
     if role.is_teacher and cfg.checkpoint:
         inputs["checkpoint"] = input_fingerprint(Path(cfg.checkpoint).expanduser(),
                                                  f"teacher checkpoint {cfg.checkpoint}")
+    if role.is_teacher and cfg.stop_epoch:
+        inputs["snapshot"] = input_fingerprint(snapshot_path(teacher_dir(profile, root, job), cfg.stop_epoch),
+                                               f"the main teacher's weights after epoch {cfg.stop_epoch}")
     if not role.is_teacher:
         inputs["teacher"] = input_fingerprint(teacher_dir(profile, root, job) / WEIGHTS, "its teacher")
     if role.pruned:

@@ -37,6 +37,7 @@ from edgekd.distill.metrics import (
     per_class_accuracy,
     worst_group_accuracy,
 )
+from edgekd.distill.plan import snapshot_path
 from edgekd.distill.teacher import Normalize
 from edgekd.errors import EdgeKDError
 from edgekd.runio import UnreadableFile, load_tensors, read_json, save_tensors, tensor_shapes, write_json
@@ -271,8 +272,12 @@ def discard_unusable_checkpoint(run_dir: Path) -> str | None:
 
 def train(model: nn.Module, data: DataSplits, cfg: TrainConfig, criterion: ComposedLoss, ex: Execution,
           augment: ViewAugment, *, seed: int, run_dir: Path, teacher=None, eval_batch_size: int = 512,
-          on_step: Callable[[EpochReport], None] | None = None, log: Callable[[str], None] = print) -> dict:
+          on_step: Callable[[EpochReport], None] | None = None, log: Callable[[str], None] = print,
+          snapshots: tuple[int, ...] = ()) -> dict:
     """Train, keep the best weights by validation accuracy, and return the history. Resumes from run_dir.
+
+    `snapshots`: epochs after which the weights are saved as they are (snapshots/epoch<k>.safetensors), the
+    early-stopped teachers made from this run.
 
     Inside `ranks(...)`, trains together with the other ranks (see the module's docstring); rank 0 reads and
     writes run_dir, the others never touch it and raise `FollowerDone` at the end.
@@ -396,6 +401,8 @@ def train(model: nn.Module, data: DataSplits, cfg: TrainConfig, criterion: Compo
             if val_acc > ckpt["best_val"]:
                 ckpt["best_val"], ckpt["best_epoch"] = val_acc, epoch + 1
                 best = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if epoch + 1 in snapshots:  # before the checkpoint: a run resumed after it has its snapshot
+                save_tensors(snapshot_path(run_dir, epoch + 1), model.state_dict())
             opt_tensors, ckpt["optimizer"] = _flatten_optimizer(optimizer)
             save_tensors(run_dir / f"{CHECKPOINT}.safetensors",
                          {**{f"model.{k}": v for k, v in model.state_dict().items()},
