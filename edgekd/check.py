@@ -72,7 +72,8 @@ class ProfileCheck:
         data = "; ".join(f"{name} ({', '.join(f'{n:,} {split}' for split, n in sizes.items())})"
                          for name, sizes in self.images.items()) or ", ".join(p.datasets)
         students = ", ".join(cfg.model for where, cfg in p.trainings() if where.startswith("student"))
-        teachers = ", ".join(cfg.model + (" (from checkpoint)" if cfg.checkpoint else "")
+        teachers = ", ".join(p.teacher.model + f" (after epoch {cfg.stop_epoch})" if cfg.stop_epoch else
+                             cfg.model + (" (from checkpoint)" if cfg.checkpoint else "")
                              for where, cfg in p.trainings() if where.startswith("teacher"))
         jobs = len(plan_jobs(p, Path(p.study.name)))
         return (f"{p.study.name}: {data}; {len(p.variants)} variant(s); teacher {teachers}; student {students}; "
