@@ -41,6 +41,7 @@ def test_an_early_stopped_teacher_is_the_main_teachers_run_after_that_epoch(tmp_
     import json
 
     from conftest import TINY_PROFILE
+
     from edgekd.config import load_profile
     from edgekd.runio import load_tensors
     from edgekd.workflows import distill
@@ -63,6 +64,7 @@ def test_an_early_stopped_teacher_is_the_main_teachers_run_after_that_epoch(tmp_
 
 def test_stop_epoch_belongs_to_named_teachers_within_the_main_run(tmp_path):
     from conftest import TINY_PROFILE
+
     from edgekd.check import check_profile
 
     profile = tmp_path / "p.toml"
