@@ -70,27 +70,19 @@ def bench_file_name(backend: str, device: str, device_name: str = "") -> str:
 
 # -- what a device is ----------------------------------------------------------------------------------------------
 @functools.cache
-def runtime_version(module: str) -> str | None:
-    """The installed version of a backend's runtime module (any distribution that provides it: onnxruntime or
+def runtime_version(backend: str) -> str | None:
+    """The installed version of a backend's runtime (any distribution that provides its module: onnxruntime or
     onnxruntime-gpu), None where it is not installed; "unknown" where it imports from no pip distribution
     (JetPack's TensorRT comes from apt)."""
-    if _absent(module):
+    if missing_for(backend):
         return None
-    for dist in importlib.metadata.packages_distributions().get(module.split(".")[0], []):
+    top = BACKENDS[backend].module.split(".")[0]
+    for dist in importlib.metadata.packages_distributions().get(top, []):
         try:
             return importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             continue
     return "unknown"
-
-
-def _absent(module: str) -> bool:
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec(module) is None
-    except (ImportError, ValueError):
-        return True
 
 
 @functools.lru_cache(maxsize=1)
@@ -104,8 +96,7 @@ def device_facts() -> dict:
     return {"hostname": socket.gethostname(), "cpu": cpu_model(), "cores": os.cpu_count(),
             "gpu": (gpu or {}).get("gpu"), "jetson": (jetson or {}).get("l4t"), "python": platform.python_version(),
             "edgekd": __version__, "rsync": shutil.which("rsync") is not None,
-            "backends": {name: {"version": runtime_version(b.module), "missing": missing_for(name)}
-                         for name, b in BACKENDS.items()}}
+            "backends": {name: {"version": runtime_version(name), "missing": missing_for(name)} for name in BACKENDS}}
 
 
 def node_facts() -> dict:
