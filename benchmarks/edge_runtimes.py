@@ -61,16 +61,14 @@ def nncf_model(bundle: Path, out: Path) -> Path:
     import openvino as ov
 
     from edgekd.config import DatasetConfig
-    from edgekd.data.splits import SPLIT_SEED, load_splits, stratified_cap
+    from edgekd.data.splits import load_splits
+    from edgekd.export.bundle import calibration_images
     from edgekd.runio import RUN_PROFILE, read_json
-    from edgekd.runtime.evalset import normalize
 
     run = bundle.parent
     manifest, profile = read_json(bundle / "manifest.json"), read_json(run / RUN_PROFILE)
     data = load_splits(manifest["dataset"], DatasetConfig(**profile["profile"]["datasets"][manifest["dataset"]]))
-    size = profile["profile"]["deploy"]["calib_size"]
-    calib = stratified_cap(data.train, size, data.num_classes, SPLIT_SEED + 4)  # as edgekd.export.bundle
-    images = normalize(calib.images.numpy(), data.mean, data.std)
+    images = calibration_images(data, profile["profile"]["deploy"]["calib_size"])  # the export's own draw
     model = ov.Core().read_model(str(bundle / "model.onnx"))
     quantized = nncf.quantize(model, nncf.Dataset([images[i : i + 1] for i in range(len(images))]),
                               subset_size=len(images))

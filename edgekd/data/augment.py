@@ -58,7 +58,6 @@ class ViewAugment:
         return images
 
 
-
 MIXES = ("mixup", "cutmix")
 
 
@@ -87,5 +86,5 @@ def mix_batch(images: torch.Tensor, kind: str, alpha: float, seed: int) -> tuple
     y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
     x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
     mixed = images.clone()
-    mixed[:, :, y0:y1, x0:x1] = images[partner][:, :, y0:y1, x0:x1]
+    mixed[:, :, y0:y1, x0:x1] = images[partner, :, y0:y1, x0:x1]  # only the box is gathered
     return mixed, partner, 1.0 - (y1 - y0) * (x1 - x0) / (h * w)

@@ -368,8 +368,9 @@ def _train_job(run: _Run, variant: VariantData, log: _RunLog, start: float, key:
     log(f"{job.label}: {cfg.model}, {count_parameters(model):,} parameters, {ex}")
     teacher_logits, teacher_source, history, labeled_only = None, None, {}, None
     losses = training_losses(profile, run.root, job)
-    stopped = snapshot_path(teacher_dir(profile, run.root, job), cfg.stop_epoch) if role.is_teacher and cfg.stop_epoch \
-        else None
+    stopped = None  # an early-stopped teacher: the main teacher's weights after epoch stop_epoch
+    if role.is_teacher and cfg.stop_epoch:
+        stopped = snapshot_path(teacher_dir(profile, run.root, job), cfg.stop_epoch)
     if role.is_teacher and (cfg.checkpoint or stopped):
         load_weights(model, stopped or cfg.checkpoint)
         ex.prepare(model)

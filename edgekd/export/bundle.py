@@ -12,6 +12,7 @@ inside the functions that need them.
 
 from __future__ import annotations
 
+import functools
 import shutil
 import tempfile
 import time
@@ -477,17 +478,21 @@ SCORED_AS = {False: "ONNX Runtime CPU, its integer kernels (what the cpu deploym
              True: "Q/DQ as written, in float (TensorRT's int32 arithmetic), not ONNX Runtime's x86 integer kernels"}
 
 
+def calibration_images(data, size: int) -> np.ndarray:
+    """The training images every INT8 model of a bundle is calibrated on (ONNX presets, ptq-search, the ExecuTorch
+    program): a stratified draw of `size`, the same for the same --calib-size, normalised as the models take them."""
+    from edgekd.data.splits import SPLIT_SEED, stratified_cap
+
+    calib = stratified_cap(data.train, size, data.num_classes, SPLIT_SEED + 4)
+    return normalize(calib.images.numpy(), data.mean, data.std)
+
+
 def _make_int8(ex: _Export, method: str, preset: str, path: Path, val: Evaluator | None, sensitivity: bool,
                qat, quantizer: Quantizer | None = None) -> tuple[dict, dict | None]:
     """One INT8 model by `method` at `path`, scored on the evaluation images like every model of the bundle.
     Returns (its manifest entry's info, the sensitivity analysis or None)."""
-    from edgekd.data.splits import SPLIT_SEED, stratified_cap
-
     options, data = ex.options, ex.data
-
-    def calibration(size: int) -> np.ndarray:  # training images; the same draw as ever for --calib-size
-        calib = stratified_cap(data.train, size, data.num_classes, SPLIT_SEED + 4)
-        return normalize(calib.images.numpy(), data.mean, data.std)
+    calibration = functools.partial(calibration_images, data)  # size -> images
 
     if method == "qat-kd":
         info, analysis = _qat_int8(ex.run, ex.model, preset, path, replace(options, int8_method=method), ex.x,
@@ -612,7 +617,6 @@ def _export_pte(ex: _Export) -> None:
     with `int8` in the targets, model.int8.pte by XNNPACK's quantizer on the same calibration images as the ONNX
     INT8 models, deployed only if it holds under the same guard on the validation split (no escalation: XNNPACK's
     quantizer has no float fallback here, so one that fails stays in the bundle, not deployed)."""
-    from edgekd.data.splits import SPLIT_SEED, stratified_cap
     from edgekd.export.executorch import write_pte
     from edgekd.pte import ExecuTorchRunner, executorch_version
 
@@ -630,11 +634,9 @@ def _export_pte(ex: _Export) -> None:
                           "deploy it")
     if "int8" not in ex.options.targets:
         return
-    data = ex.data
-    calib = stratified_cap(data.train, ex.options.calib_size, data.num_classes, SPLIT_SEED + 4)  # as the ONNX INT8
-    with ex.watch("executorch int8"):
+    with ex.watch("executorch int8"):  # calibrated on the ONNX INT8 models' images
         info = write_pte(ex.model, ex.shape, ex.bundle / int8.file,
-                         calibration=normalize(calib.images.numpy(), data.mean, data.std))
+                         calibration=calibration_images(ex.data, ex.options.calib_size))
     runner = ExecuTorchRunner(ex.bundle / int8.file)
     val, limit = _validation(ex), ex.options.int8_max_drop
     with ex.watch("validation scoring"):

@@ -81,8 +81,7 @@ def execute(ctx: Context, job: Job) -> tuple[dict, bool]:
             try:
                 status.key = kind.key(ctx, job)
             except NotReady as exc:
-                fix = getattr(exc, "fix", "run the jobs it needs first")
-                raise EdgeKDError(f"{job.label}: {exc}: {fix}") from None
+                raise EdgeKDError(f"{job.label}: {exc}: {exc.fix}") from None
         return kind.run(ctx, job, status), False
 
 

@@ -80,6 +80,8 @@ class Context:
 class NotReady(EdgeKDError):
     """An input of the job is not there (yet): the job it needs has not finished."""
 
+    fix = "run the jobs it needs first"  # what the job's one-line failure tells the user to do
+
 
 _SHA: dict[tuple[str, int, int], str] = {}
 
