@@ -39,7 +39,17 @@ class DatasetConfig:
     crop_padding: int = 2  # random-crop padding; views per image = (2p+1)^2 x (2 if hflip)
     classes: int = 10  # synthetic source only
     samples_per_class: int = 60  # synthetic source only
+    # Audio sources (audiofolder, spoken-digits): each clip becomes an image_size x image_size feature map, one
+    # channel, as uint8 (edgekd.data.audio says how), so views, the teacher cache, export and bench are unchanged.
+    features: str = "logmel"  # logmel | mfcc
+    sample_rate: int = 16000  # clips are resampled to this rate (Hz) first: 16 kHz is what keyword spotting uses
+    clip_seconds: float = 1.0  # each clip centre-padded with silence or centre-cropped to this length
 
+
+# The dataset keys only audio sources read: in a key (edgekd.data.describe) only where the source is one, so
+# adding them changed no image dataset's key.
+AUDIO_SOURCES = ("audiofolder", "spoken-digits")
+AUDIO_SETTINGS = ("features", "sample_rate", "clip_seconds")
 
 VARIANT_KINDS = ("base", "fraction", "labels", "per_class", "imbalance", "label_noise", "spurious", "classes",
                  "corruption", "resolution")
@@ -409,6 +419,9 @@ DATASET_RULES = {
     "crop_padding": _at_least(0),
     "classes": _at_least(2),
     "samples_per_class": _at_least(1),
+    "features": (lambda v: v in ("logmel", "mfcc"), "'logmel' or 'mfcc'"),
+    "sample_rate": (lambda v: 1000 <= v <= 192000, "a sample rate in Hz, e.g. 16000"),
+    "clip_seconds": (lambda v: 0 < v <= 60, "a clip length in seconds, above 0 and at most 60"),
 }
 STUDY_RULES = {
     "name": (lambda v: bool(v) and not set(v) & set("/\\") and v not in (".", ".."),

@@ -27,9 +27,18 @@ def _source_sizes(cfg) -> dict | None:
     return _SIZES[memo]
 
 
+def settings_in_key(settings: dict) -> dict:
+    """Of a dataset's settings (a DatasetConfig as a dict), those its results depend on: not where its files live
+    (moving the files changes no result), and the audio settings only for an audio source."""
+    from edgekd.config import AUDIO_SETTINGS, AUDIO_SOURCES
+
+    skip = {"data_dir", "download", *(() if settings.get("source") in AUDIO_SOURCES else AUDIO_SETTINGS)}
+    return {k: v for k, v in settings.items() if k not in skip}
+
+
 def data_settings(profile, dataset: str) -> dict:
-    """A dataset's settings without where its files live (moving the files changes no result)."""
-    return {k: v for k, v in asdict(profile.datasets[dataset]).items() if k not in ("data_dir", "download")}
+    """A dataset's settings that its results depend on (settings_in_key)."""
+    return settings_in_key(asdict(profile.datasets[dataset]))
 
 
 def data_description(profile, dataset: str, variant: str) -> dict:

@@ -36,16 +36,18 @@ def _class_dirs(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def folder_layout(root: Path) -> FolderLayout:
+def folder_layout(root: Path, source: str = "imagefolder", files: str = "images") -> FolderLayout:
+    """The class folders under `root` (with train/ and test/, or without); `source` and `files` name the data
+    source and what its folders hold, in errors."""
     if not root.is_dir():
-        raise EdgeKDError(f"imagefolder: directory {str(root)!r} does not exist: fix data_dir or --data-dir")
+        raise EdgeKDError(f"{source}: directory {str(root)!r} does not exist: fix data_dir or --data-dir")
     split_dirs = (root / "train", root / "test")
     has_splits = all(d.is_dir() for d in split_dirs)
     class_root = split_dirs[0] if has_splits else root
     classes = [p.name for p in _class_dirs(class_root)]
     if not classes:
         raise EdgeKDError(
-            f"imagefolder: no class folders in {str(class_root)!r}: put one folder per class with its images inside"
+            f"{source}: no class folders in {str(class_root)!r}: put one folder per class with its {files} inside"
         )
     return FolderLayout(class_root, classes, split_dirs if has_splits else None)
 

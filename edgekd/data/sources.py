@@ -202,6 +202,53 @@ class ImageFolderSource(Source):
         return paths[0]
 
 
+class AudioFolderSource(ImageFolderSource):
+    """Class-per-folder WAV clips, as one-channel feature maps (edgekd.data.audio)."""
+
+    def search_paths(self, cfg):
+        return _user_dirs(cfg, "audiofolder")
+
+    def load(self, cfg):
+        from edgekd.data.audio import load_audio_folder
+
+        return load_audio_folder(self._root(cfg), cfg)
+
+    def sizes(self, cfg):
+        from edgekd.data.audio import folder_audio_sizes
+
+        return folder_audio_sizes(self._root(cfg))
+
+    def _root(self, cfg) -> Path:
+        paths = self.search_paths(cfg)
+        if not paths:
+            raise EdgeKDError("audiofolder: no directory given: set data_dir in the profile or pass --data-dir")
+        return paths[0]
+
+
+class SpokenDigitsSource(Source):
+    """espeak-ng's spoken digits (edgekd.data.spoken_digits), synthesized on first use, read as an audio folder."""
+
+    def search_paths(self, cfg):
+        return _user_dirs(cfg, "spoken-digits")[:1] or [Path.home() / ".cache" / "edgekd" / "spoken-digits"]
+
+    def load(self, cfg):
+        from edgekd.data.audio import load_audio_folder
+        from edgekd.data.spoken_digits import is_made, make_spoken_digits
+
+        root = self.search_paths(cfg)[0].expanduser()
+        if not is_made(root):
+            make_spoken_digits(root)
+        return load_audio_folder(root, cfg)
+
+    def sizes(self, cfg):
+        from edgekd.data.spoken_digits import CLASSES, clips_per_word, espeak, is_made
+
+        if not is_made(self.search_paths(cfg)[0].expanduser()):
+            espeak()  # what load would raise: it cannot make the clips here
+        train, test = clips_per_word()
+        return SourceSizes(list(CLASSES), torch.full((len(CLASSES),), train), torch.full((len(CLASSES),), test))
+
+
 class SyntheticSource(Source):
     def search_paths(self, cfg):
         return [Path("<drawn in memory>")]
@@ -236,4 +283,8 @@ SOURCES.register("svhn")(TorchvisionSource(
     (1744, 5099, 4149, 2882, 2523, 2384, 1977, 2019, 1660, 1595)))
 SOURCES.register("imagefolder")(ImageFolderSource("a class-per-folder directory of images (train/ and test/ "
                                                   "subfolders, or classes directly: 20% held out for test)"))
+SOURCES.register("audiofolder")(AudioFolderSource("a class-per-folder directory of WAV clips, as log-mel or MFCC "
+                                                  "maps (train/ and test/ subfolders, or 20% held out)"))
+SOURCES.register("spoken-digits")(SpokenDigitsSource("spoken digits synthesized by espeak-ng (7 accents x 8 speakers "
+                                                     "x 2 speeds x 2 pitches; 2 speakers held out for test)"))
 SOURCES.register("synthetic")(SyntheticSource("procedurally drawn bars; classes and samples set in the profile"))

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from edgekd.config import DatasetConfig
+from edgekd.data.describe import settings_in_key
 from edgekd.envinfo import package_versions
 from edgekd.errors import EdgeKDError
 from edgekd.export.int8 import (
@@ -135,7 +136,7 @@ def export_key(run: Path, options: ExportOptions) -> dict:
                          **({"int8_compare": sorted(options.int8_compare)} if options.int8_compare else {})},
               "export": {"atol": options.atol, "rtol": options.rtol, "min_agreement": options.min_agreement,
                          "opset": OPSET, "onnx_exporter": options.onnx_exporter}}
-    data = {f"datasets.{name}": {k: v for k, v in dataset.items() if k not in ("data_dir", "download")}}
+    data = {f"datasets.{name}": settings_in_key(dataset)}
     inputs = {"student": sha256(run / WEIGHTS)}
     if "qat-kd" in (options.int8_method, *options.int8_compare):  # the fine-tune learns from the run's teacher and data
         inputs["training"] = read_json(run / METRICS).get("fingerprint")
