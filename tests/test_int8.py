@@ -334,16 +334,18 @@ def test_the_guard_escalates_a_collapsed_int8_model_on_validation(tiny_study, tm
 
     _, run = _collapsing_copy(tiny_study, tmp_path)
     logs = []
-    # 3%: the tiny study's barely trained student (34% accuracy) changes 1.4% of its answers at best, up to 2.6% by
-    # the guard's upper bound (its validation split is small)
+    # 5%: the tiny study's barely trained student (34-36% accuracy) changes 1.4% of its answers at best, up to 2.6% by
+    # the guard's upper bound (its validation split is small) on an AMD EPYC; trained and quantized on an Intel
+    # Xeon with AMX, 2.4%, up to 4.2%. Plain ptq changes 85% of them on both.
     bundle = export_run(run, ExportOptions(targets=("onnx", "int8"), int8_presets=("cpu",), calib_size=64,
-                                           int8_max_drop=3.0), log=logs.append)
+                                           int8_max_drop=5.0), log=logs.append)
     model = json.loads((bundle / "manifest.json").read_text())["models"]["onnx-int8-cpu"]
     steps = model["guard"]["steps"]
     assert steps[0]["val_flips_pts"] > 50 and steps[0]["held_by"] is None  # the guard's rule
-    assert steps[1]["held_by"] and min(steps[1]["val_flips_bound_pts"], steps[1]["val_drop_bound_pts"]) <= 3.0
+    assert steps[1]["held_by"] and min(steps[1]["val_flips_bound_pts"], steps[1]["val_drop_bound_pts"]) <= 5.0
     assert steps[0]["method"] == "ptq" and steps[0]["val_drop_pts"] > 1.0  # the collapse, seen on validation
-    assert [s["method"] for s in steps] == ["ptq", "ptq-search"] and steps[1]["val_drop_pts"] <= 1.0, steps
+    assert [s["method"] for s in steps] == ["ptq", "ptq-search"] and steps[1]["val_drop_pts"] <= 5.0, steps
+    assert steps[1]["val_flips_pts"] < steps[0]["val_flips_pts"] / 10  # the outlier floated: the collapse is gone
     assert model["deployed"], steps[1]
     assert model["method"] == "ptq-search" and model["guard"]["split"] == "validation"
     assert any("ptq " in line and "-> deployed (ptq-search)" in line for line in logs)

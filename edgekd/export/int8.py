@@ -169,19 +169,22 @@ def search_calibration(q: Quantizer, calibration: Callable[[int], np.ndarray], s
                        val: Evaluator, methods: Sequence[str] = SEARCH_CALIB_METHODS,
                        log: Callable[[str], None] = lambda line: None) -> tuple[Recipe, Score, list[dict]]:
     """Every (placement, method, size) quantized in full and scored on the validation split; the best one."""
-    guard, best, rows = Guard.on(val), None, []
-    for size in sizes:
+    guard, best, rows, pending = Guard.on(val), None, [], []
+    for size in sizes:  # each candidate is scored in the background while the next one is made
         images = calibration(size)
         for placement in q.preset.placements:
             for method in methods:
                 recipe = Recipe(method, len(images), placement)
-                s = val.score(q.quantize(q.scratch("calib"), images, recipe), q.preset.score_as_written)
-                rows.append({**recipe.to_dict(), **s.to_dict()})
-                rows[-1].pop("float_groups")
-                log(f"{q.preset_name}: calibration {method} x {len(images)} ({placement}): val {s.accuracy:.4f} "
-                    f"(KL {s.kl:.4f})")
-                if best is None or guard.better(s, best[1]):
-                    best = (recipe, s)
+                path = q.quantize(q.scratch("calib"), images, recipe)
+                pending.append((recipe, val.submit(path, q.preset.score_as_written)))
+    for recipe, scored in pending:
+        s = val.wait(scored)
+        rows.append({**recipe.to_dict(), **s.to_dict()})
+        rows[-1].pop("float_groups")
+        log(f"{q.preset_name}: calibration {recipe.method} x {recipe.images} ({recipe.placement}): val "
+            f"{s.accuracy:.4f} (KL {s.kl:.4f})")
+        if best is None or guard.better(s, best[1]):
+            best = (recipe, s)
     assert best is not None
     return best[0], best[1], rows
 
@@ -206,36 +209,7 @@ def search_ptq(q: Quantizer, out: Path, calibration: Callable[[int], np.ndarray]
     chosen, chosen_score = recipe, full
     if missed and report is not None:
         order, result.ranking = float_order(report)
-        best, chosen_groups, covered = (recipe, full), [], set()
-        weighted = {g.name for g in q.groups if g.op in WEIGHTED_OPS}
-        for name in order:
-            if name in covered:  # already float as part of an earlier group's closure
-                continue
-            chosen_groups.append(name)
-            candidate = Recipe(recipe.method, recipe.images, recipe.placement, tuple(chosen_groups))
-            path = q.quantize(q.scratch("mixed"), images, candidate)
-            share = q.float_weight_share(q.last_float)
-            if share > max_float:  # what is float, closures included, not what was chosen
-                log(f"{q.preset_name}: mixed precision skips +{name}: {share:.0%} of the weights would be float "
-                    f"(at most {max_float:.0%})")
-                chosen_groups.pop()
-                continue
-            if weighted <= set(q.last_float):  # nothing weighted left in INT8: that is the FP32 model, not an INT8 one
-                log(f"{q.preset_name}: mixed precision stops before k={len(chosen_groups)}: +{name} would leave "
-                    "no weighted layer in INT8")
-                break
-            s = val.score(path, q.preset.score_as_written)
-            covered |= set(q.last_float)
-            k = len(chosen_groups)
-            result.mixed_precision_steps.append({"k": k, "float": name, "left_out": len(covered), **s.to_dict(),
-                                                 "flips_pts": s.flips * 100, **guard.bounds(s)})
-            log(f"{q.preset_name}: mixed precision k={k} (+{name}): val {s.accuracy:.4f}, "
-                f"{s.flips * 100:.2f}% of answers changed (bound {flips_bound(s) * 100:.2f}%, KL {s.kl:.4f})")
-            if guard.better(s, best[1]):  # a holding candidate is always better than every one that does not
-                best = (candidate, s)
-            if guard.holds(s):
-                break
-        chosen, chosen_score = best
+        chosen, chosen_score = _mixed_precision(q, images, recipe, full, order, val, guard, max_float, result, log)
     result.recipe = chosen
     result.reached_target = guard.holds(chosen_score)
     result.val["int8"] = {**chosen_score.to_dict(), "drop_pts": chosen_score.drop(val.fp32) * 100,
@@ -246,6 +220,69 @@ def search_ptq(q: Quantizer, out: Path, calibration: Callable[[int], np.ndarray]
     result.float_weight_share = q.float_weight_share(q.last_float)
     result.float_nodes = [n for g in q.last_float for n in q.group(g).nodes]
     return result
+
+
+def _mixed_precision(q: Quantizer, images: np.ndarray, recipe: Recipe, full: Score, order: list[str],
+                     val: Evaluator, guard: Guard, max_float: float, result: SearchResult,
+                     log: Callable[[str], None], ahead: int = 3) -> tuple[Recipe, Score]:
+    """Groups kept float in `order`, one more per step, until a candidate holds: the best candidate (a holding one
+    is better than every other). Which candidates the steps make does not depend on their scores, only where the
+    search stops does, so up to `ahead` of them are made and scored ahead of the one being judged; what was made
+    beyond the stop is thrown away, and the steps, logs and choice are those of judging one at a time."""
+    weighted = {g.name for g in q.groups if g.op in WEIGHTED_OPS}
+
+    def steps():  # (log lines before it, the float group added, candidate, its file, groups left out so far)
+        chosen_groups, covered, notes = [], set(), []
+        for name in order:
+            if name in covered:  # already float as part of an earlier group's closure
+                continue
+            chosen_groups.append(name)
+            candidate = Recipe(recipe.method, recipe.images, recipe.placement, tuple(chosen_groups))
+            path = q.quantize(q.scratch("mixed"), images, candidate)
+            share = q.float_weight_share(q.last_float)
+            if share > max_float:  # what is float, closures included, not what was chosen
+                notes.append(f"{q.preset_name}: mixed precision skips +{name}: {share:.0%} of the weights would be "
+                             f"float (at most {max_float:.0%})")
+                chosen_groups.pop()
+                continue
+            if weighted <= set(q.last_float):  # nothing weighted left in INT8: that is the FP32 model
+                notes.append(f"{q.preset_name}: mixed precision stops before k={len(chosen_groups)}: +{name} would "
+                             "leave no weighted layer in INT8")
+                break
+            covered |= set(q.last_float)
+            yield notes, name, candidate, path, len(covered)
+            notes = []
+        yield notes, None, None, None, 0
+
+    best, queue, made = (recipe, full), [], steps()
+
+    def fill() -> None:
+        while len(queue) < ahead and (not queue or queue[-1][1] is not None):
+            item = next(made)
+            queue.append((*item, val.submit(item[3], q.preset.score_as_written) if item[1] else None))
+
+    fill()
+    while queue:
+        notes, name, candidate, _, left_out, scored = queue.pop(0)
+        for line in notes:
+            log(line)
+        if name is None:
+            break
+        fill()  # the next candidates are made while this one is scored
+        s = val.wait(scored)
+        k = len(candidate.float_groups)
+        result.mixed_precision_steps.append({"k": k, "float": name, "left_out": left_out, **s.to_dict(),
+                                             "flips_pts": s.flips * 100, **guard.bounds(s)})
+        log(f"{q.preset_name}: mixed precision k={k} (+{name}): val {s.accuracy:.4f}, "
+            f"{s.flips * 100:.2f}% of answers changed (bound {flips_bound(s) * 100:.2f}%, KL {s.kl:.4f})")
+        if guard.better(s, best[1]):  # a holding candidate is always better than every one that does not
+            best = (candidate, s)
+        if guard.holds(s):
+            break
+    for *_, scored in queue:  # made ahead, beyond the stop
+        if scored is not None:
+            scored.cancel()
+    return best
 
 
 def validation_views(images, labels, padding: int, hflip: bool, min_images: int = VAL_MIN_IMAGES):

@@ -81,18 +81,22 @@ def analyse(q: Quantizer, images: np.ndarray, recipe: Recipe, val: Evaluator,
     its calibration images); score each on `val`."""
     groups = list(groups or q.groups)
     base = Recipe(recipe.method, recipe.images, recipe.placement)
-    full = val.score(q.quantize(q.scratch("all"), images, base), q.preset.score_as_written)
-    rows = []
-    for i, g in enumerate(groups):
-        row = GroupSensitivity(g)
+    as_written = q.preset.score_as_written
+    full = val.score(q.quantize(q.scratch("all"), images, base), as_written)
+    rows, pending = [], []
+    for g in groups:  # each candidate is scored in the background while the next one is made
+        row, only, loo = GroupSensitivity(g), None, None
         if single:
-            row.only = val.score(q.quantize(q.scratch("only"), images, base, only=[g.name]),
-                                 q.preset.score_as_written)
+            only = val.submit(q.quantize(q.scratch("only"), images, base, only=[g.name]), as_written)
         if leave_one_out:
-            loo = Recipe(base.method, base.images, base.placement, (g.name,))
-            row.leave_one_out = val.score(q.quantize(q.scratch("loo"), images, loo), q.preset.score_as_written)
+            recipe_loo = Recipe(base.method, base.images, base.placement, (g.name,))
+            loo = val.submit(q.quantize(q.scratch("loo"), images, recipe_loo), as_written)
             row.closure = tuple(q.last_float)
         rows.append(row)
+        pending.append((row, only, loo))
+    for i, (row, only, loo) in enumerate(pending):
+        row.only = val.wait(only) if only else None
+        row.leave_one_out = val.wait(loo) if loo else None
         if (i + 1) % 10 == 0 or i + 1 == len(groups):
             log(f"{q.preset_name}: sensitivity {i + 1}/{len(groups)} node groups")
     return SensitivityReport(q.preset_name, base, len(val.labels), val.fp32, full, rows)
