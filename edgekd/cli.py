@@ -97,7 +97,8 @@ class RichReporter:
     def advance(self, job, completed, loss, images_per_s, epoch=""):
         if job not in self.tasks:
             return
-        status = "" if loss is None else f"{epoch}  loss {loss:.3f}  {images_per_s:,.0f} img/s"
+        status = "" if images_per_s is None else (f"{epoch}  {images_per_s:,.0f} img/s"
+                                                  + ("" if loss is None else f"  loss {loss:.3f} (last epoch)"))
         self.progress.update(self.tasks[job], completed=completed, status=status)
 
     def finish(self, job, metrics, skipped):

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -79,3 +81,34 @@ def test_a_diverging_run_stops_with_a_clear_error_and_keeps_its_last_good_checkp
         train(model, _data(), replace(CFG, epochs=2), ComposedLoss({"ce": {}}), EX, ViewAugment(1, True), seed=0,
               run_dir=tmp_path, log=lambda line: None)
     assert not (tmp_path / "checkpoint.json").exists()  # nothing non-finite was saved as progress
+
+
+def test_the_training_step_reads_nothing_back_from_the_device(tmp_path, monkeypatch):
+    """No host synchronisation inside the step: what the loop reads back (.item(), .tolist(), .cpu(), a tensor's
+    truth value) is counted, and the count does not grow with the steps of an epoch, with progress shown every 10
+    steps as the CLI does. On a GPU each such read waits for every queued kernel."""
+    reads = {"n": 0}
+    for name in ("item", "tolist", "cpu", "__bool__", "__float__"):
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _original=original, **kwargs):
+            reads["n"] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+
+    def reads_for(samples: int) -> tuple[int, int]:
+        data = load_splits("synthetic", DatasetConfig(source="synthetic", classes=4, samples_per_class=samples,
+                                                      image_size=12))
+        model = create_model(CFG.model, 4, 1)
+        reads["n"] = 0
+        shown = []
+        train(model, data, replace(CFG, epochs=2, batch_size=8), ComposedLoss({"ce": {}}), EX,
+              ViewAugment(1, True), seed=0, run_dir=tmp_path / str(samples), on_step=shown.append,
+              log=lambda line: None)
+        return reads["n"], len(data.train) // 8
+
+    few, few_steps = reads_for(30)
+    many, many_steps = reads_for(90)
+    assert many_steps >= 3 * few_steps - 3
+    assert many == few, (few, many)  # per epoch (loss, validation), not per step

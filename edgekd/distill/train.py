@@ -51,7 +51,7 @@ class EpochReport:
     epochs: int
     step: int
     steps: int
-    loss: float
+    loss: float | None  # the last finished epoch's mean loss (None in the first): read mid-epoch it would sync
     images_per_s: float
 
 
@@ -336,6 +336,7 @@ def train(model: nn.Module, data: DataSplits, cfg: TrainConfig, criterion: Compo
         log(f"{world} processes ({_backend()}): global batch {bs}, {-(-bs // world)} or fewer per process; "
             f"BatchNorm statistics over {stats}")
 
+    last_loss = ckpt["history"][-1]["loss"] if ckpt["history"] else None
     try:
         for epoch in range(ckpt["epoch"], epochs):
             torch.manual_seed(seed * 1000 + epoch)  # dropout and stochastic depth, replayable on resume
@@ -374,8 +375,7 @@ def train(model: nn.Module, data: DataSplits, cfg: TrainConfig, criterion: Compo
                     sums[k] = sums.get(k, 0) + value.detach() * len(idx)
                 if on_step and lead and (i % 10 == 9 or i == steps - 1):
                     elapsed = time.perf_counter() - start
-                    on_step(EpochReport(epoch, epochs, i + 1, steps, parts["loss"].item(),
-                                        (i + 1) * bs / max(elapsed, 1e-9)))
+                    on_step(EpochReport(epoch, epochs, i + 1, steps, last_loss, (i + 1) * bs / max(elapsed, 1e-9)))
             if world > 1:
                 sums = _sum_over_ranks(sums)
             if device.startswith("cuda"):
@@ -387,7 +387,7 @@ def train(model: nn.Module, data: DataSplits, cfg: TrainConfig, criterion: Compo
                 raise EdgeKDError(f"{run_dir}: training diverged in epoch {epoch + 1} (loss {losses['loss']}); "
                                   "lower the learning rate or the loss weights, or ramp the distillation term in, "
                                   "e.g. dkd = { weight = 1.0, ramp = 0.1 }")
-            ckpt["epoch"] = epoch + 1
+            ckpt["epoch"], last_loss = epoch + 1, losses["loss"]
             if not lead:
                 continue
             val_acc = accuracy(predict(model, data.val.images.to(device), normalize, ex, eval_batch_size),
