@@ -44,12 +44,15 @@ class DatasetConfig:
     features: str = "logmel"  # logmel | mfcc
     sample_rate: int = 16000  # clips are resampled to this rate (Hz) first: 16 kHz is what keyword spotting uses
     clip_seconds: float = 1.0  # each clip centre-padded with silence or centre-cropped to this length
+    # Background noise: white noise mixed into every clip (train and test) at this signal-to-noise ratio in dB,
+    # seeded per file; a noisy recording condition as its own dataset. Empty (none) by default.
+    snr_db: float | None = None
 
 
 # The dataset keys only audio sources read: in a key (edgekd.data.describe) only where the source is one, so
 # adding them changed no image dataset's key.
 AUDIO_SOURCES = ("audiofolder", "spoken-digits")
-AUDIO_SETTINGS = ("features", "sample_rate", "clip_seconds")
+AUDIO_SETTINGS = ("features", "sample_rate", "clip_seconds", "snr_db")
 
 VARIANT_KINDS = ("base", "fraction", "labels", "per_class", "imbalance", "label_noise", "spurious", "classes",
                  "corruption", "resolution")
@@ -422,6 +425,7 @@ DATASET_RULES = {
     "features": (lambda v: v in ("logmel", "mfcc"), "'logmel' or 'mfcc'"),
     "sample_rate": (lambda v: 1000 <= v <= 192000, "a sample rate in Hz, e.g. 16000"),
     "clip_seconds": (lambda v: 0 < v <= 60, "a clip length in seconds, above 0 and at most 60"),
+    "snr_db": (lambda v: v is None or -20 <= v <= 60, "a signal-to-noise ratio in dB from -20 to 60, or absent"),
 }
 STUDY_RULES = {
     "name": (lambda v: bool(v) and not set(v) & set("/\\") and v not in (".", ".."),

@@ -247,3 +247,26 @@ def test_a_study_on_audio_runs_end_to_end(tmp_path):
     assert manifest["models"]["onnx-fp32"]["parity"]["ok"]
     assert "onnx-int8-cpu" in manifest["models"]
     assert list(bundle.glob("bench-*.json"))
+
+
+def test_background_noise_has_the_asked_snr_and_is_the_same_every_time(tmp_path, monkeypatch):
+    from edgekd.data.audio import FeatureMaker, fixed_length, load_audio_folder
+
+    maker = FeatureMaker(DatasetConfig(snr_db=10.0))
+    x = torch.from_numpy(tone(440, 16000, 0.5).astype(np.float32))
+    clip = fixed_length(x, 16000)
+    noisy = maker.noisy(clip, len(x), seed=7)
+    noise_power = float(((noisy - clip) ** 2).mean())
+    assert abs(10 * np.log10(float((x**2).mean()) / noise_power) - 10.0) < 0.2
+    assert torch.equal(noisy, maker.noisy(clip, len(x), seed=7)) and not torch.equal(noisy, maker.noisy(clip, len(x), 8))
+
+    write_tone_folder(tmp_path / "tones")
+    clean = load_audio_folder(tmp_path / "tones", DatasetConfig(image_size=16))
+    cfg = DatasetConfig(image_size=16, snr_db=0.0)
+    first = load_audio_folder(tmp_path / "tones", cfg)
+    monkeypatch.setenv("EDGEKD_FEATURE_CACHE", str(tmp_path / "another-cache"))  # computed again, not read back
+    again = load_audio_folder(tmp_path / "tones", cfg)
+    assert torch.equal(first.train.images, again.train.images)
+    assert not torch.equal(first.train.images, clean.train.images)
+    assert torch.equal(first.train.labels, clean.train.labels)
+    assert any("white noise at 0 dB SNR" in note for note in first.notes)

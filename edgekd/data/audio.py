@@ -3,7 +3,8 @@ as uint8 like every image source, so views, the teacher cache, export, INT8 and 
 feature map unchanged (a bundle's model input is the spectrogram, not the waveform).
 
 Each clip is read (PCM WAV, standard library), mixed to mono, resampled to `sample_rate`, centre-padded with
-silence or centre-cropped to `clip_seconds`, and turned into `image_size` mel bands x `image_size` frames:
+silence or centre-cropped to `clip_seconds`, given white noise at `snr_db` if set (seeded by its file name), and
+turned into `image_size` mel bands x `image_size` frames:
 - logmel: power in dB relative to the clip's loudest bin, floored at -TOP_DB (librosa's and torchaudio's
   `top_db` convention), mapped linearly from [-TOP_DB, 0] dB to [0, 255]. Loudness-invariant by construction, so
   the uint8 map needs no statistics of the data.
@@ -96,7 +97,7 @@ class FeatureMaker:
         if cfg.features not in FEATURES:
             raise EdgeKDError(f"unknown audio features {cfg.features!r}: use {' or '.join(FEATURES)}")
         self.size = cfg.image_size or DEFAULT_SIZE
-        self.rate, self.kind = cfg.sample_rate, cfg.features
+        self.rate, self.kind, self.snr_db = cfg.sample_rate, cfg.features, cfg.snr_db
         self.samples = max(1, round(cfg.sample_rate * cfg.clip_seconds))
         self.hop = max(1, self.samples // self.size)  # frames = samples // hop + 1 > size, cropped to size
         n_fft = 1 << max(8, (2 * self.hop - 1).bit_length())  # a power of two covering two hops, at least 256
@@ -108,12 +109,25 @@ class FeatureMaker:
 
     def settings(self) -> dict:
         return {"features": self.kind, "sample_rate": self.rate, "samples": self.samples, "size": self.size,
-                "hop": self.hop, "n_fft": self.mel.n_fft, "top_db": TOP_DB, "revision": FEATURES_REVISION}
+                "hop": self.hop, "n_fft": self.mel.n_fft, "top_db": TOP_DB, "snr_db": self.snr_db,
+                "revision": FEATURES_REVISION}
 
-    def __call__(self, clips: list[tuple[np.ndarray, int]], chunk: int = 256) -> torch.Tensor:
+    def noisy(self, x: torch.Tensor, length: int, seed: int) -> torch.Tensor:
+        """`x` (a fixed-length clip whose first `length` samples, centred, are the recording) with white noise at
+        snr_db below the recording's mean power, over the whole clip, drawn from `seed`."""
+        power = float((x**2).sum()) / max(1, length)
+        std = (power / 10 ** (self.snr_db / 10)) ** 0.5
+        noise = torch.randn(len(x), generator=torch.Generator().manual_seed(seed))
+        return x + std * noise
+
+    def __call__(self, clips: list[tuple[np.ndarray, int]], chunk: int = 256,
+                 seeds: list[int] | None = None) -> torch.Tensor:
         """[N, size, size] features of (waveform, rate) clips, computed in batches (a clip at a time is ~30x
         slower: resampling and the STFT are small convolutions). A batch is zero-padded at the end to its longest
-        clip, resampled, and each clip cut back to its own resampled length: the same samples as one by one."""
+        clip, resampled, and each clip cut back to its own resampled length: the same samples as one by one.
+        `seeds`: one per clip, for its background noise (snr_db); default: its position."""
+        if self.snr_db is not None:
+            seeds = seeds if seeds is not None else list(range(len(clips)))
         out = []
         for start in range(0, len(clips), chunk):
             waves = []
@@ -127,9 +141,12 @@ class FeatureMaker:
                         self._resamplers[rate] = self._torchaudio.transforms.Resample(rate, self.rate)
                     batch = self._resamplers[rate](batch)
                 lengths = [-(-len(x) * self.rate // rate) for x in group]
-                waves += [(i, fixed_length(b[:n], self.samples)) for i, b, n in
-                          zip([j for j, (_, r) in enumerate(clips[start : start + chunk]) if r == rate], batch,
-                              lengths, strict=True)]
+                for i, b, n in zip([j for j, (_, r) in enumerate(clips[start : start + chunk]) if r == rate],
+                                   batch, lengths, strict=True):
+                    clip = fixed_length(b[:n], self.samples)
+                    if self.snr_db is not None:
+                        clip = self.noisy(clip, min(n, self.samples), seeds[start + i])
+                    waves.append((i, clip))
             waves.sort(key=lambda pair: pair[0])  # back in the clips' order
             power = self.mel(torch.stack([w for _, w in waves]))[:, :, : self.size]  # [n, mels, frames]
             db = 10 * torch.log10(power.clamp_min(1e-10))
@@ -198,14 +215,15 @@ def load_audio_folder(root: Path, cfg: DatasetConfig, progress=None) -> RawDatas
         total = sum(len(files) for _, files in listing)
         done, floats, skipped = 0, {}, []
         for name, files in listing:
-            clips, labels = [], []
+            clips, labels, seeds = [], [], []
             for path, label in files:
                 try:
                     clips.append(read_wav(path))
                     labels.append(label)
+                    seeds.append(int(hashlib.sha256(str(path.relative_to(root)).encode()).hexdigest()[:8], 16))
                 except ValueError as exc:
                     skipped.append(str(exc))
-            floats[name] = (maker(clips), torch.tensor(labels, dtype=torch.int64))
+            floats[name] = (maker(clips, seeds=seeds), torch.tensor(labels, dtype=torch.int64))
             done += len(files)
             if progress:
                 progress(done, total)
@@ -223,7 +241,8 @@ def load_audio_folder(root: Path, cfg: DatasetConfig, progress=None) -> RawDatas
     if "all" in sets:  # no train/ and test/: the same stratified holdout as every source without a test split
         keep, hold = stratified_holdout(sets["all"].labels, HOLDOUT_FRACTION, HOLDOUT_SEED)
         sets = {"train": sets["all"].subset(keep), "test": sets["all"].subset(hold)}
-    notes = [f"{cfg.features} {maker.size}x{maker.size} at {cfg.sample_rate} Hz, {cfg.clip_seconds:g} s clips "
+    noise = "" if cfg.snr_db is None else f", white noise at {cfg.snr_db:g} dB SNR"
+    notes = [f"{cfg.features} {maker.size}x{maker.size} at {cfg.sample_rate} Hz, {cfg.clip_seconds:g} s clips{noise} "
              "(edgekd.data.audio)"]
     if skipped:
         notes.append(f"skipped {len(skipped)} unreadable file(s), e.g. {skipped[0]}")
