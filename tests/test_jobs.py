@@ -52,6 +52,20 @@ def test_plan_is_a_graph_of_dependencies(tiny_profile, tmp_path):
     assert len(jobs) == 2 + 1 + 4 + 4 + 4
 
 
+def test_trainings_share_a_gpu_by_asking_for_a_part_of_it(tiny_profile, tmp_path):
+    """study.trainings_per_gpu = 2: each training job asks for half a GPU (what Ray places by); on the CPU none."""
+    shared = load_profile(tiny_profile, ["study.seeds=[0]", "study.trainings_per_gpu=2"])
+    on_gpu = {j.label: j.num_gpus for j in plan_jobs(shared, tmp_path, deploy=True, device="cuda")}
+    assert on_gpu["synthetic/base/teacher/seed0"] == on_gpu["synthetic/base/kd/seed0"] == 0.5
+    assert on_gpu["synthetic/base/teacher_cache/seed0"] == 0.5
+    alone = {j.label: j.num_gpus for j in plan_jobs(load_profile(tiny_profile, ["study.seeds=[0]"]), tmp_path,
+                                                     device="cuda")}
+    assert alone["synthetic/base/kd/seed0"] == 1.0
+    assert {j.num_gpus for j in plan_jobs(shared, tmp_path, device="cpu")} == {0.0}
+    with pytest.raises(Exception, match="trainings_per_gpu"):
+        load_profile(tiny_profile, ["study.trainings_per_gpu=0"])
+
+
 def test_key_changes_name_the_setting_and_input():
     old = make_key("train", {"student": {"epochs": 10, "lr": 0.05}}, {"datasets.d": {"classes": 4}},
                    {"teacher": "a" * 64})

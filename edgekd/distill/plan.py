@@ -110,7 +110,7 @@ def plan_training(ctx: PlanContext, planned: list[Job]) -> list[Job]:
     """Every training job of the profile with its dependencies, in an order that respects them: teachers, teacher
     caches, then students (a tuned method's grid candidates before it, a pruned student after the one it prunes)."""
     profile, root = ctx.profile, ctx.root
-    gpus = 1.0 if ctx.device.startswith("cuda") else 0.0
+    gpus = 1.0 / profile.study.trainings_per_gpu if ctx.device.startswith("cuda") else 0.0
     seed0 = profile.study.teacher_seed
     cached = needs_cache(profile)
     teachers: list[Job] = []
