@@ -96,6 +96,7 @@ def check_profile(path: str | Path, overrides: list[str] | None = None, out: Pat
     losses = loss_problems(profile)
     data_problems, images = _data_problems(profile)
     problems += losses + model_problems(profile) + data_problems + _device_problems(profile.study.device)
+    problems += multilabel_problems(profile, deploy)
     if deploy:
         problems += deploy_problems(profile.deploy, profile.devices)
     if out is not None:
@@ -136,6 +137,39 @@ def model_problems(profile: Profile) -> list[str]:
                 read_state_dict(checkpoint)
         except EdgeKDError as exc:
             problems.append(f"profile key '{where}.checkpoint': {exc}")
+    return problems
+
+
+def multilabel_problems(profile: Profile, deploy: bool = False) -> list[str]:
+    """What a multi-label dataset (config.MULTILABEL_SOURCES) cannot do: losses without a multi-label form, variants
+    that need one class per image, mixed batches, Grad-CAM maps (of one class)."""
+    from edgekd.config import MULTILABEL_SOURCES, method_losses
+    from edgekd.data.variants import MULTILABEL_KINDS
+    from edgekd.distill.losses import LOSSES
+
+    multi = [n for n, ds in profile.datasets.items() if ds.source in MULTILABEL_SOURCES]
+    if not multi:
+        return []
+    named = f"dataset {multi[0]!r} is multi-label"
+    usable = ", ".join(n for n, c in LOSSES.items() if c.supports_multilabel)
+    problems = [f"'methods.{m}.{name}': loss {name!r} needs one class per image and {named}: use {usable}"
+                for m, spec in profile.methods.items() for name in method_losses(spec)
+                if name in LOSSES and not LOSSES.get(name).supports_multilabel]
+    problems += [f"'variants.{v}.kind' is {c.kind!r}{' with shift' if c.shift else ''}, which needs one class per "
+                 f"image, and {named}: use {', '.join(MULTILABEL_KINDS)}"
+                 for v, c in profile.variants.items() if c.kind not in MULTILABEL_KINDS or c.shift]
+    problems += [f"'{where}.mix' mixes batches, which {named} does not support yet: remove it"
+                 for where, cfg in (("student", profile.student), *((f"students.{n}", c) for n, c in
+                                                                     profile.students.items())) if cfg.mix]
+    if profile.explain.images:
+        problems.append(f"[explain] maps one class per image and {named}: remove [explain]")
+    if deploy:
+        methods = [profile.deploy.int8_method, *profile.deploy.int8_escalation, *profile.deploy.int8_compare]
+        if "qat-kd" in methods:
+            problems.append(f"deploy: qat-kd fine-tunes with one class per image and {named}: use ptq or "
+                            "ptq-search")
+        if "pte" in profile.deploy.targets:
+            problems.append(f"deploy.targets: pte is not scored for multi-label data yet and {named}: remove it")
     return problems
 
 

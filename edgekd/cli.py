@@ -147,14 +147,16 @@ def _done_line(job, m: dict) -> str:
     if kind == "explain":
         return f"Grad-CAM of {len(m.get('models', {}))} models on {m.get('images', 0)} test images  {wall}"
     if "test_acc" in m:
-        return f"test {m['test_acc'] * 100:.2f}%  val {m['val_acc'] * 100:.2f}%  {wall}"
+        metric = "" if m.get("metric", "accuracy") == "accuracy" else f" {m['metric']}"
+        return f"test{metric} {m['test_acc'] * 100:.2f}%  val {m['val_acc'] * 100:.2f}%  {wall}"
     return wall  # a kind of job this line has no summary for: its wall time
 
 
 def distill_table(summaries) -> Table:
-    table = Table(title="Knowledge distillation: test accuracy (%); students as mean ± std over seeds",
+    table = Table(title="Knowledge distillation: test accuracy (%), or the dataset's metric where named; students "
+                        "as mean ± std over seeds",
                   caption="KD gain = KD student - scratch student, paired by seed (points); agreement = top-1 "
-                          "agreement with the teacher on test")
+                          "agreement with the teacher on test (multi-label: per image and class, present or not)")
     for col in ("dataset", "variant", "teacher", "scratch", "method", "KD student", "KD gain", "agreement", "seeds"):
         table.add_column(col, justify="left" if col in ("dataset", "variant", "method") else "right")
     for s in summaries:
@@ -164,7 +166,8 @@ def distill_table(summaries) -> Table:
         for i, m in enumerate(s.methods or [None]):
             gain = m.gain.fmt(signed=True) if m and m.gain else "-"
             style = "red" if m and m.gain and m.gain.mean < 0 else "green"
-            table.add_row(s.dataset if i == 0 else "", s.variant if i == 0 else "", teacher if i == 0 else "",
+            dataset = s.dataset if s.metric == "accuracy" else f"{s.dataset} ({s.metric})"
+            table.add_row(dataset if i == 0 else "", s.variant if i == 0 else "", teacher if i == 0 else "",
                           scratch if i == 0 else "", m.method if m else "-", m.accuracy.fmt() if m else "-",
                           f"[{style}]{gain}[/{style}]", m.agreement.fmt() if m and m.agreement else "-",
                           str(m.accuracy.n) if m else "0")
@@ -543,14 +546,16 @@ def bench_table(record: dict) -> Table:
 
 def report_table(report) -> Table:
     table = Table(title=f"KD gain by dataset factor: {report.root.name}",
-                  caption="test accuracy %, mean ± std over seeds; gain paired by seed with its 95% interval")
+                  caption="test accuracy % (or the dataset's metric where named), mean ± std over seeds; gain paired "
+                          "by seed with its 95% interval")
     for col in ("dataset", "variant", "factor", "student", "method", "teacher", "scratch", "KD", "KD gain [95% CI]"):
         table.add_column(col, justify="left" if col in ("dataset", "variant", "factor", "student", "method") else "right")
     for r in report.variants:
         g = r["gain"]
         style = "red" if g and g.mean < 0 else "green"
         gain = f"[{style}]{g.mean * 100:+.2f} [±{g.ci95 * 100:.2f}][/{style}]" if g else "-"
-        table.add_row(r["dataset"], r["variant"], r["factor"], r["student"], r["method"],
+        dataset = r["dataset"] if r.get("metric", "accuracy") == "accuracy" else f"{r['dataset']} ({r['metric']})"
+        table.add_row(dataset, r["variant"], r["factor"], r["student"], r["method"],
                       f"{r['teacher_acc'] * 100:.2f}" if r["teacher_acc"] is not None else "-",
                       r["scratch_acc"].fmt() if r["scratch_acc"] else "-", r["kd_acc"].fmt() if r["kd_acc"] else "-",
                       gain)

@@ -47,12 +47,17 @@ class DatasetConfig:
     # Background noise: white noise mixed into every clip (train and test) at this signal-to-noise ratio in dB,
     # seeded per file; a noisy recording condition as its own dataset. Empty (none) by default.
     snr_db: float | None = None
+    # mosaic source: 2x2 mosaics of another source's images (`tiles`: digits, fashion-mnist, mnist, ...), labelled
+    # with the set of their tiles' classes (multi-label); `mosaics` per split, 0 = as many as the tile split has
+    tiles: str = "digits"
+    mosaics: int = 0
 
 
-# The dataset keys only audio sources read: in a key (edgekd.data.describe) only where the source is one, so
-# adding them changed no image dataset's key.
-AUDIO_SOURCES = ("audiofolder", "spoken-digits")
+# The dataset keys only some sources read: in a key (edgekd.data.describe) only where the source reads them, so
+# adding them changed no other dataset's key.
 AUDIO_SETTINGS = ("features", "sample_rate", "clip_seconds", "snr_db")
+SOURCE_SETTINGS = {"audiofolder": AUDIO_SETTINGS, "spoken-digits": AUDIO_SETTINGS, "mosaic": ("tiles", "mosaics")}
+MULTILABEL_SOURCES = ("mosaic",)  # sources whose images carry a set of classes (edgekd.data.sampling.multilabel)
 
 VARIANT_KINDS = ("base", "fraction", "labels", "per_class", "imbalance", "label_noise", "spurious", "classes",
                  "corruption", "resolution")
@@ -431,6 +436,8 @@ DATASET_RULES = {
     "sample_rate": (lambda v: 1000 <= v <= 192000, "a sample rate in Hz, e.g. 16000"),
     "clip_seconds": (lambda v: 0 < v <= 60, "a clip length in seconds, above 0 and at most 60"),
     "snr_db": (lambda v: v is None or -20 <= v <= 60, "a signal-to-noise ratio in dB from -20 to 60, or absent"),
+    "tiles": (lambda v: v not in ("", "mosaic"), "the data source of the tiles, e.g. digits or fashion-mnist"),
+    "mosaics": _at_least(0),
 }
 STUDY_RULES = {
     "name": (lambda v: bool(v) and not set(v) & set("/\\") and v not in (".", ".."),

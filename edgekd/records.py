@@ -38,7 +38,7 @@ T_975 = dict(enumerate([12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306,
 RUN_IDENTITY = ("dataset", "variant", "role", "method", "seed", "family", "model")
 RUN_VALUES = ("test_acc", "val_acc", "balanced_test_acc", "ece", "head_acc", "tail_acc", "worst_group_acc",
               "extra_test_acc", "teacher_agreement", "params", "epochs", "wall_s", "train_s", "images_per_s", "fill_s",
-              "teacher_forwards", "grid", "teachers")
+              "teacher_forwards", "grid", "teachers", "metric", "test_map")
 
 
 # -- statistics ----------------------------------------------------------------------------------------------------
@@ -367,6 +367,12 @@ class RunGroup:
     @property
     def teacher_acc(self) -> float | None:
         return self.teacher["test_acc"] if self.teacher else None
+
+    @property
+    def metric(self) -> str:
+        """What test_acc measures in this group's records: "accuracy" (top-1), or "macro AUC" (multi-label)."""
+        first = self.teacher or (self.runs[0] if self.runs else {})
+        return first.get("metric", "accuracy")
 
     @property
     def scratch(self) -> list[dict]:

@@ -31,7 +31,7 @@ from edgekd.bench.monitor import (
 from edgekd.envinfo import environment
 from edgekd.errors import EdgeKDError
 from edgekd.runio import sha256_file, write_json
-from edgekd.runtime.evalset import accuracy, load_eval, normalize, predict
+from edgekd.runtime.evalset import load_eval, metric_name, normalize, predict, score
 from edgekd.runtime.manifest import bundle_file, read_manifest
 from edgekd.runtime.runners import RUNNERS, require
 from edgekd.runtime.tensorrt import engine_note
@@ -155,7 +155,7 @@ def bench_bundle(bundle: Path, options: BenchOptions, progress=None) -> dict:
             loaded = time.perf_counter()
             runner.infer(normalize(images[:1], mean, std))
             cold = {"load_ms": (loaded - opened) * 1e3, "first_inference_ms": (time.perf_counter() - loaded) * 1e3}
-            acc = accuracy(predict(runner, images, mean, std), labels)
+            acc = score(predict(runner, images, mean, std), labels)  # top-1, or macro AUC (multi-label)
             latency, power, timing, calls = {}, {}, set(), set()
             for batch in options.batch_sizes:
                 if progress:
@@ -176,7 +176,7 @@ def bench_bundle(bundle: Path, options: BenchOptions, progress=None) -> dict:
         results.append({
             "model": target.key, "backend": options.backend, "device": options.device,
             "precision": entry["precision"], "file": entry["file"],
-            "file_bytes": (bundle / entry["file"]).stat().st_size, "accuracy": acc,
+            "file_bytes": (bundle / entry["file"]).stat().st_size, "accuracy": acc, "metric": metric_name(labels),
             # host_wall: host clock around a synchronous call; device_events: CUDA events around the GPU work.
             "timing": timing.pop() if len(timing) == 1 else sorted(timing),
             "calls_per_sample": max(calls),  # device_events: each latency sample is the mean of this many enqueues

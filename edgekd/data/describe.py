@@ -29,10 +29,11 @@ def _source_sizes(cfg) -> dict | None:
 
 def settings_in_key(settings: dict) -> dict:
     """Of a dataset's settings (a DatasetConfig as a dict), those its results depend on: not where its files live
-    (moving the files changes no result), and the audio settings only for an audio source."""
-    from edgekd.config import AUDIO_SETTINGS, AUDIO_SOURCES
+    (moving the files changes no result), and a source's own settings (config.SOURCE_SETTINGS) only for it."""
+    from edgekd.config import SOURCE_SETTINGS
 
-    skip = {"data_dir", "download", *(() if settings.get("source") in AUDIO_SOURCES else AUDIO_SETTINGS)}
+    own = set(SOURCE_SETTINGS.get(settings.get("source"), ()))
+    skip = {"data_dir", "download", *(k for keys in SOURCE_SETTINGS.values() for k in keys if k not in own)}
     return {k: v for k, v in settings.items() if k not in skip}
 
 

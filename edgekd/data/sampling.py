@@ -7,9 +7,23 @@ import torch
 UNLABELED = -1  # the label of a training image whose label a `labels` variant removed
 
 
+def multilabel(labels: torch.Tensor) -> bool:
+    """Multi-label data carries a 0/1 row per image ([N, classes], a mosaic's set of tile classes); single-label
+    data one class index per image ([N])."""
+    return labels.ndim == 2
+
+
 def class_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Images per class; unlabeled images (UNLABELED) are not counted."""
+    """Images per class (multi-label: images carrying it); unlabeled images (UNLABELED) are not counted."""
+    if multilabel(labels):
+        return labels.sum(0).long()
     return torch.bincount(labels[labels >= 0], minlength=num_classes)
+
+
+def random_take(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
+    """k of n indices at random (sorted): multi-label data's carves and caps, where a class is no stratum (an image
+    is in several)."""
+    return torch.randperm(n, generator=generator)[: max(0, min(k, n))].sort().values
 
 
 def stratified_take(labels: torch.Tensor, per_class: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -249,6 +249,18 @@ class SpokenDigitsSource(Source):
         return SourceSizes(list(CLASSES), torch.full((len(CLASSES),), train), torch.full((len(CLASSES),), test))
 
 
+class MosaicSource(Source):
+    """Multi-label 2x2 mosaics of another source's images (edgekd.data.mosaic)."""
+
+    def search_paths(self, cfg):
+        return SOURCES.get(cfg.tiles).search_paths(cfg) if cfg.tiles in SOURCES and cfg.tiles != "mosaic" else []
+
+    def load(self, cfg):
+        from edgekd.data.mosaic import load_mosaics
+
+        return load_mosaics(cfg)
+
+
 class SyntheticSource(Source):
     def search_paths(self, cfg):
         return [Path("<drawn in memory>")]
@@ -287,4 +299,6 @@ SOURCES.register("audiofolder")(AudioFolderSource("a class-per-folder directory 
                                                   "maps (train/ and test/ subfolders, or 20% held out)"))
 SOURCES.register("spoken-digits")(SpokenDigitsSource("spoken digits synthesized by espeak-ng (7 accents x 8 speakers "
                                                      "x 2 speeds x 2 pitches; 2 speakers held out for test)"))
+SOURCES.register("mosaic")(MosaicSource("multi-label: 2x2 mosaics of another source's images (tiles = ...), labelled "
+                                         "with the set of their classes"))
 SOURCES.register("synthetic")(SyntheticSource("procedurally drawn bars; classes and samples set in the profile"))

@@ -10,7 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from edgekd.config import DatasetConfig
-from edgekd.data.sampling import cap_per_class, class_counts, share_per_class, stratified_take
+from edgekd.data.sampling import (
+    cap_per_class,
+    class_counts,
+    multilabel,
+    random_take,
+    share_per_class,
+    stratified_take,
+)
 from edgekd.data.sources import SOURCES
 from edgekd.data.types import DataSplits, ImageSet
 from edgekd.errors import EdgeKDError
@@ -22,6 +29,8 @@ def stratified_cap(images: ImageSet, limit: int, num_classes: int, seed: int) ->
     """At most `limit` samples, each class keeping its share."""
     if limit <= 0 or limit >= len(images):
         return images
+    if multilabel(images.labels):
+        return images.subset(random_take(len(images), limit, torch.Generator().manual_seed(seed)))
     per_class = cap_per_class(class_counts(images.labels, num_classes), limit)
     return images.subset(stratified_take(images.labels, per_class, torch.Generator().manual_seed(seed)))
 
@@ -87,8 +96,11 @@ def load_splits(name: str, cfg: DatasetConfig) -> DataSplits:
     if problems:
         raise EdgeKDError(problems[0])
     g = torch.Generator().manual_seed(SPLIT_SEED)
-    val_per_class = share_per_class(class_counts(train.labels, classes), cfg.val_fraction)
-    val_idx = stratified_take(train.labels, val_per_class, g)
+    if multilabel(train.labels):
+        val_idx = random_take(len(train), round(len(train) * cfg.val_fraction), g)
+    else:
+        val_per_class = share_per_class(class_counts(train.labels, classes), cfg.val_fraction)
+        val_idx = stratified_take(train.labels, val_per_class, g)
     keep = torch.ones(len(train), dtype=torch.bool)
     keep[val_idx] = False
     val, train = train.subset(val_idx), train.subset(keep.nonzero().flatten())

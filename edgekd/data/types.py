@@ -10,7 +10,7 @@ import torch
 @dataclass
 class ImageSet:
     images: torch.Tensor  # uint8 [N, C, H, W]
-    labels: torch.Tensor  # int64 [N]
+    labels: torch.Tensor  # int64 [N]; multi-label data: uint8 [N, classes], 1 where the image has the class
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -57,6 +57,11 @@ class DataSplits:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def multilabel(self) -> bool:
+        """Each image carries a set of classes (labels [N, classes], 0/1), scored by macro AUC, not top-1."""
+        return self.train.labels.ndim == 2
 
     @property
     def channels(self) -> int:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from edgekd.config import CORRUPTIONS, VariantConfig, variant_problems
-from edgekd.data.sampling import UNLABELED, class_counts, stratified_take
+from edgekd.data.sampling import UNLABELED, class_counts, multilabel, random_take, stratified_take
 from edgekd.data.types import DataSplits, ImageSet
 from edgekd.errors import EdgeKDError
 
@@ -61,6 +61,28 @@ def noisy_labels(labels: torch.Tensor, classes: int, cfg: VariantConfig, g: torc
             labels[idx] = target[c]
         flipped[idx] = True
     return labels, flipped
+
+
+# What a multi-label dataset can be made into: the kinds below transform class indices (a spurious cue per class, a
+# class subset) or split by class, which a set of classes does not have.
+MULTILABEL_KINDS = ("base", "fraction", "label_noise")
+
+
+def noisy_label_sets(labels: torch.Tensor, cfg: VariantConfig, g: torch.Generator):
+    """Multi-label noise: exactly round(rate * n) images, chosen at random, have one of their classes swapped for one
+    they do not have (a finding missed and another reported: the set keeps its size). Returns new labels and the
+    mask of changed images."""
+    labels = labels.clone()
+    n, classes = labels.shape
+    changed = torch.zeros(n, dtype=torch.bool)
+    for i in torch.randperm(n, generator=g)[: int(round(cfg.rate * n))].tolist():
+        present, absent = labels[i].nonzero().flatten(), (labels[i] == 0).nonzero().flatten()
+        if len(present) == 0 or len(absent) == 0:
+            continue
+        labels[i, present[torch.randint(len(present), (1,), generator=g)]] = 0
+        labels[i, absent[torch.randint(len(absent), (1,), generator=g)]] = 1
+        changed[i] = True
+    return labels, changed
 
 
 def add_cue(images: torch.Tensor, cue_class: torch.Tensor, classes: int) -> torch.Tensor:
@@ -119,6 +141,15 @@ def _transform_training_like(s: ImageSet, cfg: VariantConfig, classes: int, g: t
                              stats: dict | None) -> ImageSet:
     """The variant's change to data drawn from the training distribution (the training split, and the validation
     split carved from it: a user's held-out data is as small, skewed, noisy or biased as their training data)."""
+    if multilabel(s.labels):
+        if cfg.kind == "fraction":
+            return s.subset(random_take(len(s), round(len(s) * cfg.fraction), g))
+        if cfg.kind == "label_noise":
+            labels, changed = noisy_label_sets(s.labels, cfg, g)
+            if stats is not None:
+                stats.update(noise_rate=float(changed.float().mean()))
+            return ImageSet(s.images, labels)
+        return s
     counts = class_counts(s.labels, classes)
     if cfg.kind == "fraction":
         return s.subset(stratified_take(s.labels, torch.round(counts * cfg.fraction).long(), g))
@@ -156,6 +187,9 @@ def apply_variant(splits: DataSplits, cfg: VariantConfig, where: str = "variant"
     """`where` names the variant's profile key (variants.<name>) in errors."""
     classes = splits.num_classes
     problems = variant_problems(cfg, where, classes, int(class_counts(splits.train.labels, classes).min()))
+    if splits.multilabel and (cfg.kind not in MULTILABEL_KINDS or cfg.shift):
+        problems.append(f"'{where}.kind' is {cfg.kind!r}{' with shift' if cfg.shift else ''}, which needs one class "
+                        f"per image; {splits.name!r} is multi-label: use one of {', '.join(MULTILABEL_KINDS)}")
     if problems:
         raise EdgeKDError(problems[0])
     g = _generator(cfg)

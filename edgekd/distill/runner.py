@@ -378,7 +378,7 @@ def _train_job(run: _Run, variant: VariantData, log: _RunLog, start: float, key:
         log(f"teacher weights from {stopped or cfg.checkpoint}, not trained")
     else:
         criterion = ComposedLoss(method_losses(losses), f"methods.{loss_method(profile, role.base)}",
-                                 cfg.label_smoothing).to(run.device)
+                                 cfg.label_smoothing, data.multilabel).to(run.device)
         teacher_source, teacher_logits = _teacher_source(run, model, data, losses, criterion)
         if trains_on_labeled_only(profile, job):
             data, cfg, labeled_only = _labeled_only(run, data, cfg, log)

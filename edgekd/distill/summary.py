@@ -31,6 +31,7 @@ class VariantSummary:
     scratch: Spread | None = None
     methods: list[MethodResult] = field(default_factory=list)
     cache_s: float | None = None
+    metric: str = "accuracy"  # what the accuracies measure (RunGroup.metric)
 
 
 def summarize(records: list[dict] | list[RunRecord]) -> list[VariantSummary]:
@@ -39,7 +40,7 @@ def summarize(records: list[dict] | list[RunRecord]) -> list[VariantSummary]:
     for g in group_runs(records):
         summary = VariantSummary(g.dataset, g.label, g.teacher_acc, g.teacher["model"] if g.teacher else "",
                                  g.runs[0]["model"] if g.runs else "", g.scratch_acc(),
-                                 cache_s=g.cache["fill_s"] if g.cache else None)
+                                 cache_s=g.cache["fill_s"] if g.cache else None, metric=g.metric)
         for method in g.methods:
             agreement = [r["teacher_agreement"] for r in g.kd(method) if r.get("teacher_agreement") is not None]
             summary.methods.append(MethodResult(method, g.kd_acc(method), g.gain(method), Spread.of(agreement)))

@@ -41,6 +41,7 @@ from edgekd.distill.plan import snapshot_path
 from edgekd.distill.teacher import Normalize
 from edgekd.errors import EdgeKDError
 from edgekd.runio import UnreadableFile, load_tensors, read_json, save_tensors, tensor_shapes, write_json
+from edgekd.runtime.evalset import score
 
 CHECKPOINT = "checkpoint"  # .safetensors (model, optimizer, best weights) + .json (epoch, history)
 
@@ -225,6 +226,9 @@ def predict(model: nn.Module, images: torch.Tensor, normalize: Normalize, ex: Ex
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The task's score (edgekd.runtime.evalset.score): top-1 accuracy, or macro AUC on multi-label data."""
+    if labels.ndim == 2:
+        return score(logits.float().numpy(), labels.cpu().numpy())
     return (logits.argmax(1) == labels.cpu()).float().mean().item() if len(labels) else float("nan")
 
 
@@ -475,6 +479,33 @@ def _sum_over_ranks(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return dict(zip(keys, flat.unbind(), strict=True))
 
 
+def multilabel_metrics(test: torch.Tensor, val: torch.Tensor, data: DataSplits,
+                       teacher_test_logits: torch.Tensor | None) -> dict:
+    """A multi-label model's record: macro AUC in the places top-1 accuracy has (test_acc, val_acc: what checkpoints,
+    KD gains and the report use, named by `metric`), mAP, and each class's AUC and AP."""
+    from edgekd.runtime.evalset import (
+        average_precision,
+        decisions,
+        mean_average_precision,
+        per_class,
+        roc_auc,
+    )
+
+    t, y = test.float().numpy(), data.test.labels.numpy()
+    metrics = {"metric": "macro AUC", "test_acc": round(score(t, y), 5),
+               "val_acc": round(score(val.float().numpy(), data.val.labels.numpy()), 5),
+               "test_map": round(mean_average_precision(t, y), 5),
+               "per_class_test_auc": {c: None if v is None else round(v, 5)
+                                      for c, v in zip(data.classes, per_class(roc_auc, t, y), strict=True)},
+               "per_class_test_ap": {c: None if v is None else round(v, 5)
+                                     for c, v in zip(data.classes, per_class(average_precision, t, y), strict=True)},
+               "label_cardinality": round(float(y.sum(1).mean()), 3)}
+    if teacher_test_logits is not None and teacher_test_logits.shape == test.shape:
+        same = decisions(t, True) == decisions(teacher_test_logits.float().numpy(), True)
+        metrics["teacher_agreement"] = round(float(same.mean()), 5)  # per (image, class) decision
+    return metrics
+
+
 def evaluate(model: nn.Module, data: DataSplits, ex: Execution, batch_size: int,
              teacher_test_logits: torch.Tensor | None = None, extra_tests: dict | None = None,
              variant_stats: dict | None = None) -> tuple[dict, torch.Tensor]:
@@ -485,6 +516,8 @@ def evaluate(model: nn.Module, data: DataSplits, ex: Execution, batch_size: int,
         return predict(model, images.to(ex.device), normalize, ex, batch_size)
 
     test, val = logits_of(data.test.images), logits_of(data.val.images)
+    if data.multilabel:
+        return multilabel_metrics(test, val, data, teacher_test_logits), test
     per_class = per_class_accuracy(test, data.test.labels, data.num_classes)
     metrics = {
         "test_acc": round(accuracy(test, data.test.labels), 5),

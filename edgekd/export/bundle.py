@@ -40,7 +40,8 @@ from edgekd.export.quantize import PRESETS, Quantizer, Score
 from edgekd.records import SCHEMA_VERSION, current_runs, fingerprint, group_runs, make_key, variant_label
 from edgekd.runio import METRICS, RUN_PROFILE, WEIGHTS, read_json, write_json
 from edgekd.runio import sha256_file as sha256
-from edgekd.runtime.evalset import accuracy, normalize, predict
+from edgekd.runtime.evalset import agreement, metric_name, normalize, predict
+from edgekd.runtime.evalset import score as task_score
 from edgekd.runtime.manifest import MANIFEST, write_manifest
 from edgekd.runtime.runners import OrtRunner
 from edgekd.runtime.tensorrt import engine_builder
@@ -174,7 +175,7 @@ def _torch_model(run: Path, profile: dict, data):
     return load_weights(model, run / WEIGHTS).eval(), cfg
 
 
-def qdq_parity(path: Path, x: np.ndarray, reference: np.ndarray) -> dict:
+def qdq_parity(path: Path, x: np.ndarray, reference: np.ndarray, multilabel: bool = False) -> dict:
     """A Q/DQ model against the PyTorch graph it was exported from (`reference`: its logits on `x`). The ONNX model's
     own meaning (every Q/DQ in float, ONNX Runtime's graph optimizations off) checks the export; ONNX Runtime's
     fused integer kernels (QLinearConv, ...) round differently, and what they change is recorded beside it: that is
@@ -191,9 +192,9 @@ def qdq_parity(path: Path, x: np.ndarray, reference: np.ndarray) -> dict:
     fused = logits_at(ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
     return {"reference": "the converted fake-quant PyTorch graph (torchao convert_pt2e)",
             "onnx": "ONNX Runtime, graph optimizations off (Q/DQ as written)",
-            "top1_agreement": float((exact.argmax(1) == reference.argmax(1)).mean()),
+            "top1_agreement": agreement(exact, reference, multilabel),
             "max_abs_logit_diff": float(np.abs(exact - reference).max()),
-            "runtime_int8_kernels_agreement": float((fused.argmax(1) == reference.argmax(1)).mean())}
+            "runtime_int8_kernels_agreement": agreement(fused, reference, multilabel)}
 
 
 def _qat_int8(run: Path, model, preset: str, path: Path, options: ExportOptions, x: np.ndarray, log, qat) -> dict:
@@ -264,9 +265,9 @@ def _fp16_parity(bundle: Path, reference: np.ndarray, images: np.ndarray, labels
         logits = predict(OrtRunner(bundle / "model.fp16.onnx"), images, data.mean, data.std)
     except EdgeKDError as exc:
         return {"parity": {"checked": False, "reason": str(exc)[:200]}}
-    return {"accuracy": accuracy(logits, labels),
+    return {"accuracy": task_score(logits, labels),
             "parity": {"checked": True, "max_abs_logit_diff": float(np.abs(logits - reference).max()),
-                       "top1_agreement": float((logits.argmax(1) == reference.argmax(1)).mean())}}
+                       "top1_agreement": agreement(logits, reference, data.multilabel)}}
 
 
 # -- export_run, phase by phase -------------------------------------------------------------------------------
@@ -300,7 +301,7 @@ class _Export:
         """Any runner's logits on the evaluation images and its accuracy (an ExecuTorch program's too)."""
         with self.watch("test scoring"):  # parity and each model's accuracy on the evaluation images
             logits = predict(runner, self.images, self.data.mean, self.data.std)
-        return logits, accuracy(logits, self.labels)
+        return logits, task_score(logits, self.labels)
 
     def add(self, key: str, file: str, precision: str, **info) -> None:
         """Record one model of the bundle, and write the manifest at once: nothing made is lost to a later failure."""
@@ -348,6 +349,8 @@ def _start_bundle(run: Path, options: ExportOptions, key: dict, profile: dict, m
                     "in_chans": data.channels, "small_input": cfg["small_input"]},
         "distill": _distill_record(run, metrics),
         "source": {"run_dir": str(run), "checkpoint_sha256": sha256(run / WEIGHTS)},
+        # what every "accuracy" of this bundle measures: top-1 accuracy, or macro AUC on multi-label data
+        "metric": metric_name(labels), "multilabel": data.multilabel,
         "eval": {"file": "eval.npz", "split": "test", "samples": int(len(labels)),
                  "subset": bool(len(labels) < len(data.test)), "of": len(data.test)},
         "packages": package_versions(), "models": {},
@@ -367,7 +370,7 @@ def _pytorch_reference(ex: _Export) -> None:
         ex.x = normalize(ex.images, ex.data.mean, ex.data.std)
         ex.reference = np.concatenate([ex.model(torch.from_numpy(ex.x[i : i + 512])).numpy()
                                        for i in range(0, len(ex.x), 512)])
-    ex.manifest["pytorch_accuracy"] = accuracy(ex.reference, ex.labels)
+    ex.manifest["pytorch_accuracy"] = task_score(ex.reference, ex.labels)
     ex.manifest["student"].update(compute_per_image(ex.model, ex.shape))
 
 
@@ -391,7 +394,7 @@ def _export_fp32(ex: _Export) -> None:
     with ex.watch("onnx export"):
         _export_onnx(ex.model, ex.bundle / fp32.file, ex.shape, exporter=ex.options.onnx_exporter)
     logits, acc = ex.accuracy_of(ex.bundle / fp32.file)
-    parity = logit_parity(logits, ex.reference, ex.options)
+    parity = logit_parity(logits, ex.reference, ex.options, ex.data.multilabel)
     ex.add(fp32.key, fp32.file, fp32.precision, opset=OPSET, exporter=ex.options.onnx_exporter, accuracy=acc,
            parity=parity)
     ex.log(f"onnx: max |Δlogit| {parity['max_abs_logit_diff']:.2e} ({parity['max_relative_diff']:.1e} of the logits' "
@@ -402,16 +405,17 @@ def _export_fp32(ex: _Export) -> None:
                           f"{parity['top1_agreement']:.4%}): the export is wrong for this model; do not deploy it")
 
 
-def logit_parity(logits: np.ndarray, reference: np.ndarray, options: ExportOptions) -> dict:
+def logit_parity(logits: np.ndarray, reference: np.ndarray, options: ExportOptions, multilabel: bool = False) -> dict:
     """How far an exported model's logits are from PyTorch's: the largest |Δlogit|, the largest as a share of its
-    image's logit scale (max |logit|), top-1 agreement, and whether all hold (|Δ| <= atol + rtol * scale)."""
+    image's logit scale (max |logit|), the answers it shares with PyTorch (`top1_agreement`: top-1, or multi-label
+    per image and class), and whether all hold (|Δ| <= atol + rtol * scale)."""
     diff = np.abs(logits - reference)
     scale = np.abs(reference).max(axis=1, keepdims=True)
-    agreement = float((logits.argmax(1) == reference.argmax(1)).mean())
+    shared = agreement(logits, reference, multilabel)
     within = bool((diff <= options.atol + options.rtol * scale).all())
     return {"max_abs_logit_diff": float(diff.max()), "max_relative_diff": float((diff / np.maximum(scale, 1e-12)).max()),
-            "top1_agreement": agreement, "atol": options.atol, "rtol": options.rtol,
-            "ok": within and agreement >= options.min_agreement}
+            "top1_agreement": shared, "atol": options.atol, "rtol": options.rtol,
+            "ok": within and shared >= options.min_agreement}
 
 
 def _validation(ex: _Export) -> Evaluator:
@@ -626,7 +630,7 @@ def _export_pte(ex: _Export) -> None:
     with ex.watch("executorch export"):
         info = write_pte(ex.model, ex.shape, ex.bundle / fp32.file)
     logits, acc = ex.scored_by(ExecuTorchRunner(ex.bundle / fp32.file))
-    parity = logit_parity(logits, ex.reference, ex.options)
+    parity = logit_parity(logits, ex.reference, ex.options, ex.data.multilabel)
     ex.add(fp32.key, fp32.file, fp32.precision, exporter=f"executorch {version}", accuracy=acc, parity=parity, **info)
     ex.log(f"pte: max |Δlogit| {parity['max_abs_logit_diff']:.2e}, top-1 agreement {parity['top1_agreement']:.4%}")
     if not parity["ok"]:

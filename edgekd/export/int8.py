@@ -299,7 +299,8 @@ def validation_views(images, labels, padding: int, hflip: bool, min_images: int 
     center = (padding * aug.offsets + padding) * (2 if hflip else 1)  # no shift, no flip
     views = [center] + [v for v in range(aug.num_views) if v != center][: wanted - 1]
     out = [aug.apply(images, torch.full((len(images),), v, dtype=torch.long)) for v in views]
-    return torch.cat(out).numpy(), np.tile(np.asarray(labels), len(views)), len(views)
+    labels = np.asarray(labels)
+    return torch.cat(out).numpy(), np.tile(labels, (len(views),) + (1,) * (labels.ndim - 1)), len(views)
 
 
 def calibration_sizes(calib_size: int, available: int) -> list[int]:

@@ -672,14 +672,28 @@ class Evaluator:
                                for i in range(0, len(self.images), self.batch_size)])
 
     def _score(self, logits: np.ndarray) -> Score:
+        """Multi-label data (labels [N, classes]): an answer is one (image, class) decision, present or not
+        (logit > 0), so accuracy is the share of decisions right and `flips` the share changed, both clustered by
+        image; KL is the mean binary KL per decision."""
         ref = getattr(self, "reference", logits)
-        p, q = _log_softmax(ref), _log_softmax(logits)
-        kl = float((np.exp(p) * (p - q)).sum(1).mean())
-        right, ref_right = logits.argmax(1) == self.labels, ref.argmax(1) == self.labels
+        clusters = self.clusters
+        if self.labels.ndim == 2:
+            p, q = ref.astype(np.float64), logits.astype(np.float64)
+            kl = float((_sigmoid(p) * (_log_sigmoid(p) - _log_sigmoid(q))
+                        + _sigmoid(-p) * (_log_sigmoid(-p) - _log_sigmoid(-q))).mean())
+            truth = self.labels.astype(bool)
+            right, ref_right = ((logits > 0) == truth).reshape(-1), ((ref > 0) == truth).reshape(-1)
+            flipped = ((logits > 0) != (ref > 0)).reshape(-1).astype(np.float64)
+            image = clusters if clusters is not None else np.arange(len(logits))
+            clusters = np.repeat(image, self.labels.shape[1])
+        else:
+            p, q = _log_softmax(ref), _log_softmax(logits)
+            kl = float((np.exp(p) * (p - q)).sum(1).mean())
+            right, ref_right = logits.argmax(1) == self.labels, ref.argmax(1) == self.labels
+            flipped = (logits.argmax(1) != ref.argmax(1)).astype(np.float64)
         diff = ref_right.astype(np.float64) - right  # paired: +1 lost, -1 gained, 0 same
-        flipped = (logits.argmax(1) != ref.argmax(1)).astype(np.float64)
         return Score(float(right.mean()), float(1.0 - flipped.mean()), max(kl, 0.0),
-                     _clustered_se(diff, self.clusters), _clustered_se(flipped, self.clusters))
+                     _clustered_se(diff, clusters), _clustered_se(flipped, clusters))
 
     def score_logits(self, logits: np.ndarray) -> Score:
         """The score of a model another runtime ran on `images` (an ExecuTorch program), against the same FP32."""
@@ -709,6 +723,14 @@ class Evaluator:
 
     def score(self, model: Path, as_written: bool = False) -> Score:
         return self.wait(self.submit(model, as_written))
+
+
+def _log_sigmoid(x: np.ndarray) -> np.ndarray:
+    return -np.logaddexp(0.0, -x)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return np.exp(_log_sigmoid(x))
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:

@@ -365,8 +365,12 @@ def build_report(study_root: Path) -> Report:
     title = f"edgekd report: {study_root.name}"
     setups = study_setups(study_root, records)
     answers = factor_answers(report.variants, variant_descriptions(setups))
+    other = sorted({(r["dataset"], r["metric"]) for r in report.variants if r.get("metric", "accuracy") != "accuracy"})
+    scored = "".join(f" Dataset {d!r} is multi-label: its accuracies are {m} in % (mean over classes of the ROC AUC "
+                     "of each class's score), every gain in points of it, and an INT8 model's answers are its "
+                     "per-class present/absent decisions." for d, m in other)
     md = [f"# {title}", "", "Test accuracy in %; students as mean ± std over seeds [95% interval]; KD gain is KD minus "
-          "scratch paired by seed, negative where KD hurt.", ""]
+          f"scratch paired by seed, negative where KD hurt.{scored}", ""]
     if answers:
         md += ["## Answers", "", "Per dataset factor: what KD changed, in points of test accuracy, with the 95% "
                "interval of the paired gain; a gain is distinguishable from zero when its interval excludes zero.",

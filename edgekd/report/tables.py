@@ -48,7 +48,8 @@ def variant_rows(records: list[dict] | list[RunRecord]) -> list[dict]:
         for method in g.methods:
             kd = g.kd(method)
             row = {"dataset": g.dataset, "variant": g.variant, "factor": FACTOR.get(kind, kind), "kind": kind,
-                   "student": kd[0]["model"], "family": g.family, "method": method, "teacher_acc": g.teacher_acc,
+                   "student": kd[0]["model"], "family": g.family, "method": method, "metric": g.metric,
+                   "teacher_acc": g.teacher_acc,
                    "scratch_acc": g.scratch_acc(), "kd_acc": g.kd_acc(method), "gain": g.gain(method)}
             for key in ("worst_group_acc", "tail_acc", "head_acc", "ece", "balanced_test_acc"):
                 if any(r.get(key) is not None for r in kd):

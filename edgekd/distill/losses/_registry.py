@@ -32,12 +32,15 @@ class StepOutputs:
 LOSSES: Registry[type[nn.Module]] = Registry("loss")
 
 
-def register_loss(name: str, needs_teacher: bool = True, needs_features: bool = False):
+def register_loss(name: str, needs_teacher: bool = True, needs_features: bool = False, multilabel: bool = False):
     """Losses with `needs_features` read `student_stage` / `teacher_stage` outputs; the teacher cache holds logits
-    only, so their teacher runs live on each batch."""
+    only, so their teacher runs live on each batch. `multilabel`: the loss is defined for multi-label data (targets
+    [B, classes] of 0/1, sigmoid outputs): ComposedLoss sets its instances' `multilabel` on such data and refuses
+    the others there."""
 
     def add(cls):
-        cls.needs_teacher, cls.needs_features = needs_teacher, needs_features
+        cls.needs_teacher, cls.needs_features, cls.supports_multilabel = needs_teacher, needs_features, multilabel
+        cls.multilabel = False
         return LOSSES.register(name)(cls)
 
     return add

@@ -22,7 +22,9 @@ class ComposedLoss(nn.Module):
     DKD does in its paper (20 of 240 epochs): a strong KD term on a random student otherwise diverges.
     """
 
-    def __init__(self, spec: dict[str, dict[str, float]], where: str = "methods", label_smoothing: float = 0.0):
+    def __init__(self, spec: dict[str, dict[str, float]], where: str = "methods", label_smoothing: float = 0.0,
+                 multilabel: bool = False):
+        """`multilabel`: the data gives each image a set of classes; every term must have a multi-label form."""
         super().__init__()
         self.weights: dict[str, float] = {}
         self.ramps: dict[str, float] = {}
@@ -34,6 +36,10 @@ class ComposedLoss(nn.Module):
             if not 0.0 <= ramp <= 1.0:
                 raise EdgeKDError(f"profile key '{where}.{name}.ramp' is {ramp}: use a fraction of training, 0 to 1")
             cls = LOSSES.get(name)
+            if multilabel and not cls.supports_multilabel:
+                usable = ", ".join(n for n, c in LOSSES.items() if c.supports_multilabel)
+                raise EdgeKDError(f"'{where}.{name}': loss {name!r} needs one class per image, and the data is "
+                                  f"multi-label: use {usable}")
             accepted = list(inspect.signature(cls.__init__).parameters)[1:]
             for key in params:
                 if key not in accepted:
@@ -44,6 +50,7 @@ class ComposedLoss(nn.Module):
             if name == "ce" and "label_smoothing" not in params:
                 params["label_smoothing"] = label_smoothing
             self.terms[name] = cls(**params)
+            self.terms[name].multilabel = multilabel
             self.weights[name] = weight
             self.ramps[name] = ramp
         if not self.terms:

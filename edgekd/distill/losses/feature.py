@@ -59,7 +59,7 @@ class _Adapted(_StagePair):
         return _match_size(s, t), t
 
 
-@register_loss("fitnet", needs_features=True)
+@register_loss("fitnet", needs_features=True, multilabel=True)  # label-free
 class FitNet(_Adapted):
     """Romero et al., ICLR 2015: regress the teacher's feature map through a 1x1 adapter (MSE)."""
 
@@ -68,7 +68,7 @@ class FitNet(_Adapted):
         return F.mse_loss(s, t)
 
 
-@register_loss("cosmse", needs_features=True)
+@register_loss("cosmse", needs_features=True, multilabel=True)  # label-free
 class CosineMSE(_Adapted):
     """Direction (1 - cosine similarity per position) plus magnitude (MSE) of adapted features."""
 
@@ -90,7 +90,7 @@ def attention_map(f: torch.Tensor, p: float = 2.0) -> torch.Tensor:
 AT_RESIZE = ("pool_larger", "upsample_student")
 
 
-@register_loss("at", needs_features=True)
+@register_loss("at", needs_features=True, multilabel=True)  # label-free
 class AttentionTransfer(_StagePair):
     """Zagoruyko & Komodakis, ICLR 2017: match L2-normalised spatial attention maps (channel mean of |f|^p).
 
@@ -132,7 +132,7 @@ def _pairwise_distances(e: torch.Tensor) -> torch.Tensor:
     return d * (1 - torch.eye(len(e), device=e.device))
 
 
-@register_loss("rkd", needs_features=True)
+@register_loss("rkd", needs_features=True, multilabel=True)  # label-free
 class RelationalKD(_StagePair):
     """Park et al., CVPR 2019: match pairwise distances (normalised by their mean) and triplet angles."""
 
@@ -163,7 +163,7 @@ class RelationalKD(_StagePair):
                 "loss": self.distance_weight * distance + self.angle_weight * angle}
 
 
-@register_loss("pkt", needs_features=True)
+@register_loss("pkt", needs_features=True, multilabel=True)  # label-free
 class ProbabilisticKT(_StagePair):
     """Passalis & Tefas, ECCV 2018: match the conditional probabilities that cosine similarities between the
     batch's samples define (KL, teacher to student)."""
@@ -181,7 +181,7 @@ class ProbabilisticKT(_StagePair):
         return (pt * torch.log((pt + eps) / (ps + eps))).sum(1).mean()
 
 
-@register_loss("sp", needs_features=True)
+@register_loss("sp", needs_features=True, multilabel=True)  # label-free
 class SimilarityPreserving(_StagePair):
     """Tung & Mori, ICCV 2019: the batch's row-normalised Gram matrices of stage activations should agree."""
 

@@ -13,16 +13,24 @@ import torch.nn.functional as F
 from edgekd.distill.losses._registry import StepOutputs, register_loss
 
 
-@register_loss("ce", needs_teacher=False)
+@register_loss("ce", needs_teacher=False, multilabel=True)
 class CrossEntropy(nn.Module):
     """The hard-label term; label smoothing comes from the student's training config. Images without a label (a
-    `labels` variant's, target -1) are skipped: the mean is over the batch's labeled images, 0 when it has none."""
+    `labels` variant's, target -1) are skipped: the mean is over the batch's labeled images, 0 when it has none.
+
+    Multi-label data: binary cross-entropy of each class's sigmoid, summed over the classes and averaged over the
+    images (the per-image scale of softmax cross-entropy and of the binary KD term beside it); label smoothing
+    pulls each 0/1 target towards 1/2."""
 
     def __init__(self, label_smoothing: float = 0.0):
         super().__init__()
         self.label_smoothing = label_smoothing
 
     def forward(self, out: StepOutputs) -> torch.Tensor:
+        if self.multilabel:
+            targets = out.targets.float() * (1 - self.label_smoothing) + self.label_smoothing / 2
+            logits = out.student_logits.float()
+            return F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / max(1, len(logits))
         loss = self._mean(out.student_logits, out.targets)
         if out.mixed_targets is None:
             return loss
@@ -42,13 +50,28 @@ def kd_divergence(student: torch.Tensor, teacher: torch.Tensor, temperature: flo
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * temperature**2
 
 
-@register_loss("kd")
+def binary_kd_divergence(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Multi-label KD: per class, KL(Bernoulli(sigmoid(t / T)) || Bernoulli(sigmoid(s / T))), summed over the classes,
+    averaged over the batch, times T^2: the BinaryKL loss of mdistiller-based multi-label KD code
+    (T^2 * (KL(p_t || p_s) + KL(1 - p_t || 1 - p_s)).sum() / N), in log-space here (logsigmoid) instead of clamping
+    the probabilities at 1e-8, so a confident teacher's term stays exact."""
+    s, t = student.float() / temperature, teacher.float() / temperature
+    p_t = torch.sigmoid(t)
+    kl = p_t * (F.logsigmoid(t) - F.logsigmoid(s)) + (1 - p_t) * (F.logsigmoid(-t) - F.logsigmoid(-s))
+    return kl.sum() / max(1, len(kl)) * temperature**2
+
+
+@register_loss("kd", multilabel=True)
 class VanillaKD(nn.Module):
+    """Hinton's KD; on multi-label data its binary form per class (binary_kd_divergence)."""
+
     def __init__(self, temperature: float = 4.0):
         super().__init__()
         self.temperature = temperature
 
     def forward(self, out: StepOutputs) -> torch.Tensor:
+        if self.multilabel:
+            return binary_kd_divergence(out.student_logits, out.teacher_logits, self.temperature)
         return kd_divergence(out.student_logits, out.teacher_logits, self.temperature)
 
 
