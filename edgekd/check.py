@@ -142,7 +142,7 @@ def model_problems(profile: Profile) -> list[str]:
 
 def multilabel_problems(profile: Profile, deploy: bool = False) -> list[str]:
     """What a multi-label dataset (config.MULTILABEL_SOURCES) cannot do: losses without a multi-label form, variants
-    that need one class per image, mixed batches, Grad-CAM maps (of one class)."""
+    that need one class per image, mixed batches; qat-kd and ExecuTorch programs in a study."""
     from edgekd.config import MULTILABEL_SOURCES, method_losses
     from edgekd.data.variants import MULTILABEL_KINDS
     from edgekd.distill.losses import LOSSES
@@ -161,8 +161,6 @@ def multilabel_problems(profile: Profile, deploy: bool = False) -> list[str]:
     problems += [f"'{where}.mix' mixes batches, which {named} does not support yet: remove it"
                  for where, cfg in (("student", profile.student), *((f"students.{n}", c) for n, c in
                                                                      profile.students.items())) if cfg.mix]
-    if profile.explain.images:
-        problems.append(f"[explain] maps one class per image and {named}: remove [explain]")
     if deploy:
         methods = [profile.deploy.int8_method, *profile.deploy.int8_escalation, *profile.deploy.int8_compare]
         if "qat-kd" in methods:

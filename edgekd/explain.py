@@ -1,6 +1,7 @@
 """Where the students look: Grad-CAM maps of the teacher, the scratch and the KD students of a dataset variant.
 
-On a fixed, stratified sample of test images (`[explain] images`), each model's Grad-CAM map for the true class is
+On a fixed, stratified sample of test images (`[explain] images`), each model's Grad-CAM map for the true class (on
+multi-label data: for each class the image has, one map per image and label, with agreement per label too) is
 computed with captum's `LayerGradCam` at the model's deepest feature stage (timm's `feature_info`) whose maps are
 at least 4 pixels a side for the input, ReLU'd and upsampled to the input. Per student: the agreement of its maps with the teacher's (Spearman rank correlation per
 image, and IoU of the top `top` share of pixels), as means over the images; the report gives mean ± std over
@@ -179,7 +180,7 @@ register_kind(ExplainKind())
 
 def run_explain(profile, root: Path, job, key: dict) -> dict:
     """Grad-CAM for one (dataset, variant, family): the teacher and the student runs the job depends on."""
-    from edgekd.data.sampling import cap_per_class, class_counts, stratified_take
+    from edgekd.data.sampling import cap_per_class, class_counts, random_take, stratified_take
     from edgekd.data.splits import SPLIT_SEED
     from edgekd.distill.runner import dataset_splits
     from edgekd.models import create_model, load_weights
@@ -188,15 +189,22 @@ def run_explain(profile, root: Path, job, key: dict) -> dict:
     variant = dataset_splits(profile, job.dataset, job.variant)
     data, cfg = variant.splits, profile.explain
     test = data.test
-    per_class = cap_per_class(class_counts(test.labels, data.num_classes), cfg.images)
-    chosen = stratified_take(test.labels, per_class, torch.Generator().manual_seed(SPLIT_SEED + 5))
+    generator = torch.Generator().manual_seed(SPLIT_SEED + 5)
+    if data.multilabel:  # one map per (image, label it has): Grad-CAM of each present class's logit
+        chosen = random_take(len(test), cfg.images, generator)
+        rows, targets = test.labels[chosen].nonzero().unbind(1)
+        shown = test.images[chosen][rows]
+    else:
+        per_class = cap_per_class(class_counts(test.labels, data.num_classes), cfg.images)
+        chosen = stratified_take(test.labels, per_class, generator)
+        shown, targets = test.images[chosen], test.labels[chosen]
     mean = torch.tensor(data.mean).view(1, -1, 1, 1)
     std = torch.tensor(data.std).view(1, -1, 1, 1)
 
     def normalized(images: torch.Tensor) -> torch.Tensor:
         return (images.float() / 255 - mean) / std
 
-    images, labels = normalized(test.images[chosen]), test.labels[chosen]
+    images, labels = normalized(shown), targets
     cue = None
     if "conflicting" in variant.extra_tests:
         conflicting = variant.extra_tests["conflicting"].images[chosen]
@@ -216,14 +224,22 @@ def run_explain(profile, root: Path, job, key: dict) -> dict:
     if teacher is None:
         raise EdgeKDError(f"{job.label}: no teacher among its inputs")
     results, maps = explain_models(models, teacher, images, labels, cfg.top, cue)
+    if data.multilabel:  # agreement with the teacher per label, over the maps of that label
+        for name, r in results.items():
+            if name != teacher:
+                r["per_label_rank_corr"] = {data.classes[c]: rank_correlation(maps[name][labels.numpy() == c],
+                                                                              maps[teacher][labels.numpy() == c])
+                                            for c in sorted(set(labels.tolist()))}
     record = {"dataset": job.dataset, "variant": job.variant, "family": Role.parse(job.role).family,
-              "images": int(len(chosen)), "top": cfg.top, "target": "true class", "cue": cue is not None,
+              "images": int(len(chosen)), "maps_per_model": int(len(labels)), "top": cfg.top,
+              "target": "each label the image has" if data.multilabel else "true class", "cue": cue is not None,
               "library": "captum LayerGradCam", "models": {k: {**runs[k], **results[k]}
                                                            for k in models},
               "wall_s": round(time.perf_counter() - start, 2), "key": key,
               "fingerprint": fingerprint(key)}
     job.run_dir.mkdir(parents=True, exist_ok=True)
-    grid = {"images": test.images[chosen][:GRID_IMAGES].numpy(), "labels": labels[:GRID_IMAGES].numpy()}
+    grid = {"images": shown[:GRID_IMAGES].numpy(), "labels": labels[:GRID_IMAGES].numpy(),
+            "targets": np.array([data.classes[c] for c in labels[:GRID_IMAGES].tolist()])}
     for k, r in runs.items():  # the teacher and the first seed's scratch and KD students
         if r["role"] == "teacher" or r["seed"] == min(x["seed"] for x in runs.values() if x["role"] != "teacher"):
             grid[f"map:{r['role']}:{r['method']}"] = maps[k][:GRID_IMAGES]

@@ -116,6 +116,9 @@ kind = "base"
 kind = "label_noise"
 rate = 0.3
 
+[explain]
+images = 6
+
 [deploy]
 targets = ["onnx", "int8"]
 int8_method = "ptq-search"
@@ -158,6 +161,13 @@ def test_a_multilabel_study_is_scored_by_macro_auc_from_training_to_bench(tmp_pa
     assert scored["onnx-fp32"]["accuracy"] == pytest.approx(fp32["accuracy"], abs=1e-6)
     report = (tmp_path / "runs" / "ml" / "report" / "report.md").read_text()
     assert "'mosaic' is multi-label: its accuracies are macro AUC" in report
+    explain = json.loads((tmp_path / "runs" / "ml" / "mosaic" / "base" / "explain" / "seed0" / "explain.json")
+                         .read_text())
+    assert explain["target"] == "each label the image has" and explain["images"] == 6
+    assert explain["maps_per_model"] > 6  # one map per (image, label it has)
+    kd = next(m for m in explain["models"].values() if m["role"] == "kd")
+    assert set(kd["per_label_rank_corr"]) <= {str(d) for d in range(10)} and kd["per_label_rank_corr"]
+    assert "Grad-CAM per label" in report
 
 
 def test_the_int8_guard_counts_multilabel_answers_per_class_clustered_by_image(tmp_path):
@@ -189,8 +199,10 @@ def test_check_names_what_multilabel_data_cannot_do(tmp_path):
     from edgekd.check import check_profile
 
     (tmp_path / "p.toml").write_text(PROFILE + "\n[methods.d]\ndkd = { weight = 1.0 }\n[variants.s]\n"
-                                               "kind = 'spurious'\n[explain]\nimages = 8\n")
-    problems = check_profile(tmp_path / "p.toml").problems
+                                               "kind = 'spurious'\n")
+    problems = check_profile(tmp_path / "p.toml", deploy=True).problems
     assert any("'methods.d.dkd': loss 'dkd' needs one class per image" in p for p in problems)
     assert any("'variants.s.kind' is 'spurious'" in p for p in problems)
-    assert any("[explain]" in p for p in problems)
+    assert not any("[explain]" in p for p in problems)  # Grad-CAM maps each label
+    qat = check_profile(tmp_path / "p.toml", ["deploy.int8_compare=['qat-kd']"], deploy=True).problems
+    assert any("qat-kd" in p for p in qat)

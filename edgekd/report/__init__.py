@@ -234,7 +234,7 @@ def _explain_table(explains: list[dict]) -> list[str]:
     spurious variant, the share of map mass on the (misleading) cue patch of bias-conflicting images."""
     if not explains:
         return []
-    lines = ["", "Where the students look (Grad-CAM for the true class at the deepest stage with maps of at least 4x4, captum): agreement with "
+    lines = ["", "Where the students look (Grad-CAM for the true class, or on multi-label data for each class the image has, at the deepest stage with maps of at least 4x4, captum): agreement with "
              "the teacher's maps on the same test images, Spearman rank correlation and IoU of the top pixels, mean "
              "± std over seeds. Cue share: the part of a map on the spurious cue patch of bias-conflicting images, "
              "where the cue points to another class (lower: the model uses the cue less).", "",
@@ -252,9 +252,29 @@ def _explain_table(explains: list[dict]) -> list[str]:
                 share = Spread.of([m["cue_share"] for m in mine])
                 cue = f"{100 * teacher.get('cue_share', float('nan')):.1f}% → {100 * share.mean:.1f} ± {100 * share.std:.1f}%"
             who = method or role
+            images = e["images"] if e.get("maps_per_model", e["images"]) == e["images"] else \
+                f"{e['images']} ({e['maps_per_model']} image-label maps)"
             lines.append(f"| {e['dataset']} | {variant_label(e['variant'], e.get('family', ''))} | {who} | "
-                         f"{e['images']} | {corr.mean:.3f} ± {corr.std:.3f} | {iou.mean:.3f} ± {iou.std:.3f} | {cue} |")
-    return lines
+                         f"{images} | {corr.mean:.3f} ± {corr.std:.3f} | {iou.mean:.3f} ± {iou.std:.3f} | {cue} |")
+    return lines + _explain_per_label(explains)
+
+
+def _explain_per_label(explains: list[dict]) -> list[str]:
+    """Multi-label Grad-CAM: each student kind's rank correlation with the teacher's maps per label, over seeds."""
+    rows = []
+    for e in explains:
+        students = [m for m in e["models"].values() if m.get("per_label_rank_corr")]
+        for role, method in sorted({(m["role"], m.get("method", "")) for m in students}):
+            mine = [m["per_label_rank_corr"] for m in students if (m["role"], m.get("method", "")) == (role, method)]
+            labels = sorted({k for m in mine for k in m})
+            cells = " ".join(f"{k}: {Spread.of([m[k] for m in mine if k in m]).mean:.2f}" for k in labels)
+            rows.append(f"| {e['dataset']} | {variant_label(e['variant'], e.get('family', ''))} | {method or role} "
+                        f"| {cells} |")
+    if not rows:
+        return []
+    return ["", "Grad-CAM per label (multi-label data): each student's rank correlation with the teacher's maps of "
+            "the same label, mean over seeds.", "", "| dataset | variant | student | per label |", "|---|---|---|---|",
+            *rows]
 
 
 def _grid_table(records: list[dict]) -> list[str]:
@@ -357,7 +377,7 @@ def build_report(study_root: Path) -> Report:
         "compression_ladder": plots.compression_ladder(report.ladder),
         **{f"gradcam_{e['dataset']}_{variant_label(e['variant'], e.get('family', ''))}": plots.gradcam_grid(
             Path(e["path"]).parent / "maps.npz", f"Grad-CAM, {e['dataset']} {e['variant']}: image, teacher, scratch "
-            "and KD students (first seed), true class") for e in report.explains},
+            f"and KD students (first seed), {e.get('target', 'true class')}") for e in report.explains},
     }
     figures = {k: v for k, v in figures.items() if v}
     for name, png in figures.items():

@@ -231,6 +231,8 @@ def gradcam_grid(maps_file: Path, title: str) -> bytes | None:
     for i, image in enumerate(images):
         gray = image.transpose(1, 2, 0).squeeze(-1) if image.shape[0] == 1 else image.transpose(1, 2, 0)
         axes[i, 0].imshow(gray, cmap="gray" if gray.ndim == 2 else None)
+        if "targets" in data.files:  # the class each row's maps explain (several per image when multi-label)
+            axes[i, 0].text(0, -0.5, str(data["targets"][i]), fontsize=7, va="bottom")
         for j, key in enumerate(columns, start=1):
             axes[i, j].imshow(gray, cmap="gray" if gray.ndim == 2 else None)
             axes[i, j].imshow(data[key][i], cmap="jet", alpha=0.5)
