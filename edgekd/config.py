@@ -57,7 +57,7 @@ class DatasetConfig:
 # adding them changed no other dataset's key.
 AUDIO_SETTINGS = ("features", "sample_rate", "clip_seconds", "snr_db")
 SOURCE_SETTINGS = {"audiofolder": AUDIO_SETTINGS, "spoken-digits": AUDIO_SETTINGS, "mosaic": ("tiles", "mosaics")}
-MULTILABEL_SOURCES = ("mosaic",)  # sources whose images carry a set of classes (edgekd.data.sampling.multilabel)
+MULTILABEL_SOURCES = ("mosaic", "labelsets")  # sources whose images carry a set of classes (edgekd.data.sampling.multilabel)
 
 VARIANT_KINDS = ("base", "fraction", "labels", "per_class", "imbalance", "label_noise", "spurious", "classes",
                  "corruption", "resolution")

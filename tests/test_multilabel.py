@@ -206,3 +206,49 @@ def test_check_names_what_multilabel_data_cannot_do(tmp_path):
     assert not any("[explain]" in p for p in problems)  # Grad-CAM maps each label
     qat = check_profile(tmp_path / "p.toml", ["deploy.int8_compare=['qat-kd']"], deploy=True).problems
     assert any("qat-kd" in p for p in qat)
+
+
+def test_a_label_set_list_reads_back_the_mosaics_it_lists(tmp_path):
+    """Mosaics written as PNG files with a ChestX-ray14-style CSV (Image Index, Finding Labels, '|', No Finding) and
+    as JSON come back as the same images and label sets."""
+    import csv
+    import json
+
+    from PIL import Image
+
+    from edgekd.data.mosaic import make_mosaics
+    from edgekd.data.sources import SOURCES
+    from edgekd.data.types import ImageSet
+
+    tiles = ImageSet(torch.randint(0, 255, (12, 1, 4, 4), dtype=torch.uint8), torch.arange(12) % 3)
+    mosaics = make_mosaics(tiles, 20, 4, seed=3)  # class 3 has no tiles: no image carries it
+    names = ["cat", "dog", "fox", "owl"]
+    (tmp_path / "cx" / "images").mkdir(parents=True)
+    rows = []
+    for i, (image, labels) in enumerate(zip(mosaics.images, mosaics.labels, strict=True)):
+        Image.fromarray(image[0].numpy()).save(tmp_path / "cx" / "images" / f"{i}.png")
+        found = [names[c] for c in labels.nonzero().flatten().tolist()]
+        rows.append({"Image Index": f"{i}.png", "Finding Labels": "|".join(found) or "No Finding"})
+    rows.append({"Image Index": "missing.png", "Finding Labels": "cat"})
+    for split, part in (("train", rows[:14]), ("test", rows[14:])):
+        with open(tmp_path / "cx" / f"{split}.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, ["Image Index", "Finding Labels"])
+            w.writeheader()
+            w.writerows(part)
+    cfg = DatasetConfig(source="labelsets", data_dir=str(tmp_path / "cx"), image_size=8, channels=1)
+    raw = SOURCES.get("labelsets").load(cfg)
+    assert raw.classes == ["cat", "dog", "fox"]  # the labels the lists name, sorted
+    assert torch.equal(raw.train.images, mosaics.images[:14]) and torch.equal(raw.test.images, mosaics.images[14:])
+    assert torch.equal(raw.train.labels, mosaics.labels[:14, :3]) and torch.equal(raw.test.labels, mosaics.labels[14:, :3])
+    assert any("skipped 1" in n for n in raw.notes)
+    as_json = [{"path": f"images/{r['Image Index']}", "labels": r["Finding Labels"].split("|")} for r in rows[:-1]]
+    (tmp_path / "js").mkdir()
+    (tmp_path / "js" / "labels.json").write_text(json.dumps(as_json))
+    (tmp_path / "js" / "images").symlink_to(tmp_path / "cx" / "images")
+    held = SOURCES.get("labelsets").load(DatasetConfig(source="labelsets", data_dir=str(tmp_path / "js"),
+                                                       image_size=8, channels=1))
+    assert len(held.train) + len(held.test) == 20 and len(held.test) == 4  # 20% held out
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "labels.csv").write_text("file,tags\na.png,x\n")
+    with pytest.raises(EdgeKDError, match="needs a path column"):
+        SOURCES.get("labelsets").load(DatasetConfig(source="labelsets", data_dir=str(tmp_path / "bad")))

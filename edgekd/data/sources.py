@@ -249,6 +249,27 @@ class SpokenDigitsSource(Source):
         return SourceSizes(list(CLASSES), torch.full((len(CLASSES),), train), torch.full((len(CLASSES),), test))
 
 
+class LabelSetsSource(ImageFolderSource):
+    """Images listed with their label sets (edgekd.data.labelsets): multi-label, as ChestX-ray14 ships them."""
+
+    def search_paths(self, cfg):
+        return _user_dirs(cfg, "labelsets")
+
+    def load(self, cfg):
+        from edgekd.data.labelsets import load_label_sets
+
+        return load_label_sets(self._root(cfg), cfg)
+
+    def sizes(self, cfg):
+        return None  # classes are the labels the lists name: known once they are read
+
+    def _root(self, cfg) -> Path:
+        paths = self.search_paths(cfg)
+        if not paths:
+            raise EdgeKDError("labelsets: no directory given: set data_dir in the profile or pass --data-dir")
+        return paths[0]
+
+
 class MosaicSource(Source):
     """Multi-label 2x2 mosaics of another source's images (edgekd.data.mosaic)."""
 
@@ -299,6 +320,8 @@ SOURCES.register("audiofolder")(AudioFolderSource("a class-per-folder directory 
                                                   "maps (train/ and test/ subfolders, or 20% held out)"))
 SOURCES.register("spoken-digits")(SpokenDigitsSource("spoken digits synthesized by espeak-ng (7 accents x 8 speakers "
                                                      "x 2 speeds x 2 pitches; 2 speakers held out for test)"))
+SOURCES.register("labelsets")(LabelSetsSource("multi-label images listed with their label sets: train.csv and test.csv "
+                                              "(or labels.csv) of path,labels ('|'-separated), as ChestX-ray14"))
 SOURCES.register("mosaic")(MosaicSource("multi-label: 2x2 mosaics of another source's images (tiles = ...), labelled "
                                          "with the set of their classes"))
 SOURCES.register("synthetic")(SyntheticSource("procedurally drawn bars; classes and samples set in the profile"))
