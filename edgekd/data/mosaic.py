@@ -30,13 +30,8 @@ def make_mosaics(tiles: ImageSet, count: int, classes: int, seed: int) -> ImageS
     return ImageSet(images.contiguous(), labels)
 
 
-def load_mosaics(cfg: DatasetConfig) -> RawDataset:
-    from edgekd.data.sources import SOURCES
-
-    if cfg.tiles not in SOURCES or cfg.tiles == "mosaic":
-        raise EdgeKDError(f"mosaic: unknown tile source {cfg.tiles!r}: use one of "
-                          f"{', '.join(n for n in SOURCES if n != 'mosaic')}")
-    raw = SOURCES.get(cfg.tiles).load(DatasetConfig(source=cfg.tiles, data_dir=cfg.data_dir, download=cfg.download))
+def mosaics_of(raw: RawDataset, cfg: DatasetConfig) -> RawDataset:
+    """The mosaic dataset made of a single-label source's splits (`raw`, the `tiles` source as loaded)."""
     if raw.train.labels.ndim != 1:
         raise EdgeKDError(f"mosaic: tiles must come from a single-label source, not {cfg.tiles!r}")
     classes = len(raw.classes)

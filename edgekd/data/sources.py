@@ -277,9 +277,13 @@ class MosaicSource(Source):
         return SOURCES.get(cfg.tiles).search_paths(cfg) if cfg.tiles in SOURCES and cfg.tiles != "mosaic" else []
 
     def load(self, cfg):
-        from edgekd.data.mosaic import load_mosaics
+        from edgekd.data.mosaic import mosaics_of
 
-        return load_mosaics(cfg)
+        if cfg.tiles not in SOURCES or cfg.tiles == "mosaic":
+            raise EdgeKDError(f"mosaic: unknown tile source {cfg.tiles!r}: use one of "
+                              f"{', '.join(n for n in SOURCES if n != 'mosaic')}")
+        tiles = DatasetConfig(source=cfg.tiles, data_dir=cfg.data_dir, download=cfg.download)
+        return mosaics_of(SOURCES.get(cfg.tiles).load(tiles), cfg)
 
 
 class SyntheticSource(Source):
