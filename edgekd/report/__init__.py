@@ -427,7 +427,8 @@ FIGURE_NOTES = {
                            "counted in the panel's title.",
     "int8_retention": "KD gain on the FP32 ONNX model beside each INT8 model's, paired by seed.",
     "shift_curves": "Accuracy of scratch and KD students on corrupted test sets, by severity.",
-    "gradcam": "Grad-CAM maps for the true class over a few test images of the variant.",
+    "gradcam": "Grad-CAM maps for the true class (multi-label: for each class the image has, named above its row) over "
+               "a few test images of the variant.",
     "compression_ladder": "Each compression stage of a KD student: accuracy against p50 latency at the largest "
                           "batch benched, stages joined in ladder order.",
 }
