@@ -170,7 +170,6 @@ def search_calibration(q: Quantizer, calibration: Callable[[int], np.ndarray], s
                        log: Callable[[str], None] = lambda line: None) -> tuple[Recipe, Score, list[dict]]:
     """Every (placement, method, size) quantized in full and scored on the validation split; the best one."""
     guard, best, rows, pending = Guard.on(val), None, [], []
-    q.calibrate_all([(calibration(size), method) for size in sizes for method in methods])
     for size in sizes:  # each candidate is scored in the background while the next one is made
         images = calibration(size)
         for placement in q.preset.placements:

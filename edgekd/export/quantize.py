@@ -38,7 +38,6 @@ import hashlib
 import io
 import logging
 import math
-import os
 import tempfile
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -332,7 +331,6 @@ class Quantizer:
         grouped = {n for g in self.groups for n in g.nodes}
         self._ungrouped = {n.name for n in model.graph.node if n.name not in grouped}
         self._full: dict[tuple[Path, str], Path] = {}  # (calibration cache, placement) -> the fully quantized model
-        self._quiet = True  # calibrate silences the calibrators' progress prints itself (not inside calibrate_all)
 
     def __enter__(self):
         return self
@@ -438,36 +436,16 @@ class Quantizer:
         options = {"entropy": {"num_bins": ENTROPY_BINS, "num_quantized_bins": 128},
                    "percentile": {"num_bins": 2048, "percentile": PERCENTILE,
                                   "symmetric": self.preset.symmetric_activations}}.get(method, {})
-        # A folder of its own: ORT's calibrator writes <model>-inferred.onnx beside the model and deletes it, which
-        # calibrations side by side (calibrate_all) must not share.
-        own = self.dir / f"calib-{method}-{digest}"
-        own.mkdir(exist_ok=True)
-        if not (own / self.pre.name).exists():
-            os.link(self.pre, own / self.pre.name)
-        calibrator = create_calibrator(own / self.pre.name, sorted(quantizable_op_types()),
-                                       augmented_model_path=str(own / "augmented.onnx"),
+        calibrator = create_calibrator(self.pre, sorted(quantizable_op_types()),
+                                       augmented_model_path=str(self.dir / "augmented.onnx"),
                                        calibrate_method=_ort_method(method), extra_options=options)
         chunk = 256  # the histogram calibrators hold every intermediate output of a collect_data call in memory
-        quiet = contextlib.redirect_stdout(io.StringIO()) if self._quiet else contextlib.nullcontext()
-        with quiet:  # they print progress
+        with contextlib.redirect_stdout(io.StringIO()):  # they print progress
             for i in range(0, len(calibration), chunk):
                 calibrator.collect_data(_Batches(self.input_name, calibration[i : i + chunk]))
-            data = calibrator.compute_data()
-        save_tensors_data(data, cache.with_suffix(".tmp"))
-        cache.with_suffix(".tmp").replace(cache)  # whole or absent: another thread may look for it
+            save_tensors_data(calibrator.compute_data(), cache)
         del calibrator
         return cache
-
-    def calibrate_all(self, requests: list[tuple[np.ndarray, str]]) -> None:
-        """Calibrations a search will ask for, computed side by side (ONNX Runtime and numpy's histograms release
-        the GIL), each exactly as `calibrate` computes it alone. stdout is silenced once, here: redirecting it is
-        process-wide, so threads must not each swap it."""
-        with self.watch("int8 calibration"), contextlib.redirect_stdout(io.StringIO()):
-            self._quiet = False
-            try:
-                list(_pool().map(lambda request: self.calibrate(*request), requests))
-            finally:
-                self._quiet = True
 
     def scratch(self, tag: str = "q") -> Path:
         """A fresh file name in the working directory for a candidate model."""
