@@ -62,11 +62,14 @@ def gain_verdict(gain: Spread) -> str:
     return f"{text}: not distinguishable from zero"
 
 
-def describe_variant(config: dict | None) -> str:
-    """What a variant changed, in words, from its profile entry ("" where the record has none)."""
+def describe_variant(config: dict | None, multilabel: bool = False) -> str:
+    """What a variant changed, in words, from its profile entry ("" where the record has none); `multilabel`: the
+    dataset's images carry label sets, which label noise changes by swapping one label (data.variants)."""
     if not config:
         return ""
     kind = config.get("kind", "base")
+    if multilabel and kind == "label_noise":
+        return f"{_share(config.get('rate', 0.0))} of the label sets with one label swapped for an absent one"
     text = {
         "base": "the data as it is",
         "fraction": f"{_share(config.get('fraction', 1.0))} of the training set",
@@ -419,7 +422,8 @@ def variant_descriptions(setups: list[tuple[dict, dict]]) -> dict[tuple[str, str
     out = {}
     for r, s in setups:
         if s.get("variant_config") and (r["dataset"], r["variant"]) not in out:
-            out[(r["dataset"], r["variant"])] = describe_variant(s["variant_config"])
+            out[(r["dataset"], r["variant"])] = describe_variant(s["variant_config"],
+                                                                 r.get("metric", "accuracy") == "macro AUC")
     return out
 
 
