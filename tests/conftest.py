@@ -45,6 +45,14 @@ kd = { weight = 0.5, temperature = 2.0 }
 """
 
 
+def tiny_profile_with(dataset: str, extra: str = "", name: str = "tiny") -> str:
+    """TINY_PROFILE's models and KD method on another dataset table (`dataset`: a [datasets.X] table), with more
+    tables after it."""
+    head, rest = TINY_PROFILE.split("[datasets.synthetic]", 1)
+    models = rest[rest.index("[teacher]"):]
+    return head.replace('name = "tiny"', f'name = "{name}"') + dataset.strip() + "\n\n" + models + extra
+
+
 @pytest.fixture
 def tiny_profile(tmp_path) -> Path:
     path = tmp_path / "tiny.toml"

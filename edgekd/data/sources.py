@@ -182,8 +182,10 @@ class TorchvisionSource(Source):
 
 
 class ImageFolderSource(Source):
+    folder = "imagefolder"  # the source's name, and its folder under $EDGEKD_DATA
+
     def search_paths(self, cfg):
-        return _user_dirs(cfg, "imagefolder")
+        return _user_dirs(cfg, self.folder)
 
     def load(self, cfg):
         from edgekd.data.imagefolder import load_image_folder
@@ -198,15 +200,14 @@ class ImageFolderSource(Source):
     def _root(self, cfg) -> Path:
         paths = self.search_paths(cfg)
         if not paths:
-            raise EdgeKDError("imagefolder: no directory given: set data_dir in the profile or pass --data-dir")
+            raise EdgeKDError(f"{self.folder}: no directory given: set data_dir in the profile or pass --data-dir")
         return paths[0]
 
 
 class AudioFolderSource(ImageFolderSource):
     """Class-per-folder WAV clips, as one-channel feature maps (edgekd.data.audio)."""
 
-    def search_paths(self, cfg):
-        return _user_dirs(cfg, "audiofolder")
+    folder = "audiofolder"
 
     def load(self, cfg):
         from edgekd.data.audio import load_audio_folder
@@ -217,12 +218,6 @@ class AudioFolderSource(ImageFolderSource):
         from edgekd.data.audio import folder_audio_sizes
 
         return folder_audio_sizes(self._root(cfg))
-
-    def _root(self, cfg) -> Path:
-        paths = self.search_paths(cfg)
-        if not paths:
-            raise EdgeKDError("audiofolder: no directory given: set data_dir in the profile or pass --data-dir")
-        return paths[0]
 
 
 class SpokenDigitsSource(Source):
@@ -252,8 +247,7 @@ class SpokenDigitsSource(Source):
 class LabelSetsSource(ImageFolderSource):
     """Images listed with their label sets (edgekd.data.labelsets): multi-label, as ChestX-ray14 ships them."""
 
-    def search_paths(self, cfg):
-        return _user_dirs(cfg, "labelsets")
+    folder = "labelsets"
 
     def load(self, cfg):
         from edgekd.data.labelsets import load_label_sets
@@ -262,12 +256,6 @@ class LabelSetsSource(ImageFolderSource):
 
     def sizes(self, cfg):
         return None  # classes are the labels the lists name: known once they are read
-
-    def _root(self, cfg) -> Path:
-        paths = self.search_paths(cfg)
-        if not paths:
-            raise EdgeKDError("labelsets: no directory given: set data_dir in the profile or pass --data-dir")
-        return paths[0]
 
 
 class MosaicSource(Source):
