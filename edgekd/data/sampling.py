@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import torch
 
+from edgekd.runtime.evalset import is_multilabel
+
 UNLABELED = -1  # the label of a training image whose label a `labels` variant removed
-
-
-def multilabel(labels: torch.Tensor) -> bool:
-    """Multi-label data carries a 0/1 row per image ([N, classes], a mosaic's set of tile classes); single-label
-    data one class index per image ([N])."""
-    return labels.ndim == 2
 
 
 def class_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Images per class (multi-label: images carrying it); unlabeled images (UNLABELED) are not counted."""
-    if multilabel(labels):
+    if is_multilabel(labels):
         return labels.sum(0).long()
     return torch.bincount(labels[labels >= 0], minlength=num_classes)
 

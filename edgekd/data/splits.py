@@ -13,7 +13,6 @@ from edgekd.config import DatasetConfig
 from edgekd.data.sampling import (
     cap_per_class,
     class_counts,
-    multilabel,
     random_take,
     share_per_class,
     stratified_take,
@@ -21,6 +20,7 @@ from edgekd.data.sampling import (
 from edgekd.data.sources import SOURCES
 from edgekd.data.types import DataSplits, ImageSet
 from edgekd.errors import EdgeKDError
+from edgekd.runtime.evalset import is_multilabel
 
 SPLIT_SEED = 20261125  # fixed: the validation carve and caps must not move with the training seed
 
@@ -29,7 +29,7 @@ def stratified_cap(images: ImageSet, limit: int, num_classes: int, seed: int) ->
     """At most `limit` samples, each class keeping its share."""
     if limit <= 0 or limit >= len(images):
         return images
-    if multilabel(images.labels):
+    if is_multilabel(images.labels):
         return images.subset(random_take(len(images), limit, torch.Generator().manual_seed(seed)))
     per_class = cap_per_class(class_counts(images.labels, num_classes), limit)
     return images.subset(stratified_take(images.labels, per_class, torch.Generator().manual_seed(seed)))
@@ -96,7 +96,7 @@ def load_splits(name: str, cfg: DatasetConfig) -> DataSplits:
     if problems:
         raise EdgeKDError(problems[0])
     g = torch.Generator().manual_seed(SPLIT_SEED)
-    if multilabel(train.labels):
+    if is_multilabel(train.labels):
         val_idx = random_take(len(train), round(len(train) * cfg.val_fraction), g)
     else:
         val_per_class = share_per_class(class_counts(train.labels, classes), cfg.val_fraction)

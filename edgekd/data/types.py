@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from edgekd.runtime.evalset import is_multilabel
+
 
 @dataclass
 class ImageSet:
@@ -61,7 +63,7 @@ class DataSplits:
     @property
     def multilabel(self) -> bool:
         """Each image carries a set of classes (labels [N, classes], 0/1), scored by macro AUC, not top-1."""
-        return self.train.labels.ndim == 2
+        return is_multilabel(self.train.labels)
 
     @property
     def channels(self) -> int:

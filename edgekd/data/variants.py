@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from edgekd.config import CORRUPTIONS, VariantConfig, variant_problems
-from edgekd.data.sampling import UNLABELED, class_counts, multilabel, random_take, stratified_take
+from edgekd.data.sampling import UNLABELED, class_counts, random_take, stratified_take
 from edgekd.data.types import DataSplits, ImageSet
 from edgekd.errors import EdgeKDError
+from edgekd.runtime.evalset import is_multilabel
 
 
 @dataclass
@@ -141,7 +142,7 @@ def _transform_training_like(s: ImageSet, cfg: VariantConfig, classes: int, g: t
                              stats: dict | None) -> ImageSet:
     """The variant's change to data drawn from the training distribution (the training split, and the validation
     split carved from it: a user's held-out data is as small, skewed, noisy or biased as their training data)."""
-    if multilabel(s.labels):
+    if is_multilabel(s.labels):
         if cfg.kind == "fraction":
             return s.subset(random_take(len(s), round(len(s) * cfg.fraction), g))
         if cfg.kind == "label_noise":

@@ -41,7 +41,7 @@ from edgekd.distill.plan import snapshot_path
 from edgekd.distill.teacher import Normalize
 from edgekd.errors import EdgeKDError
 from edgekd.runio import UnreadableFile, load_tensors, read_json, save_tensors, tensor_shapes, write_json
-from edgekd.runtime.evalset import score
+from edgekd.runtime.evalset import is_multilabel, score
 
 CHECKPOINT = "checkpoint"  # .safetensors (model, optimizer, best weights) + .json (epoch, history)
 
@@ -227,7 +227,7 @@ def predict(model: nn.Module, images: torch.Tensor, normalize: Normalize, ex: Ex
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """The task's score (edgekd.runtime.evalset.score): top-1 accuracy, or macro AUC on multi-label data."""
-    if labels.ndim == 2:
+    if is_multilabel(labels):
         return score(logits.float().numpy(), labels.cpu().numpy())
     return (logits.argmax(1) == labels.cpu()).float().mean().item() if len(labels) else float("nan")
 

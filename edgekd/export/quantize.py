@@ -48,6 +48,7 @@ import numpy as np
 
 from edgekd.errors import EdgeKDError
 from edgekd.export.qdq_rules import graph_links
+from edgekd.runtime.evalset import is_multilabel
 from edgekd.runtime.runners import optimization_level
 from edgekd.timing import Stopwatch
 
@@ -677,7 +678,7 @@ class Evaluator:
         image; KL is the mean binary KL per decision."""
         ref = getattr(self, "reference", logits)
         clusters = self.clusters
-        if self.labels.ndim == 2:
+        if is_multilabel(self.labels):
             p, q = ref.astype(np.float64), logits.astype(np.float64)
             kl = float((_sigmoid(p) * (_log_sigmoid(p) - _log_sigmoid(q))
                         + _sigmoid(-p) * (_log_sigmoid(-p) - _log_sigmoid(-q))).mean())

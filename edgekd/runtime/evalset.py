@@ -48,8 +48,9 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     return float((logits.argmax(1) == labels).mean()) if len(labels) else float("nan")
 
 
-def is_multilabel(labels: np.ndarray) -> bool:
-    """Labels [N, classes] of 0/1 (a set of classes per image), not [N] class indices."""
+def is_multilabel(labels) -> bool:
+    """Labels [N, classes] of 0/1 (a set of classes per image: a mosaic's tile classes, an X-ray's findings), not [N]
+    class indices; numpy arrays and torch tensors alike. The one place the task is read off the labels."""
     return np.ndim(labels) == 2
 
 
