@@ -152,6 +152,11 @@ def _done_line(job, m: dict) -> str:
     return wall  # a kind of job this line has no summary for: its wall time
 
 
+def _dataset_cell(name: str, metric: str) -> str:
+    """A dataset's name in a table, with its metric where that is not top-1 accuracy (multi-label: macro AUC)."""
+    return name if metric == "accuracy" else f"{name} ({metric})"
+
+
 def distill_table(summaries) -> Table:
     table = Table(title="Knowledge distillation: test accuracy (%), or the dataset's metric where named; students "
                         "as mean ± std over seeds",
@@ -166,7 +171,7 @@ def distill_table(summaries) -> Table:
         for i, m in enumerate(s.methods or [None]):
             gain = m.gain.fmt(signed=True) if m and m.gain else "-"
             style = "red" if m and m.gain and m.gain.mean < 0 else "green"
-            dataset = s.dataset if s.metric == "accuracy" else f"{s.dataset} ({s.metric})"
+            dataset = _dataset_cell(s.dataset, s.metric)
             table.add_row(dataset if i == 0 else "", s.variant if i == 0 else "", teacher if i == 0 else "",
                           scratch if i == 0 else "", m.method if m else "-", m.accuracy.fmt() if m else "-",
                           f"[{style}]{gain}[/{style}]", m.agreement.fmt() if m and m.agreement else "-",
@@ -554,8 +559,7 @@ def report_table(report) -> Table:
         g = r["gain"]
         style = "red" if g and g.mean < 0 else "green"
         gain = f"[{style}]{g.mean * 100:+.2f} [±{g.ci95 * 100:.2f}][/{style}]" if g else "-"
-        dataset = r["dataset"] if r.get("metric", "accuracy") == "accuracy" else f"{r['dataset']} ({r['metric']})"
-        table.add_row(dataset, r["variant"], r["factor"], r["student"], r["method"],
+        table.add_row(_dataset_cell(r["dataset"], r.get("metric", "accuracy")), r["variant"], r["factor"], r["student"], r["method"],
                       f"{r['teacher_acc'] * 100:.2f}" if r["teacher_acc"] is not None else "-",
                       r["scratch_acc"].fmt() if r["scratch_acc"] else "-", r["kd_acc"].fmt() if r["kd_acc"] else "-",
                       gain)

@@ -41,7 +41,16 @@ from edgekd.distill.plan import snapshot_path
 from edgekd.distill.teacher import Normalize
 from edgekd.errors import EdgeKDError
 from edgekd.runio import UnreadableFile, load_tensors, read_json, save_tensors, tensor_shapes, write_json
-from edgekd.runtime.evalset import is_multilabel, score
+from edgekd.runtime.evalset import (
+    agreement,
+    average_precision,
+    is_multilabel,
+    mean_average_precision,
+    metric_name,
+    per_class,
+    roc_auc,
+    score,
+)
 
 CHECKPOINT = "checkpoint"  # .safetensors (model, optimizer, best weights) + .json (epoch, history)
 
@@ -483,16 +492,8 @@ def multilabel_metrics(test: torch.Tensor, val: torch.Tensor, data: DataSplits,
                        teacher_test_logits: torch.Tensor | None) -> dict:
     """A multi-label model's record: macro AUC in the places top-1 accuracy has (test_acc, val_acc: what checkpoints,
     KD gains and the report use, named by `metric`), mAP, and each class's AUC and AP."""
-    from edgekd.runtime.evalset import (
-        average_precision,
-        decisions,
-        mean_average_precision,
-        per_class,
-        roc_auc,
-    )
-
     t, y = test.float().numpy(), data.test.labels.numpy()
-    metrics = {"metric": "macro AUC", "test_acc": round(score(t, y), 5),
+    metrics = {"metric": metric_name(y), "test_acc": round(score(t, y), 5),
                "val_acc": round(score(val.float().numpy(), data.val.labels.numpy()), 5),
                "test_map": round(mean_average_precision(t, y), 5),
                "per_class_test_auc": {c: None if v is None else round(v, 5)
@@ -501,8 +502,8 @@ def multilabel_metrics(test: torch.Tensor, val: torch.Tensor, data: DataSplits,
                                      for c, v in zip(data.classes, per_class(average_precision, t, y), strict=True)},
                "label_cardinality": round(float(y.sum(1).mean()), 3)}
     if teacher_test_logits is not None and teacher_test_logits.shape == test.shape:
-        same = decisions(t, True) == decisions(teacher_test_logits.float().numpy(), True)
-        metrics["teacher_agreement"] = round(float(same.mean()), 5)  # per (image, class) decision
+        # per (image, class) decision
+        metrics["teacher_agreement"] = round(agreement(t, teacher_test_logits.float().numpy(), True), 5)
     return metrics
 
 

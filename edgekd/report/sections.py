@@ -423,7 +423,7 @@ def variant_descriptions(setups: list[tuple[dict, dict]]) -> dict[tuple[str, str
     for r, s in setups:
         if s.get("variant_config") and (r["dataset"], r["variant"]) not in out:
             out[(r["dataset"], r["variant"])] = describe_variant(s["variant_config"],
-                                                                 r.get("metric", "accuracy") == "macro AUC")
+                                                                 r.get("metric", "accuracy") != "accuracy")
     return out
 
 
