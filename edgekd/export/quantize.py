@@ -332,6 +332,7 @@ class Quantizer:
         grouped = {n for g in self.groups for n in g.nodes}
         self._ungrouped = {n.name for n in model.graph.node if n.name not in grouped}
         self._full: dict[tuple[Path, str], Path] = {}  # (calibration cache, placement) -> the fully quantized model
+        self._full_bytes: dict[Path, bytes] = {}
 
     def __enter__(self):
         return self
@@ -403,11 +404,14 @@ class Quantizer:
         if full is None:
             full = self._full[(cache, recipe.placement)] = ort_quantize(self.scratch("full"), None)
         with self.watch("int8 float regions"):
+            if full not in self._full_bytes:  # parsed from bytes per cut: faster than onnx.load of the file
+                self._full_bytes[full] = full.read_bytes()
             for _ in range(8):
-                float_region(self._pre_model, full, {n for g in left_out for n in g.nodes}, out, self._ungrouped,
-                             {t for g in self.groups if g not in left_out for t in g.tensors})
-                trapped = ort_requantized(out)
+                model = float_region(self._pre_model, self._full_bytes[full], {n for g in left_out for n in g.nodes},
+                                     self._ungrouped, {t for g in self.groups if g not in left_out for t in g.tensors})
+                trapped = ort_requantized(model)
                 if not trapped:
+                    Path(out).write_bytes(model.SerializeToString())  # onnx.save scans for external data: 5 ms
                     self.last_float = [g.name for g in left_out]
                     return Path(out)
                 # A float conv between Q/DQ: leave out what quantizes its input and output too.
@@ -454,17 +458,18 @@ class Quantizer:
         return self.dir / f"{tag}-{self._count}.onnx"
 
 
-def float_region(pre, full: Path, region: set[str], out: Path, ungrouped: set[str], still_quantized: set[str]) -> Path:
-    """Write `full` (a fully quantized Q/DQ model) to `out` with the nodes named in `region` computing in float, as
-    `pre` (the pre-processed FP32 model it was quantized from) has them: float weights and biases, float tensors
-    between region nodes, their INT8 neighbours' dequantized outputs where they enter, and the Q/DQ that quantizes
-    their outputs for INT8 consumers kept. Nodes ORT folded away (a Relu into its conv's Q range) come back with
-    their group. `ungrouped`: nodes that belong to no group (ORT has no INT8 kernel for them: HardSwish) and read a
-    Q/DQ only for a neighbour's sake; they read the float tensor instead where no tensor of `still_quantized` (the
-    INT8 groups' activations) is involved. Node and tensor names are the ones ORT keeps from `pre`."""
+def float_region(pre, full: bytes, region: set[str], ungrouped: set[str], still_quantized: set[str]):
+    """`full` (a fully quantized Q/DQ model, serialized) as a ModelProto with the nodes named in `region` computing
+    in float as `pre` (the pre-processed FP32 model it was quantized from) has them: float weights and biases, float
+    tensors between region nodes, their INT8 neighbours' dequantized outputs where they enter, and the Q/DQ that
+    quantizes their outputs for INT8 consumers kept. Nodes ORT folded away (a Relu into its conv's Q range) come
+    back with their group. `ungrouped`: nodes that belong to no group (ORT has no INT8 kernel for them: HardSwish)
+    and read a Q/DQ only for a neighbour's sake; they read the float tensor instead where no tensor of
+    `still_quantized` (the INT8 groups' activations) is involved. Node and tensor names are the ones ORT keeps from
+    `pre`."""
     import onnx
 
-    model = onnx.load(str(full))
+    model = onnx.ModelProto.FromString(full)
     graph = model.graph
     quantized = {n.name: n for n in graph.node}
     pre_inits = {t.name: t for t in pre.graph.initializer}
@@ -509,8 +514,7 @@ def float_region(pre, full: Path, region: set[str], out: Path, ungrouped: set[st
     inits = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(inits)
-    onnx.save(model, str(out))
-    return out
+    return model
 
 
 def _live(nodes: list, outputs: set[str]) -> list:
@@ -544,14 +548,15 @@ def _topological(nodes: list, available: set[str]) -> list:
     return ready
 
 
-def ort_requantized(model_path: Path) -> list[tuple[str, str]]:
+def ort_requantized(model) -> list[tuple[str, str]]:
     """Float Conv/Gemm nodes ORT's CPU session would turn into INT8 ones with per-tensor weights (its
     WeightBiasQuantization pass, onnxruntime/core/optimizer/qdq_transformer/weight_bias_quantization.cc): a float
     weight initializer, the input from a per-tensor DequantizeLinear, the output (through Relu/Clip, unbranched)
-    into a QuantizeLinear. Returns their (input, output) tensors."""
+    into a QuantizeLinear. Returns their (input, output) tensors. `model`: a file or a ModelProto."""
     import onnx
 
-    model = onnx.load(str(model_path), load_external_data=False)
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     producers, consumers = graph_links(graph)
@@ -634,10 +639,12 @@ class Evaluator:
     `submit` scores a candidate in the background (scoring_workers at a time) while the caller makes the next one;
     `wait` collects it. Results are what `score` gives one at a time: only the order of work changes."""
 
-    def __init__(self, fp32_onnx: Path, images: np.ndarray, labels: np.ndarray, batch_size: int = 512,
-                 clusters: np.ndarray | None = None, watch: Stopwatch | None = None, labels_trusted: bool = True):
+    def __init__(self, fp32_onnx: Path | None, images: np.ndarray, labels: np.ndarray, batch_size: int = 512,
+                 clusters: np.ndarray | None = None, watch: Stopwatch | None = None, labels_trusted: bool = True,
+                 reference: np.ndarray | None = None):
         """`labels_trusted`: False where the split's labels are known to be corrupted (a label-noise variant's
-        validation split): the guard then judges by the label-free share of answers changed alone."""
+        validation split): the guard then judges by the label-free share of answers changed alone. `reference`:
+        the FP32 model's logits on `images` where they are known (then `fp32_onnx` is not run)."""
         if len(images) == 0:
             raise EdgeKDError("the validation split is empty: INT8 choices need one (raise val_fraction)")
         self.images, self.labels, self.batch_size = images, np.asarray(labels), batch_size
@@ -646,9 +653,21 @@ class Evaluator:
         self.evaluations = 0
         self._scores: dict[tuple[str, bool], Score] = {}
         self.watch = watch or Stopwatch()
-        with self.watch("validation scoring"):
-            self.reference = self.logits(fp32_onnx)
+        if reference is None:
+            with self.watch("validation scoring"):
+                reference = self.logits(fp32_onnx)
+        self.reference = reference
         self.fp32 = self._score(self.reference)
+
+    def first_view(self) -> Evaluator:
+        """The same scoring on the first row of each image only (validation_views puts the plain view first), with
+        the same FP32 reference: for rankings, whose candidates cost more to open (an ORT session, ~30 ms) than to
+        run on one view of the quickstart's 143 images (~4 ms) but not on nine (~35 ms)."""
+        n = self.images_scored
+        if n == len(self.labels) or not np.array_equal(self.clusters[:n], np.arange(n)):  # not views: all rows
+            return self
+        return Evaluator(None, self.images[:n], self.labels[:n], self.batch_size, watch=self.watch,
+                         labels_trusted=self.labels_trusted, reference=self.reference[:n])
 
     @property
     def images_scored(self) -> int:
@@ -676,7 +695,7 @@ class Evaluator:
         """Multi-label data (labels [N, classes]): an answer is one (image, class) decision, present or not
         (logit > 0), so accuracy is the share of decisions right and `flips` the share changed, both clustered by
         image; KL is the mean binary KL per decision."""
-        ref = getattr(self, "reference", logits)
+        ref = self.reference
         clusters = self.clusters
         if is_multilabel(self.labels):
             p, q = ref.astype(np.float64), logits.astype(np.float64)
