@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -39,10 +40,18 @@ def int8_models(root: Path, seeds: list[int]) -> list[dict]:
         metrics = json.loads((run / METRICS).read_text())
         if metrics["seed"] not in seeds:
             continue
-        for key, m in json.loads(manifest_path.read_text())["models"].items():
+        manifest = json.loads(manifest_path.read_text())
+        for key, m in manifest["models"].items():
             if m.get("precision") != "int8" or "guard" not in m:
                 continue
             rows.append({"run": str(run.relative_to(root)), "seed": metrics["seed"], "model": key,
+                         "int8_rules": manifest.get("key", {}).get("config", {}).get("deploy", {}).get("int8_rules"),
+                         "bundle_export_s": manifest.get("export_s"),
+                         "search_candidates": len(m.get("calibration", {}).get("candidates", []))
+                         + len(m.get("mixed_precision", {}).get("ranked_units", []))
+                         + len(m.get("mixed_precision", {}).get("steps", []))
+                         # a full sensitivity analysis: leave-one-out per group (what ranked groups up to rules 9)
+                         + len(manifest.get("int8_sensitivity", {}).get(m.get("preset"), {}).get("groups", [])),
                          "method": m["method"], "deployed": m["deployed"], "reason": m.get("not_deployed"),
                          "steps": m["guard"]["steps"], "test_change_pts": round(m["accuracy_change_vs_fp32"] * 100, 2),
                          "float_groups": len(m.get("mixed_precision", {}).get("float_closure", [])),
@@ -70,7 +79,14 @@ def report(runs: list[dict]) -> dict:
             "deployed_within_1pt_on_test": sum(abs(r["test_change_pts"]) <= 1.0 for r in deployed),
             "worst_deployed_test_change_pts": min((r["test_change_pts"] for r in deployed), default=None),
             "not_deployed_test_change_pts": [r["test_change_pts"] for r in every if not r["deployed"]],
-            "deployed_weights_float_pct": [r["float_weight_pct"] for r in deployed]}
+            "deployed_weights_float_pct": [r["float_weight_pct"] for r in deployed],
+            "deployed_weights_float_median_pct": statistics.median([r["float_weight_pct"] for r in deployed])
+            if deployed else None,
+            "int8_rules": sorted({r["int8_rules"] for r in every if r.get("int8_rules") is not None}),
+            # the whole bundle's export (ONNX, parity, INT8 with its guard), one bundle per run: speed of the search
+            "bundle_export_s_mean": round(statistics.fmean(r["bundle_export_s"] for r in every), 2) if every else None,
+            "search_candidates_mean": round(statistics.fmean(r["search_candidates"] for r in every), 1)
+            if every else None}
 
 
 def main() -> int:

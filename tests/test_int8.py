@@ -259,6 +259,18 @@ def test_large_models_are_ranked_by_a_few_contiguous_runs_of_groups():
     assert contiguous_units(groups[:RANK_UNITS]) == [[g] for g in groups[:RANK_UNITS]]  # small: one by one
 
 
+def test_an_asked_sensitivity_analysis_is_recorded_and_orders_mixed_precision(fragile, tmp_path):
+    """--int8-sensitivity: every group alone and left out, recorded; mixed precision then follows its ranking
+    instead of making ranking candidates of its own."""
+    path, val = fragile
+    info, sensitivity = make_int8(path, tmp_path / "s.onnx", "cpu", lambda n: images(n, 2), 200,
+                                  method="ptq-search", calib_size=64, val=val, max_drop=0.1, sensitivity=True)
+    assert sensitivity is not None and sensitivity["groups"][0]["name"] == "classifier"
+    mixed = info["mixed_precision"]
+    assert mixed["float_groups"] == ["classifier"] and not mixed["ranked_units"]
+    assert mixed["ranking"].startswith("leave-one-out KL removed per group left out")
+
+
 def test_the_model_written_is_the_one_the_search_scored(fragile, tmp_path):
     """A calibration draw may give fewer images than asked (a stratified cap: 512 -> 506 on digits), and asked for
     506 it draws another set. The model written must be quantized from the images its scored candidate was."""
