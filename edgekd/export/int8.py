@@ -4,8 +4,8 @@ Two methods (`ExportOptions.int8_method`, `--int8-method`, `deploy.int8_method`)
 - `ptq`: one calibration (method and size as configured), every quantizable node in INT8.
 - `ptq-search`: the configured calibration (for `trt` with the Q/DQ placement whose answers on the validation split
   are most often FP32's); then mixed precision: node groups kept in float in the order of their leave-one-out
-  sensitivity (edgekd.export.sensitivity), k the smallest that holds (`Guard`), found by galloping and bisection
-  over k. The test split never enters a choice.
+  sensitivity (edgekd.export.sensitivity), k the smallest that holds (`Guard`), found by bisection over k.
+  The test split never enters a choice.
 
 What "holds" means (`Guard`, the deploy guard's rule too): the INT8 model loses at most `max_drop` of accuracy
 against FP32 on the validation images and views, as an upper bound (GUARD_Z standard errors, clustered by image, so
@@ -47,8 +47,9 @@ PTQ_METHODS = ("ptq", "ptq-search")  # post-training, here
 # model, the trt preset scored as written; 4: up to half the groups chosen; 6: up to half the weights float;
 # 7: the share changed judged by its upper bound, GUARD_Z; 8: the accuracy drop's upper bound certifies too, Guard;
 # 9: only where the split resolves it, DROP_RESOLUTION; 10: the configured calibration only, groups ranked by at
-# most RANK_UNITS leave-one-out candidates, k found by galloping and bisection).
-RULES_REVISION = 10
+# most RANK_UNITS runs and the groups of the top REFINE_UNITS, k found by galloping and bisection; 11: by bisection
+# alone, REFINE_UNITS 1).
+RULES_REVISION = 11
 # Standard errors added to the share of answers changed before it is held against the limit. The share measured on
 # a small validation split (the quickstart's: 143 images) is itself a sample: judged by its point value (revision
 # 6), 1 of 31 deployed quickstart models changed 0.54% of validation answers and lost 1.11 points on test. Two
@@ -266,22 +267,14 @@ def float_prefixes(q: Quantizer, order: Sequence[str], max_float: float,
 
 
 def smallest_holding(n: int, holds: Callable[[int], bool], prefetch: Callable[[int], None] = lambda i: None,
-                     ahead: int = 2) -> int | None:
-    """The smallest i in [0, n) for which `holds(i)`, taking it as monotone in i (False, ..., False, True, ...):
-    i = 0, 1, 3, 7, ... (2^j - 1, then n - 1) until one holds, then bisection between the last that did not and it.
-    ~2 log2(i) calls to `holds`; None if none of the probes holds. `prefetch(i)` is told, before each call, of the
-    probes that may come next (the next `ahead` doubling probes; in bisection the next probe for either outcome),
-    so that a caller can prepare them while `holds` runs."""
-    probes = sorted({min(2 ** j, n) - 1 for j in range(n.bit_length() + 1)}) if n > 0 else []
-    lo, hi = -1, None  # the largest probe that did not hold, the smallest that did
-    for at, i in enumerate(probes):
-        for nxt in probes[at : at + 1 + ahead]:  # these do not depend on this probe's outcome
-            prefetch(nxt)
-        if holds(i):
-            hi = i
-            break
-        lo = i
-    while hi is not None and hi - lo > 1:
+                     ) -> int | None:
+    """The smallest i in [0, n) for which `holds(i)`, taking it as monotone in i (False, ..., False, True, ...), by
+    bisection: at most bit_length(n) calls to `holds`; None if it holds nowhere it was asked. (Galloping from i = 0
+    first, tried in revision 10's making, took ~10 calls on the quickstart's students, whose k is mostly 30-40 of
+    ~41; bisection takes 6.) `prefetch(i)` is told, before each call, of it and of the next probe for either
+    outcome, so that a caller can prepare them while `holds` runs."""
+    lo, hi = -1, n  # the largest probe that did not hold, the smallest that did (n: none yet)
+    while hi - lo > 1:
         mid = (lo + hi) // 2
         for nxt in (mid, (lo + mid) // 2, (mid + hi) // 2):  # it, and the next probe if it holds / if it does not
             if lo < nxt < hi:
@@ -290,19 +283,18 @@ def smallest_holding(n: int, holds: Callable[[int], bool], prefetch: Callable[[i
             hi = mid
         else:
             lo = mid
-    return hi
+    return hi if hi < n else None
 
 
 def _mixed_precision(q: Quantizer, images: np.ndarray, recipe: Recipe, full: Score, order: list[str],
                      val: Evaluator, guard: Guard, max_float: float, result: SearchResult,
                      log: Callable[[str], None]) -> tuple[Recipe, Score]:
-    """The fewest groups of `order` kept float (float_prefixes) for which the model holds: k = 1, 2, 4, 8, ... until
-    one holds, then bisection between the last k that did not and the first that did (taking holding as monotone
-    in k, as more float is closer to FP32: ~2 log2(k) candidates where a walk over k = 1, 2, 3, ... made k; on the
-    quickstart's students k was 25-39). The smallest holding k is chosen; when none holds, the best candidate
-    (Guard.better), marked as missing the target. The candidates that a probe's either outcome would judge next are
-    made and scored while it is being judged; what no step needed is thrown away, and the steps, logs and choice are
-    those of judging one at a time."""
+    """The fewest groups of `order` kept float (float_prefixes) for which the model holds, by bisection over k
+    (smallest_holding: taking holding as monotone in k, as more float is closer to FP32; log2 of the candidates'
+    count where a walk over k = 1, 2, 3, ... judged k of them, 25-39 on the quickstart's students). The smallest
+    holding k is chosen; when none holds, the best candidate judged (Guard.better), marked as missing the target.
+    The candidates that a probe's either outcome would judge next are made and scored while it is being judged;
+    what no step needed is thrown away, and the steps, logs and choice are those of judging one at a time."""
     prefixes = float_prefixes(q, order, max_float, log)
     weighted = {g.name for g in q.groups if g.op in WEIGHTED_OPS}
     as_written = q.preset.score_as_written
