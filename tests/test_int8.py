@@ -319,6 +319,7 @@ def test_trt_preset_keeps_tensorrt_rules(fragile, tmp_path):
     report = check_tensorrt_qdq(out)
     assert report.ok, report.problems
     assert {c["placement"] for c in info["calibration"]["candidates"]} == {"all", "inputs"}
+    assert {c["method"] for c in info["calibration"]["candidates"]} == {"minmax", "percentile"}  # searched for trt
     assert info["mixed_precision"]["float_groups"] == ["classifier"] and info["mixed_precision"]["reached_target"]
     assert info["validation"]["int8_all"]["accuracy"] < 0.6 < 0.85 < info["validation"]["int8"]["accuracy"]
     assert "classifier" in report.float_layers and report.quantized_weights >= 2  # the convs stay INT8

@@ -33,7 +33,13 @@ class Interrupt(Exception):
     pass
 
 
-def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("every_s, resumed_at", [(0.0, 2), (3600.0, 1)])
+def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, monkeypatch, every_s, resumed_at):
+    """Killed in epoch 3, resumed from the last checkpoint: epoch 2's when one is written after every epoch, epoch
+    1's (always written) when the interval (CHECKPOINT_EVERY_S) had not passed since; the same numbers either way."""
+    import edgekd.distill.train as train_module
+
+    monkeypatch.setattr(train_module, "CHECKPOINT_EVERY_S", every_s)
     reference, ref_history = _run(tmp_path / "straight")
 
     def kill_in_epoch_three(report):
@@ -47,7 +53,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
     model = create_model(CFG.model, 4, 1)
     history = train(model, _data(), CFG, ComposedLoss({"ce": {}}), EX, ViewAugment(1, True), seed=0,
                     run_dir=tmp_path / "killed", log=lines.append)
-    assert lines[0] == "resumed at epoch 2/4"
+    assert lines[0] == f"resumed at epoch {resumed_at}/4"
     assert [h["epoch"] for h in history["history"]] == [1, 2, 3, 4]
     assert [h["val_acc"] for h in history["history"]] == [h["val_acc"] for h in ref_history["history"]]
     for (name, a), b in zip(reference.state_dict().items(), model.state_dict().values(), strict=True):

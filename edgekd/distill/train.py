@@ -53,6 +53,12 @@ from edgekd.runtime.evalset import (
 )
 
 CHECKPOINT = "checkpoint"  # .safetensors (model, optimizer, best weights) + .json (epoch, history)
+# A checkpoint is written after the first epoch and then once at least this many seconds of training went by since
+# the last one: at most this much is redone after an interruption, and the redone epochs give the same numbers (each
+# epoch's randomness is seeded by its index). Written after every epoch, checkpoints (model, best weights and
+# optimizer state: ~135 MB for resnet18) took ~20 s of the quickstart's ~113 s of training: 10 of a 22 s teacher's
+# epochs, ~1.3 s of a quarter-data student's 5 s (40 epochs of 0.13 s).
+CHECKPOINT_EVERY_S = 30.0
 
 
 @dataclass
@@ -350,6 +356,7 @@ def train(model: nn.Module, data: DataSplits, cfg: TrainConfig, criterion: Compo
             f"BatchNorm statistics over {stats}")
 
     last_loss = ckpt["history"][-1]["loss"] if ckpt["history"] else None
+    saved_at = None  # time.monotonic() of this process's last checkpoint
     try:
         for epoch in range(ckpt["epoch"], epochs):
             torch.manual_seed(seed * 1000 + epoch)  # dropout and stochastic depth, replayable on resume
@@ -416,12 +423,14 @@ def train(model: nn.Module, data: DataSplits, cfg: TrainConfig, criterion: Compo
                 best = {k: v.detach().clone() for k, v in model.state_dict().items()}
             if epoch + 1 in snapshots:  # before the checkpoint: a run resumed after it has its snapshot
                 save_tensors(snapshot_path(run_dir, epoch + 1), model.state_dict())
-            opt_tensors, ckpt["optimizer"] = _flatten_optimizer(optimizer)
-            save_tensors(run_dir / f"{CHECKPOINT}.safetensors",
-                         {**{f"model.{k}": v for k, v in model.state_dict().items()},
-                          **{f"criterion.{k}": v for k, v in criterion.state_dict().items()},
-                          **{f"best.{k}": v for k, v in best.items()}, **opt_tensors})
-            write_json(run_dir / f"{CHECKPOINT}.json", {**ckpt, "execution": asdict(ex)})
+            if saved_at is None or time.monotonic() - saved_at >= CHECKPOINT_EVERY_S:
+                opt_tensors, ckpt["optimizer"] = _flatten_optimizer(optimizer)
+                save_tensors(run_dir / f"{CHECKPOINT}.safetensors",
+                             {**{f"model.{k}": v for k, v in model.state_dict().items()},
+                              **{f"criterion.{k}": v for k, v in criterion.state_dict().items()},
+                              **{f"best.{k}": v for k, v in best.items()}, **opt_tensors})
+                write_json(run_dir / f"{CHECKPOINT}.json", {**ckpt, "execution": asdict(ex)})
+                saved_at = time.monotonic()
             log(" ".join(f"{k}={v}" for k, v in record.items()))
     finally:
         for layer in undo_bn:

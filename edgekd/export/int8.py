@@ -2,8 +2,8 @@
 
 Two methods (`ExportOptions.int8_method`, `--int8-method`, `deploy.int8_method`):
 - `ptq`: one calibration (method and size as configured), every quantizable node in INT8.
-- `ptq-search`: the configured calibration (for `trt` with the Q/DQ placement whose answers on the validation split
-  are most often FP32's); then mixed precision: node groups kept in float in the order of their leave-one-out
+- `ptq-search`: the calibration whose answers on the validation split are most often FP32's: for `trt` among
+  methods, sizes and Q/DQ placements, for `cpu` the configured one (Preset.search_calibration); then mixed precision: node groups kept in float in the order of their leave-one-out
   sensitivity (edgekd.export.sensitivity), k the smallest that holds (`Guard`), found by bisection over k.
   The test split never enters a choice.
 
@@ -48,8 +48,8 @@ PTQ_METHODS = ("ptq", "ptq-search")  # post-training, here
 # 7: the share changed judged by its upper bound, GUARD_Z; 8: the accuracy drop's upper bound certifies too, Guard;
 # 9: only where the split resolves it, DROP_RESOLUTION; 10: the configured calibration only, groups ranked by at
 # most RANK_UNITS runs and the groups of the top REFINE_UNITS, k found by galloping and bisection; 11: by bisection
-# alone, REFINE_UNITS 1).
-RULES_REVISION = 11
+# alone, REFINE_UNITS 1; 12: the trt preset searches its calibration again, Preset.search_calibration).
+RULES_REVISION = 12
 # Standard errors added to the share of answers changed before it is held against the limit. The share measured on
 # a small validation split (the quickstart's: 143 images) is itself a sample: judged by its point value (revision
 # 6), 1 of 31 deployed quickstart models changed 0.54% of validation answers and lost 1.11 points on test. Two
@@ -67,12 +67,17 @@ VAL_MIN_IMAGES = 2000  # a validation split smaller than this is scored on its a
 # 46-88 groups and ~15-88% of the weights. Weights, not groups: 46 float groups can be 15% of the weights (gates,
 # adds and pools hold none), and the weights are what INT8 makes smaller and faster.
 MAX_FLOAT_SHARE = 0.5
-# What search_calibration tries when asked for a calibration search. ptq-search itself calibrates as configured
-# (revision 10): on the 18 quickstart students its six candidates (minmax and percentile, x1/4, x1, x4 images)
-# changed FP32's answers within ~1-2 points of one another, within the split's noise, so the "best" was chosen on
-# noise, on the very split whose bound then certifies it (an optimistic bound), at 40% of the search's time.
-# Not entropy: it changed the most answers (e.g. 32% vs minmax 4% on one) and costs a histogram per tensor.
+# What ptq-search's calibration search tries (presets with Preset.search_calibration; the others calibrate as
+# configured: on the 18 quickstart students the `cpu` preset's six candidates changed FP32's answers within ~1-2
+# points of one another, within the split's noise, so the "best" was chosen on noise, on the very split whose bound
+# then certifies it, at 40% of the search's time). Not entropy: it changed the most answers (e.g. 32% vs minmax 4%
+# on one) and costs a histogram per tensor; `calib_method` still has it.
 SEARCH_CALIB_METHODS = ("minmax", "percentile")
+
+
+def calibration_sizes(calib_size: int, available: int) -> list[int]:
+    """The calibration sizes a search tries around the configured one: a quarter, it, four times it (capped)."""
+    return sorted({max(1, min(s, available)) for s in (max(32, calib_size // 4), calib_size, calib_size * 4)})
 
 
 def quantize(fp32_onnx: Path, out: Path, calibration: np.ndarray, preset: str, method: str = "minmax",
@@ -387,6 +392,10 @@ def make_int8(fp32_onnx: Path, out: Path, preset: str, calibration: Callable[[in
                 record = report.to_dict()
                 info["validation"] = {"fp32": report.fp32.to_dict(), "int8": report.int8_all.to_dict()}
             return info, record
-        result = search_ptq(q, out, calibration, [min(calib_size, available)], val, max_drop, methods=(calib_method,),
-                            sensitivity=sensitivity, log=log)
+        if q.preset.search_calibration:
+            sizes, methods = calibration_sizes(calib_size, available), SEARCH_CALIB_METHODS
+        else:
+            sizes, methods = [min(calib_size, available)], (calib_method,)
+        result = search_ptq(q, out, calibration, sizes, val, max_drop, methods=methods, sensitivity=sensitivity,
+                            log=log)
         return {"method": "ptq-search", **result.to_dict()}, result.sensitivity
