@@ -1,7 +1,7 @@
 """Where a study's wall time goes: one fresh `edgekd study` process, then its records read back.
 
     python benchmarks/study_speed.py [--profile profiles/quickstart.toml] [--out DIR] [--set key=value ...]
-                                     [--executor local] [--name study_speed-quickstart]
+                                     [--executor local|processes --jobs N] [--name study_speed-quickstart]
 
 Prints and saves (benchmarks/results/NAME-cpu.json):
 - the wall time of the process (imports, planning, the execution choice, every job, the report);
@@ -35,8 +35,10 @@ from edgekd.config import read_profile_data  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_study(profile: str, out: Path, executor: str, sets: list[str]) -> float:
+def run_study(profile: str, out: Path, executor: str, sets: list[str], jobs: int = 1) -> float:
     args = [sys.executable, "-m", "edgekd.cli", "study", profile, "--out", str(out), "--executor", executor]
+    if jobs > 1:
+        args += ["--jobs", str(jobs)]
     for s in sets:
         args += ["--set", s]
     start = time.perf_counter()
@@ -89,13 +91,17 @@ def main() -> int:
     parser.add_argument("--out", help="the study's --out (default: a fresh temporary directory)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--executor", default="local")
+    parser.add_argument("--jobs", type=int, default=1, help="with --executor processes: jobs side by side, each with "
+                        "its share of the threads (the summed training time then counts each training's own, "
+                        "slower, time: compare walls)")
     parser.add_argument("--name", default="study_speed-quickstart")
     args = parser.parse_args()
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="edgekd-speed-"))
     name = read_profile_data(ROOT / args.profile, args.set)["study"]["name"]
-    wall = run_study(args.profile, out, args.executor, args.set)
+    wall = run_study(args.profile, out, args.executor, args.set, args.jobs)
     result = split(out / name, wall)
-    show(f"edgekd study {args.profile} ({args.executor}): {result['wall_s']} s wall, "
+    show(f"edgekd study {args.profile} ({args.executor}{f', {args.jobs} jobs' if args.jobs > 1 else ''}): "
+         f"{result['wall_s']} s wall, "
          f"{result['overhead_ratio']}x its summed training time",
          ["where", "jobs", "seconds", "share of wall"],
          [["training proper (train_s)", result["trainings"], result["train_s"], f"{result['train_s'] / wall:.0%}"],
@@ -107,7 +113,8 @@ def main() -> int:
         show(f"export: {n} bundles, {result['export_s_per_bundle']} s each, "
              f"{result['export_share_of_jobs']:.0%} of the job time", ["phase", "seconds (all bundles)", "per bundle"],
              [[p, s, s / n] for p, s in result["export_phases_s"].items()])
-    print(save(args.name, {"profile": args.profile, "sets": args.set, "executor": args.executor, **result}))
+    print(save(args.name, {"profile": args.profile, "sets": args.set, "executor": args.executor, "jobs": args.jobs,
+                           **result}))
     return 0
 
 
