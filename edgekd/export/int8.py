@@ -3,9 +3,9 @@
 Two methods (`ExportOptions.int8_method`, `--int8-method`, `deploy.int8_method`):
 - `ptq`: one calibration (method and size as configured), every quantizable node in INT8.
 - `ptq-search`: the calibration whose answers on the validation split are most often FP32's: for `trt` among
-  methods, sizes and Q/DQ placements, for `cpu` the configured one (Preset.search_calibration); then mixed precision: node groups kept in float in the order of their leave-one-out
-  sensitivity (edgekd.export.sensitivity), k the smallest that holds (`Guard`), found by bisection over k.
-  The test split never enters a choice.
+  methods, sizes and Q/DQ placements, for `cpu` the configured one (Preset.search_calibration); then mixed
+  precision: node groups kept in float in the order of their leave-one-out sensitivity (edgekd.export.sensitivity),
+  k the smallest that holds (`Guard`), found by bisection over k. The test split never enters a choice.
 
 What "holds" means (`Guard`, the deploy guard's rule too): the INT8 model loses at most `max_drop` of accuracy
 against FP32 on the validation images and views, as an upper bound (GUARD_Z standard errors, clustered by image, so
