@@ -111,8 +111,16 @@ def analyse(q: Quantizer, images: np.ndarray, recipe: Recipe, val: Evaluator,
 RANK_UNITS = 12
 # The groups of this many top runs are then ranked one by one, so that mixed precision floats the groups that matter
 # inside the region found, not the whole region. On the quickstart's 18 students 1 and 2 made the same choices
-# (10 deployed, median 42.7% of a deployed model's weights float); 1 makes 8 candidates fewer.
+# (with rules revision 10's galloping search: 10 deployed, median 42.7% of a deployed model's weights float); 1
+# makes 8 candidates fewer.
 REFINE_UNITS = 1
+
+
+def removal_key(kl_removed: float, left_out: int, accuracy: float) -> tuple[float, float]:
+    """How mixed precision orders leave-one-out candidates (sort ascending): most KL to FP32 removed per group left
+    out (KL orders what a small split's accuracy cannot: it moves by single images), so that of two ways to float
+    the same tensors the smaller comes first; then the higher accuracy."""
+    return -kl_removed / max(1, left_out), -accuracy
 
 
 def contiguous_units(groups: Sequence[NodeGroup], max_units: int = RANK_UNITS) -> list[list[NodeGroup]]:
@@ -125,7 +133,7 @@ def unit_order(q: Quantizer, images: np.ndarray, recipe: Recipe, val: Evaluator,
                refine: int = REFINE_UNITS, log: Callable[[str], None] = lambda line: None,
                ) -> tuple[list[str], str, list[dict]]:
     """The order in which mixed precision keeps groups float, from few leave-one-out candidates: the runs of
-    contiguous_units by the KL to FP32 that leaving one out removes per group left out (float_order's key); then the
+    contiguous_units by removal_key (float_order's); then the
     groups of the `refine` top runs one by one, ranked among themselves by the same key, first; the other runs after
     them, in their order, graph order within each. A model with at most `max_units` groups gets float_order's
     ranking exactly. Returns (order, how it was ranked, one row per candidate: the runs, then the refined groups)."""
@@ -144,7 +152,7 @@ def unit_order(q: Quantizer, images: np.ndarray, recipe: Recipe, val: Evaluator,
             s = val.wait(scored)
             rows.append({"groups": [g.name for g in unit], "left_out": left_out, "kl_removed": full.kl - s.kl,
                          "accuracy": s.accuracy})
-        return sorted(rows, key=lambda r: (-r["kl_removed"] / max(1, r["left_out"]), -r["accuracy"]))
+        return sorted(rows, key=lambda r: removal_key(r["kl_removed"], r["left_out"], r["accuracy"]))
 
     units = contiguous_units(q.groups, max_units)
     runs = ranked(units)
@@ -162,13 +170,11 @@ def unit_order(q: Quantizer, images: np.ndarray, recipe: Recipe, val: Evaluator,
 
 
 def float_order(report: SensitivityReport) -> tuple[list[str], str]:
-    """The order in which mixed precision keeps groups float: most leave-one-out KL removed (KL to FP32 orders
-    the groups where a small validation split's accuracy moves by single images) per group left out with it
-    (its closure: what floating it takes), so that of two ways to float the same tensors the smaller comes first.
-    Groups without a leave-one-out measurement are not in it."""
+    """The order in which mixed precision keeps groups float, by removal_key over each group's leave-one-out (its
+    closure: what floating it takes). Groups without a leave-one-out measurement are not in it."""
     rows = [r for r in report.rows if r.leave_one_out]
-    rows.sort(key=lambda r: (-(report.int8_all.kl - r.leave_one_out.kl) / max(1, len(r.closure)),
-                             -r.leave_one_out.accuracy))
+    rows.sort(key=lambda r: removal_key(report.int8_all.kl - r.leave_one_out.kl, len(r.closure),
+                                        r.leave_one_out.accuracy))
     return [r.group.name for r in rows], "leave-one-out KL removed per group left out (largest first)"
 
 
