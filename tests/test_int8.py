@@ -368,6 +368,21 @@ def test_a_small_validation_split_is_scored_on_its_augmentation_views_plain_view
     assert n == 1 and (big == x.numpy()).all()
 
 
+def test_rankings_score_the_plain_view_of_each_image_against_the_same_fp32(fragile):
+    """Evaluator.first_view: the first row of each image (validation_views puts the plain view first), scored
+    against the FP32 logits already computed; without views it is the evaluator itself."""
+    path, val = fragile
+    assert val.first_view() is val
+    x = images(40, 7)
+    labels = predictions(path, x)
+    views = Evaluator(path, np.concatenate([x, x[:, :, ::-1].copy()]), np.concatenate([labels, labels]),
+                      clusters=np.tile(np.arange(40), 2))
+    plain = views.first_view()
+    assert plain.images_scored == 40 and len(plain.labels) == 40 and plain.evaluations == 0  # FP32 not run again
+    np.testing.assert_array_equal(plain.reference, views.reference[:40])
+    assert plain.fp32.accuracy == 1.0 and plain.score(path).flips == 0.0
+
+
 def _collapsing_copy(tiny_study, root, factor: float = 1000):
     """The tiny study with its KD student given one activation outlier: channel 0 of blocks.3.0's output `factor`
     times larger and the next (linear) pointwise conv's input weights as much smaller, so FP32 computes what it did,
