@@ -306,7 +306,7 @@ def _mixed_precision(q: Quantizer, images: np.ndarray, recipe: Recipe, full: Sco
     made: dict[int, tuple] = {}
 
     def make(i: int) -> None:  # prefix i: k = i + 1 groups float
-        if i in made or not 0 <= i < len(prefixes):
+        if i in made:
             return
         candidate = Recipe(recipe.method, recipe.images, recipe.placement, prefixes[i][1])
         path = q.quantize(q.scratch("mixed"), images, candidate)
