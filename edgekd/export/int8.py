@@ -209,9 +209,10 @@ def search_ptq(q: Quantizer, out: Path, calibration: Callable[[int], np.ndarray]
                val: Evaluator, max_drop: float, max_float: float = MAX_FLOAT_SHARE,
                methods: Sequence[str] = SEARCH_CALIB_METHODS,
                sensitivity: bool = False, log: Callable[[str], None] = lambda line: None) -> SearchResult:
-    """The `ptq-search` method: calibration chosen on validation, then the fewest float groups that make the model
-    hold by the `Guard` (at most `max_drop` lost against FP32 on the validation images, a fraction). Writes the
-    chosen model to `out`. Test data never enters: `val` is the only data it sees."""
+    """The `ptq-search` method: the calibration chosen on validation among `sizes` x `methods` x the preset's
+    placements (make_int8 passes one of each where the preset does not search), then the fewest float groups that
+    make the model hold by the `Guard` (at most `max_drop` lost against FP32 on the validation images, a fraction).
+    Writes the chosen model to `out`. Test data never enters: `val` is the only data it sees."""
     guard = Guard.on(val, max_drop)
     recipe, full, rows, images = search_calibration(q, calibration, sizes, val, methods, log)
     result = SearchResult(recipe, val={"fp32": val.fp32.to_dict(), "int8_all": full.to_dict()},

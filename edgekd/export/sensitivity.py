@@ -133,10 +133,10 @@ def unit_order(q: Quantizer, images: np.ndarray, recipe: Recipe, val: Evaluator,
                refine: int = REFINE_UNITS, log: Callable[[str], None] = lambda line: None,
                ) -> tuple[list[str], str, list[dict]]:
     """The order in which mixed precision keeps groups float, from few leave-one-out candidates: the runs of
-    contiguous_units by removal_key (float_order's); then the
-    groups of the `refine` top runs one by one, ranked among themselves by the same key, first; the other runs after
-    them, in their order, graph order within each. A model with at most `max_units` groups gets float_order's
-    ranking exactly. Returns (order, how it was ranked, one row per candidate: the runs, then the refined groups)."""
+    contiguous_units by removal_key (float_order's); then the groups of the `refine` top runs one by one, ranked
+    among themselves by the same key, first; the other runs after them, in their order, graph order within each. A
+    model with at most `max_units` groups gets float_order's ranking exactly. Returns (order, how it was ranked, one
+    row per candidate: the runs, then the refined groups)."""
     base = Recipe(recipe.method, recipe.images, recipe.placement)
     as_written = q.preset.score_as_written
     full = val.score(q.quantize(q.scratch("all"), images, base), as_written)
