@@ -1,7 +1,8 @@
 """Where a study's wall time goes: one fresh `edgekd study` process, then its records read back.
 
     python benchmarks/study_speed.py [--profile profiles/quickstart.toml] [--out DIR] [--set key=value ...]
-                                     [--executor local|processes --jobs N] [--name study_speed-quickstart]
+                                     [--executor auto|local|processes|ray --jobs N] [--machine-cache]
+                                     [--name study_speed-quickstart]
 
 Prints and saves (benchmarks/results/NAME-cpu.json):
 - the wall time of the process (imports, planning, the execution choice, every job, the report);
@@ -10,15 +11,21 @@ Prints and saves (benchmarks/results/NAME-cpu.json):
   wall / summed training time (issue 24's goal: at most 1.3 on CPU, 2 on a GPU);
 - what is outside every job (start-up, planning, the execution choice, waiting, the report): wall - summed jobs,
   meaningful for executors that run one job at a time (local);
-- per bundle: export_s and its phases (manifest export_phases_s), summed and per bundle.
+- per bundle: export_s and its phases (manifest export_phases_s), summed and per bundle;
+- the plan's execution choices (precision, layout, trainings at once and their threads) and their timings.
 
-A fresh --out each time unless --out names one (then finished jobs are reused, and only what ran is counted).
+A fresh --out each time unless --out names one (then finished jobs are reused, and only what ran is counted). The
+execution choices are measured afresh, as on a new machine (their time is in the wall time), unless
+--machine-cache reuses this machine's earlier ones (~/.cache/edgekd/execution.json), as a user's next study does.
+With several trainings at once (the default executor, where measured faster) the summed training time counts each
+training's own time beside the others: the overhead ratio can fall below 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -31,18 +38,23 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import save, show  # noqa: E402
 
 from edgekd.config import read_profile_data  # noqa: E402
+from edgekd.distill.execution import CACHE_ENV  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_study(profile: str, out: Path, executor: str, sets: list[str], jobs: int = 1) -> float:
+def run_study(profile: str, out: Path, executor: str, sets: list[str], jobs: int = 0,
+              machine_cache: bool = False) -> float:
     args = [sys.executable, "-m", "edgekd.cli", "study", profile, "--out", str(out), "--executor", executor]
-    if jobs > 1:
+    if jobs:
         args += ["--jobs", str(jobs)]
     for s in sets:
         args += ["--set", s]
+    env = dict(os.environ)
+    if not machine_cache:  # measured as on a fresh machine, and nothing written to this one's cache
+        env[CACHE_ENV] = str(out / "execution-cache.json")
     start = time.perf_counter()
-    result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
     if result.returncode != 0:
         raise SystemExit(f"the study failed (exit {result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
@@ -90,17 +102,18 @@ def main() -> int:
     parser.add_argument("--profile", default="profiles/quickstart.toml")
     parser.add_argument("--out", help="the study's --out (default: a fresh temporary directory)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--executor", default="local")
-    parser.add_argument("--jobs", type=int, default=1, help="with --executor processes: jobs side by side, each with "
-                        "its share of the threads (the summed training time then counts each training's own, "
-                        "slower, time: compare walls)")
+    parser.add_argument("--executor", default="auto", help="auto (edgekd's default), local, processes, ray")
+    parser.add_argument("--jobs", type=int, default=0, help="with --executor processes: this many processes "
+                        "(default: as many as the plan's trainings at once)")
+    parser.add_argument("--machine-cache", action="store_true",
+                        help="reuse this machine's execution choices instead of measuring them afresh")
     parser.add_argument("--name", default="study_speed-quickstart")
     args = parser.parse_args()
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="edgekd-speed-"))
     name = read_profile_data(ROOT / args.profile, args.set)["study"]["name"]
-    wall = run_study(args.profile, out, args.executor, args.set, args.jobs)
+    wall = run_study(args.profile, out, args.executor, args.set, args.jobs, args.machine_cache)
     result = split(out / name, wall)
-    show(f"edgekd study {args.profile} ({args.executor}{f', {args.jobs} jobs' if args.jobs > 1 else ''}): "
+    show(f"edgekd study {args.profile} ({args.executor}{f', {args.jobs} jobs' if args.jobs else ''}): "
          f"{result['wall_s']} s wall, "
          f"{result['overhead_ratio']}x its summed training time",
          ["where", "jobs", "seconds", "share of wall"],
@@ -114,7 +127,7 @@ def main() -> int:
              f"{result['export_share_of_jobs']:.0%} of the job time", ["phase", "seconds (all bundles)", "per bundle"],
              [[p, s, s / n] for p, s in result["export_phases_s"].items()])
     print(save(args.name, {"profile": args.profile, "sets": args.set, "executor": args.executor, "jobs": args.jobs,
-                           **result}))
+                           "machine_cache": args.machine_cache, **result}))
     return 0
 
 

@@ -221,13 +221,14 @@ def cmd_distill(args) -> int:
 
 def _executor(args) -> str:
     """The executor --executor, --jobs and --address ask for, or one line saying what does not fit."""
-    executor = args.executor or ("processes" if args.jobs > 1 else "local")
+    jobs = args.jobs or 1  # below 1: the profile check names it
+    executor = args.executor or ("auto" if args.jobs is None else "processes" if jobs > 1 else "local")
     if args.address and executor != "ray":
         raise EdgeKDError(f"--address is where a Ray cluster listens: add --executor ray (not {executor})")
     if args.cpus_per_job is not None and (executor != "ray" or args.cpus_per_job <= 0):
         raise EdgeKDError("--cpus-per-job is what each Ray training asks for, above 0: use it with --executor ray "
                           "(elsewhere set study.threads)")
-    if args.jobs > 1 and executor != "processes":
+    if jobs > 1 and executor != "processes":
         raise EdgeKDError(f"--jobs {args.jobs} sets the processes of --executor processes; --executor {executor} "
                           + ("runs one job at a time" if executor == "local" else "runs as many jobs at once as "
                              "the cluster's CPUs allow"))
@@ -641,16 +642,18 @@ def _profile_options(p: argparse.ArgumentParser) -> None:
 
 
 def _executor_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--executor", choices=["local", "processes", "ray"],
-                   help="where jobs run: local (one at a time in this process; the default), processes (--jobs N "
-                        "on this machine), ray (a Ray task per job; see --address)")
-    p.add_argument("--jobs", type=int, default=1, help="with --executor processes (implied by N > 1): jobs run in "
-                                                       "this many processes")
+    p.add_argument("--executor", choices=["auto", "local", "processes", "ray"],
+                   help="where jobs run: auto (the default: as many trainings side by side as measured fastest on "
+                        "this machine, study.trainings_at_once), local (one at a time in this process), processes "
+                        "(--jobs N on this machine), ray (a Ray task per job; see --address). Each trains with the "
+                        "same threads, so the same numbers")
+    p.add_argument("--jobs", type=int, default=None, help="with --executor processes (implied by N > 1): jobs run "
+                                                          "in this many processes; 1: --executor local")
     p.add_argument("--address", help="with --executor ray: a running cluster (auto, or ray://host:10001) instead of a "
                                      "local Ray started for the run; --out must be on storage every node mounts")
     p.add_argument("--cpus-per-job", type=float, metavar="N",
-                   help="with --executor ray: CPUs (and threads) per training (default: study.threads, else all of "
-                        "this machine's, as the local executor, so the same float results; fewer run side by side)")
+                   help="with --executor ray: CPUs each training asks Ray for (default: its threads, the plan's "
+                        "choice); it trains with the plan's threads either way, so the same float results")
 
 
 def build_parser() -> argparse.ArgumentParser:

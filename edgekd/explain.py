@@ -156,7 +156,7 @@ class ExplainKind(JobKind):
         for (dataset, variant, family), deps in groups.items():
             role = str(Role(EXPLAIN, family))
             jobs.append(Job(dataset, variant, role, seed0, run_dir(ctx.root, dataset, variant, role, seed0),
-                            kind=self.name, deps=tuple(deps), num_cpus=ctx.cpus_per_job))
+                            kind=self.name, deps=tuple(deps), num_cpus=ctx.cpus_per_job or 1.0))
         return jobs
 
     def record(self, job):

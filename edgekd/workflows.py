@@ -50,10 +50,11 @@ def pipeline() -> list[JobKind]:
 
 
 def plan_jobs(profile, study_root: Path, deploy: bool = False, device: str = "cpu",
-              cpus_per_job: float = 1.0) -> list[Job]:
+              cpus_per_job: float = 0.0) -> list[Job]:
     """Every job of the profile with its dependencies, in an order that respects them: teachers, teacher caches,
-    students, Grad-CAM maps, then (deploy) bundles and benches."""
-    ctx = PlanContext(profile, Path(study_root), device=device, cpus_per_job=cpus_per_job)
+    students, Grad-CAM maps, then (deploy) bundles and benches. Their threads and device shares are the
+    plan-time choices of `prepare_jobs`."""
+    ctx = PlanContext(profile, Path(study_root), device=device, cores=machine_threads(), cpus_per_job=cpus_per_job)
     jobs: list[Job] = []
     for kind in pipeline():
         if deploy or not kind.deploy:
@@ -76,8 +77,8 @@ def prepare_jobs(ctx: PlanContext, jobs: list[Job], measured: dict) -> list[Job]
 
 
 def set_threads(threads: int) -> None:
-    """CPU threads for torch, set once where jobs start (in this process, or by a worker for its share); the stages
-    never set them, so `study.threads = 8` with `--jobs 4` trains with 2 threads per worker, not 8."""
+    """CPU threads for torch where jobs start (a worker: the job's ask). A training sets its own for its run (the
+    plan's choice, edgekd/distill/sharing.py), whichever executor runs it."""
     if threads:
         import torch
 
@@ -98,12 +99,11 @@ def setup_worker(threads: int) -> None:
     set_threads(threads)
 
 
-def default_threads(profile) -> int:
-    """A training's CPU threads when nothing else says: study.threads, else all of this machine's (torch's default).
-    Float results depend on them, so every executor trains with the same count unless told otherwise."""
+def machine_threads() -> int:
+    """This machine's CPU threads for torch (its default: the cores it may use), which the trainings at once share."""
     import torch
 
-    return profile.study.threads or torch.get_num_threads()
+    return torch.get_num_threads()
 
 
 def study_device(profile, executor) -> str:
@@ -114,6 +114,10 @@ def study_device(profile, executor) -> str:
     if remote is not None:
         return "cuda" if remote else "cpu"
     return resolve_device(profile.study.device)
+
+
+# What a pinned choice holds: a training's precision and layout, or the trainings at once and their threads
+PINNABLE = ({"precision", "channels_last", "device"}, {"trainings", "threads"})
 
 
 def pinned_execution(path: Path | None) -> dict:
@@ -129,7 +133,7 @@ def pinned_execution(path: Path | None) -> dict:
         table = {slot: e for per_machine in table.values() for slot, e in per_machine.items()}  # a machine cache
     good = isinstance(table, dict) and table and all(
         isinstance(e, dict) and isinstance(e.get("choice"), dict)
-        and {"precision", "channels_last", "device"} <= set(e["choice"]) for e in table.values())
+        and any(fields <= set(e["choice"]) for fields in PINNABLE) for e in table.values())
     if not good:
         raise EdgeKDError(f"--execution {path}: no execution choices in it (expected a study's plan.json, its "
                           "'execution' table, or an execution cache file)")
@@ -141,11 +145,12 @@ def run_graph(profile, root: Path, executor, reporter: Reporter | None = None, f
     """Plan the profile's jobs (with deploy: bundles and benches too), make every kind's plan-time choices once,
     and run what is not current on `executor`. `pinned`: execution choices that override measuring."""
     device = study_device(profile, executor)
-    jobs = plan_jobs(profile, root, deploy, device, executor.job_cpus(default_threads(profile)))
+    cpus = getattr(executor, "cpus_per_job", None) or 0.0
+    jobs = plan_jobs(profile, root, deploy, device, cpus)
     measured = {**previous_measurements(root), **(pinned or {})}
-    ctx = PlanContext(profile, root, force, reporter, device=device, measure=executor.measure, executor=executor.name)
+    ctx = PlanContext(profile, root, force, reporter, device=device, cores=machine_threads(), cpus_per_job=cpus,
+                      measure=executor.measure, executor=executor.name)
     jobs = prepare_jobs(ctx, jobs, measured)
-    set_threads(profile.study.threads)  # jobs run in this process train with study.threads (workers get theirs)
     ctx = Context(profile, root, force, reporter, setup=setup_worker, services=services())
     return Driver(ctx, jobs, executor, measured).run()
 
@@ -160,8 +165,9 @@ class StudyResult:
 def run(profile, out: Path, reporter: Reporter | None = None, force: bool = False, jobs: int = 1,
         executor: str | None = None, address: str | None = None, cpus_per_job: float | None = None,
         deploy: bool = False, execution: Path | None = None) -> StudyResult:
-    """Run every job of the profile that is not current, on an executor: `local` (in this process, the default),
-    `processes` (`jobs` processes, each starting a job as soon as the jobs it needs are done) or `ray`. Without
+    """Run every job of the profile that is not current, on an executor: `local` (in this process; the default,
+    jobs=1), `processes` (`jobs` processes, each starting a job as soon as the jobs it needs are done), `ray`, or
+    with jobs=None `auto` (as many side by side as the plan's trainings at once). Without
     deploy the run ends with summary.json (the current run records); with deploy, with the report. Records that are
     not current are left out and named to the reporter. `execution`: a file of execution choices to train with
     (pinned_execution). Raises JobsFailed (holding the result) when a job failed; the others finished."""
@@ -212,10 +218,12 @@ def run_job(profile, root: Path, job: Job, reporter: Reporter | None = None, for
 
     reporter = reporter or Reporter()
     ctx = PlanContext(profile, Path(root), force, reporter, device=resolve_device(profile.study.device),
-                      measure=_measure_here)
-    job = prepare_jobs(ctx, [job], previous_measurements(ctx.root))[0]
+                      cores=machine_threads(), measure=_measure_here)
     planned = {j.label: j for j in plan_jobs(profile, ctx.root)}
-    set_threads(profile.study.threads)
+    # with the plan's trainings (their first student sets the threads, as in the study), not alone
+    chosen = "threads" in (job.params.get("execution") or {})  # a torchrun follower has rank 0's
+    others = [] if chosen else [j for j in planned.values() if j.kind == "train" and j.label != job.label]
+    job = prepare_jobs(ctx, [job, *others], previous_measurements(ctx.root))[0]
     for label in job.deps:
         dep = planned.get(label)
         if dep is not None and kind_of(dep).derived and not job_status(Context(profile, ctx.root), dep).current:

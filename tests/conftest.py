@@ -15,6 +15,7 @@ TINY_PROFILE = """
 [study]
 name = "tiny"
 seeds = [0, 1]
+trainings_at_once = 1  # no measuring in every test (tests/test_sharing.py measures)
 
 [datasets.synthetic]
 classes = 4

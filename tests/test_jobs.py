@@ -52,20 +52,6 @@ def test_plan_is_a_graph_of_dependencies(tiny_profile, tmp_path):
     assert len(jobs) == 2 + 1 + 4 + 4 + 4
 
 
-def test_trainings_share_a_gpu_by_asking_for_a_part_of_it(tiny_profile, tmp_path):
-    """study.trainings_per_gpu = 2: each training job asks for half a GPU (what Ray places by); on the CPU none."""
-    shared = load_profile(tiny_profile, ["study.seeds=[0]", "study.trainings_per_gpu=2"])
-    on_gpu = {j.label: j.num_gpus for j in plan_jobs(shared, tmp_path, deploy=True, device="cuda")}
-    assert on_gpu["synthetic/base/teacher/seed0"] == on_gpu["synthetic/base/kd/seed0"] == 0.5
-    assert on_gpu["synthetic/base/teacher_cache/seed0"] == 0.5
-    alone = {j.label: j.num_gpus for j in plan_jobs(load_profile(tiny_profile, ["study.seeds=[0]"]), tmp_path,
-                                                     device="cuda")}
-    assert alone["synthetic/base/kd/seed0"] == 1.0
-    assert {j.num_gpus for j in plan_jobs(shared, tmp_path, device="cpu")} == {0.0}
-    with pytest.raises(Exception, match="trainings_per_gpu"):
-        load_profile(tiny_profile, ["study.trainings_per_gpu=0"])
-
-
 def test_key_changes_name_the_setting_and_input():
     old = make_key("train", {"student": {"epochs": 10, "lr": 0.05}}, {"datasets.d": {"classes": 4}},
                    {"teacher": "a" * 64})
@@ -289,15 +275,16 @@ def test_method_grid_tuned_on_validation_then_every_seed(tiny_profile, tmp_path)
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "tiny").rglob("metrics.json")} == stamp
 
 
-def test_a_worker_trains_with_its_share_of_the_threads(tiny_profile, tmp_path):
-    """study.threads = 2 with --jobs 2: each worker process trains with 1 thread (2 // 2), the share the executor
-    gave it; the training stage never sets threads again (it reset them to study.threads: 2 per worker, 4 in all)."""
+def test_jobs_set_processes_and_the_plan_sets_threads(tiny_profile, tmp_path):
+    """--jobs 2 runs two processes; each training trains with the plan's threads (study.threads = 1 here: 1), not a
+    share the executor works out, and a worker's next job does not inherit another's: the numbers do not depend
+    on the executor."""
     args = ["distill", str(tiny_profile), "--out", str(tmp_path), *FAST[:4], "--set", "student.epochs=1",
-            "--set", "study.threads=2", "--jobs", "2"]
+            "--set", "study.threads=1", "--set", "study.trainings_at_once=0", "--jobs", "2"]
     assert main(args) == 0
     runs = [json.loads(p.read_text()) for p in (tmp_path / "tiny").rglob("metrics.json")]
-    trained = {r["role"]: r["threads"] for r in runs if "threads" in r}
-    assert trained == {"teacher": 1, "scratch": 1, "kd": 1}
+    trained = {r["role"]: (r["threads"], r["execution"]["threads"]) for r in runs if "threads" in r}
+    assert trained == {"teacher": (1, 1), "scratch": (1, 1), "kd": (1, 1)}
 
 
 def test_a_name_that_is_not_one_path_segment_is_refused_before_any_work(tiny_profile, tmp_path, capsys):

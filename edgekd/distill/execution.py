@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -43,6 +43,9 @@ class Execution:
     precision: str  # fp32 | bf16 | fp16
     channels_last: bool
     device: str
+    # CPU threads of the training (edgekd/distill/sharing.py): they change float rounding on a CPU, so a training
+    # sets them itself, whichever executor runs it; 0: the process's (a GPU training, a record before threads)
+    threads: int = 0
 
     def autocast(self):
         if self.precision == "fp32":
@@ -54,6 +57,17 @@ class Execution:
 
     def prepare(self, model: nn.Module) -> nn.Module:
         return model.to(device=self.device, memory_format=self.memory_format())
+
+    @contextmanager
+    def cpu_threads(self):
+        """torch's threads set to the training's for the block (then back: a local executor runs the next job)."""
+        before = torch.get_num_threads()
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
 
 
 def resolve_device(name: str) -> str:
@@ -78,22 +92,32 @@ def _candidates(cfg: TrainConfig, device: str) -> list[tuple[str, bool]]:
     return [(p, cl) for p in precisions for cl in layouts]
 
 
-def _time_steps(model: nn.Module, ex: Execution, shape: tuple[int, ...], classes: int, steps: int = 3,
-                warmup: int = 2) -> float:
+def training_step(model: nn.Module, ex: Execution, shape: tuple[int, ...], classes: int):
+    """A function that makes one SGD step of `model` on a fixed random batch of `shape`, as training would."""
     model = ex.prepare(model).train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     x = torch.randn(shape, device=ex.device).contiguous(memory_format=ex.memory_format())
     y = torch.randint(0, classes, (shape[0],), device=ex.device)
-    for i in range(steps + warmup):  # warm-up steps: allocator, kernels, oneDNN primitive caches
-        if i == warmup:
-            if ex.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            start = time.perf_counter()
+
+    def step():
         with ex.autocast():
             loss = nn.functional.cross_entropy(model(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+
+    return step
+
+
+def _time_steps(model: nn.Module, ex: Execution, shape: tuple[int, ...], classes: int, steps: int = 3,
+                warmup: int = 2) -> float:
+    step = training_step(model, ex, shape, classes)
+    for i in range(steps + warmup):  # warm-up steps: allocator, kernels, oneDNN primitive caches
+        if i == warmup:
+            if ex.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+        step()
     if ex.device.startswith("cuda"):
         torch.cuda.synchronize()
     return (time.perf_counter() - start) / steps

@@ -110,7 +110,7 @@ def plan_training(ctx: PlanContext, planned: list[Job]) -> list[Job]:
     """Every training job of the profile with its dependencies, in an order that respects them: teachers, teacher
     caches, then students (a tuned method's grid candidates before it, a pruned student after the one it prunes)."""
     profile, root = ctx.profile, ctx.root
-    gpus = 1.0 / profile.study.trainings_per_gpu if ctx.device.startswith("cuda") else 0.0
+    gpus = 1.0 if ctx.device.startswith("cuda") else 0.0  # a part of it once the trainings at once are chosen
     seed0 = profile.study.teacher_seed
     cached = needs_cache(profile)
     teachers: list[Job] = []
@@ -119,7 +119,7 @@ def plan_training(ctx: PlanContext, planned: list[Job]) -> list[Job]:
     for name in profile.datasets:
         def job(variant, role, seed, deps=(), kind="train", name=name):
             return Job(name, variant, role, seed, run_dir(root, name, variant, role, seed), kind=kind,
-                       deps=tuple(deps), num_cpus=ctx.cpus_per_job, num_gpus=gpus)
+                       deps=tuple(deps), num_cpus=ctx.cpus_per_job or ctx.cores, num_gpus=gpus)
 
         for variant in profile.variants:
             tv = teacher_variant(profile, variant)

@@ -281,9 +281,11 @@ def run_cache(ctx: Context, job: Job, key: dict) -> dict:
         run.reporter.advance(job, done, None, None)
 
     needs = cache_needs(run.profile, len(data.train))
-    _, info = build_cache(job.run_dir / CACHE_STEM, run.storage_key(key, data), teacher, images,
-                          augment_for(run.profile.datasets[job.dataset]), Normalize(data.mean, data.std, run.device),
-                          needs["seeds"], needs["epochs"], study.eval_batch_size, progress)
+    with teacher.execution.cpu_threads():  # the teacher's numerics, its threads included
+        _, info = build_cache(job.run_dir / CACHE_STEM, run.storage_key(key, data), teacher, images,
+                              augment_for(run.profile.datasets[job.dataset]),
+                              Normalize(data.mean, data.std, run.device), needs["seeds"], needs["epochs"],
+                              study.eval_batch_size, progress)
     info = {k: v for k, v in info.items() if k != "key"}
     metrics = {**identity(job, ""), "wall_s": round(time.perf_counter() - start, 2), **info,
                "samples": len(data.train), "coverage": needs, "schema_version": key["schema_version"],
@@ -300,9 +302,11 @@ def run_training(ctx: Context, job: Job, key: dict) -> dict:
     if reused is not None:
         return reused
     variant = dataset_splits(run.profile, job.dataset, job.variant)
+    ex = job_execution(train_config(run.profile, job.role), variant.splits, job, run.device)
     log = _RunLog(job.run_dir / TRAIN_LOG)
     try:
-        return _train_job(run, variant, log, time.perf_counter(), key)
+        with ex.cpu_threads():  # its own threads, whichever executor runs it: they change the numbers
+            return _train_job(run, variant, ex, log, time.perf_counter(), key)
     finally:
         log.close()
 
@@ -353,7 +357,7 @@ def _labeled_only(run: _Run, data: DataSplits, cfg: TrainConfig, log) -> tuple[D
     return data, cfg, {"images": len(data.train), "min_steps": cfg.min_steps}
 
 
-def _train_job(run: _Run, variant: VariantData, log: _RunLog, start: float, key: dict) -> dict:
+def _train_job(run: _Run, variant: VariantData, ex: Execution, log: _RunLog, start: float, key: dict) -> dict:
     job, profile = run.job, run.profile
     data = variant.splits
     role = Role.parse(job.role)
@@ -364,7 +368,6 @@ def _train_job(run: _Run, variant: VariantData, log: _RunLog, start: float, key:
     torch.manual_seed(job.seed)  # the same initial weights for the scratch and KD students of one seed
     model = build_model(cfg, data)
     pruned = _prune(run, model, data, role, log) if role.pruned else None
-    ex = job_execution(cfg, data, job, run.device)
     log(f"{job.label}: {cfg.model}, {count_parameters(model):,} parameters, {ex}")
     teacher_logits, teacher_source, history, labeled_only = None, None, {}, None
     losses = training_losses(profile, run.root, job)

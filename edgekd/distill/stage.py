@@ -44,6 +44,7 @@ from edgekd.roles import TEACHER, Role
 from edgekd.runio import METRICS, PREDICTIONS, WEIGHTS, UnreadableFile, read_json, run_dir, tensor_shapes
 
 EXECUTION_FIELDS = ("precision", "channels_last", "device")
+SHARING = "sharing"  # the plan's measurements of trainings at once are under "sharing|<the student's slot>"
 
 
 def _check_run_files(job: Job, record: dict, files: tuple[str, ...]) -> str | None:
@@ -84,7 +85,8 @@ class TrainKind(JobKind):
         return run_training(ctx, job, status.key)
 
     def prepare(self, ctx, jobs, measured):
-        return [choose_execution(ctx, job, measured) if job.kind == self.name else job for job in jobs]
+        jobs = [choose_execution(ctx, job, measured) if job.kind == self.name else job for job in jobs]
+        return share_device(ctx, jobs, measured)
 
 
 class CacheKind(JobKind):
@@ -164,7 +166,10 @@ def train_key(profile, root: Path, job: Job) -> dict:
                 except (UnreadableFile, KeyError, TypeError):
                     raise NotReady("its teacher cache is not built yet") from None
     if job.params.get("execution") is not None:
-        config["execution"] = {k: job.params["execution"][k] for k in EXECUTION_FIELDS}
+        execution = job.params["execution"]
+        config["execution"] = {k: execution[k] for k in EXECUTION_FIELDS}
+        if execution.get("threads"):  # a CPU training's threads: they change its float rounding
+            config["execution"]["threads"] = execution["threads"]
     return make_key("train", config, data_description(profile, job.dataset, job.variant), inputs)
 
 
@@ -231,3 +236,73 @@ def choose_execution(ctx: PlanContext, job: Job, measured: dict) -> Job:
     execution = {"precision": choice["precision"], "channels_last": bool(choice["channels_last"]),
                  "device": choice["device"]}
     return replace(job, params={**job.params, "execution": execution})
+
+
+# -- trainings at once and their threads, at plan time ---------------------------------------------------------------
+def measure_sharing_entry(profile, dataset: str, role: str, execution: dict, slot: str, cores: int) -> dict:
+    """How many trainings of `role` run at once on this machine's device, sharing its `cores` threads: the
+    machine's earlier choice for `slot` (MachineCache), else measured now (edgekd/distill/sharing.py). `cores`
+    comes from the driver: a Ray task's own threads are its CPU ask."""
+    from edgekd.distill.execution import MachineCache
+    from edgekd.distill.runner import dataset_splits
+    from edgekd.distill.sharing import measure_sharing
+
+    cache = MachineCache()
+    earlier = cache.get(slot)
+    if earlier is not None:
+        return {**earlier, "source": f"this machine's earlier measurement ({cache.path})"}
+    cfg = train_config(profile, role)
+    data = dataset_splits(profile, dataset).splits
+    shape = (cfg.batch_size, data.channels, data.image_size, data.image_size)
+    spec = (cfg.model, data.num_classes, data.channels, cfg.small_input, shape, execution)
+    best, speeds = measure_sharing(spec, cores, execution["device"])
+    entry = {"choice": {"trainings": best.trainings, "threads": best.threads}, "images_per_s": speeds,
+             "shape": list(shape), "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if speeds:
+        cache.put(slot, entry)
+    return {**entry, "source": "measured"}
+
+
+def _fixed_sharing(profile, cores: int, device: str) -> dict | None:
+    """The trainings at once and threads the profile sets (study.threads, study.trainings_at_once), or None."""
+    study = profile.study
+    if not (study.threads or study.trainings_at_once):
+        return None
+    trainings = study.trainings_at_once or (max(1, cores // study.threads) if device == "cpu" else 1)
+    return {"trainings": trainings, "threads": study.threads or max(1, cores // trainings)}
+
+
+def share_device(ctx: PlanContext, jobs: list[Job], measured: dict) -> list[Job]:
+    """The training and cache jobs with their threads and their part of the device: fixed by the profile, taken
+    from the plan file's table (earlier measurements, --execution), or measured now on the first student's
+    configuration (where the jobs will run), once per study. A CPU training's threads go in its execution (and
+    key: they change its numbers); on a GPU, each training asks for 1/trainings of it."""
+    from dataclasses import replace
+
+    trains = [j for j in jobs if j.kind == "train" and "threads" not in j.params["execution"]]
+    if not trains:  # nothing to train, or chosen already (a torchrun follower gets rank 0's)
+        return jobs
+    choice = _fixed_sharing(ctx.profile, ctx.cores, ctx.device)
+    if choice is None:
+        job = next((j for j in trains if not Role.parse(j.role).is_teacher), trains[0])
+        slot = f"{SHARING}|{_execution_slot(ctx.profile, job, ctx.device)}|cores={ctx.cores}"
+        if slot not in measured:
+            gpus = 1.0 if ctx.device.startswith("cuda") else 0.0
+            measured[slot] = ctx.measure(measure_sharing_entry, ctx.profile, job.dataset, job.role,
+                                         job.params["execution"], slot, ctx.cores, num_gpus=gpus)
+        choice = measured[slot]["choice"]
+    trainings, threads = int(choice["trainings"]), int(choice["threads"])
+    gpus = 1.0 / trainings if ctx.device.startswith("cuda") else 0.0
+    cpu = ctx.device == "cpu"
+
+    cpus = ctx.cpus_per_job or float(threads)
+
+    def shared(job: Job) -> Job:
+        if job.kind == "cache":
+            return replace(job, num_cpus=cpus, num_gpus=gpus)
+        if job.kind != "train" or "threads" in job.params["execution"]:
+            return job
+        execution = {**job.params["execution"], "threads": threads if cpu else 0}
+        return replace(job, num_cpus=cpus, num_gpus=gpus, params={**job.params, "execution": execution})
+
+    return [shared(j) for j in jobs]

@@ -1,5 +1,7 @@
 """Where a study's jobs run: `local` (one after the other in this process), `processes` (a pool of N processes on
-this machine) or `ray` (a Ray task per job, on a Ray started for the run or an existing cluster).
+this machine; N unset: as many as the jobs' resource asks fit, the plan's choice of trainings at once), `ray` (a
+Ray task per job, on a Ray started for the run or an existing cluster), or, when nothing is asked, `auto`: the
+processes executor when the plan runs several trainings at once, else local.
 
 An executor runs plain tasks (edgekd.pipeline.driver.Task: a callable, its arguments, the ids it waits for and its
 resource ask); it knows no job kind, no profile and no torch. It starts a task only once the tasks it needs have
@@ -19,29 +21,39 @@ from pathlib import Path
 from edgekd.errors import EdgeKDError
 from edgekd.pipeline.driver import Task, one_line
 
-EXECUTORS = ("local", "processes", "ray")
+EXECUTORS = ("auto", "local", "processes", "ray")
 RAY_INSTALL = "pip install 'edgekd[ray]' (or pip install 'ray[default]>=2.9')"
 
 
-def make_executor(name: str | None = None, jobs: int = 1, address: str | None = None,
+def make_executor(name: str | None = None, jobs: int | None = 1, address: str | None = None,
                   cpus_per_job: float | None = None):
-    """`name` None: `processes` when jobs > 1, else `local`."""
-    name = name or ("processes" if jobs > 1 else "local")
+    """`name` None: `processes` when jobs > 1, `local` when jobs is 1, `auto` when jobs is None."""
+    name = name or ("auto" if jobs is None else "processes" if jobs > 1 else "local")
+    if name == "auto":
+        return AutoExecutor()
     if name == "local":
         return LocalExecutor()
     if name == "processes":
-        return ProcessExecutor(max(1, jobs))
+        return ProcessExecutor(jobs)
     if name == "ray":
         return RayExecutor(address, cpus_per_job)
     raise EdgeKDError(f"unknown executor {name!r}: use {', '.join(EXECUTORS)}")
 
 
+def fitting_workers(tasks: list[Task], cores: int) -> int:
+    """How many of `tasks` fit side by side on this machine by their asks: the CPUs of the biggest and the GPU
+    part of the smallest GPU job (a training with 1/2 of a GPU and 1 of 2 CPUs: 2)."""
+    shared = [t for t in tasks if not t.exclusive]
+    if not shared:
+        return 1
+    by_cpu = cores // max(1, int(max(t.num_cpus for t in shared)))
+    gpu_parts = [t.num_gpus for t in shared if t.num_gpus > 0]
+    by_gpu = round(1 / min(gpu_parts)) if gpu_parts else by_cpu
+    return max(1, min(by_cpu, by_gpu))
+
+
 class Executor(ABC):
     name = "executor"
-
-    def job_cpus(self, threads: int) -> float:
-        """The CPUs (and torch threads) of one training job, given a training's threads on this machine."""
-        return float(threads)
 
     def __enter__(self):
         return self
@@ -108,25 +120,24 @@ class LocalExecutor(Executor):
 
 
 class ProcessExecutor(Executor):
-    """N worker processes on this machine, each job started as soon as the jobs it needs are done; each worker
-    gets its share of the CPU threads. An exclusive job waits for the running ones and runs alone."""
+    """N worker processes on this machine (None: as many as the jobs' asks fit, `fitting_workers`), each job
+    started as soon as the jobs it needs are done, with the threads it asks for. An exclusive job waits for the
+    running ones and runs alone."""
 
     name = "processes"
 
-    def __init__(self, workers: int):
+    def __init__(self, workers: int | None = None):
         self.workers = workers
-
-    def job_cpus(self, threads: int) -> float:
-        return float(max(1, threads // self.workers))
 
     def run(self, tasks, driver):
         import multiprocessing
         from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
         _refuse_resources(tasks)
+        workers = self.workers or fitting_workers(tasks, os.cpu_count() or 1)
         ids = {t.id for t in tasks}
         waiting, running, done, failed = list(tasks), {}, set(), set()
-        with ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             while waiting or running:
                 for task in list(waiting):
                     dep = _blocked_by(task, failed)
@@ -137,7 +148,7 @@ class ProcessExecutor(Executor):
                         continue
                     if any(d in ids and d not in done for d in task.deps):
                         continue
-                    if any(t.exclusive for t in running.values()) or len(running) >= self.workers:
+                    if any(t.exclusive for t in running.values()) or len(running) >= workers:
                         break
                     if task.exclusive and running:
                         break  # nothing new starts until the running tasks are done and it has the machine
@@ -160,6 +171,17 @@ class ProcessExecutor(Executor):
                         continue
                     done.add(task.id)
                     driver.done(task.id, result)
+
+
+class AutoExecutor(Executor):
+    """What runs when no executor is asked for: as many jobs side by side as the plan's trainings at once allow
+    (`fitting_workers`: the processes executor), or, when that is one, the local executor with its live progress."""
+
+    name = "auto"
+
+    def run(self, tasks, driver):
+        workers = fitting_workers(tasks, os.cpu_count() or 1)
+        (ProcessExecutor(workers) if workers > 1 else LocalExecutor()).run(tasks, driver)
 
 
 # -- Ray -----------------------------------------------------------------------------------------------------------
@@ -208,9 +230,9 @@ class RayExecutor(Executor):
     """A Ray task per job with its resource request (num_cpus, num_gpus from the job's device; a bench asks for a
     whole node's CPUs), the jobs it needs passed as object refs. `address` None starts a local Ray for the run
     (all CPUs of this machine); `auto` or `ray://host:10001` joins a running cluster, whose nodes must all see
-    --out at the same path (checked before the first job). A training asks for `cpus_per_job` CPUs and trains
-    with as many threads (default: study.threads, else this machine's thread count, as the local executor: the
-    same float results; fewer run more trainings side by side, with other float rounding)."""
+    --out at the same path (checked before the first job). A training asks for `cpus_per_job` CPUs (default: its
+    threads, the plan's choice) and trains with the plan's threads either way: the same float results as the
+    other executors."""
 
     name = "ray"
 
@@ -219,9 +241,6 @@ class RayExecutor(Executor):
         self.address = address
         self.cpus_per_job = cpus_per_job
         self.started = False
-
-    def job_cpus(self, threads: int) -> float:
-        return float(self.cpus_per_job or threads)
 
     def _start(self) -> None:
         import logging

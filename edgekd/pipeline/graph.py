@@ -142,12 +142,14 @@ class JobKind(ABC):
 
 @dataclass
 class PlanContext(Context):
-    """A Context at plan time: also the device the jobs train on, the CPUs one training gets, `measure`, which
-    runs a plan-time measurement where the jobs will run (the executor's; `resources=`: on a Ray node that has
-    them), and the executor's name."""
+    """A Context at plan time: also the device the jobs train on, the CPU threads of the machine they run on
+    (`cores`), the CPUs a training asks the executor for when it says (Ray's --cpus-per-job; 0: its threads),
+    `measure`, which runs a plan-time measurement where the jobs will run (the executor's; `resources=`: on a Ray
+    node that has them), and the executor's name."""
 
     device: str = "cpu"
-    cpus_per_job: float = 1.0
+    cores: int = 1
+    cpus_per_job: float = 0.0
     measure: Callable[..., Any] | None = None
     executor: str = "local"  # the executor's name: a job that needs a Ray resource needs "ray"
 
