@@ -151,8 +151,16 @@ def run_graph(profile, root: Path, executor, reporter: Reporter | None = None, f
     ctx = PlanContext(profile, root, force, reporter, device=device, cores=machine_threads(), cpus_per_job=cpus,
                       measure=executor.measure, executor=executor.name)
     jobs = prepare_jobs(ctx, jobs, measured)
+    cores = ctx.cores
     ctx = Context(profile, root, force, reporter, setup=setup_worker, services=services())
-    return Driver(ctx, jobs, executor, measured).run()
+    return Driver(ctx, jobs, executor, measured, cores, trainings_at_once(jobs, cores)).run()
+
+
+def trainings_at_once(jobs: list[Job], cores: int) -> int:
+    """How many of the plan's trainings fit side by side by their asks (CPU threads of `cores`, parts of a GPU)."""
+    fits = [round(1 / j.num_gpus) if j.num_gpus else cores // max(1, int(j.num_cpus))
+            for j in jobs if j.kind == "train"]
+    return max(fits, default=1)
 
 
 @dataclass
@@ -222,8 +230,9 @@ def run_job(profile, root: Path, job: Job, reporter: Reporter | None = None, for
     planned = {j.label: j for j in plan_jobs(profile, ctx.root)}
     # with the plan's trainings (their first student sets the threads, as in the study), not alone
     chosen = "threads" in (job.params.get("execution") or {})  # a torchrun follower has rank 0's
-    others = [] if chosen else [j for j in planned.values() if j.kind == "train" and j.label != job.label]
-    job = prepare_jobs(ctx, [job, *others], previous_measurements(ctx.root))[0]
+    others = [] if chosen else [j for j in planned.values() if j.kind in ("train", "cache") and j.label != job.label]
+    job, *others = prepare_jobs(ctx, [job, *others], previous_measurements(ctx.root))
+    planned.update({j.label: j for j in others})
     for label in job.deps:
         dep = planned.get(label)
         if dep is not None and kind_of(dep).derived and not job_status(Context(profile, ctx.root), dep).current:

@@ -35,8 +35,11 @@ def test_the_profile_fixes_trainings_and_threads(tiny_profile, tmp_path):
     assert one["synthetic/base/kd/seed0"].params["execution"]["threads"] == 1
     gpu = _prepared(load_profile(tiny_profile, ["study.seeds=[0]", "study.trainings_at_once=2"]), tmp_path, "cuda",
                     cores=16)
-    assert {gpu[k].num_gpus for k in ("synthetic/base/teacher/seed0", "synthetic/base/kd/seed0",
-                                      "synthetic/base/teacher_cache/seed0")} == {0.5}
+    assert {gpu[k].num_gpus for k in ("synthetic/base/kd/seed0", "synthetic/base/teacher_cache/seed0")} == {0.5}
+    teacher = two["synthetic/base/teacher/seed0"]  # alone, with every thread: every student waits for it
+    assert teacher.num_cpus == 4.0 and teacher.params["execution"]["threads"] == 4
+    assert gpu["synthetic/base/teacher/seed0"].num_gpus == 1.0
+    assert one["synthetic/base/teacher/seed0"].params["execution"]["threads"] == 1  # study.threads: every one
     assert gpu["synthetic/base/kd/seed0"].num_cpus == 8.0 and gpu["synthetic/base/kd/seed0"].params["execution"][
         "threads"] == 0
     with pytest.raises(Exception, match="trainings_at_once"):
@@ -60,7 +63,7 @@ def test_measured_once_per_study_then_taken_from_the_plan(tiny_profile, tmp_path
     assert role == "scratch" and slot.startswith("sharing|test_efficientnet|") and slot.endswith("|cores=4")
     assert set(measured) == {slot} and jobs["synthetic/base/kd/seed1"].params["execution"]["threads"] == 2
     again = _prepared(profile, tmp_path, measured=dict(measured), measure=lambda *a, **k: pytest.fail("measured"))
-    assert again["synthetic/base/teacher/seed0"].params["execution"]["threads"] == 2
+    assert again["synthetic/base/scratch/seed0"].params["execution"]["threads"] == 2
 
 
 def test_real_trainings_side_by_side_are_timed():
@@ -79,14 +82,15 @@ def test_workers_are_as_many_as_the_asks_fit():
         return Task("t", None, None, (), (), cpus, gpus, exclusive)
 
     assert fitting_workers([task(1.0), task(1.0)], 2) == 2
-    assert fitting_workers([task(2.0), task(1.0)], 2) == 1  # one training with every thread: one at a time
+    assert fitting_workers([task(2.0), task(2.0)], 2) == 1  # trainings with every thread: one at a time
+    assert fitting_workers([task(2.0), task(1.0)], 2) == 2  # the processes executor lets the asks decide
     assert fitting_workers([task(4.0, 0.25), task(1.0)], 16) == 4
     assert fitting_workers([task(16.0, exclusive=True)], 16) == 1
 
 
 def test_local_and_processes_train_with_the_chosen_threads(tiny_profile, tmp_path):
-    """Two trainings at once on 2 threads: the default executor runs them side by side (processes), the local
-    one after the other, both with 1 thread each and the same results."""
+    """Two trainings at once on 2 threads: the default executor runs the students side by side (processes), the
+    local one after the other, both with 1 thread each (the teacher alone with 2) and the same results."""
     from edgekd.workflows import distill
 
     profile = load_profile(tiny_profile, ["study.seeds=[0]", "study.trainings_at_once=2", "teacher.epochs=1"])
@@ -97,4 +101,5 @@ def test_local_and_processes_train_with_the_chosen_threads(tiny_profile, tmp_pat
         assert json.loads((root / "plan.json").read_text())["executor"] == name
         runs = [json.loads(p.read_text()) for p in sorted(root.glob("synthetic/base/*/seed0/metrics.json"))]
         results[name] = {r["role"]: (r["test_acc"], r["threads"]) for r in runs if "threads" in r}
-    assert results["auto"] == results["local"] and {t for _, t in results["local"].values()} == {1}
+    assert results["auto"] == results["local"]
+    assert {role: t for role, (_, t) in results["local"].items()} == {"teacher": 2, "scratch": 1, "kd": 1}

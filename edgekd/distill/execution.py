@@ -58,16 +58,21 @@ class Execution:
     def prepare(self, model: nn.Module) -> nn.Module:
         return model.to(device=self.device, memory_format=self.memory_format())
 
-    @contextmanager
     def cpu_threads(self):
         """torch's threads set to the training's for the block (then back: a local executor runs the next job)."""
-        before = torch.get_num_threads()
-        if self.threads:
-            torch.set_num_threads(self.threads)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(before)
+        return cpu_threads(self.threads)
+
+
+@contextmanager
+def cpu_threads(threads: int):
+    """torch's CPU threads set to `threads` (0: left as they are) for the block, then back."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def resolve_device(name: str) -> str:

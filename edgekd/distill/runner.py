@@ -25,7 +25,7 @@ from edgekd.data.sampling import UNLABELED
 from edgekd.data.splits import load_splits
 from edgekd.data.types import DataSplits
 from edgekd.data.variants import VariantData, apply_variant
-from edgekd.distill.execution import Execution, measure_candidates, resolve_device
+from edgekd.distill.execution import Execution, cpu_threads, measure_candidates, resolve_device
 from edgekd.distill.losses import ComposedLoss
 from edgekd.distill.plan import (
     cache_dir,
@@ -281,7 +281,7 @@ def run_cache(ctx: Context, job: Job, key: dict) -> dict:
         run.reporter.advance(job, done, None, None)
 
     needs = cache_needs(run.profile, len(data.train))
-    with teacher.execution.cpu_threads():  # the teacher's numerics, its threads included
+    with cpu_threads(job.params.get("threads", 0)):  # the plan's, as a student's: they change the logits kept
         _, info = build_cache(job.run_dir / CACHE_STEM, run.storage_key(key, data), teacher, images,
                               augment_for(run.profile.datasets[job.dataset]),
                               Normalize(data.mean, data.std, run.device), needs["seeds"], needs["epochs"],

@@ -180,6 +180,8 @@ def cache_key(profile, root: Path, job: Job) -> dict:
     tdir = teacher_dir(profile, root, job)
     inputs = {"teacher": input_fingerprint(tdir / WEIGHTS, "its teacher")}
     config = {"study.cache_topk": profile.study.cache_topk, "teacher_execution": _recorded_execution(tdir)}
+    if job.params.get("threads"):  # the CPU threads it runs the teacher with: they change the logits it keeps
+        config["threads"] = job.params["threads"]
     return make_key("cache", config, data_description(profile, job.dataset, job.variant), inputs)
 
 
@@ -275,8 +277,9 @@ def _fixed_sharing(profile, cores: int, device: str) -> dict | None:
 def share_device(ctx: PlanContext, jobs: list[Job], measured: dict) -> list[Job]:
     """The training and cache jobs with their threads and their part of the device: fixed by the profile, taken
     from the plan file's table (earlier measurements, --execution), or measured now on the first student's
-    configuration (where the jobs will run), once per study. A CPU training's threads go in its execution (and
-    key: they change its numbers); on a GPU, each training asks for 1/trainings of it."""
+    configuration (where the jobs will run), once per study; a teacher trains alone with every thread. A CPU
+    training's threads go in its execution (and key: they change its numbers); on a GPU, each student asks for
+    1/trainings of it."""
     from dataclasses import replace
 
     trains = [j for j in jobs if j.kind == "train" and "threads" not in j.params["execution"]]
@@ -295,14 +298,17 @@ def share_device(ctx: PlanContext, jobs: list[Job], measured: dict) -> list[Job]
     gpus = 1.0 / trainings if ctx.device.startswith("cuda") else 0.0
     cpu = ctx.device == "cpu"
 
-    cpus = ctx.cpus_per_job or float(threads)
-
     def shared(job: Job) -> Job:
+        # A teacher has the device to itself, with every thread (unless study.threads says): the students of its
+        # variant all wait for it.
+        alone = job.kind == "train" and Role.parse(job.role).is_teacher and not ctx.profile.study.threads
+        ask = {"num_cpus": ctx.cpus_per_job or float(ctx.cores if alone else threads),
+               "num_gpus": min(1.0, gpus * trainings) if alone else gpus}
         if job.kind == "cache":
-            return replace(job, num_cpus=cpus, num_gpus=gpus)
+            return replace(job, **ask, params={**job.params, "threads": threads if cpu else 0})
         if job.kind != "train" or "threads" in job.params["execution"]:
             return job
-        execution = {**job.params["execution"], "threads": threads if cpu else 0}
-        return replace(job, num_cpus=cpus, num_gpus=gpus, params={**job.params, "execution": execution})
+        execution = {**job.params["execution"], "threads": (ctx.cores if alone else threads) if cpu else 0}
+        return replace(job, **ask, params={**job.params, "execution": execution})
 
     return [shared(j) for j in jobs]

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from edgekd.errors import EdgeKDError
-from edgekd.export.quantize import WEIGHTED_OPS, Evaluator, Quantizer, Recipe, Score
+from edgekd.export.quantize import WEIGHTED_OPS, Evaluator, Quantizer, Recipe, Score, scoring_workers
 from edgekd.export.sensitivity import analyse, float_order, unit_order
 from edgekd.timing import Stopwatch
 
@@ -341,7 +341,9 @@ def _mixed_precision(q: Quantizer, images: np.ndarray, recipe: Recipe, full: Sco
             best = (candidate, s)
         return False
 
-    smallest_holding(len(prefixes), judge, make)
+    # The next probes are made while one is judged only where a second core scores them: on one, making them
+    # (quantize_static, in this thread) would cost what it saves.
+    smallest_holding(len(prefixes), judge, make if scoring_workers() > 1 else lambda i: None)
     for *_, scored in made.values():  # made for an outcome that did not happen
         if scored is not None:
             scored.cancel()

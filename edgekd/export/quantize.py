@@ -621,10 +621,14 @@ def scoring_workers() -> int:
     """Candidates scored at once: one per core this process may use, each session on one thread. ONNX Runtime's
     CPU kernels give these models bitwise the same logits at 1 thread as at 2 (measured on the quickstart's FP32
     and INT8 students, fused and as written), and a model this small gains little from a second intra-op thread
-    (29 vs 33 ms for 1,287 images), so two sessions side by side score ~1.8x as many candidates per second."""
+    (29 vs 33 ms for 1,287 images), so two sessions side by side score ~1.8x as many candidates per second. A job
+    given fewer threads than the machine's (a worker beside others: torch's threads, set for its job) uses those."""
     import os
+    import sys
 
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch = sys.modules.get("torch")
+    return max(1, min(cores, torch.get_num_threads()) if torch is not None else cores)
 
 
 _POOL: ThreadPoolExecutor | None = None

@@ -9,6 +9,7 @@ one-line errors leaves its traceback in `error.log` beside the job's record.
 from __future__ import annotations
 
 import logging
+import os
 import time
 import traceback
 from contextlib import contextmanager
@@ -159,8 +160,11 @@ class Outcome:
 class Driver:
     """Decides what is current, hands the rest to an executor, and keeps plan.json and the reporter up to date."""
 
-    def __init__(self, ctx: Context, jobs: list[Job], executor, measured: dict | None = None):
+    def __init__(self, ctx: Context, jobs: list[Job], executor, measured: dict | None = None,
+                 cores: int | None = None, trainings_at_once: int = 1):
         self.ctx, self.jobs, self.executor = ctx, jobs, executor
+        self.cores = cores or os.cpu_count() or 1  # the CPU threads the plan shares among jobs on this machine
+        self.trainings_at_once = trainings_at_once  # the plan's choice (edgekd/distill/sharing.py)
         self.reporter = ctx.reporter or Reporter()
         self.plan = PlanFile(ctx.root, ctx.profile.to_dict(), jobs, measured or {}, executor.name)
         self.outcome = Outcome()

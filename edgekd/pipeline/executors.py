@@ -41,12 +41,12 @@ def make_executor(name: str | None = None, jobs: int | None = 1, address: str | 
 
 
 def fitting_workers(tasks: list[Task], cores: int) -> int:
-    """How many of `tasks` fit side by side on this machine by their asks: the CPUs of the biggest and the GPU
-    part of the smallest GPU job (a training with 1/2 of a GPU and 1 of 2 CPUs: 2)."""
+    """How many of `tasks` fit side by side on this machine by their asks: the CPUs of the smallest and the GPU
+    part of the smallest GPU job (trainings with 1/2 of a GPU or 1 of 2 CPUs each: 2)."""
     shared = [t for t in tasks if not t.exclusive]
     if not shared:
         return 1
-    by_cpu = cores // max(1, int(max(t.num_cpus for t in shared)))
+    by_cpu = cores // max(1, int(min(t.num_cpus for t in shared)))
     gpu_parts = [t.num_gpus for t in shared if t.num_gpus > 0]
     by_gpu = round(1 / min(gpu_parts)) if gpu_parts else by_cpu
     return max(1, min(by_cpu, by_gpu))
@@ -120,9 +120,11 @@ class LocalExecutor(Executor):
 
 
 class ProcessExecutor(Executor):
-    """N worker processes on this machine (None: as many as the jobs' asks fit, `fitting_workers`), each job
-    started as soon as the jobs it needs are done, with the threads it asks for. An exclusive job waits for the
-    running ones and runs alone."""
+    """N worker processes on this machine, each job started as soon as the jobs it needs are done, with the threads
+    it asks for. N None: as many as the asks fit (`fitting_workers`), and a job starts only while the CPU threads
+    (and the one GPU) of the running ones leave room for its ask: a teacher asking for every thread trains alone,
+    students asking for one each run side by side. An exclusive job (a bench) waits until nothing else is ready,
+    then has the machine alone: it does not stop the others each time one becomes ready."""
 
     name = "processes"
 
@@ -134,30 +136,45 @@ class ProcessExecutor(Executor):
         from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
         _refuse_resources(tasks)
-        workers = self.workers or fitting_workers(tasks, os.cpu_count() or 1)
+        cores = getattr(driver, "cores", None) or os.cpu_count() or 1
+        workers = self.workers or fitting_workers(tasks, cores)
         ids = {t.id for t in tasks}
         waiting, running, done, failed = list(tasks), {}, set(), set()
+
+        def fits(task) -> bool:
+            if len(running) >= workers:
+                return False
+            if self.workers or not running:  # a count of processes asked for: that many, whatever they ask
+                return True
+            cpus = sum(t.num_cpus for t in running.values()) + task.num_cpus
+            gpus = sum(t.num_gpus for t in running.values()) + task.num_gpus
+            return cpus <= cores + 1e-9 and gpus <= 1 + 1e-9
+
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            def start(task):
+                waiting.remove(task)
+                threads = max(1, int(task.num_cpus))
+                running[pool.submit(task.fn, threads, None, *task.args)] = task
+                driver.running(task.id)
+
             while waiting or running:
+                ready = []
                 for task in list(waiting):
                     dep = _blocked_by(task, failed)
                     if dep:
                         waiting.remove(task)
                         failed.add(task.id)
                         driver.failed(task.id, _not_run(dep))
-                        continue
-                    if any(d in ids and d not in done for d in task.deps):
-                        continue
-                    if any(t.exclusive for t in running.values()) or len(running) >= workers:
-                        break
-                    if task.exclusive and running:
-                        break  # nothing new starts until the running tasks are done and it has the machine
-                    waiting.remove(task)
-                    threads = max(1, int(task.num_cpus))
-                    running[pool.submit(task.fn, threads, None, *task.args)] = task
-                    driver.running(task.id)
-                    if task.exclusive:
-                        break
+                    elif not any(d in ids and d not in done for d in task.deps):
+                        ready.append(task)
+                if not any(t.exclusive for t in running.values()):
+                    for task in ready:
+                        if not task.exclusive and fits(task):
+                            start(task)
+                    if not running:  # nothing else to run: an exclusive job has the machine
+                        exclusive = next((t for t in ready if t.exclusive), None)
+                        if exclusive is not None:
+                            start(exclusive)
                 if not running:
                     continue
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -174,14 +191,14 @@ class ProcessExecutor(Executor):
 
 
 class AutoExecutor(Executor):
-    """What runs when no executor is asked for: as many jobs side by side as the plan's trainings at once allow
-    (`fitting_workers`: the processes executor), or, when that is one, the local executor with its live progress."""
+    """What runs when no executor is asked for: the processes executor when the plan trains several at once (as
+    many side by side as their asks fit), else the local executor, with its live progress."""
 
     name = "auto"
 
     def run(self, tasks, driver):
-        workers = fitting_workers(tasks, os.cpu_count() or 1)
-        (ProcessExecutor(workers) if workers > 1 else LocalExecutor()).run(tasks, driver)
+        side_by_side = getattr(driver, "trainings_at_once", 1) > 1
+        (ProcessExecutor() if side_by_side else LocalExecutor()).run(tasks, driver)
 
 
 # -- Ray -----------------------------------------------------------------------------------------------------------
