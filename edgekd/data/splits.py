@@ -6,6 +6,7 @@ images: KD gain is then paired on identical data.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -106,7 +107,21 @@ def load_splits(name: str, cfg: DatasetConfig) -> DataSplits:
     val, train = train.subset(val_idx), train.subset(keep.nonzero().flatten())
     train = stratified_cap(train, cfg.train_limit, classes, SPLIT_SEED + 1)
     test = stratified_cap(test, cfg.test_limit, classes, SPLIT_SEED + 2)
-    x = train.images.float() / 255
-    mean = x.mean(dim=(0, 2, 3)).tolist()
-    std = x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
+    mean, std = channel_stats(train.images.numpy())
     return DataSplits(name, train, val, test, raw.classes, mean, std, raw.origin, raw.notes)
+
+
+def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and (unbiased) std of uint8 NCHW images in [0, 1], in numpy float64 over fixed chunks.
+    Not torch: its float32 reduction splits the sum by its thread count, and a study's jobs run with 1 or 2 threads
+    (edgekd/distill/sharing.py) in processes that keep their data; these constants normalize every image a
+    training sees, so they must not depend on which job loaded the data first."""
+    n = images.shape[0] * images.shape[2] * images.shape[3]
+    total, squares = np.zeros(images.shape[1]), np.zeros(images.shape[1])
+    for chunk in np.array_split(images, max(1, len(images) // 4096)):
+        x = chunk.astype(np.float64) / 255
+        total += x.sum(axis=(0, 2, 3))
+        squares += (x * x).sum(axis=(0, 2, 3))
+    mean = total / n
+    std = np.sqrt(np.maximum(squares - n * mean**2, 0) / max(1, n - 1))
+    return mean.tolist(), np.maximum(std, 1e-3).tolist()
