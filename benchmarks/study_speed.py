@@ -65,7 +65,7 @@ def split(root: Path, wall: float) -> dict:
     """The study's recorded times: per job kind, training proper, per bundle and export phase."""
     plan = json.loads((root / "plan.json").read_text())
     kinds: dict[str, list[float]] = defaultdict(list)
-    train_s, bundles = [], []
+    train_s, bundles, test_acc = [], [], {}
     for job in plan["jobs"]:
         if job.get("wall_s") is None:  # reused from an earlier run of this --out: not part of this wall time
             continue
@@ -74,7 +74,9 @@ def split(root: Path, wall: float) -> dict:
         if job["kind"] == "train" and record and record.is_file():
             # at most the job's own time: a training finished (or resumed) in an earlier run of --out records its
             # whole train_s, though this job only reloaded it
-            train_s.append(min(json.loads(record.read_text()).get("train_s") or 0.0, job["wall_s"]))
+            metrics = json.loads(record.read_text())
+            train_s.append(min(metrics.get("train_s") or 0.0, job["wall_s"]))
+            test_acc[job["id"]] = metrics.get("test_acc")  # two fresh studies of one profile must agree on each
         if job["kind"] == "bundle" and record and record.is_file():
             manifest = json.loads(record.read_text())
             bundles.append({"bundle": job["id"], "export_s": manifest.get("export_s"),
@@ -94,7 +96,7 @@ def split(root: Path, wall: float) -> dict:
             "export_s_per_bundle": round(statistics.fmean(b["export_s"] or 0 for b in bundles), 2) if bundles else None,
             "export_share_of_jobs": round(export_s / jobs_s, 3) if jobs_s else None,
             "export_phases_s": {p: round(s, 2) for p, s in sorted(phases.items(), key=lambda kv: -kv[1])},
-            "per_bundle": bundles, "execution": plan.get("execution")}
+            "per_bundle": bundles, "execution": plan.get("execution"), "test_acc": test_acc}
 
 
 def main() -> int:
