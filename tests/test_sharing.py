@@ -88,7 +88,7 @@ def test_workers_are_as_many_as_the_asks_fit():
     assert fitting_workers([task(16.0, exclusive=True)], 16) == 1
 
 
-def test_local_and_processes_train_with_the_chosen_threads(tmp_path):
+def test_local_and_processes_train_with_the_chosen_threads(tmp_path, monkeypatch):
     """Two trainings at once on 2 threads, on the real digits: the default executor runs the students side by side
     (processes), the local one after the other, both with 1 thread each (the teacher alone with 2), and their
     weights are the same bit for bit. (The local process loads the data at 2 threads, a worker at 1: the data's
@@ -98,8 +98,10 @@ def test_local_and_processes_train_with_the_chosen_threads(tmp_path):
     from conftest import tiny_profile_with
     from safetensors.torch import load_file
 
+    import edgekd.workflows
     from edgekd.workflows import distill
 
+    monkeypatch.setattr(edgekd.workflows, "machine_threads", lambda: 2)  # a 2-thread machine, whatever ran before
     path = tmp_path / "digits.toml"
     path.write_text(tiny_profile_with("[datasets.digits]\nimage_size = 16\ncrop_padding = 1", name="tiny"))
     profile = load_profile(path, ["study.seeds=[0]", "study.trainings_at_once=2", "teacher.epochs=1",

@@ -46,6 +46,7 @@ class TorchRunner(Runner):
         torch = require("torch", self.backend)
         from edgekd.models import create_model, load_weights
 
+        self.threads_before = torch.get_num_threads()  # given back in close(): the process may train next
         if threads:
             torch.set_num_threads(threads)
         if device == "cuda" and not torch.cuda.is_available():
@@ -60,6 +61,9 @@ class TorchRunner(Runner):
         # cuDNN convolutions may run as TF32 in PyTorch by default: recorded beside the figure, not changed (the
         # bench may share its process with training)
         self.tf32 = bool(torch.backends.cudnn.allow_tf32) if device == "cuda" else None
+
+    def close(self) -> None:
+        self.torch.set_num_threads(self.threads_before)
 
     def infer(self, x: np.ndarray) -> np.ndarray:
         with self.torch.inference_mode():
