@@ -365,6 +365,9 @@ def _build(cls: type, data: dict[str, Any], prefix: str, problems: list[str]) ->
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else key
         if key not in names:
+            if dotted in RETIRED:
+                problems.append(f"profile key '{dotted}' is retired: {RETIRED[dotted]}")
+                continue
             close = difflib.get_close_matches(key, names, n=1)
             hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(names)}"
             problems.append(f"unknown profile key '{dotted}': {hint}")
@@ -603,11 +606,27 @@ def parse_profile(data: dict[str, Any]) -> tuple[Profile, list[str]]:
     return profile, problems + profile_problems(profile)
 
 
+# Keys an older edgekd wrote, with what replaces them: a user's profile gets the line; a run's saved profile
+# (saved_profile) is read without them.
+RETIRED = {"study.trainings_per_gpu": "set study.trainings_at_once = N (trainings side by side on one device, "
+                                       "CPU or GPU), or leave it out to have it measured"}
+
+
 def profile_from_dict(data: dict[str, Any]) -> Profile:
     profile, problems = parse_profile(data)
     if problems:
         raise ProfileError("\n".join(problems))
     return profile
+
+
+def saved_profile(data: dict[str, Any]) -> Profile:
+    """The profile a run saved (run_profile.json), read without the keys retired since it was written."""
+    data = {**data}
+    for dotted in RETIRED:
+        table, _, key = dotted.rpartition(".")
+        if isinstance(data.get(table), dict) and key in data[table]:
+            data[table] = {k: v for k, v in data[table].items() if k != key}
+    return profile_from_dict(data)
 
 
 STARTING_PROFILE = "profiles/quickstart.toml"

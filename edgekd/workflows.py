@@ -10,7 +10,7 @@ before it, never a driver or an executor.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -158,8 +158,8 @@ def run_graph(profile, root: Path, executor, reporter: Reporter | None = None, f
 
 def trainings_at_once(jobs: list[Job], cores: int) -> int:
     """How many of the plan's trainings fit side by side by their asks (CPU threads of `cores`, parts of a GPU)."""
-    fits = [round(1 / j.num_gpus) if j.num_gpus else cores // max(1, int(j.num_cpus))
-            for j in jobs if j.kind == "train"]
+    fits = [round(1 / j.num_gpus) if j.num_gpus else int(cores / j.num_cpus + 1e-9)
+            for j in jobs if j.kind == "train" and (j.num_gpus or j.num_cpus)]
     return max(fits, default=1)
 
 
@@ -228,12 +228,17 @@ def run_job(profile, root: Path, job: Job, reporter: Reporter | None = None, for
     ctx = PlanContext(profile, Path(root), force, reporter, device=resolve_device(profile.study.device),
                       cores=machine_threads(), measure=_measure_here)
     planned = {j.label: j for j in plan_jobs(profile, ctx.root)}
-    # with the plan's trainings (their first student sets the threads, as in the study), not alone
-    chosen = "threads" in (job.params.get("execution") or {})  # a torchrun follower has rank 0's
-    others = [] if chosen else [j for j in planned.values() if j.kind in ("train", "cache") and j.label != job.label]
-    job, *others = prepare_jobs(ctx, [job, *others], previous_measurements(ctx.root))
-    planned.update({j.label: j for j in others})
-    for label in job.deps:
+    # prepared with the plan's trainings, in plan order (its first student sets the threads, as in the study)
+    follower = "threads" in (job.params.get("execution") or {})  # a torchrun follower: rank 0's choices
+    if not follower:
+        trainings = [j for j in planned.values() if j.kind in ("train", "cache")]
+        planned.update({j.label: j for j in prepare_jobs(ctx, trainings, previous_measurements(ctx.root))})
+    mine = planned.get(job.label)
+    if follower or mine is None:
+        job = prepare_jobs(ctx, [job], previous_measurements(ctx.root))[0]
+    else:
+        job = replace(job, num_cpus=mine.num_cpus, num_gpus=mine.num_gpus, params=mine.params)
+    for label in [] if follower else job.deps:  # a follower never builds what rank 0 reads
         dep = planned.get(label)
         if dep is not None and kind_of(dep).derived and not job_status(Context(profile, ctx.root), dep).current:
             execute(Context(profile, ctx.root), dep)

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from edgekd.config import ProfileError, apply_overrides, load_profile, parse_override, profile_from_dict
@@ -12,6 +14,7 @@ def test_defaults_and_dataset_source_from_key():
 
 @pytest.mark.parametrize("data, message", [
     ({"student": {"epoch": 3}}, "unknown profile key 'student.epoch': did you mean 'epochs'?"),
+    ({"study": {"trainings_per_gpu": 2}}, "'study.trainings_per_gpu' is retired: set study.trainings_at_once = N"),
     ({"datasets": {"digits": {"image_sise": 16}}}, "unknown profile key 'datasets.digits.image_sise'"),
     ({"student": {"epochs": "three"}}, "profile key 'student.epochs' must be int"),
     ({"study": {"seeds": [0, "1"]}}, "profile key 'study.seeds[1]' must be int"),
@@ -110,3 +113,12 @@ def test_empty_profile_names_a_starting_profile(tmp_path):
     path.write_text("# my study\n")
     with pytest.raises(ProfileError, match="is empty: start from a complete one, e.g. cp profiles/quickstart.toml"):
         load_profile(path)
+
+
+def test_a_saved_profile_is_read_without_retired_keys():
+    """A run saved before study.trainings_per_gpu was retired still reads (qat-kd, torchrun), without it."""
+    from edgekd.config import saved_profile
+
+    data = load_profile(Path(__file__).parents[1] / "profiles" / "quickstart.toml").to_dict()
+    data["study"]["trainings_per_gpu"] = 2
+    assert saved_profile(data).study.trainings_at_once == 0

@@ -152,27 +152,29 @@ def bench_bundle(bundle: Path, options: BenchOptions, progress=None) -> dict:
             # ORT-TensorRT's engine build or cache load) and the first inference (lazy allocations, kernel loads)
             opened = time.perf_counter()
             runner = _open(bundle, target, entry, manifest, options)
-            loaded = time.perf_counter()
-            runner.infer(normalize(images[:1], mean, std))
-            cold = {"load_ms": (loaded - opened) * 1e3, "first_inference_ms": (time.perf_counter() - loaded) * 1e3}
-            acc = score(predict(runner, images, mean, std), labels)  # top-1, or macro AUC (multi-label)
-            latency, power, timing, calls = {}, {}, set(), set()
-            for batch in options.batch_sizes:
-                if progress:
-                    progress(f"{target.key} batch {batch}")
-                x = normalize(images[np.arange(batch) % len(images)], mean, std)
-                # Power is sampled through warm-up too, but only samples inside the timed window count.
-                with Sampler(power_reader.read, 0.05) if power_reader else contextlib.nullcontext() as watts:
-                    timed = runner.time(x, options.warmup, options.iters, options.duration)
-                if power_reader:
-                    power[str(batch)] = integrate_power(watts.samples, len(timed.seconds) * batch,
-                                                        window=timed.window, rails=power_reader.rails,
-                                                        method=power_reader.method)
-                latency[str(batch)] = latency_stats(timed.seconds, batch)
-                timing.add(timed.kind)
-                calls.add(timed.calls_per_sample)
-            gpu_mem = gpu_memory_mib() if options.device == "cuda" else None
-            runner.close()
+            try:
+                loaded = time.perf_counter()
+                runner.infer(normalize(images[:1], mean, std))
+                cold = {"load_ms": (loaded - opened) * 1e3, "first_inference_ms": (time.perf_counter() - loaded) * 1e3}
+                acc = score(predict(runner, images, mean, std), labels)  # top-1, or macro AUC (multi-label)
+                latency, power, timing, calls = {}, {}, set(), set()
+                for batch in options.batch_sizes:
+                    if progress:
+                        progress(f"{target.key} batch {batch}")
+                    x = normalize(images[np.arange(batch) % len(images)], mean, std)
+                    # Power is sampled through warm-up too, but only samples inside the timed window count.
+                    with Sampler(power_reader.read, 0.05) if power_reader else contextlib.nullcontext() as watts:
+                        timed = runner.time(x, options.warmup, options.iters, options.duration)
+                    if power_reader:
+                        power[str(batch)] = integrate_power(watts.samples, len(timed.seconds) * batch,
+                                                            window=timed.window, rails=power_reader.rails,
+                                                            method=power_reader.method)
+                    latency[str(batch)] = latency_stats(timed.seconds, batch)
+                    timing.add(timed.kind)
+                    calls.add(timed.calls_per_sample)
+                gpu_mem = gpu_memory_mib() if options.device == "cuda" else None
+            finally:  # a failed torch bench gives the process its threads back too
+                runner.close()
         results.append({
             "model": target.key, "backend": options.backend, "device": options.device,
             "precision": entry["precision"], "file": entry["file"],

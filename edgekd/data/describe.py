@@ -37,6 +37,11 @@ def settings_in_key(settings: dict) -> dict:
     return {k: v for k, v in settings.items() if k not in skip}
 
 
+# How the normalization constants are computed (edgekd/data/splits.py channel_stats); a change moves every
+# training's numbers (2: numpy float64, independent of the thread count that loads the data)
+NORMALIZATION_REVISION = 2
+
+
 def data_settings(profile, dataset: str) -> dict:
     """A dataset's settings that its results depend on (settings_in_key)."""
     return settings_in_key(asdict(profile.datasets[dataset]))
@@ -49,7 +54,7 @@ def data_description(profile, dataset: str, variant: str) -> dict:
 
     config = profile.variants.get(variant, VariantConfig())
     described = {f"datasets.{dataset}": data_settings(profile, dataset), f"variants.{variant}": asdict(config),
-                 "sizes": _source_sizes(profile.datasets[dataset])}
+                 "sizes": _source_sizes(profile.datasets[dataset]), "normalization": NORMALIZATION_REVISION}
     if config.kind in REVISIONS:  # runs made by an earlier version of the kind's transformation are stale
         described["variant_revision"] = REVISIONS[config.kind]
     return described

@@ -145,7 +145,7 @@ def qat_int8(run: Path, model, preset: str, out: Path, epochs: int, lr: float, i
     images): the parity reference for the ONNX model."""
     import torch
 
-    from edgekd.config import method_losses, profile_from_dict
+    from edgekd.config import method_losses, saved_profile
     from edgekd.distill.execution import Execution, resolve_device
     from edgekd.distill.losses import ComposedLoss
     from edgekd.distill.plan import train_config
@@ -155,7 +155,7 @@ def qat_int8(run: Path, model, preset: str, out: Path, epochs: int, lr: float, i
 
     start = time.perf_counter()
     saved, metrics = read_json(run / RUN_PROFILE), read_json(run / METRICS)
-    profile = profile_from_dict(saved["profile"])
+    profile = saved_profile(saved["profile"])
     spec, where = student_losses(profile, metrics)
     criterion = ComposedLoss(method_losses(spec), where)
     if criterion.needs_features:
@@ -168,20 +168,23 @@ def qat_int8(run: Path, model, preset: str, out: Path, epochs: int, lr: float, i
     student = train_config(profile, job.role)
     cfg = replace(student, epochs=epochs, min_steps=0, warmup_epochs=0.0, lr=lr or student.lr / 100)
     device = resolve_device(profile.study.device)
-    ex = Execution("fp32", False, device)  # fake quantization emulates INT8 on FP32: no autocast on top
+    # fake quantization emulates INT8 on FP32: no autocast on top; the student's threads (they change the numbers,
+    # and the bundle job runs it with 1 or all of them depending on the executor)
+    ex = Execution("fp32", False, device, int((metrics.get("execution") or {}).get("threads") or 0))
     example = torch.zeros(2, data.channels, data.image_size, data.image_size)
     prepared = prepare(model, example, preset)
     criterion = criterion.to(device)
     workdir = run / BUNDLE / f"qat-{preset}"  # the fine-tune's checkpoints; never resumed from an older export
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
-    history = train(prepared, data, cfg, criterion, ex, augment_for(profile.datasets[job.dataset]),
-                    seed=job.seed, run_dir=workdir, teacher=teacher, eval_batch_size=profile.study.eval_batch_size,
-                    log=lambda line: log(f"qat-kd {preset}: {line}"))
-    prepared = prepared.to("cpu")
-    prepared.eval()
-    fake_quant = _logits(prepared, images)  # as trained: BatchNorm beside the conv, fake quantizers on its output
-    converted = _logits(export_qdq(prepared, example, out, opset), images)  # BN folded, Q/DQ as exported
+    with ex.cpu_threads():
+        history = train(prepared, data, cfg, criterion, ex, augment_for(profile.datasets[job.dataset]),
+                        seed=job.seed, run_dir=workdir, teacher=teacher, eval_batch_size=profile.study.eval_batch_size,
+                        log=lambda line: log(f"qat-kd {preset}: {line}"))
+        prepared = prepared.to("cpu")
+        prepared.eval()
+        fake_quant = _logits(prepared, images)  # as trained: BatchNorm beside the conv, fake quantizers on its output
+        converted = _logits(export_qdq(prepared, example, out, opset), images)  # BN folded, Q/DQ as exported
     shutil.rmtree(workdir, ignore_errors=True)
     info = {"method": "qat-kd", "losses": spec, "teacher": criterion.needs_teacher, "epochs": history["epoch"],
             "best_epoch": history["best_epoch"], "lr": cfg.lr, "fake_quant_val_acc": max(

@@ -73,6 +73,10 @@ def _trainer(conn, spec: tuple) -> None:
         conn.send(steps * shape[0] / (time.perf_counter() - start))
 
 
+class _Stopped(Exception):
+    """A trainer died: measuring stops with the options measured before it."""
+
+
 def measure_sharing(spec: tuple, cores: int, device: str, rounds: int = ROUNDS,
                     window: float = WINDOW_S) -> tuple[Sharing, dict[str, float]]:
     """The trainings at once to run on `device` (`pick` over summed images/s, one training with every thread
@@ -105,13 +109,16 @@ def measure_sharing(spec: tuple, cores: int, device: str, rounds: int = ROUNDS,
                     for conn in used:
                         conn.send(start_at)
                     rate = sum(conn.recv() for conn in used)
-                except (EOFError, OSError):  # a trainer died (out of memory with k models on a GPU): stop here
+                except (EOFError, OSError):  # a trainer died (out of memory with k models on a GPU)
                     if option.trainings == 1:
                         raise EdgeKDError(f"measuring trainings at once: the process training {spec[0]} alone "
                                           "died; set study.trainings_at_once = 1 to train without measuring") from None
-                    options = options[:options.index(option)]
-                    break
+                    # the others are mid-exchange: stop here, with what ran before and never this option or more
+                    speeds = {o.name: v for o in options[:options.index(option)] if (v := speeds.get(o.name))}
+                    raise _Stopped from None
                 speeds[option.name] = max(speeds.get(option.name, 0.0), round(rate, 1))
+    except _Stopped:
+        pass
     finally:
         for conn, proc in zip(conns, procs, strict=True):
             try:
@@ -121,5 +128,5 @@ def measure_sharing(spec: tuple, cores: int, device: str, rounds: int = ROUNDS,
             proc.join(timeout=10)
             if proc.is_alive():
                 proc.terminate()
-    chosen = pick(speeds, options[0].name, MARGIN)
+    chosen = pick(speeds, options[0].name, MARGIN) if speeds else options[0].name
     return next(o for o in candidates(cores, device) if o.name == chosen), speeds

@@ -302,7 +302,9 @@ def share_device(ctx: PlanContext, jobs: list[Job], measured: dict) -> list[Job]
         # A teacher has the device to itself, with every thread (unless study.threads says): the students of its
         # variant all wait for it.
         alone = job.kind == "train" and Role.parse(job.role).is_teacher and not ctx.profile.study.threads
-        ask = {"num_cpus": ctx.cpus_per_job or float(ctx.cores if alone else threads),
+        # a student asks for its share of the cores (6 of them, 4 at once: 1.5 each, trained on 1 thread), so
+        # that the executors run as many side by side as were measured
+        ask = {"num_cpus": ctx.cpus_per_job or (float(ctx.cores) if alone else ctx.cores / trainings),
                "num_gpus": min(1.0, gpus * trainings) if alone else gpus}
         if job.kind == "cache":
             return replace(job, **ask, params={**job.params, "threads": threads if cpu else 0})

@@ -57,7 +57,7 @@ def prepare(profile, job: Job) -> Path:
 
 def read_run_dir(path: Path):
     """(profile, job, study root) of a prepared run directory, checked against where the study keeps the job."""
-    from edgekd.config import ProfileError, profile_from_dict
+    from edgekd.config import ProfileError, saved_profile
     from edgekd.distill.runner import job_from_data
     from edgekd.runio import RUN_PROFILE, read_json, run_dir, study_root_of
 
@@ -67,7 +67,7 @@ def read_run_dir(path: Path):
         raise EdgeKDError(f"{path / RUN_PROFILE} names no job: prepare the directory with "
                           "python -m edgekd.distill.worker --prepare PROFILE")
     try:
-        profile = profile_from_dict(saved["profile"])
+        profile = saved_profile(saved["profile"])
     except ProfileError as exc:
         raise EdgeKDError(f"{path / RUN_PROFILE}: {exc}") from None
     root = study_root_of(path)

@@ -96,7 +96,8 @@ def _refuse_resources(tasks: list[Task]) -> None:
 
 
 class LocalExecutor(Executor):
-    """One job after the other in this process, with step-by-step progress; the default."""
+    """One job after the other in this process, with step-by-step progress (`auto` uses it when the plan trains
+    one at a time). Each training sets its own threads, so the numbers are those of the other executors."""
 
     name = "local"
 
