@@ -127,11 +127,22 @@ def bench_key(bundle: Path, options: BenchOptions, device: dict | None = None) -
 
 
 def bench_bundle(bundle: Path, options: BenchOptions, progress=None) -> dict:
+    """Bench `bundle` with `options`; OMP_NUM_THREADS is --threads while it runs (for runtimes that read it when
+    they load), then as it was: a study's later jobs and the processes it starts plan with the machine's threads."""
+    before = os.environ.get("OMP_NUM_THREADS")
+    if options.threads and before is None:
+        os.environ["OMP_NUM_THREADS"] = str(options.threads)
+    try:
+        return _bench_bundle(bundle, options, progress)
+    finally:
+        if before is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+
+
+def _bench_bundle(bundle: Path, options: BenchOptions, progress=None) -> dict:
     start = time.perf_counter()
     bundle = Path(bundle)
     check_backend(options.backend, options.device)
-    if options.threads:
-        os.environ.setdefault("OMP_NUM_THREADS", str(options.threads))
     manifest = read_manifest(bundle)
     images, labels = load_eval(bundle)
     from edgekd.records import fingerprint

@@ -193,13 +193,11 @@ def _execution_slot(profile, job: Job, device: str) -> str:
             f"batch={cfg.batch_size}|{cfg.precision}|{cfg.channels_last}")
 
 
-def measure_execution(profile, dataset: str, role: str, device: str, slot: str) -> dict:
-    """The (precision, layout) of one training configuration on this machine's `device`: the machine's earlier
-    choice for `slot` (MachineCache), else its candidates timed now. Runs where the jobs will run (locally, or as
-    one task on the cluster), before any job, so nothing else loads the machine meanwhile."""
-    from edgekd.distill.execution import MachineCache, measure_candidates
+def _machine_entry(profile, dataset: str, role: str, slot: str, measure) -> dict:
+    """This machine's earlier entry for `slot` (MachineCache), else `measure(cfg, data, batch shape)` ->
+    (choice, images/s per candidate) timed now and kept (when more than one candidate was timed)."""
+    from edgekd.distill.execution import MachineCache
     from edgekd.distill.runner import dataset_splits
-    from edgekd.models import create_model
 
     cache = MachineCache()
     earlier = cache.get(slot)
@@ -208,14 +206,28 @@ def measure_execution(profile, dataset: str, role: str, device: str, slot: str) 
     cfg = train_config(profile, role)
     data = dataset_splits(profile, dataset).splits
     shape = (cfg.batch_size, data.channels, data.image_size, data.image_size)
-    best, speeds = measure_candidates(
-        lambda: create_model(cfg.model, data.num_classes, data.channels, cfg.small_input, cfg.pretrained),
-        cfg, device, shape, data.num_classes)
-    entry = {"choice": {"precision": best.precision, "channels_last": best.channels_last, "device": best.device},
-             "images_per_s": speeds, "shape": list(shape), "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
+    choice, speeds = measure(cfg, data, shape)
+    entry = {"choice": choice, "images_per_s": speeds, "shape": list(shape),
+             "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
     if speeds:  # a choice the profile left one candidate for was not measured: nothing to keep
         cache.put(slot, entry)
     return {**entry, "source": "measured"}
+
+
+def measure_execution(profile, dataset: str, role: str, device: str, slot: str) -> dict:
+    """The (precision, layout) of one training configuration on this machine's `device` (_machine_entry). Runs
+    where the jobs will run (locally, or as one task on the cluster), before any job, so nothing else loads the
+    machine meanwhile."""
+    from edgekd.distill.execution import measure_candidates
+    from edgekd.models import create_model
+
+    def measure(cfg, data, shape):
+        best, speeds = measure_candidates(
+            lambda: create_model(cfg.model, data.num_classes, data.channels, cfg.small_input, cfg.pretrained),
+            cfg, device, shape, data.num_classes)
+        return {"precision": best.precision, "channels_last": best.channels_last, "device": best.device}, speeds
+
+    return _machine_entry(profile, dataset, role, slot, measure)
 
 
 def choose_execution(ctx: PlanContext, job: Job, measured: dict) -> Job:
@@ -242,27 +254,17 @@ def choose_execution(ctx: PlanContext, job: Job, measured: dict) -> Job:
 
 # -- trainings at once and their threads, at plan time ---------------------------------------------------------------
 def measure_sharing_entry(profile, dataset: str, role: str, execution: dict, slot: str, cores: int) -> dict:
-    """How many trainings of `role` run at once on this machine's device, sharing its `cores` threads: the
-    machine's earlier choice for `slot` (MachineCache), else measured now (edgekd/distill/sharing.py). `cores`
-    comes from the driver: a Ray task's own threads are its CPU ask."""
-    from edgekd.distill.execution import MachineCache
-    from edgekd.distill.runner import dataset_splits
+    """How many trainings of `role` run at once on this machine's device, sharing its `cores` threads
+    (_machine_entry; edgekd/distill/sharing.py). `cores` comes from the driver: a Ray task's own threads are its
+    CPU ask."""
     from edgekd.distill.sharing import measure_sharing
 
-    cache = MachineCache()
-    earlier = cache.get(slot)
-    if earlier is not None:
-        return {**earlier, "source": f"this machine's earlier measurement ({cache.path})"}
-    cfg = train_config(profile, role)
-    data = dataset_splits(profile, dataset).splits
-    shape = (cfg.batch_size, data.channels, data.image_size, data.image_size)
-    spec = (cfg.model, data.num_classes, data.channels, cfg.small_input, shape, execution)
-    best, speeds = measure_sharing(spec, cores, execution["device"])
-    entry = {"choice": {"trainings": best.trainings, "threads": best.threads}, "images_per_s": speeds,
-             "shape": list(shape), "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
-    if speeds:
-        cache.put(slot, entry)
-    return {**entry, "source": "measured"}
+    def measure(cfg, data, shape):
+        spec = (cfg.model, data.num_classes, data.channels, cfg.small_input, shape, execution)
+        best, speeds = measure_sharing(spec, cores, execution["device"])
+        return {"trainings": best.trainings, "threads": best.threads}, speeds
+
+    return _machine_entry(profile, dataset, role, slot, measure)
 
 
 def _fixed_sharing(profile, cores: int, device: str) -> dict | None:
