@@ -124,3 +124,50 @@ def test_local_and_processes_train_with_the_chosen_threads(tmp_path, monkeypatch
                 results[name][run.parent.name] = (threads, digest)
     assert all(results[name] == results["local"] for name in executors)
     assert {role: t for role, (t, _) in results["local"].items()} == {"teacher": 2, "scratch": 1, "kd": 1}
+
+
+def _nap(threads, started, seconds):
+    """A task for the processes executor: sleeps, returns what a job's result looks like."""
+    import time
+
+    time.sleep(seconds)
+    return {"threads": threads}
+
+
+def test_processes_schedule_by_asks_and_benches_wait_for_the_rest():
+    """Without --jobs: a task asking for every CPU runs alone; two asking for one each run side by side; an
+    exclusive task waits while anything else is ready, then runs alone, after a task that became ready with it."""
+    import time
+
+    from edgekd.pipeline.executors import ProcessExecutor
+
+    class Driver:
+        cores = 2
+
+        def __init__(self):
+            self.spans = {}
+
+        def running(self, label):
+            self.spans[label] = [time.monotonic(), None]
+
+        def done(self, label, result):
+            self.spans[label][1] = time.monotonic()
+
+        def failed(self, label, message):
+            raise AssertionError(f"{label}: {message}")
+
+    def task(label, cpus, seconds, deps=(), exclusive=False):
+        return Task(label, None, _nap, (seconds,), deps, cpus, 0.0, exclusive)
+
+    tasks = [task("teacher", 2.0, 0.3), task("b", 1.0, 0.4, ("teacher",)), task("c", 1.0, 0.8, ("teacher",)),
+             task("bench", 1.0, 0.1, ("b",), exclusive=True), task("f", 1.0, 0.3, ("c",))]
+    driver = Driver()
+    ProcessExecutor().run(tasks, driver)
+    s = driver.spans
+
+    def overlap(x, y):
+        return s[x][0] < s[y][1] and s[y][0] < s[x][1]
+
+    assert not any(overlap("teacher", t) for t in "bc")
+    assert overlap("b", "c")
+    assert not any(overlap("bench", t) for t in ("b", "c", "f")) and s["bench"][0] >= s["f"][1]
