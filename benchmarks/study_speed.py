@@ -123,6 +123,10 @@ def main() -> int:
           *[[f"job: {k}", v["jobs"], v["wall_s"], f"{v['wall_s'] / wall:.0%}"] for k, v in result["kinds"].items()],
           ["outside jobs (start-up, planning, execution choice, report)", "-", result["outside_jobs_s"],
            f"{result['outside_jobs_s'] / wall:.0%}"]])
+    for slot, entry in (result["execution"] or {}).items():  # what the study chose, and what it timed
+        sharing = slot.startswith("sharing|")
+        print(f"{slot.split('|')[int(sharing)]}{', trainings at once' if sharing else ''}: {entry.get('choice')} "
+              f"from {entry.get('images_per_s')} img/s ({entry.get('source')})")
     if result["bundles"]:
         n = result["bundles"]
         show(f"export: {n} bundles, {result['export_s_per_bundle']} s each, "
