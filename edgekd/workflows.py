@@ -158,9 +158,9 @@ def run_graph(profile, root: Path, executor, reporter: Reporter | None = None, f
 
 def trainings_at_once(jobs: list[Job], cores: int) -> int:
     """How many of the plan's trainings fit side by side by their asks (CPU threads of `cores`, parts of a GPU)."""
-    fits = [round(1 / j.num_gpus) if j.num_gpus else int(cores / j.num_cpus + 1e-9)
-            for j in jobs if j.kind == "train" and (j.num_gpus or j.num_cpus)]
-    return max(fits, default=1)
+    from edgekd.pipeline.executors import fitting_workers
+
+    return fitting_workers([j for j in jobs if j.kind == "train"], cores)
 
 
 @dataclass

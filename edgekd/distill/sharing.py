@@ -73,8 +73,20 @@ def _trainer(conn, spec: tuple) -> None:
         conn.send(steps * shape[0] / (time.perf_counter() - start))
 
 
-class _Stopped(Exception):
-    """A trainer died: measuring stops with the options measured before it."""
+def _time_option(conns: list, option: Sharing, window: float, warmup: int) -> float | None:
+    """Summed images/s of `option.trainings` trainers stepping at once for `window` seconds; None if one died."""
+    used = conns[:option.trainings]
+    try:
+        for conn in used:
+            conn.send((option.threads, window, warmup))
+        for conn in used:
+            conn.recv()
+        start_at = time.time() + 0.05
+        for conn in used:
+            conn.send(start_at)
+        return sum(conn.recv() for conn in used)
+    except (EOFError, OSError):  # a trainer died (out of memory with k models on a GPU)
+        return None
 
 
 def measure_sharing(spec: tuple, cores: int, device: str, rounds: int = ROUNDS,
@@ -99,26 +111,17 @@ def measure_sharing(spec: tuple, cores: int, device: str, rounds: int = ROUNDS,
     try:
         for r in range(rounds):
             for option in options:
-                used = conns[:option.trainings]
-                try:
-                    for conn in used:
-                        conn.send((option.threads, window, 3 if r == 0 else 1))
-                    for conn in used:
-                        conn.recv()
-                    start_at = time.time() + 0.05
-                    for conn in used:
-                        conn.send(start_at)
-                    rate = sum(conn.recv() for conn in used)
-                except (EOFError, OSError):  # a trainer died (out of memory with k models on a GPU)
-                    if option.trainings == 1:
-                        raise EdgeKDError(f"measuring trainings at once: the process training {spec[0]} alone "
-                                          "died; set study.trainings_at_once = 1 to train without measuring") from None
-                    # the others are mid-exchange: stop here, with what ran before and never this option or more
-                    speeds = {o.name: v for o in options[:options.index(option)] if (v := speeds.get(o.name))}
-                    raise _Stopped from None
+                rate = _time_option(conns, option, window, 3 if r == 0 else 1)
+                if rate is None and option.trainings == 1:
+                    raise EdgeKDError(f"measuring trainings at once: the process training {spec[0]} alone died; "
+                                      "set study.trainings_at_once = 1 to train without measuring")
+                if rate is None:  # the others are mid-exchange: stop, keeping only the options before this one
+                    options = options[:options.index(option)]
+                    speeds = {o.name: speeds[o.name] for o in options if o.name in speeds}
+                    break
                 speeds[option.name] = max(speeds.get(option.name, 0.0), round(rate, 1))
-    except _Stopped:
-        pass
+            if rate is None:
+                break
     finally:
         for conn, proc in zip(conns, procs, strict=True):
             try:

@@ -40,13 +40,14 @@ def make_executor(name: str | None = None, jobs: int | None = 1, address: str | 
     raise EdgeKDError(f"unknown executor {name!r}: use {', '.join(EXECUTORS)}")
 
 
-def fitting_workers(tasks: list[Task], cores: int) -> int:
-    """How many of `tasks` fit side by side on this machine by their asks: the CPUs of the smallest and the GPU
-    part of the smallest GPU job (trainings with 1/2 of a GPU or 1 of 2 CPUs each: 2)."""
-    shared = [t for t in tasks if not t.exclusive]
+def fitting_workers(tasks: list, cores: int) -> int:
+    """How many of `tasks` (Tasks or Jobs: their num_cpus, num_gpus, exclusive) fit side by side on this machine by
+    their asks: the CPUs of the smallest and the GPU part of the smallest GPU one (trainings with 1/2 of a GPU or 1
+    of 2 CPUs each: 2)."""
+    shared = [t for t in tasks if not t.exclusive and (t.num_cpus or t.num_gpus)]
     if not shared:
         return 1
-    by_cpu = cores // max(1, int(min(t.num_cpus for t in shared)))
+    by_cpu = int(cores / max(1e-9, min(t.num_cpus for t in shared)) + 1e-9) or 1
     gpu_parts = [t.num_gpus for t in shared if t.num_gpus > 0]
     by_gpu = round(1 / min(gpu_parts)) if gpu_parts else by_cpu
     return max(1, min(by_cpu, by_gpu))
