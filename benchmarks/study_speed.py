@@ -12,7 +12,8 @@ Prints and saves (benchmarks/results/NAME-cpu.json):
 - what is outside every job (start-up, planning, the execution choice, waiting, the report): wall - summed jobs,
   meaningful for executors that run one job at a time (local);
 - per bundle: export_s and its phases (manifest export_phases_s), summed and per bundle;
-- the plan's execution choices (precision, layout, trainings at once and their threads) and their timings.
+- the plan's execution choices (precision, layout, trainings at once and their threads, torch.compile) and their
+  timings.
 
 A fresh --out each time unless --out names one (then finished jobs are reused, and only what ran is counted). The
 execution choices are measured afresh, as on a new machine (their time is in the wall time), unless
@@ -124,8 +125,12 @@ def main() -> int:
           ["outside jobs (start-up, planning, execution choice, report)", "-", result["outside_jobs_s"],
            f"{result['outside_jobs_s'] / wall:.0%}"]])
     for slot, entry in (result["execution"] or {}).items():  # what the study chose, and what it timed
-        sharing = slot.startswith("sharing|")
-        print(f"{slot.split('|')[int(sharing)]}{', trainings at once' if sharing else ''}: {entry.get('choice')} "
+        kind = slot.split("|")[0] if slot.split("|")[0] in ("sharing", "compile") else ""
+        what = {"sharing": ", trainings at once", "compile": ", torch.compile"}.get(kind, "")
+        if kind == "compile":
+            print(f"{slot.split('|')[1]}{what} ({slot.split('|')[-1]}): {entry.get('decided')} ({entry.get('source')})")
+            continue
+        print(f"{slot.split('|')[int(bool(kind))]}{what}: {entry.get('choice')} "
               f"from {entry.get('images_per_s')} img/s ({entry.get('source')})")
     if result["bundles"]:
         n = result["bundles"]

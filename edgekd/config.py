@@ -107,6 +107,9 @@ class TrainConfig:
     checkpoint: str = ""  # teacher only: a local .safetensors or weights-only .pth instead of training
     precision: str = "auto"  # auto | fp32 | bf16 | fp16; auto measures the candidates on the device
     channels_last: str = "auto"  # auto | on | off; auto measures, as precision
+    # auto | on | off: torch.compile of the model a training steps. auto: where measured faster, counting the
+    # compile against the training's steps (edgekd/distill/execution.py); on: the default mode, unmeasured
+    compile: str = "auto"
     # Batch mixing on top of the crop/flip views: "mixup" (Zhang et al. 2018) or "cutmix" (Yun et al. 2019), the
     # mixing share drawn from Beta(mix_alpha, mix_alpha) per step. A mixed image is in no teacher cache, so a KD
     # student that mixes distils from its teacher run online on each mixed batch (study.teacher_cache = false), the
@@ -423,6 +426,7 @@ TRAIN_RULES = {
     "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "precision": (lambda v: v in ("auto", "fp32", "bf16", "fp16"), "auto, fp32, bf16 or fp16"),
     "channels_last": (lambda v: v in ("auto", "on", "off"), "auto, on or off"),
+    "compile": (lambda v: v in ("auto", "on", "off"), "auto, on or off"),
     "mix": (lambda v: v in ("", "mixup", "cutmix"), "'' (none), 'mixup' or 'cutmix'"),
     "mix_alpha": (lambda v: v > 0, "above 0 (the Beta distribution's parameter)"),
     "stop_epoch": _at_least(0),

@@ -30,6 +30,7 @@ epochs = 3
 batch_size = 32
 precision = "fp32"
 channels_last = "off"
+compile = "off"  # no measuring in every test (tests/test_execution.py measures)
 
 [student]
 model = "test_efficientnet"
@@ -39,6 +40,7 @@ optimizer = "adamw"
 lr = 0.01
 precision = "fp32"
 channels_last = "off"
+compile = "off"  # no measuring in every test (tests/test_execution.py measures)
 
 [methods.kd]
 ce = { weight = 0.5 }

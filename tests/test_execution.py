@@ -1,10 +1,12 @@
-"""The execution choice (precision, memory format): kept unless clearly faster, remembered per machine, pinnable,
-so that two fresh studies of one profile on one machine train with the same numerics."""
+"""The execution choice (precision, memory format, torch.compile): kept unless clearly faster, remembered per
+machine, pinnable, so that two fresh studies of one profile on one machine train with the same numerics."""
 
 import json
 
+import pytest
+
 from edgekd.cli import main
-from edgekd.distill.execution import CACHE_ENV, MachineCache, pick
+from edgekd.distill.execution import CACHE_ENV, COMPILE_MIN_S, Execution, MachineCache, compile_choice, pick
 
 FAST = ["--set", "study.seeds=[0]", "--set", "teacher.epochs=1", "--set", "student.epochs=1", "--set", "methods={}",
         "--set", "student.precision='auto'", "--set", "student.channels_last='auto'"]
@@ -59,3 +61,105 @@ def test_a_fresh_study_trains_with_this_machines_earlier_choice_or_a_pinned_one(
                  str(tmp_path / "empty.json")]) != 0
     err = capsys.readouterr().err
     assert "no execution choices in it" in err and "Traceback" not in err
+
+
+TIMED = {"eager_step_s": 0.05, "for_steps": 10_000,
+         "modes": {"default": {"first_compile_s": 40.0, "compile_s": 3.0, "step_s": 0.04}}}
+
+
+def test_compiling_is_chosen_where_its_steps_repay_it():
+    """20% faster steps repay a 3-s compile over 2,000 steps (100 s eager, 83 s compiled), not over 300 (15 vs 15 s);
+    a mode within the margin, a failed one or an eager-only timing trains eagerly, and each says why."""
+    assert compile_choice(TIMED, 2000) == ("default", "2000 steps: eager ~100 s, default ~83 s with its 3.0 s compile")
+    assert compile_choice(TIMED, 300)[0] == ""
+    close = {**TIMED, "modes": {"default": {**TIMED["modes"]["default"], "step_s": 0.047}}}
+    assert compile_choice(close, 100_000)[0] == ""  # 6% faster: within the timing noise
+    failed = {**TIMED, "modes": {"default": {"failed": "BackendCompilerFailed: no compiler"}}}
+    assert compile_choice(failed, 100_000) == ("", "torch.compile failed (default: BackendCompilerFailed: no "
+                                                   "compiler)")
+    assert "too short" in compile_choice({"eager_step_s": 0.05, "for_steps": 5, "modes": {}}, 5)[1]
+
+
+def test_the_plan_compiles_the_long_trainings_of_a_slot(tiny_profile, tmp_path):
+    """compile = auto: one timing per (configuration, threads), the job's own steps decide (a teacher of 600 epochs
+    compiles, its 2-epoch students do not), the plan keeps the timings and why; on/off need no timing; the mode is in
+    the execution and, when set, in the key."""
+    from test_sharing import _prepared
+
+    from edgekd.config import load_profile
+    from edgekd.distill.stage import train_key
+
+    profile = load_profile(tiny_profile, ["study.seeds=[0]", "teacher.compile='auto'", "student.compile='auto'",
+                                          "teacher.epochs=600"])
+    calls = []
+
+    def measure(fn, profile, dataset, role, execution, slot, steps, num_gpus=0.0):
+        calls.append((role, steps))
+        return {"choice": {**TIMED, "for_steps": steps}, "source": "measured"}
+
+    measured = {}
+    jobs = _prepared(profile, tmp_path, measured=measured, measure=measure)
+    assert sorted(calls) == [("scratch", 8), ("teacher", 2400)]  # the scratch student's slot is the KD student's too
+    teacher, kd = jobs["synthetic/base/teacher/seed0"], jobs["synthetic/base/kd/seed0"]
+    assert teacher.params["execution"]["compile"] == "default" and kd.params["execution"]["compile"] == ""
+    assert train_key(profile, tmp_path, teacher)["config"]["execution"]["compile"] == "default"
+    assert any("2400 steps: eager ~120 s" in why for e in measured.values() for why in e.get("decided", {}).values())
+    again = _prepared(profile, tmp_path, measured=dict(measured), measure=lambda *a, **k: pytest.fail("measured"))
+    assert again["synthetic/base/teacher/seed0"].params["execution"]["compile"] == "default"
+    fixed = _prepared(load_profile(tiny_profile, ["study.seeds=[0]", "student.compile='on'"]), tmp_path,
+                      measure=lambda *a, **k: pytest.fail("measured"))
+    assert fixed["synthetic/base/kd/seed0"].params["execution"]["compile"] == "default"
+    assert fixed["synthetic/base/teacher/seed0"].params["execution"]["compile"] == ""
+    assert "compile" not in train_key(profile, tmp_path, fixed["synthetic/base/teacher/seed0"])["config"]["execution"]
+
+
+def test_a_short_training_is_not_compiled_to_be_timed():
+    """Too few steps to repay any compile: only the eager step is timed (no compiler runs, nothing is kept)."""
+    from edgekd.distill.execution import measure_compile
+    from edgekd.models import create_model
+
+    entry = measure_compile(lambda: create_model("test_efficientnet", 4, 1, True), Execution("fp32", False, "cpu", 1),
+                            (32, 1, 12, 12), 4, steps=10)
+    assert entry["modes"] == {} and 0 < entry["eager_step_s"] * 10 < COMPILE_MIN_S
+
+
+def test_compiled_trainings_give_the_same_weights_on_every_executor(tmp_path, monkeypatch):
+    """student.compile = on, two students side by side (processes, each compiling in its own worker) and one after
+    the other (local): the same weights bit for bit, and the run records the mode it trained with."""
+    import hashlib
+
+    from conftest import tiny_profile_with
+    from safetensors.torch import load_file
+
+    import edgekd.workflows
+    from edgekd.config import load_profile
+    from edgekd.workflows import distill
+
+    monkeypatch.setattr(edgekd.workflows, "machine_threads", lambda: 2)
+    path = tmp_path / "digits.toml"
+    path.write_text(tiny_profile_with("[datasets.digits]\nimage_size = 12\ncrop_padding = 1", name="tiny"))
+    profile = load_profile(path, ["study.seeds=[0, 1]", "study.trainings_at_once=2", "teacher.epochs=1",
+                                  "student.epochs=1", "student.compile='on'", "methods={}"])
+    digests = {}
+    for name, options in {"auto": {"jobs": None}, "local": {"executor": "local"}}.items():
+        distill(profile, tmp_path / name, **options)
+        for run in sorted((tmp_path / name / "tiny").glob("digits/base/scratch/seed*")):
+            metrics = json.loads((run / "metrics.json").read_text())
+            assert metrics["execution"]["compile"] == "default" and metrics["threads"] == 1
+            weights = load_file(run / "model.safetensors")
+            digest = hashlib.sha256(b"".join(weights[k].numpy().tobytes() for k in sorted(weights))).hexdigest()
+            digests.setdefault(name, []).append(digest)
+    assert digests["auto"] == digests["local"] and len(digests["local"]) == 2
+
+
+def test_compiling_is_timed_against_eager_steps():
+    """A training long enough: eager and compiled steps timed, with the first compile and a new process's (the
+    executors test above compiled this very graph, so both may be the on-disk cache's)."""
+    from edgekd.distill.execution import measure_compile
+    from edgekd.models import create_model
+
+    entry = measure_compile(lambda: create_model("test_efficientnet", 10, 1, True), Execution("fp32", False, "cpu", 1),
+                            (32, 1, 12, 12), 10, steps=10**7, rounds=1)
+    timed = entry["modes"]["default"]
+    assert set(timed) == {"first_compile_s", "compile_s", "step_s"} and min(timed.values()) > 0
+    assert compile_choice(entry, 10**7)[1].startswith("10000000 steps: eager")

@@ -1,4 +1,4 @@
-"""Precision and memory format, chosen per model and device by measuring a few training steps.
+"""Precision, memory format and torch.compile, chosen per model and device by measuring a few training steps.
 
 On the 2-core CPU of this project, channels_last makes MobileNet-class students train about 3x faster while
 bf16 autocast helps ResNets and slows depthwise nets; on CUDA, AMP and channels_last usually win. Habit gets
@@ -9,6 +9,13 @@ The choice changes the numbers (bf16 vs fp32 rounding), so it must not be a coin
 contiguous) is left only for a candidate clearly faster (MARGIN, best of ROUNDS interleaved timings), and a
 choice is kept per machine (MachineCache: CPU model and flags, cores, GPU, torch version) so that every later
 study on that machine trains with the same numerics.
+
+torch.compile (Execution.compile) is chosen the same way, later in the plan (stage.py `choose_compile`, once the
+threads are known), with its compile time counted against the steps a training has to repay it: measured on the
+2-core Xeon here, the quickstart's student (mobilenetv3_small_050, 16x16, batch 64) steps 12-18% faster compiled,
+after a first compile of 21-54 s on a machine and 1.5-3.5 s in each new process (the on-disk caches), where its
+whole training takes ~7 s. A CUDA student too small to fill the GPU is launch-bound: "reduce-overhead" (CUDA
+graphs) is a candidate there.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import json
 import os
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -46,6 +53,9 @@ class Execution:
     # CPU threads of the training (edgekd/distill/sharing.py): they change float rounding on a CPU, so a training
     # sets them itself, whichever executor runs it; 0: the process's (a GPU training, a record before threads)
     threads: int = 0
+    # The torch.compile mode its model trains under ("" = eager): compiled kernels round differently from eager
+    # ones, so it is part of the numerics and the key, like precision
+    compile: str = ""
 
     def autocast(self):
         if self.precision == "fp32":
@@ -61,6 +71,14 @@ class Execution:
     def cpu_threads(self):
         """torch's threads set to the training's for the block (then back: a local executor runs the next job)."""
         return cpu_threads(self.threads)
+
+    def compiled(self, model: nn.Module):
+        """What a training step calls: `model`, or torch.compile of it in this execution's mode. Static shapes: every
+        batch of a training has one shape (the trainer drops a partial last one), and a shape-generic graph would
+        round differently from the static one the measurement timed. The weights stay `model`'s."""
+        if not self.compile:
+            return model
+        return torch.compile(model, mode=None if self.compile == "default" else self.compile, dynamic=False)
 
 
 @contextmanager
@@ -100,13 +118,14 @@ def _candidates(cfg: TrainConfig, device: str) -> list[tuple[str, bool]]:
 def training_step(model: nn.Module, ex: Execution, shape: tuple[int, ...], classes: int):
     """A function that makes one SGD step of `model` on a fixed random batch of `shape`, as training would."""
     model = ex.prepare(model).train()
+    forward = ex.compiled(model)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     x = torch.randn(shape, device=ex.device).contiguous(memory_format=ex.memory_format())
     y = torch.randint(0, classes, (shape[0],), device=ex.device)
 
     def step():
         with ex.autocast():
-            loss = nn.functional.cross_entropy(model(x).float(), y)
+            loss = nn.functional.cross_entropy(forward(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -114,17 +133,20 @@ def training_step(model: nn.Module, ex: Execution, shape: tuple[int, ...], class
     return step
 
 
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def _time_steps(model: nn.Module, ex: Execution, shape: tuple[int, ...], classes: int, steps: int = 3,
                 warmup: int = 2) -> float:
     step = training_step(model, ex, shape, classes)
     for i in range(steps + warmup):  # warm-up steps: allocator, kernels, oneDNN primitive caches
         if i == warmup:
-            if ex.device.startswith("cuda"):
-                torch.cuda.synchronize()
+            _sync(ex.device)
             start = time.perf_counter()
         step()
-    if ex.device.startswith("cuda"):
-        torch.cuda.synchronize()
+    _sync(ex.device)
     return (time.perf_counter() - start) / steps
 
 
@@ -162,6 +184,82 @@ def measure_candidates(build, cfg: TrainConfig, device: str, shape: tuple[int, .
     precision, channels_last = _default(candidates)
     chosen = pick(speeds, f"{precision}{'-cl' if channels_last else ''}")
     return timings[chosen][1], speeds
+
+
+def compile_modes(device: str) -> list[str]:
+    """The torch.compile modes a training may use on `device`: inductor's default; on CUDA also CUDA graphs, which
+    replay a small student's hundreds of kernel launches as one."""
+    return ["default", "reduce-overhead"] if device.startswith("cuda") else ["default"]
+
+
+# Below this many seconds of eager training (the longest of a slot's trainings, estimated from its steps), compiling
+# is not even measured: the first compile of a small CNN took 21-54 s on the 2-core Xeon here, more than such a
+# training could win back, and measuring it would cost a fresh machine that much before the first job.
+COMPILE_MIN_S = 60.0
+
+
+def _compile_time(build, ex: Execution, shape: tuple[int, ...], classes: int) -> tuple[float, nn.Module]:
+    """Seconds to the end of the first two steps of a new model under `ex` (its compile, where it compiles), as a
+    new process pays them (dynamo's in-process cache cleared; the on-disk caches stay), and the model."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = build()
+    step = training_step(model, ex, shape, classes)
+    start = time.perf_counter()
+    step()
+    step()
+    _sync(ex.device)
+    return time.perf_counter() - start, model
+
+
+def measure_compile(build, ex: Execution, shape: tuple[int, ...], classes: int, steps: int,
+                    rounds: int = ROUNDS) -> dict:
+    """Eager against each torch.compile mode (compile_modes) for training `build()` under `ex` (its precision,
+    layout and threads): seconds per step (best of `rounds` interleaved timings), the first compile's seconds (on
+    a machine whose caches do not hold it yet: what this measurement pays once) and a new process's. Only the eager
+    step when `steps` of it take less than COMPILE_MIN_S; a mode that fails is recorded with its error."""
+    ex = replace(ex, compile="")
+    with ex.cpu_threads():
+        torch.manual_seed(0)
+        eager_model = build()
+        eager = _time_steps(eager_model, ex, shape, classes)
+        entry: dict = {"eager_step_s": eager, "for_steps": steps, "modes": {}}
+        if steps * eager < COMPILE_MIN_S:
+            return entry
+        timed: dict[str, tuple[Execution, nn.Module]] = {}
+        for mode in compile_modes(ex.device):
+            compiled = replace(ex, compile=mode)
+            try:
+                first, _ = _compile_time(build, compiled, shape, classes)
+                again, model = _compile_time(build, compiled, shape, classes)
+            except Exception as exc:  # a model or device the compiler cannot take: trained eagerly, and said why
+                entry["modes"][mode] = {"failed": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+                continue
+            entry["modes"][mode] = {"first_compile_s": first, "compile_s": again}
+            timed[mode] = (compiled, model)
+        for _ in range(rounds):  # interleaved, best of rounds, as measure_candidates
+            entry["eager_step_s"] = min(entry["eager_step_s"], _time_steps(eager_model, ex, shape, classes, warmup=0))
+            for mode, (compiled, model) in timed.items():
+                t = _time_steps(model, compiled, shape, classes, warmup=0)
+                entry["modes"][mode]["step_s"] = min(entry["modes"][mode].get("step_s", t), t)
+    return entry
+
+
+def compile_choice(entry: dict, steps: int, margin: float = MARGIN) -> tuple[str, str]:
+    """The torch.compile mode ("" = eager) a training of `steps` steps takes, from measure_compile's `entry`, and
+    why: the mode whose steps plus a new process's compile are estimated fastest, if more than `margin` faster than
+    eager steps; else eager."""
+    eager = steps * entry["eager_step_s"]
+    estimates = {mode: steps * m["step_s"] + m["compile_s"] for mode, m in entry["modes"].items() if "step_s" in m}
+    if not estimates:
+        failed = {m: e["failed"] for m, e in entry["modes"].items() if "failed" in e}
+        return "", (f"torch.compile failed ({'; '.join(f'{m}: {e}' for m, e in failed.items())})" if failed else
+                    f"eager: {steps} steps of {entry['eager_step_s'] * 1e3:.1f} ms, too short a training to repay "
+                    f"compiling (under {COMPILE_MIN_S:g} s)")
+    mode = min(estimates, key=estimates.get)
+    why = (f"{steps} steps: eager ~{eager:.0f} s, {mode} ~{estimates[mode]:.0f} s with its "
+           f"{entry['modes'][mode]['compile_s']:.1f} s compile")
+    return (mode, why) if estimates[mode] * (1 + margin) < eager else ("", why)
 
 
 def machine_identity() -> dict:

@@ -45,6 +45,7 @@ from edgekd.runio import METRICS, PREDICTIONS, WEIGHTS, UnreadableFile, read_jso
 
 EXECUTION_FIELDS = ("precision", "channels_last", "device")
 SHARING = "sharing"  # the plan's measurements of trainings at once are under "sharing|<the student's slot>"
+COMPILE = "compile"  # and those of torch.compile under "compile|<slot>|<precision, layout, threads>"
 
 
 def _check_run_files(job: Job, record: dict, files: tuple[str, ...]) -> str | None:
@@ -86,7 +87,7 @@ class TrainKind(JobKind):
 
     def prepare(self, ctx, jobs, measured):
         jobs = [choose_execution(ctx, job, measured) if job.kind == self.name else job for job in jobs]
-        return share_device(ctx, jobs, measured)
+        return choose_compile(ctx, share_device(ctx, jobs, measured), measured)
 
 
 class CacheKind(JobKind):
@@ -168,8 +169,9 @@ def train_key(profile, root: Path, job: Job) -> dict:
     if job.params.get("execution") is not None:
         execution = job.params["execution"]
         config["execution"] = {k: execution[k] for k in EXECUTION_FIELDS}
-        if execution.get("threads"):  # a CPU training's threads: they change its float rounding
-            config["execution"]["threads"] = execution["threads"]
+        for field in ("threads", "compile"):  # a CPU training's threads, a compiled model: they change its rounding
+            if execution.get(field):
+                config["execution"][field] = execution[field]
     return make_key("train", config, data_description(profile, job.dataset, job.variant), inputs)
 
 
@@ -316,3 +318,83 @@ def share_device(ctx: PlanContext, jobs: list[Job], measured: dict) -> list[Job]
         return replace(job, **ask, params={**job.params, "execution": execution})
 
     return [shared(j) for j in jobs]
+
+
+# -- torch.compile, at plan time -------------------------------------------------------------------------------------
+def planned_steps(profile, job: Job, sizes: dict | None = None) -> int:
+    """The optimizer steps a training job will take (the trainer's count: full batches times epochs). `sizes`:
+    training images per (dataset, variant), filled as they are loaded (a profile's variants are many)."""
+    from edgekd.distill.runner import dataset_splits
+
+    sizes = {} if sizes is None else sizes
+    if (job.dataset, job.variant) not in sizes:
+        sizes[job.dataset, job.variant] = len(dataset_splits(profile, job.dataset, job.variant).splits.train)
+    cfg, n = train_config(profile, job.role), sizes[job.dataset, job.variant]
+    return max(1, n // cfg.batch_size) * cfg.epochs_for(n)
+
+
+def measure_compile_entry(profile, dataset: str, role: str, execution: dict, slot: str, steps: int) -> dict:
+    """Eager against torch.compile for one training configuration, at its threads, on this machine
+    (edgekd.distill.execution.measure_compile): this machine's earlier timings where it has them, else measured now
+    and kept, unless `steps` (the slot's longest training) was too short a training to time compiling for."""
+    from edgekd.distill.execution import Execution, MachineCache, measure_compile
+    from edgekd.distill.runner import dataset_splits
+    from edgekd.models import create_model
+
+    cache = MachineCache()
+    earlier = cache.get(slot)
+    if earlier is not None:
+        return {**earlier, "source": f"this machine's earlier measurement ({cache.path})"}
+    cfg = train_config(profile, role)
+    data = dataset_splits(profile, dataset).splits
+    shape = (cfg.batch_size, data.channels, data.image_size, data.image_size)
+    timings = measure_compile(lambda: create_model(cfg.model, data.num_classes, data.channels, cfg.small_input),
+                              Execution(**execution), shape, data.num_classes, steps)
+    entry = {"choice": timings, "shape": list(shape), "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if timings["modes"]:  # compiling was timed: worth keeping for every later study here
+        cache.put(slot, entry)
+    return {**entry, "source": "measured"}
+
+
+def choose_compile(ctx: PlanContext, jobs: list[Job], measured: dict) -> list[Job]:
+    """The training jobs with their torch.compile mode ("" = eager) in their execution: `off`/`on` as the profile
+    says, `auto` by the plan's timings for the job's configuration and threads (measured now where missing, or where
+    an earlier eager-only timing was for shorter trainings) and the job's own steps (compile_choice)."""
+    from dataclasses import replace
+
+    from edgekd.distill.execution import compile_choice
+
+    todo = [j for j in jobs if j.kind == "train" and "compile" not in j.params["execution"]]
+    sizes: dict = {}
+    steps = {j.label: planned_steps(ctx.profile, j, sizes) for j in todo
+             if train_config(ctx.profile, j.role).compile == "auto"}
+    slots = {}
+    for job in todo:
+        if job.label in steps:
+            ex = job.params["execution"]
+            slot = (f"{COMPILE}|{_execution_slot(ctx.profile, job, ctx.device)}|{ex['precision']}|"
+                    f"channels_last={ex['channels_last']}|threads={ex.get('threads', 0)}")
+            slots.setdefault(slot, []).append(job)
+    chosen = {}
+    for slot, group in slots.items():
+        longest = max(steps[j.label] for j in group)
+        entry = measured.get(slot)
+        if entry is None or (not entry["choice"]["modes"] and entry["choice"]["for_steps"] < longest):
+            job = group[0]
+            gpus = 1.0 if ctx.device.startswith("cuda") else 0.0
+            measured[slot] = entry = ctx.measure(measure_compile_entry, ctx.profile, job.dataset, job.role,
+                                                 job.params["execution"], slot, longest, num_gpus=gpus)
+        for job in group:
+            chosen[job.label], why = compile_choice(entry["choice"], steps[job.label])
+            entry.setdefault("decided", {})[f"{steps[job.label]} steps"] = why  # the plan says why, per length
+
+    labels = {j.label for j in todo}
+
+    def compiled(job: Job) -> Job:
+        if job.label not in labels:
+            return job
+        setting = train_config(ctx.profile, job.role).compile
+        mode = chosen[job.label] if setting == "auto" else "default" if setting == "on" else ""
+        return replace(job, params={**job.params, "execution": {**job.params["execution"], "compile": mode}})
+
+    return [compiled(j) for j in jobs]

@@ -354,6 +354,11 @@ def train(model: nn.Module, data: DataSplits, cfg: TrainConfig, criterion: Compo
         stats = "the global batch" if group.global_bn else "each process's part of it"
         log(f"{world} processes ({_backend()}): global batch {bs}, {-(-bs // world)} or fewer per process; "
             f"BatchNorm statistics over {stats}")
+    ckpt["compile"] = ex.compile if world == 1 else ""  # what trained, for the run's record
+    if ckpt["compile"]:
+        forward = ex.compiled(model)
+    elif ex.compile:  # DDP under torch.compile was never measured here: eager, and the record says so
+        log(f"torch.compile ({ex.compile}) is measured for one-process trainings: {world} processes train eagerly")
 
     last_loss = ckpt["history"][-1]["loss"] if ckpt["history"] else None
     saved_at = None  # time.monotonic() of this process's last checkpoint
