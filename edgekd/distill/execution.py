@@ -11,11 +11,11 @@ choice is kept per machine (MachineCache: CPU model and flags, cores, GPU, torch
 study on that machine trains with the same numerics.
 
 torch.compile (Execution.compile) is chosen the same way, later in the plan (stage.py `choose_compile`, once the
-threads are known), with its compile time counted against the steps a training has to repay it: measured on the
-2-core Xeon here, the quickstart's student (mobilenetv3_small_050, 16x16, batch 64) steps 12-18% faster compiled,
-after a first compile of 21-54 s on a machine and 1.5-3.5 s in each new process (the on-disk caches), where its
-whole training takes ~7 s. A CUDA student too small to fill the GPU is launch-bound: "reduce-overhead" (CUDA
-graphs) is a candidate there.
+threads are known), with its compile time counted against the steps a training has to repay it: on the 2-core Xeon
+here (benchmarks/compile_speed.py), the quickstart's student steps 1.09x as fast compiled at its one thread, its
+resnet18 teacher 0.82x, after a first compile of up to 49 s on a machine and 1-2.6 s in each new process (the
+on-disk caches), where a quickstart training takes 5-30 s. A CUDA student too small to fill the GPU is launch-bound:
+"reduce-overhead" (CUDA graphs) is a candidate there.
 """
 
 from __future__ import annotations
