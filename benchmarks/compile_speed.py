@@ -40,15 +40,17 @@ def main() -> None:
 
     from _common import save, show
 
+    import edgekd.distill.stage
     from edgekd.config import load_profile
     from edgekd.distill.execution import Execution, compile_choice, measure_compile
     from edgekd.distill.plan import train_config
-    from edgekd.distill.runner import dataset_splits
+    from edgekd.distill.runner import build_model, dataset_splits
     from edgekd.distill.stage import planned_steps
-    from edgekd.models import create_model
     from edgekd.pipeline.graph import PlanContext
     from edgekd.workflows import machine_threads, plan_jobs, prepare_jobs
 
+    # the plan's own compile timing would warm the inductor cache before the first compile timed here
+    edgekd.distill.stage.choose_compile = lambda ctx, jobs, measured: jobs
     profile = load_profile(args.profile, args.sets)
     root = Path(scratch) / "study"
     ctx = PlanContext(profile, root, device=args.device, cores=machine_threads(),
@@ -56,7 +58,7 @@ def main() -> None:
     jobs = [j for j in prepare_jobs(ctx, plan_jobs(profile, root, device=args.device), {}) if j.kind == "train"]
     groups: dict[tuple, list] = {}
     for job in jobs:
-        ex = {k: v for k, v in job.params["execution"].items() if k != "compile"}
+        ex = job.params["execution"]
         groups.setdefault((job.dataset, train_config(profile, job.role).model, job.role == "teacher",
                            tuple(sorted(ex.items()))), []).append(job)
     rows, records = [], []
@@ -65,11 +67,10 @@ def main() -> None:
         data = dataset_splits(profile, dataset).splits
         shape = (cfg.batch_size, data.channels, data.image_size, data.image_size)
         ex = Execution(**dict(ex_items))
-        build = functools.partial(create_model, cfg.model, data.num_classes, data.channels, cfg.small_input)
+        build = functools.partial(build_model, cfg, data)
         entry = measure_compile(build, ex, shape, data.num_classes, steps=10**9)
         lengths = sorted({planned_steps(profile, j) for j in members})
         decisions = {n: compile_choice(entry, n) for n in lengths}
-        planned = sorted({j.params["execution"]["compile"] or "eager" for j in members})
         for mode, timed in entry["modes"].items():
             if "failed" in timed:
                 rows.append([f"{model_name} ({ex.threads} threads)", mode, "failed", "", "", "", "", ""])
@@ -80,7 +81,7 @@ def main() -> None:
                          timed["first_compile_s"], timed["compile_s"],
                          ", ".join(f"{n} steps: {m or 'eager'}" for n, (m, _) in decisions.items())])
         records.append({"model": model_name, "dataset": dataset, "shape": list(shape), "execution": dict(ex_items),
-                        "trainings": len(members), "timings": entry, "planned": planned,
+                        "trainings": len(members), "timings": entry,
                         "choices": {str(n): {"mode": m, "why": why} for n, (m, why) in decisions.items()}})
     show(f"torch.compile vs eager training steps: {args.profile} on {args.device}",
          ["training", "mode", "eager ms/step", "compiled ms/step", "speed-up", "first compile s",

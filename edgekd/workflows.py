@@ -116,8 +116,9 @@ def study_device(profile, executor) -> str:
     return resolve_device(profile.study.device)
 
 
-# What a pinned choice holds: a training's precision and layout, or the trainings at once and their threads
-PINNABLE = ({"precision", "channels_last", "device"}, {"trainings", "threads"})
+# What a pinned choice holds: a training's precision and layout, the trainings at once and their threads, or the
+# timings torch.compile is chosen by
+PINNABLE = ({"precision", "channels_last", "device"}, {"trainings", "threads"}, {"eager_step_s", "modes"})
 
 
 def pinned_execution(path: Path | None) -> dict:

@@ -88,6 +88,8 @@ def test_the_plan_compiles_the_long_trainings_of_a_slot(tiny_profile, tmp_path):
 
     from edgekd.config import load_profile
     from edgekd.distill.stage import train_key
+    from edgekd.distill.train import Ranks, ranks
+    from edgekd.workflows import pinned_execution
 
     profile = load_profile(tiny_profile, ["study.seeds=[0]", "teacher.compile='auto'", "student.compile='auto'",
                                           "teacher.epochs=600"])
@@ -106,6 +108,13 @@ def test_the_plan_compiles_the_long_trainings_of_a_slot(tiny_profile, tmp_path):
     assert any("2400 steps: eager ~120 s" in why for e in measured.values() for why in e.get("decided", {}).values())
     again = _prepared(profile, tmp_path, measured=dict(measured), measure=lambda *a, **k: pytest.fail("measured"))
     assert again["synthetic/base/teacher/seed0"].params["execution"]["compile"] == "default"
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"execution": measured}))
+    pinned = _prepared(profile, tmp_path, measured=pinned_execution(plan), measure=lambda *a, **k: pytest.fail("x"))
+    assert pinned["synthetic/base/teacher/seed0"].params["execution"]["compile"] == "default"
+    with ranks(Ranks(0, 2)):  # a torchrun group: DDP is not measured compiled, so its plan trains eagerly
+        group = _prepared(profile, tmp_path, measured=dict(measured))
+    assert group["synthetic/base/teacher/seed0"].params["execution"]["compile"] == ""
     fixed = _prepared(load_profile(tiny_profile, ["study.seeds=[0]", "student.compile='on'"]), tmp_path,
                       measure=lambda *a, **k: pytest.fail("measured"))
     assert fixed["synthetic/base/kd/seed0"].params["execution"]["compile"] == "default"

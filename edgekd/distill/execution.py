@@ -11,11 +11,10 @@ choice is kept per machine (MachineCache: CPU model and flags, cores, GPU, torch
 study on that machine trains with the same numerics.
 
 torch.compile (Execution.compile) is chosen the same way, later in the plan (stage.py `choose_compile`, once the
-threads are known), with its compile time counted against the steps a training has to repay it: on the 2-core Xeon
-here (benchmarks/compile_speed.py), the quickstart's student steps 1.09x as fast compiled at its one thread, its
-resnet18 teacher 0.82x, after a first compile of up to 49 s on a machine and 1-2.6 s in each new process (the
-on-disk caches), where a quickstart training takes 5-30 s. A CUDA student too small to fill the GPU is launch-bound:
-"reduce-overhead" (CUDA graphs) is a candidate there.
+threads are known), with its compile time counted against the steps a training has to repay it: a first compile
+costs tens of seconds on a CPU and each later training a second or two from the on-disk caches, where a quickstart
+training takes 5-30 s (benchmarks/compile_speed.py times a study's configurations). A CUDA student too small to
+fill the GPU is launch-bound: "reduce-overhead" (CUDA graphs) is a candidate there.
 """
 
 from __future__ import annotations
@@ -78,6 +77,10 @@ class Execution:
         round differently from the static one the measurement timed. The weights stay `model`'s."""
         if not self.compile:
             return model
+        if self.device == "cpu" and self.threads:
+            # inductor writes the thread count into its CPU kernels and its cache key: the training's own threads,
+            # not those of whichever process compiled this architecture first (compile_modes: "default" on CPUs)
+            return torch.compile(model, dynamic=False, options={"cpp.threads": self.threads})
         return torch.compile(model, mode=None if self.compile == "default" else self.compile, dynamic=False)
 
 
@@ -199,8 +202,9 @@ COMPILE_MIN_S = 60.0
 
 
 def _compile_time(build, ex: Execution, shape: tuple[int, ...], classes: int) -> tuple[float, nn.Module]:
-    """Seconds to the end of the first two steps of a new model under `ex` (its compile, where it compiles), as a
-    new process pays them (dynamo's in-process cache cleared; the on-disk caches stay), and the model."""
+    """Seconds to the end of the first two steps of a new model under `ex` (its compile, where it compiles) after
+    dynamo's in-process cache is cleared, as `train` clears it before compiling (the on-disk caches stay), and the
+    model."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = build()
@@ -212,12 +216,17 @@ def _compile_time(build, ex: Execution, shape: tuple[int, ...], classes: int) ->
     return time.perf_counter() - start, model
 
 
+def _first_line(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+
+
 def measure_compile(build, ex: Execution, shape: tuple[int, ...], classes: int, steps: int,
                     rounds: int = ROUNDS) -> dict:
     """Eager against each torch.compile mode (compile_modes) for training `build()` under `ex` (its precision,
-    layout and threads): seconds per step (best of `rounds` interleaved timings), the first compile's seconds (on
-    a machine whose caches do not hold it yet: what this measurement pays once) and a new process's. Only the eager
-    step when `steps` of it take less than COMPILE_MIN_S; a mode that fails is recorded with its error."""
+    layout and threads): seconds per step (best of `rounds` timings, each mode's interleaved with eager ones), the
+    first compile's seconds (on a machine whose caches do not hold it yet: what this measurement pays once) and a
+    later training's (`compile_s`). Only the eager step when `steps` of it take less than COMPILE_MIN_S; a mode that
+    fails to compile or run is recorded with its error."""
     ex = replace(ex, compile="")
     with ex.cpu_threads():
         torch.manual_seed(0)
@@ -226,35 +235,34 @@ def measure_compile(build, ex: Execution, shape: tuple[int, ...], classes: int, 
         entry: dict = {"eager_step_s": eager, "for_steps": steps, "modes": {}}
         if steps * eager < COMPILE_MIN_S:
             return entry
-        timed: dict[str, tuple[Execution, nn.Module]] = {}
         for mode in compile_modes(ex.device):
             compiled = replace(ex, compile=mode)
             try:
                 first, _ = _compile_time(build, compiled, shape, classes)
                 again, model = _compile_time(build, compiled, shape, classes)
+                step_s = float("inf")
+                for _ in range(rounds):  # this mode's timings right after its compile (the next mode's clears it)
+                    eager = min(eager, _time_steps(eager_model, ex, shape, classes, warmup=0))
+                    step_s = min(step_s, _time_steps(model, compiled, shape, classes, warmup=1))
             except Exception as exc:  # a model or device the compiler cannot take: trained eagerly, and said why
-                entry["modes"][mode] = {"failed": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+                entry["modes"][mode] = {"failed": _first_line(exc)}
                 continue
-            entry["modes"][mode] = {"first_compile_s": first, "compile_s": again}
-            timed[mode] = (compiled, model)
-        for _ in range(rounds):  # interleaved, best of rounds, as measure_candidates
-            entry["eager_step_s"] = min(entry["eager_step_s"], _time_steps(eager_model, ex, shape, classes, warmup=0))
-            for mode, (compiled, model) in timed.items():
-                t = _time_steps(model, compiled, shape, classes, warmup=0)
-                entry["modes"][mode]["step_s"] = min(entry["modes"][mode].get("step_s", t), t)
+            entry["modes"][mode] = {"first_compile_s": first, "compile_s": again, "step_s": step_s}
+        entry["eager_step_s"] = eager
     return entry
 
 
 def compile_choice(entry: dict, steps: int, margin: float = MARGIN) -> tuple[str, str]:
     """The torch.compile mode ("" = eager) a training of `steps` steps takes, from measure_compile's `entry`, and
-    why: the mode whose steps plus a new process's compile are estimated fastest, if more than `margin` faster than
-    eager steps; else eager."""
+    why: the mode whose steps plus a later training's compile are estimated fastest, if more than `margin` faster
+    than eager steps; else eager."""
     eager = steps * entry["eager_step_s"]
     estimates = {mode: steps * m["step_s"] + m["compile_s"] for mode, m in entry["modes"].items() if "step_s" in m}
+    failed = [f"{mode}: {m['failed']}" for mode, m in entry["modes"].items() if "failed" in m]
+    if not estimates and failed:
+        return "", f"torch.compile failed ({'; '.join(failed)})"
     if not estimates:
-        failed = {m: e["failed"] for m, e in entry["modes"].items() if "failed" in e}
-        return "", (f"torch.compile failed ({'; '.join(f'{m}: {e}' for m, e in failed.items())})" if failed else
-                    f"eager: {steps} steps of {entry['eager_step_s'] * 1e3:.1f} ms, too short a training to repay "
+        return "", (f"eager: {steps} steps of {entry['eager_step_s'] * 1e3:.1f} ms, too short a training to repay "
                     f"compiling (under {COMPILE_MIN_S:g} s)")
     mode = min(estimates, key=estimates.get)
     why = (f"{steps} steps: eager ~{eager:.0f} s, {mode} ~{estimates[mode]:.0f} s with its "

@@ -408,7 +408,7 @@ def _train_job(run: _Run, variant: VariantData, ex: Execution, log: _RunLog, sta
         "wall_s": round(time.perf_counter() - start + history.get("prior_s", 0.0), 2),
         "train_s": round(history["train_s"], 2),
         "images_per_s": round(images / history["train_s"], 1) if history["train_s"] else None,
-        "execution": {**asdict(ex), "compile": history.get("compile", ex.compile)}, "threads": torch.get_num_threads(),
+        "execution": {**asdict(ex), "compile": history.get("compile", "")}, "threads": torch.get_num_threads(),
         "teacher_cache": isinstance(teacher_source, TeacherCache), "losses": losses,
         "teachers": [] if role.is_teacher else
         profile.methods.get(loss_method(profile, role.base), {}).get("teachers", ["main"]),

@@ -334,26 +334,20 @@ def planned_steps(profile, job: Job, sizes: dict | None = None) -> int:
 
 
 def measure_compile_entry(profile, dataset: str, role: str, execution: dict, slot: str, steps: int) -> dict:
-    """Eager against torch.compile for one training configuration, at its threads, on this machine
-    (edgekd.distill.execution.measure_compile): this machine's earlier timings where it has them, else measured now
-    and kept, unless `steps` (the slot's longest training) was too short a training to time compiling for."""
-    from edgekd.distill.execution import Execution, MachineCache, measure_compile
-    from edgekd.distill.runner import dataset_splits
-    from edgekd.models import create_model
+    """Eager against torch.compile for one training configuration, at its threads, on this machine (_machine_entry;
+    edgekd.distill.execution.measure_compile): kept for later studies only when compiling was timed, not where
+    `steps` (the slot's longest training) was too short a training to time it for."""
+    from edgekd.distill.execution import Execution, measure_compile
+    from edgekd.distill.runner import build_model
 
-    cache = MachineCache()
-    earlier = cache.get(slot)
-    if earlier is not None:
-        return {**earlier, "source": f"this machine's earlier measurement ({cache.path})"}
-    cfg = train_config(profile, role)
-    data = dataset_splits(profile, dataset).splits
-    shape = (cfg.batch_size, data.channels, data.image_size, data.image_size)
-    timings = measure_compile(lambda: create_model(cfg.model, data.num_classes, data.channels, cfg.small_input),
-                              Execution(**execution), shape, data.num_classes, steps)
-    entry = {"choice": timings, "shape": list(shape), "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
-    if timings["modes"]:  # compiling was timed: worth keeping for every later study here
-        cache.put(slot, entry)
-    return {**entry, "source": "measured"}
+    def measure(cfg, data, shape):
+        timings = measure_compile(lambda: build_model(cfg, data), Execution(**execution), shape, data.num_classes,
+                                  steps)
+        timed = {mode: t["step_s"] for mode, t in timings["modes"].items() if "step_s" in t}
+        speeds = {name: round(shape[0] / t, 1) for name, t in {"eager": timings["eager_step_s"], **timed}.items()}
+        return timings, speeds if timed else {}
+
+    return _machine_entry(profile, dataset, role, slot, measure)
 
 
 def choose_compile(ctx: PlanContext, jobs: list[Job], measured: dict) -> list[Job]:
@@ -363,11 +357,14 @@ def choose_compile(ctx: PlanContext, jobs: list[Job], measured: dict) -> list[Jo
     from dataclasses import replace
 
     from edgekd.distill.execution import compile_choice
+    from edgekd.distill.train import process_group_size
 
     todo = [j for j in jobs if j.kind == "train" and "compile" not in j.params["execution"]]
+    setting = {j.label: _compile_setting(train_config(ctx.profile, j.role)) for j in todo}
+    if process_group_size() > 1:  # a torchrun group: DDP under torch.compile is not measured here, so eager
+        setting = dict.fromkeys(setting, "off")
     sizes: dict = {}
-    steps = {j.label: planned_steps(ctx.profile, j, sizes) for j in todo
-             if train_config(ctx.profile, j.role).compile == "auto"}
+    steps = {j.label: planned_steps(ctx.profile, j, sizes) for j in todo if setting[j.label] == "auto"}
     slots = {}
     for job in todo:
         if job.label in steps:
@@ -379,22 +376,29 @@ def choose_compile(ctx: PlanContext, jobs: list[Job], measured: dict) -> list[Jo
     for slot, group in slots.items():
         longest = max(steps[j.label] for j in group)
         entry = measured.get(slot)
-        if entry is None or (not entry["choice"]["modes"] and entry["choice"]["for_steps"] < longest):
+        shorter = entry is not None and not entry["choice"]["modes"] and entry["choice"]["for_steps"] < longest
+        if entry is None or (shorter and not entry.get("source", "").startswith("pinned")):
             job = group[0]
             gpus = 1.0 if ctx.device.startswith("cuda") else 0.0
-            measured[slot] = entry = ctx.measure(measure_compile_entry, ctx.profile, job.dataset, job.role,
-                                                 job.params["execution"], slot, longest, num_gpus=gpus)
+            entry = ctx.measure(measure_compile_entry, ctx.profile, job.dataset, job.role, job.params["execution"],
+                                slot, longest, num_gpus=gpus)
+        measured[slot] = entry = {**entry, "decided": {}}  # the plan says why, per training length
         for job in group:
             chosen[job.label], why = compile_choice(entry["choice"], steps[job.label])
-            entry.setdefault("decided", {})[f"{steps[job.label]} steps"] = why  # the plan says why, per length
+            entry["decided"][f"{steps[job.label]} steps"] = why
 
     labels = {j.label for j in todo}
 
     def compiled(job: Job) -> Job:
         if job.label not in labels:
             return job
-        setting = train_config(ctx.profile, job.role).compile
-        mode = chosen[job.label] if setting == "auto" else "default" if setting == "on" else ""
+        mode = {"auto": chosen.get(job.label, ""), "on": "default"}.get(setting[job.label], "")
         return replace(job, params={**job.params, "execution": {**job.params["execution"], "compile": mode}})
 
     return [compiled(j) for j in jobs]
+
+
+def _compile_setting(cfg) -> str:
+    """A training's compile setting, "off" for a teacher that does not train (given weights, or an early-stopped
+    one: the main teacher's weights after some epoch)."""
+    return "off" if cfg.checkpoint or cfg.stop_epoch else cfg.compile

@@ -90,6 +90,11 @@ class FollowerDone(Exception):  # noqa: N818 - a signal, not an error
 _RANKS: Ranks | None = None
 
 
+def process_group_size() -> int:
+    """The processes training together in this one (torchrun's group; 1 outside one)."""
+    return _RANKS.world if _RANKS else 1
+
+
 @contextmanager
 def ranks(group: Ranks) -> Iterator[Ranks]:
     """`train` calls inside this block train together with the other ranks of `group`."""
@@ -356,6 +361,9 @@ def train(model: nn.Module, data: DataSplits, cfg: TrainConfig, criterion: Compo
             f"BatchNorm statistics over {stats}")
     ckpt["compile"] = ex.compile if world == 1 else ""  # what trained, for the run's record
     if ckpt["compile"]:
+        # dynamo would reuse an earlier training's compiled code for this architecture, whatever threads it was
+        # compiled for; compiling again from the on-disk caches is the compile_s the choice counted
+        torch._dynamo.reset()
         forward = ex.compiled(model)
     elif ex.compile:  # DDP under torch.compile was never measured here: eager, and the record says so
         log(f"torch.compile ({ex.compile}) is measured for one-process trainings: {world} processes train eagerly")

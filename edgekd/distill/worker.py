@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import replace
+from dataclasses import asdict, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -123,7 +123,7 @@ def _train_one(path: Path, rank: int, world: int, global_bn: bool, force: bool) 
         def on_start(ex):  # the other ranks wait for this before building their copy of the job
             started.append(True)
             if world > 1:
-                from_rank0(("train", (ex.precision, ex.channels_last, ex.device, ex.threads)), 0)
+                from_rank0(("train", asdict(ex)), 0)
 
         reporter = LineReporter(world)
         try:
@@ -141,8 +141,7 @@ def _train_one(path: Path, rank: int, world: int, global_bn: bool, force: bool) 
         raise EdgeKDError(f"rank {rank}: rank 0 stopped before training {job.label}: {detail}")
     if message == "done":
         return
-    execution = dict(zip(("precision", "channels_last", "device", "threads"), detail, strict=True))
-    job = replace(job, params={**job.params, "execution": execution})  # rank 0's numerics: nothing to measure here
+    job = replace(job, params={**job.params, "execution": detail})  # rank 0's numerics: nothing to measure here
     scratch = Path(tempfile.mkdtemp(prefix=f"edgekd-rank{rank}-"))  # this rank's records, never kept
     try:
         with ranks(group):

@@ -53,6 +53,11 @@ def fitting_workers(tasks: list, cores: int) -> int:
     return max(1, min(by_cpu, by_gpu))
 
 
+# A plan-time measurement on the cluster answers within this: a first torch.compile of a model and its timings take
+# minutes on a small node (edgekd.distill.execution.measure_compile), more than a node that is down needs to show
+MEASURE_TIMEOUT_S = 900
+
+
 class Executor(ABC):
     name = "executor"
 
@@ -297,10 +302,10 @@ class RayExecutor(Executor):
         task = self.ray.remote(num_cpus=0 if resources else 1, num_gpus=num_gpus, resources=resources or None,
                                max_retries=0)(fn)
         try:
-            return self.ray.get(task.remote(*args), timeout=300)
+            return self.ray.get(task.remote(*args), timeout=MEASURE_TIMEOUT_S)
         except self.ray.exceptions.GetTimeoutError:
-            raise EdgeKDError(f"no Ray node with {resources or 'a free CPU'} answered in 300 s: check that its node "
-                              "is up (ray status)") from None
+            raise EdgeKDError(f"no Ray node with {resources or 'a free CPU'} answered in {MEASURE_TIMEOUT_S} s: check "
+                              "that its node is up (ray status)") from None
 
     def _check_resources(self, resources: dict) -> None:
         """A custom resource no node of the cluster has would leave its jobs waiting for ever: one line instead."""
