@@ -7,8 +7,8 @@ Plans the study as `edgekd study` would (precision, layout, trainings at once an
 throwaway execution cache), then for each training configuration (model, data, batch, precision, layout, threads)
 times eager steps against each torch.compile mode (edgekd.distill.execution.measure_compile, forced to compile
 even where the plan would not), and prints per configuration: ms per step eager and compiled, the first compile on
-this machine (a fresh inductor cache unless --warm-cache) and a new process's, and per training length in the
-study the mode compile_choice picks and why. JSON into benchmarks/results/NAME-DEVICE.json.
+this machine (a fresh inductor cache unless --warm-cache) and a later training's (from the on-disk caches), and per
+training length in the study the mode compile_choice picks and why. JSON into benchmarks/results/NAME-DEVICE.json.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def main() -> None:
                         "choices": {str(n): {"mode": m, "why": why} for n, (m, why) in decisions.items()}})
     show(f"torch.compile vs eager training steps: {args.profile} on {args.device}",
          ["training", "mode", "eager ms/step", "compiled ms/step", "speed-up", "first compile s",
-          "new process s", "chosen for the study's trainings"], rows)
+          "later training s", "chosen for the study's trainings"], rows)
     name = args.name or f"compile_speed-{Path(args.profile).stem}"
     path = save(name, {"profile": args.profile, "sets": args.sets, "device": args.device,
                        "warm_cache": args.warm_cache, "configurations": records})
