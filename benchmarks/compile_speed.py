@@ -6,7 +6,7 @@
 Plans the study as `edgekd study` would (precision, layout, trainings at once and threads measured afresh, in a
 throwaway execution cache), then for each training configuration (model, data, batch, precision, layout, threads)
 times eager steps against each torch.compile mode (edgekd.distill.execution.measure_compile, forced to compile
-even where the plan would not), and prints per configuration: ms per step eager and compiled, the first compile on
+even where the plan would not time it), and prints per configuration: ms per step eager and compiled, the first compile on
 this machine (a fresh inductor cache unless --warm-cache) and a later training's (from the on-disk caches), and per
 training length in the study the mode compile_choice picks and why. JSON into benchmarks/results/NAME-DEVICE.json.
 """
@@ -42,7 +42,7 @@ def main() -> None:
 
     import edgekd.distill.stage
     from edgekd.config import load_profile
-    from edgekd.distill.execution import Execution, compile_choice, measure_compile
+    from edgekd.distill.execution import COMPILE_MIN_S, Execution, compile_choice, measure_compile
     from edgekd.distill.plan import train_config
     from edgekd.distill.runner import build_model, dataset_splits
     from edgekd.distill.stage import planned_steps
@@ -68,9 +68,12 @@ def main() -> None:
         shape = (cfg.batch_size, data.channels, data.image_size, data.image_size)
         ex = Execution(**dict(ex_items))
         build = functools.partial(build_model, cfg, data)
-        entry = measure_compile(build, ex, shape, data.num_classes, steps=10**9)
-        lengths = sorted({planned_steps(profile, j) for j in members})
-        decisions = {n: compile_choice(entry, n) for n in lengths}
+        entry = measure_compile(build, ex, shape, data.num_classes, total_steps=10**9)
+        steps = [planned_steps(profile, j) for j in members]
+        # what the plan does: it times compiling only for enough eager training in all (COMPILE_MIN_S)
+        timed_in_plan = sum(steps) * entry["eager_step_s"] >= COMPILE_MIN_S
+        untimed = {**entry, "for_steps": sum(steps), "modes": {}}
+        decisions = {n: compile_choice(entry if timed_in_plan else untimed, n) for n in sorted(set(steps))}
         for mode, timed in entry["modes"].items():
             if "failed" in timed:
                 rows.append([f"{model_name} ({ex.threads} threads)", mode, "failed", "", "", "", "", ""])
@@ -79,9 +82,11 @@ def main() -> None:
                          f"{'-cl' if ex.channels_last else ''} ({ex.threads} threads)", mode,
                          entry["eager_step_s"] * 1e3, timed["step_s"] * 1e3, entry["eager_step_s"] / timed["step_s"],
                          timed["first_compile_s"], timed["compile_s"],
-                         ", ".join(f"{n} steps: {m or 'eager'}" for n, (m, _) in decisions.items())])
+                         ", ".join(f"{n} steps: {m or 'eager'}" for n, (m, _) in decisions.items())
+                         + ("" if timed_in_plan else f" (not timed: {sum(steps) * entry['eager_step_s']:.0f} s "
+                                                     "of eager training in all)")])
         records.append({"model": model_name, "dataset": dataset, "shape": list(shape), "execution": dict(ex_items),
-                        "trainings": len(members), "timings": entry,
+                        "trainings": len(members), "steps": steps, "timed_in_plan": timed_in_plan, "timings": entry,
                         "choices": {str(n): {"mode": m, "why": why} for n, (m, why) in decisions.items()}})
     show(f"torch.compile vs eager training steps: {args.profile} on {args.device}",
          ["training", "mode", "eager ms/step", "compiled ms/step", "speed-up", "first compile s",

@@ -77,7 +77,7 @@ def test_compiling_is_chosen_where_its_steps_repay_it():
     failed = {**TIMED, "modes": {"default": {"failed": "BackendCompilerFailed: no compiler"}}}
     assert compile_choice(failed, 100_000) == ("", "torch.compile failed (default: BackendCompilerFailed: no "
                                                    "compiler)")
-    assert "too short" in compile_choice({"eager_step_s": 0.05, "for_steps": 5, "modes": {}}, 5)[1]
+    assert "too little" in compile_choice({"eager_step_s": 0.05, "for_steps": 5, "modes": {}}, 5)[1]
 
 
 def test_the_plan_compiles_the_long_trainings_of_a_slot(tiny_profile, tmp_path):
@@ -101,7 +101,7 @@ def test_the_plan_compiles_the_long_trainings_of_a_slot(tiny_profile, tmp_path):
 
     measured = {}
     jobs = _prepared(profile, tmp_path, measured=measured, measure=measure)
-    assert sorted(calls) == [("scratch", 8), ("teacher", 2400)]  # the scratch student's slot is the KD student's too
+    assert sorted(calls) == [("scratch", 16), ("teacher", 2400)]  # the KD and scratch students: one slot, 8 steps each
     teacher, kd = jobs["synthetic/base/teacher/seed0"], jobs["synthetic/base/kd/seed0"]
     assert teacher.params["execution"]["compile"] == "default" and kd.params["execution"]["compile"] == ""
     assert train_key(profile, tmp_path, teacher)["config"]["execution"]["compile"] == "default"
@@ -128,7 +128,7 @@ def test_a_short_training_is_not_compiled_to_be_timed():
     from edgekd.models import create_model
 
     entry = measure_compile(lambda: create_model("test_efficientnet", 4, 1, True), Execution("fp32", False, "cpu", 1),
-                            (32, 1, 12, 12), 4, steps=10)
+                            (32, 1, 12, 12), 4, total_steps=10)
     assert entry["modes"] == {} and 0 < entry["eager_step_s"] * 10 < COMPILE_MIN_S
 
 
@@ -168,7 +168,7 @@ def test_compiling_is_timed_against_eager_steps():
     from edgekd.models import create_model
 
     entry = measure_compile(lambda: create_model("test_efficientnet", 10, 1, True), Execution("fp32", False, "cpu", 1),
-                            (32, 1, 12, 12), 10, steps=10**7, rounds=1)
+                            (32, 1, 12, 12), 10, total_steps=10**7, rounds=1)
     timed = entry["modes"]["default"]
     assert set(timed) == {"first_compile_s", "compile_s", "step_s"} and min(timed.values()) > 0
     assert compile_choice(entry, 10**7)[1].startswith("10000000 steps: eager")

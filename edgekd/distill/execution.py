@@ -195,10 +195,10 @@ def compile_modes(device: str) -> list[str]:
     return ["default", "reduce-overhead"] if device.startswith("cuda") else ["default"]
 
 
-# Below this many seconds of eager training (the longest of a slot's trainings, estimated from its steps), compiling
-# is not even measured: the first compile of a small CNN took 21-54 s on the 2-core Xeon here, more than such a
-# training could win back, and measuring it would cost a fresh machine that much before the first job.
-COMPILE_MIN_S = 60.0
+# Below this many seconds of eager training (a slot's trainings together, estimated from their steps), compiling is
+# not even measured: a first compile costs 25-50 s on the 2-core Xeon here, which a 20% faster step repays only
+# over ~250 s of training, and measuring it would cost a fresh machine that much before the first job.
+COMPILE_MIN_S = 300.0
 
 
 def _compile_time(build, ex: Execution, shape: tuple[int, ...], classes: int) -> tuple[float, nn.Module]:
@@ -220,20 +220,21 @@ def _first_line(exc: Exception) -> str:
     return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
 
 
-def measure_compile(build, ex: Execution, shape: tuple[int, ...], classes: int, steps: int,
+def measure_compile(build, ex: Execution, shape: tuple[int, ...], classes: int, total_steps: int,
                     rounds: int = ROUNDS) -> dict:
     """Eager against each torch.compile mode (compile_modes) for training `build()` under `ex` (its precision,
     layout and threads): seconds per step (best of `rounds` timings, each mode's interleaved with eager ones), the
     first compile's seconds (on a machine whose caches do not hold it yet: what this measurement pays once) and a
-    later training's (`compile_s`). Only the eager step when `steps` of it take less than COMPILE_MIN_S; a mode that
+    later training's (`compile_s`). Only the eager step when `total_steps` of it (every training this timing is for)
+    take less than COMPILE_MIN_S; a mode that
     fails to compile or run is recorded with its error."""
     ex = replace(ex, compile="")
     with ex.cpu_threads():
         torch.manual_seed(0)
         eager_model = build()
         eager = _time_steps(eager_model, ex, shape, classes)
-        entry: dict = {"eager_step_s": eager, "for_steps": steps, "modes": {}}
-        if steps * eager < COMPILE_MIN_S:
+        entry: dict = {"eager_step_s": eager, "for_steps": total_steps, "modes": {}}
+        if total_steps * eager < COMPILE_MIN_S:
             return entry
         for mode in compile_modes(ex.device):
             compiled = replace(ex, compile=mode)
@@ -262,8 +263,8 @@ def compile_choice(entry: dict, steps: int, margin: float = MARGIN) -> tuple[str
     if not estimates and failed:
         return "", f"torch.compile failed ({'; '.join(failed)})"
     if not estimates:
-        return "", (f"eager: {steps} steps of {entry['eager_step_s'] * 1e3:.1f} ms, too short a training to repay "
-                    f"compiling (under {COMPILE_MIN_S:g} s)")
+        return "", (f"eager: {entry['for_steps']} steps of {entry['eager_step_s'] * 1e3:.1f} ms in all its "
+                    f"configuration's trainings, too little to repay compiling (under {COMPILE_MIN_S:g} s)")
     mode = min(estimates, key=estimates.get)
     why = (f"{steps} steps: eager ~{eager:.0f} s, {mode} ~{estimates[mode]:.0f} s with its "
            f"{entry['modes'][mode]['compile_s']:.1f} s compile")

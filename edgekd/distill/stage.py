@@ -333,16 +333,16 @@ def planned_steps(profile, job: Job, sizes: dict | None = None) -> int:
     return max(1, n // cfg.batch_size) * cfg.epochs_for(n)
 
 
-def measure_compile_entry(profile, dataset: str, role: str, execution: dict, slot: str, steps: int) -> dict:
+def measure_compile_entry(profile, dataset: str, role: str, execution: dict, slot: str, total_steps: int) -> dict:
     """Eager against torch.compile for one training configuration, at its threads, on this machine (_machine_entry;
     edgekd.distill.execution.measure_compile): kept for later studies only when compiling was timed, not where
-    `steps` (the slot's longest training) was too short a training to time it for."""
+    `total_steps` (the slot's trainings together) were too few to time it for."""
     from edgekd.distill.execution import Execution, measure_compile
     from edgekd.distill.runner import build_model
 
     def measure(cfg, data, shape):
         timings = measure_compile(lambda: build_model(cfg, data), Execution(**execution), shape, data.num_classes,
-                                  steps)
+                                  total_steps)
         timed = {mode: t["step_s"] for mode, t in timings["modes"].items() if "step_s" in t}
         speeds = {name: round(shape[0] / t, 1) for name, t in {"eager": timings["eager_step_s"], **timed}.items()}
         return timings, speeds if timed else {}
@@ -353,7 +353,7 @@ def measure_compile_entry(profile, dataset: str, role: str, execution: dict, slo
 def choose_compile(ctx: PlanContext, jobs: list[Job], measured: dict) -> list[Job]:
     """The training jobs with their torch.compile mode ("" = eager) in their execution: `off`/`on` as the profile
     says, `auto` by the plan's timings for the job's configuration and threads (measured now where missing, or where
-    an earlier eager-only timing was for shorter trainings) and the job's own steps (compile_choice)."""
+    an earlier eager-only timing was for fewer steps in all) and the job's own steps (compile_choice)."""
     from dataclasses import replace
 
     from edgekd.distill.execution import compile_choice
@@ -374,14 +374,14 @@ def choose_compile(ctx: PlanContext, jobs: list[Job], measured: dict) -> list[Jo
             slots.setdefault(slot, []).append(job)
     chosen = {}
     for slot, group in slots.items():
-        longest = max(steps[j.label] for j in group)
+        total = sum(steps[j.label] for j in group)
         entry = measured.get(slot)
-        shorter = entry is not None and not entry["choice"]["modes"] and entry["choice"]["for_steps"] < longest
+        shorter = entry is not None and not entry["choice"]["modes"] and entry["choice"]["for_steps"] < total
         if entry is None or (shorter and not entry.get("source", "").startswith("pinned")):
             job = group[0]
             gpus = 1.0 if ctx.device.startswith("cuda") else 0.0
             entry = ctx.measure(measure_compile_entry, ctx.profile, job.dataset, job.role, job.params["execution"],
-                                slot, longest, num_gpus=gpus)
+                                slot, total, num_gpus=gpus)
         measured[slot] = entry = {**entry, "decided": {}}  # the plan says why, per training length
         for job in group:
             chosen[job.label], why = compile_choice(entry["choice"], steps[job.label])
