@@ -287,15 +287,16 @@ def _training_section(setups: list[tuple[dict, dict]]) -> list[str]:
         if "train" not in s:
             continue
         g = groups.setdefault(_role(r), {"train": s["train"], "roles": set(), "epochs": set(), "precision": set(),
-                                         "channels_last": set(), "device": set(), "runs": 0})
+                                         "channels_last": set(), "compile": set(), "device": set(), "runs": 0})
         g["roles"].add(r["role"])
         g["runs"] += 1
         if r.get("epochs") is not None:
             g["epochs"].add(r["epochs"])
         ex = s.get("execution") or {}
-        for key in ("precision", "channels_last", "device"):
-            if key in ex:  # channels_last is configured as auto | on | off and recorded as run, True or False
-                g[key].add({True: "on", False: "off"}.get(ex[key], str(ex[key])))
+        for key in ("precision", "channels_last", "compile", "device"):
+            if key in ex:  # channels_last and compile are configured as auto | on | off and recorded as run: True or
+                # False, a torch.compile mode or "" (eager)
+                g[key].add({True: "on", False: "off", "": "off"}.get(ex[key], str(ex[key])))
         # Grid candidates (kd~1) are listed in the grid table; here only what the study's students trained with.
         if r["role"] == "kd" and s.get("losses") and GRID_TAG not in r["method"]:
             variants = methods.setdefault(r["method"], {}).setdefault(_loss_text(s["losses"]), [])
@@ -303,10 +304,11 @@ def _training_section(setups: list[tuple[dict, dict]]) -> list[str]:
                 variants.append(r["variant"])
     if not groups:
         return []
-    lines = ["### Training settings", "", "As each role's runs recorded them (profile.json; precision and channels "
-             "last as configured → as run).", "",
+    lines = ["### Training settings", "", "As each role's runs recorded them (profile.json; precision, channels "
+             "last and torch.compile as configured → as run).", "",
              "| role | runs | model | epochs (ran) | batch | optimizer | lr | weight decay | warmup epochs | "
-             "label smoothing | precision | channels last | device |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "label smoothing | precision | channels last | torch.compile | device |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for role, g in groups.items():
         t = g["train"]
         ran = sorted(g["epochs"])
@@ -319,6 +321,8 @@ def _training_section(setups: list[tuple[dict, dict]]) -> list[str]:
                                                       else "")
 
         def as_run(key, g=g, t=t):
+            if key not in t and not g[key]:  # a run older than the setting
+                return DASH
             configured = str(t.get(key, DASH))
             run = ", ".join(sorted(g[key])) or "?"
             return configured if run == configured else f"{configured} → {run}"
@@ -327,7 +331,7 @@ def _training_section(setups: list[tuple[dict, dict]]) -> list[str]:
         lines.append(f"| {role}{roles} | {g['runs']} | {t.get('model', DASH)} | {epochs} | "
                      f"{t.get('batch_size', DASH)} | {optimizer} | {t.get('lr', DASH)} | {t.get('weight_decay', DASH)} | "
                      f"{t.get('warmup_epochs', DASH)} | {t.get('label_smoothing', DASH)} | {as_run('precision')} | "
-                     f"{as_run('channels_last')} | {', '.join(sorted(g['device'])) or DASH} |")
+                     f"{as_run('channels_last')} | {as_run('compile')} | {', '.join(sorted(g['device'])) or DASH} |")
     lines.append("")
     if methods:
         lines += ["KD methods (loss terms and weights):", "", *_method_lines(methods), ""]
