@@ -14,7 +14,9 @@ torch.compile (Execution.compile) is chosen the same way, later in the plan (sta
 threads are known), with its compile time counted against the steps a training has to repay it: a first compile
 costs tens of seconds on a CPU and each later training a second or two from the on-disk caches, where a quickstart
 training takes 5-30 s (benchmarks/compile_speed.py times a study's configurations). A CUDA student too small to
-fill the GPU is launch-bound: "reduce-overhead" (CUDA graphs) is a candidate there.
+fill the GPU is launch-bound: "reduce-overhead" (CUDA graphs) is a candidate there. (BatchNorm's running statistics
+are inputs the graph mutates, for which inductor may skip CUDA graphs, pytorch/pytorch#139207: that mode then times
+like "default", and the choice follows the timing.)
 """
 
 from __future__ import annotations
