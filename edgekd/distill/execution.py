@@ -228,8 +228,7 @@ def measure_compile(build, ex: Execution, shape: tuple[int, ...], classes: int, 
     layout and threads): seconds per step (best of `rounds` timings, each mode's interleaved with eager ones), the
     first compile's seconds (on a machine whose caches do not hold it yet: what this measurement pays once) and a
     later training's (`compile_s`). Only the eager step when `total_steps` of it (every training this timing is for)
-    take less than COMPILE_MIN_S; a mode that
-    fails to compile or run is recorded with its error."""
+    take less than COMPILE_MIN_S; a mode that fails to compile or run is recorded with its error."""
     ex = replace(ex, compile="")
     with ex.cpu_threads():
         torch.manual_seed(0)
