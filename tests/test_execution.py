@@ -188,3 +188,27 @@ def test_each_mode_is_timed_after_its_own_compile(monkeypatch):
     assert set(entry["modes"]) == {"default", "reduce-overhead"}
     assert all(set(m) == {"first_compile_s", "compile_s", "step_s"} for m in entry["modes"].values())
     assert compile_choice(entry, 10**7)[0] in ("", "default", "reduce-overhead")
+
+
+def test_a_replan_counts_no_steps_where_even_their_bound_is_short(tiny_profile, tmp_path, monkeypatch):
+    """An eager-only timing in the plan's table and trainings whose steps, bounded from the source's image count
+    without loading the data, stay under COMPILE_MIN_S: eager, with no data loaded (a finished study's re-run). Where
+    the bound could reach it, the steps are counted exactly."""
+    from test_sharing import _prepared
+
+    import edgekd.distill.stage as stage
+    from edgekd.config import load_profile
+
+    profile = load_profile(tiny_profile, ["study.seeds=[0]", "teacher.compile='auto'", "student.compile='auto'"])
+    eager_only = {"eager_step_s": 0.01, "modes": {}}
+    measured = {}
+    _prepared(profile, tmp_path, measured=measured,
+              measure=lambda fn, profile, dataset, role, execution, slot, steps, num_gpus=0.0:
+              {"choice": {**eager_only, "for_steps": steps}})
+    counted = []
+    monkeypatch.setattr(stage, "planned_steps", lambda *a: counted.append(a) or 8)
+    again = _prepared(profile, tmp_path, measured=dict(measured), measure=lambda *a, **k: pytest.fail("measured"))
+    assert counted == [] and {j.params["execution"]["compile"] for j in again.values() if j.kind == "train"} == {""}
+    slow = {slot: {**e, "choice": {**e["choice"], "eager_step_s": 1e4}} for slot, e in measured.items()}
+    _prepared(profile, tmp_path, measured=slow, measure=lambda *a, **k: pytest.fail("measured"))
+    assert counted  # the bound could reach the bar: counted exactly (8 steps each, fewer than timed for: no timing)

@@ -12,7 +12,7 @@ from edgekd.errors import EdgeKDError
 _SIZES: dict[str, dict | None] = {}
 
 
-def _source_sizes(cfg) -> dict | None:
+def source_sizes(cfg) -> dict | None:
     """Images and classes of a data source's splits, counted without loading them (None: not knowable yet)."""
     from edgekd.data.sources import SOURCES
 
@@ -54,7 +54,7 @@ def data_description(profile, dataset: str, variant: str) -> dict:
 
     config = profile.variants.get(variant, VariantConfig())
     described = {f"datasets.{dataset}": data_settings(profile, dataset), f"variants.{variant}": asdict(config),
-                 "sizes": _source_sizes(profile.datasets[dataset]), "normalization": NORMALIZATION_REVISION}
+                 "sizes": source_sizes(profile.datasets[dataset]), "normalization": NORMALIZATION_REVISION}
     if config.kind in REVISIONS:  # runs made by an earlier version of the kind's transformation are stale
         described["variant_revision"] = REVISIONS[config.kind]
     return described

@@ -356,26 +356,29 @@ def choose_compile(ctx: PlanContext, jobs: list[Job], measured: dict) -> list[Jo
     an earlier eager-only timing was for fewer steps in all) and the job's own steps (compile_choice)."""
     from dataclasses import replace
 
-    from edgekd.distill.execution import compile_choice
+    from edgekd.distill.execution import COMPILE_MIN_S, compile_choice
     from edgekd.distill.train import process_group_size
 
     todo = [j for j in jobs if j.kind == "train" and "compile" not in j.params["execution"]]
     setting = {j.label: _compile_setting(train_config(ctx.profile, j.role)) for j in todo}
     if process_group_size() > 1:  # a torchrun group: DDP under torch.compile is not measured here, so eager
         setting = dict.fromkeys(setting, "off")
-    sizes: dict = {}
-    steps = {j.label: planned_steps(ctx.profile, j, sizes) for j in todo if setting[j.label] == "auto"}
-    slots = {}
+    slots: dict[str, list[Job]] = {}
     for job in todo:
-        if job.label in steps:
+        if setting[job.label] == "auto":
             ex = job.params["execution"]
             slot = (f"{COMPILE}|{_execution_slot(ctx.profile, job, ctx.device)}|{ex['precision']}|"
                     f"channels_last={ex['channels_last']}|threads={ex.get('threads', 0)}")
             slots.setdefault(slot, []).append(job)
-    chosen = {}
+    chosen, sizes = {}, {}
     for slot, group in slots.items():
-        total = sum(steps[j.label] for j in group)
         entry = measured.get(slot)
+        if entry is not None and not entry["choice"]["modes"]:  # timed eager only: can these trainings reach it?
+            bounds = [_steps_at_most(ctx.profile, j) for j in group]
+            if None not in bounds and sum(bounds) * entry["choice"]["eager_step_s"] < COMPILE_MIN_S:
+                continue  # not even at most: eager, and no data loaded to count the steps exactly (a re-run)
+        steps = {j.label: planned_steps(ctx.profile, j, sizes) for j in group}
+        total = sum(steps.values())
         shorter = entry is not None and not entry["choice"]["modes"] and entry["choice"]["for_steps"] < total
         if entry is None or (shorter and not entry.get("source", "").startswith("pinned")):
             job = group[0]
@@ -396,6 +399,20 @@ def choose_compile(ctx: PlanContext, jobs: list[Job], measured: dict) -> list[Jo
         return replace(job, params={**job.params, "execution": {**job.params["execution"], "compile": mode}})
 
     return [compiled(j) for j in jobs]
+
+
+def _steps_at_most(profile, job: Job) -> int | None:
+    """At least planned_steps, counted without loading data: from the source's training images (a variant and the
+    validation split only take images away; fewer images never mean more steps than this bound), None where the
+    source cannot count them before loading."""
+    from edgekd.data.describe import source_sizes
+
+    sizes = source_sizes(profile.datasets[job.dataset])
+    if sizes is None:
+        return None
+    cfg = train_config(profile, job.role)
+    per_epoch = max(1, sizes["train"] // cfg.batch_size)
+    return max(cfg.epochs * per_epoch, cfg.min_steps + per_epoch)  # epochs_for's steps, for any n at most this
 
 
 def _compile_setting(cfg) -> str:
