@@ -83,13 +83,16 @@ def split(root: Path, wall: float) -> dict:
             bundles.append({"bundle": job["id"], "export_s": manifest.get("export_s"),
                             "phases": manifest.get("export_phases_s", {})})
     jobs_s = sum(sum(v) for v in kinds.values())
+    # the device the trainings ran on, from the plan's choices: the result file is named by it (-cpu, -cuda)
+    devices = {(job.get("execution") or {}).get("device", "cpu") for job in plan["jobs"] if job["kind"] == "train"}
     phases: dict[str, float] = defaultdict(float)
     for b in bundles:
         for phase, s in b["phases"].items():
             phases[phase] += s
         phases["other (manifest, files, FP16 parity, TensorRT checks)"] += (b["export_s"] or 0) - sum(b["phases"].values())
     export_s = sum(b["export_s"] or 0 for b in bundles)
-    return {"wall_s": round(wall, 1), "jobs_s": round(jobs_s, 1), "outside_jobs_s": round(wall - jobs_s, 1),
+    return {"device": "cuda" if any(d.startswith("cuda") for d in devices) else "cpu",
+            "wall_s": round(wall, 1), "jobs_s": round(jobs_s, 1), "outside_jobs_s": round(wall - jobs_s, 1),
             "kinds": {k: {"jobs": len(v), "wall_s": round(sum(v), 1)} for k, v in sorted(kinds.items())},
             "train_s": round(sum(train_s), 1), "trainings": len(train_s),
             "overhead_ratio": round(wall / sum(train_s), 2) if sum(train_s) else None,
