@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -25,8 +27,10 @@ def show(title: str, columns: list[str], rows: list[list]) -> None:
 
 def save(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    record = {"benchmark": name, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "environment": environment(),
-              **payload}
+    # the command that measured it, so that every number in results/ can be made again
+    command = " ".join(["python", *(shlex.quote(a) for a in sys.argv)])
+    record = {"benchmark": name, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": command,
+              "environment": environment(), **payload}
     device = payload.get("device", "cpu").replace(":", "")
     path = RESULTS / f"{name}-{device}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")

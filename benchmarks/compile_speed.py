@@ -42,7 +42,7 @@ def main() -> None:
 
     import edgekd.distill.stage
     from edgekd.config import load_profile
-    from edgekd.distill.execution import COMPILE_MIN_S, Execution, compile_choice, measure_compile
+    from edgekd.distill.execution import Execution, compile_choice, measure_compile, worth_timing_compile
     from edgekd.distill.plan import train_config
     from edgekd.distill.runner import build_model, dataset_splits
     from edgekd.distill.stage import planned_steps
@@ -71,7 +71,7 @@ def main() -> None:
         entry = measure_compile(build, ex, shape, data.num_classes, total_steps=10**9)
         steps = [planned_steps(profile, j) for j in members]
         # what the plan does: it times compiling only for enough eager training in all (COMPILE_MIN_S)
-        timed_in_plan = sum(steps) * entry["eager_step_s"] >= COMPILE_MIN_S
+        timed_in_plan = worth_timing_compile(sum(steps), entry["eager_step_s"])
         untimed = {**entry, "for_steps": sum(steps), "modes": {}}
         decisions = {n: compile_choice(entry if timed_in_plan else untimed, n) for n in sorted(set(steps))}
         for mode, timed in entry["modes"].items():

@@ -121,9 +121,15 @@ class TrainConfig:
     # can teach better than the finished one (Cho & Hariharan, ICCV 2019). Its other settings are [teacher]'s.
     stop_epoch: int = 0
 
+    def steps_per_epoch(self, samples: int) -> int:
+        return max(1, samples // self.batch_size)  # the trainer drops a trailing partial batch
+
     def epochs_for(self, samples: int) -> int:
-        steps = max(1, samples // self.batch_size)  # the trainer drops a trailing partial batch
-        return max(self.epochs, -(-self.min_steps // steps)) if samples else self.epochs
+        return max(self.epochs, -(-self.min_steps // self.steps_per_epoch(samples))) if samples else self.epochs
+
+    def steps_for(self, samples: int) -> int:
+        """The optimizer steps a training on `samples` images takes."""
+        return self.steps_per_epoch(samples) * self.epochs_for(samples)
 
 
 @dataclass

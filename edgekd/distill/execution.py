@@ -203,6 +203,11 @@ def compile_modes(device: str) -> list[str]:
 COMPILE_MIN_S = 300.0
 
 
+def worth_timing_compile(total_steps: int, eager_step_s: float) -> bool:
+    """Whether trainings of `total_steps` eager steps in all, of `eager_step_s` each, are worth timing compiled."""
+    return total_steps * eager_step_s >= COMPILE_MIN_S
+
+
 def _compile_time(build, ex: Execution, shape: tuple[int, ...], classes: int) -> tuple[float, nn.Module]:
     """Seconds to the end of the first two steps of a new model under `ex` (its compile, where it compiles) after
     dynamo's in-process cache is cleared, as `train` clears it before compiling (the on-disk caches stay), and the
@@ -218,10 +223,6 @@ def _compile_time(build, ex: Execution, shape: tuple[int, ...], classes: int) ->
     return time.perf_counter() - start, model
 
 
-def _first_line(exc: Exception) -> str:
-    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
-
-
 def measure_compile(build, ex: Execution, shape: tuple[int, ...], classes: int, total_steps: int,
                     rounds: int = ROUNDS) -> dict:
     """Eager against each torch.compile mode (compile_modes) for training `build()` under `ex` (its precision,
@@ -235,7 +236,7 @@ def measure_compile(build, ex: Execution, shape: tuple[int, ...], classes: int, 
         eager_model = build()
         eager = _time_steps(eager_model, ex, shape, classes)
         entry: dict = {"eager_step_s": eager, "for_steps": total_steps, "modes": {}}
-        if total_steps * eager < COMPILE_MIN_S:
+        if not worth_timing_compile(total_steps, eager):
             return entry
         for mode in compile_modes(ex.device):
             compiled = replace(ex, compile=mode)
@@ -247,7 +248,9 @@ def measure_compile(build, ex: Execution, shape: tuple[int, ...], classes: int, 
                     eager = min(eager, _time_steps(eager_model, ex, shape, classes, warmup=0))
                     step_s = min(step_s, _time_steps(model, compiled, shape, classes, warmup=1))
             except Exception as exc:  # a model or device the compiler cannot take: trained eagerly, and said why
-                entry["modes"][mode] = {"failed": _first_line(exc)}
+                from edgekd.pipeline.driver import one_line
+
+                entry["modes"][mode] = {"failed": one_line(exc)}
                 continue
             entry["modes"][mode] = {"first_compile_s": first, "compile_s": again, "step_s": step_s}
         entry["eager_step_s"] = eager

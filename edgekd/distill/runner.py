@@ -351,7 +351,7 @@ def _labeled_only(run: _Run, data: DataSplits, cfg: TrainConfig, log) -> tuple[D
     """A cross-entropy-only training on a `labels` variant: the labeled images, for the steps of every image."""
     every = len(data.train)
     data = replace(data, train=data.train.subset((data.train.labels != UNLABELED).nonzero().flatten()))
-    cfg = replace(cfg, min_steps=max(cfg.min_steps, cfg.epochs_for(every) * max(1, every // cfg.batch_size)))
+    cfg = replace(cfg, min_steps=max(cfg.min_steps, cfg.steps_for(every)))
     log(f"{run.job.label}: cross-entropy only: the {len(data.train):,} labeled of {every:,} training images, "
         f"{cfg.epochs_for(len(data.train))} epochs ({cfg.min_steps:,} steps, as many as every image's)")
     return data, cfg, {"images": len(data.train), "min_steps": cfg.min_steps}
@@ -385,8 +385,7 @@ def _train_job(run: _Run, variant: VariantData, ex: Execution, log: _RunLog, sta
         teacher_source, teacher_logits = _teacher_source(run, model, data, losses, criterion)
         if trains_on_labeled_only(profile, job):
             data, cfg, labeled_only = _labeled_only(run, data, cfg, log)
-        steps = max(1, len(data.train) // cfg.batch_size)
-        run.reporter.start(job, steps * cfg.epochs_for(len(data.train)))
+        run.reporter.start(job, cfg.steps_for(len(data.train)))
 
         def on_step(r):
             run.reporter.advance(job, r.epoch * r.steps + r.step, r.loss, r.images_per_s,

@@ -221,12 +221,10 @@ def measure_execution(profile, dataset: str, role: str, device: str, slot: str) 
     where the jobs will run (locally, or as one task on the cluster), before any job, so nothing else loads the
     machine meanwhile."""
     from edgekd.distill.execution import measure_candidates
-    from edgekd.models import create_model
+    from edgekd.distill.runner import build_model
 
     def measure(cfg, data, shape):
-        best, speeds = measure_candidates(
-            lambda: create_model(cfg.model, data.num_classes, data.channels, cfg.small_input, cfg.pretrained),
-            cfg, device, shape, data.num_classes)
+        best, speeds = measure_candidates(lambda: build_model(cfg, data), cfg, device, shape, data.num_classes)
         return {"precision": best.precision, "channels_last": best.channels_last, "device": best.device}, speeds
 
     return _machine_entry(profile, dataset, role, slot, measure)
@@ -322,15 +320,14 @@ def share_device(ctx: PlanContext, jobs: list[Job], measured: dict) -> list[Job]
 
 # -- torch.compile, at plan time -------------------------------------------------------------------------------------
 def planned_steps(profile, job: Job, sizes: dict | None = None) -> int:
-    """The optimizer steps a training job will take (the trainer's count: full batches times epochs). `sizes`:
+    """The optimizer steps a training job will take (TrainConfig.steps_for its training images). `sizes`:
     training images per (dataset, variant), filled as they are loaded (a profile's variants are many)."""
     from edgekd.distill.runner import dataset_splits
 
     sizes = {} if sizes is None else sizes
     if (job.dataset, job.variant) not in sizes:
         sizes[job.dataset, job.variant] = len(dataset_splits(profile, job.dataset, job.variant).splits.train)
-    cfg, n = train_config(profile, job.role), sizes[job.dataset, job.variant]
-    return max(1, n // cfg.batch_size) * cfg.epochs_for(n)
+    return train_config(profile, job.role).steps_for(sizes[job.dataset, job.variant])
 
 
 def measure_compile_entry(profile, dataset: str, role: str, execution: dict, slot: str, total_steps: int) -> dict:
@@ -356,7 +353,7 @@ def choose_compile(ctx: PlanContext, jobs: list[Job], measured: dict) -> list[Jo
     an earlier eager-only timing was for fewer steps in all) and the job's own steps (compile_choice)."""
     from dataclasses import replace
 
-    from edgekd.distill.execution import COMPILE_MIN_S, compile_choice
+    from edgekd.distill.execution import compile_choice, worth_timing_compile
     from edgekd.distill.train import process_group_size
 
     todo = [j for j in jobs if j.kind == "train" and "compile" not in j.params["execution"]]
@@ -375,7 +372,7 @@ def choose_compile(ctx: PlanContext, jobs: list[Job], measured: dict) -> list[Jo
         entry = measured.get(slot)
         if entry is not None and not entry["choice"]["modes"]:  # timed eager only: can these trainings reach it?
             bounds = [_steps_at_most(ctx.profile, j) for j in group]
-            if None not in bounds and sum(bounds) * entry["choice"]["eager_step_s"] < COMPILE_MIN_S:
+            if None not in bounds and not worth_timing_compile(sum(bounds), entry["choice"]["eager_step_s"]):
                 continue  # not even at most: eager, and no data loaded to count the steps exactly (a re-run)
         steps = {j.label: planned_steps(ctx.profile, j, sizes) for j in group}
         total = sum(steps.values())
@@ -411,8 +408,10 @@ def _steps_at_most(profile, job: Job) -> int | None:
     if sizes is None:
         return None
     cfg = train_config(profile, job.role)
-    per_epoch = max(1, sizes["train"] // cfg.batch_size)
-    return max(cfg.epochs * per_epoch, cfg.min_steps + per_epoch)  # epochs_for's steps, for any n at most this
+    per_epoch = cfg.steps_per_epoch(sizes["train"])
+    # steps_for(n) is per_epoch(n) x max(epochs, ceil(min_steps / per_epoch(n))): at most min_steps + per_epoch(n)
+    # where min_steps rules, which need not grow with n, hence the bound rather than steps_for(train)
+    return max(cfg.epochs * per_epoch, cfg.min_steps + per_epoch)
 
 
 def _compile_setting(cfg) -> str:

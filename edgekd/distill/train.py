@@ -335,7 +335,7 @@ def train(model: nn.Module, data: DataSplits, cfg: TrainConfig, criterion: Compo
     n, bs = len(train_y), cfg.batch_size
     # The last partial batch is dropped (each epoch reshuffles, so every sample still gets its turn): a batch of a
     # few images gives BatchNorm noisy statistics, which destabilises small students on small datasets.
-    steps, epochs = max(1, n // bs), cfg.epochs_for(n)
+    steps, epochs = cfg.steps_per_epoch(n), cfg.epochs_for(n)
     total, warmup = steps * epochs, int(round(cfg.warmup_epochs * steps))
 
     ckpt = {"epoch": 0, "best_val": -1.0, "best_epoch": -1, "history": [], "train_s": 0.0, "images": 0}
