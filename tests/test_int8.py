@@ -233,19 +233,17 @@ def test_the_search_fixes_the_fragile_model_and_records_its_choices(fragile, tmp
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 8, 9, 40, 91])
 def test_mixed_precision_finds_the_smallest_holding_k_by_bisection(n):
     """For every threshold the smallest k that holds, in at most bit_length(n) judged candidates (a walk over
-    k = 1, 2, ... judged k of them); None when nothing holds; every judged candidate was announced to the caller
-    (prefetch) before it was judged."""
+    k = 1, 2, ... judged k of them), none judged twice; None when nothing holds."""
     for first in [*range(n), None]:  # prefix index from which the model holds; None: never
-        judged, announced = [], set()
+        judged = []
 
-        def holds(i, first=first, judged=judged, announced=announced):
-            assert i in announced and i not in judged
+        def holds(i, first=first, judged=judged):
+            assert 0 <= i < n and i not in judged
             judged.append(i)
             return first is not None and i >= first
 
-        assert smallest_holding(n, holds, announced.add) == first
+        assert smallest_holding(n, holds) == first
         assert len(judged) <= n.bit_length(), (first, judged)
-        assert all(0 <= i < n for i in announced)
     assert smallest_holding(0, lambda i: True) is None
 
 
@@ -512,3 +510,45 @@ def test_the_guard_judges_by_upper_bounds_on_two_certificates():
                                        "drop_bound_pts": round(drop_bound(fashion, fp32) * 100, 3)}
 
 
+
+
+def test_a_score_made_now_is_the_score_made_in_the_background(fragile, monkeypatch):
+    """Evaluator.score shares a model's batches out over the scoring workers (a session each) and puts them back in
+    order: the same logits, so the same score, as one session running them all (submit)."""
+    import edgekd.export.quantize as quantize
+
+    monkeypatch.setattr(quantize, "scoring_workers", lambda: 3)  # eight batches of 9 (the last of 7): 3, 3, 2
+    path, _ = fragile
+    x = images(70, 11)
+    labels = predictions(path, x)
+    whole, split = Evaluator(path, x, labels, batch_size=9), Evaluator(path, x, labels, batch_size=9)
+    one, now = whole.wait(whole.submit(path)), split.score(path)
+    np.testing.assert_array_equal(split._split_logits(path.read_bytes(), False), whole.reference)
+    assert now == one and now.agreement == 1.0 and split.evaluations == 2  # FP32, then the model: once each
+    assert split.score(path) is now and split.evaluations == 2  # the same content again: not scored again
+
+
+@pytest.mark.parametrize("n", [64, 300])  # 300: a second chunk of 44, whose last 12 images go unused as in ORT
+def test_min_max_calibration_gives_ort_calibrators_ranges_to_the_bit(tmp_path, n):
+    """Quantizer._minmax against ORT's own MinMaxCalibrater (create_calibrator, as calibrate() ran it before) on a
+    timm MobileNetV3 exported as a bundle exports it (its hard-swish, SE gates and adds): the same tensors, the
+    same min and max of each."""
+    import timm
+    from onnxruntime.quantization.calibrate import create_calibrator, load_tensors_data
+
+    from edgekd.export.bundle import _export_onnx
+    from edgekd.export.quantize import _Batches, _ort_method, quantizable_op_types
+
+    path = tmp_path / "student.onnx"
+    _export_onnx(timm.create_model("mobilenetv3_small_050", num_classes=10, in_chans=1).eval(), path, (1, 16, 16))
+    x = np.random.default_rng(0).normal(0, 1.5, (n, 1, 16, 16)).astype(np.float32)
+    with Quantizer(path, "cpu") as q:
+        ours = load_tensors_data(q.calibrate(x, "minmax")).data
+        theirs = create_calibrator(q.pre, sorted(quantizable_op_types()), augmented_model_path=str(tmp_path / "a.onnx"),
+                                   calibrate_method=_ort_method("minmax"))
+        for i in range(0, n, 256):
+            theirs.collect_data(_Batches(q.input_name, x[i : i + 256]))
+        theirs = theirs.compute_data().data
+    assert len(ours) > 100 and ours.keys() == theirs.keys()
+    for name, data in theirs.items():
+        assert [float(v[0]) for v in data.range_value] == [float(v[0]) for v in ours[name].range_value], name

@@ -560,7 +560,6 @@ def _guarded_int8(ex: _Export, preset: str, file: str, val: Evaluator, qat) -> t
     asked by --model). Every step and its validation scores go in the manifest."""
     options = ex.options
     limit = options.int8_max_drop
-    guard = Guard.on(val, limit / 100)
     steps, tried, best = [], [], None
     # one Quantizer for every step: ptq's calibration and full quantization are ptq-search's first candidate's
     with tempfile.TemporaryDirectory(dir=ex.bundle) as tmp, Quantizer(ex.bundle / exported_target("fp32").file,
@@ -574,6 +573,7 @@ def _guarded_int8(ex: _Export, preset: str, file: str, val: Evaluator, qat) -> t
             info, analysis = _make_int8(ex, method, preset, path, val, options.int8_sensitivity and not tried, qat,
                                         quantizer)
             score = val.score(path, PRESETS[preset].score_as_written)
+            guard = Guard.on(val, limit / 100)  # made here: FP32's score is computed in the background until now
             steps.append(_guard_step(method, score, val, guard))
             floated = info.get("mixed_precision", {}).get("float_closure")
             share = (f", {info['mixed_precision']['float_weight_share']:.0%} of the weights float" if floated

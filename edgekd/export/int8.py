@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from edgekd.errors import EdgeKDError
-from edgekd.export.quantize import WEIGHTED_OPS, Evaluator, Quantizer, Recipe, Score, scoring_workers
+from edgekd.export.quantize import WEIGHTED_OPS, Evaluator, Quantizer, Recipe, Score
 from edgekd.export.sensitivity import analyse, float_order, unit_order
 from edgekd.timing import Stopwatch
 
@@ -184,7 +184,7 @@ def search_calibration(q: Quantizer, calibration: Callable[[int], np.ndarray], s
     """Every (placement, method, size) quantized in full and scored on the validation split; the best one: its
     recipe, score, every candidate's row, and its calibration images (`calibration(size)` may draw fewer than
     `size`, and asked for that many again it draws another set)."""
-    guard, best, rows, pending, drawn = Guard.on(val), None, [], [], {}
+    best, rows, pending, drawn = None, [], [], {}
     for size in sizes:  # each candidate is scored in the background while the next one is made
         images = calibration(size)
         drawn[len(images)] = images
@@ -193,6 +193,7 @@ def search_calibration(q: Quantizer, calibration: Callable[[int], np.ndarray], s
                 recipe = Recipe(method, len(images), placement)
                 path = q.quantize(q.scratch("calib"), images, recipe)
                 pending.append((recipe, val.submit(path, q.preset.score_as_written)))
+    guard = Guard.on(val)  # made here: the FP32 score it holds is computed in the background meanwhile
     for recipe, scored in pending:
         s = val.wait(scored)
         rows.append({**recipe.to_dict(), **s.to_dict()})
@@ -213,8 +214,8 @@ def search_ptq(q: Quantizer, out: Path, calibration: Callable[[int], np.ndarray]
     placements (make_int8 passes one of each where the preset does not search), then the fewest float groups that
     make the model hold by the `Guard` (at most `max_drop` lost against FP32 on the validation images, a fraction).
     Writes the chosen model to `out`. Test data never enters: `val` is the only data it sees."""
-    guard = Guard.on(val, max_drop)
     recipe, full, rows, images = search_calibration(q, calibration, sizes, val, methods, log)
+    guard = Guard.on(val, max_drop)
     result = SearchResult(recipe, val={"fp32": val.fp32.to_dict(), "int8_all": full.to_dict()},
                           calibration_candidates=rows, max_drop=max_drop, groups=len(q.groups))
     report = None
@@ -272,19 +273,14 @@ def float_prefixes(q: Quantizer, order: Sequence[str], max_float: float,
     return out
 
 
-def smallest_holding(n: int, holds: Callable[[int], bool], prefetch: Callable[[int], None] = lambda i: None,
-                     ) -> int | None:
+def smallest_holding(n: int, holds: Callable[[int], bool]) -> int | None:
     """The smallest i in [0, n) for which `holds(i)`, taking it as monotone in i (False, ..., False, True, ...), by
     bisection: at most bit_length(n) calls to `holds`; None if it holds nowhere it was asked. (Galloping from i = 0
     first, tried in revision 10's making, took ~10 calls on the quickstart's students, whose k is mostly 30-40 of
-    ~41; bisection takes 6.) `prefetch(i)` is told, before each call, of it and of the next probe for either
-    outcome, so that a caller can prepare them while `holds` runs."""
+    ~41; bisection takes 6.)"""
     lo, hi = -1, n  # the largest probe that did not hold, the smallest that did (n: none yet)
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        for nxt in (mid, (lo + mid) // 2, (mid + hi) // 2):  # it, and the next probe if it holds / if it does not
-            if lo < nxt < hi:
-                prefetch(nxt)
         if holds(mid):
             hi = mid
         else:
@@ -298,37 +294,27 @@ def _mixed_precision(q: Quantizer, images: np.ndarray, recipe: Recipe, full: Sco
     """The fewest groups of `order` kept float (float_prefixes) for which the model holds, by bisection over k
     (smallest_holding: taking holding as monotone in k, as more float is closer to FP32; log2 of the candidates'
     count where a walk over k = 1, 2, 3, ... judged k of them, 25-39 on the quickstart's students). The smallest
-    holding k is chosen; when none holds, the best candidate judged (Guard.better), marked as missing the target.
-    The candidates that a probe's either outcome would judge next are made and scored while it is being judged;
-    what no step needed is thrown away, and the steps, logs and choice are those of judging one at a time."""
+    holding k is chosen; when none holds, the best candidate judged (Guard.better), marked as missing the target."""
     prefixes = float_prefixes(q, order, max_float, log)
     weighted = {g.name for g in q.groups if g.op in WEIGHTED_OPS}
-    as_written = q.preset.score_as_written
-    made: dict[int, tuple] = {}
-
-    def make(i: int) -> None:  # prefix i: k = i + 1 groups float
-        if i in made:
-            return
-        candidate = Recipe(recipe.method, recipe.images, recipe.placement, prefixes[i][1])
-        path = q.quantize(q.scratch("mixed"), images, candidate)
-        share = q.float_weight_share(q.last_float)
-        # the closure ORT's re-quantization pass grew (Quantizer.quantize) can pass the budget the graph promised
-        over = share > max_float or weighted <= set(q.last_float)
-        made[i] = (candidate, len(q.last_float), share, None if over else val.submit(path, as_written))
-
     best, smallest = (recipe, full), None
 
-    def judge(i: int) -> bool:
+    def judge(i: int) -> bool:  # prefix i: k = i + 1 groups float
         nonlocal best, smallest
-        make(i)
-        candidate, left_out, share, scored = made.pop(i)
         name, k = prefixes[i][0], i + 1
-        if scored is None:
+        candidate = Recipe(recipe.method, recipe.images, recipe.placement, prefixes[i][1])
+        path = q.quantize(q.scratch("mixed"), images, candidate)
+        share, left_out = q.float_weight_share(q.last_float), len(q.last_float)
+        # the closure ORT's re-quantization pass grew (Quantizer.quantize) can pass the budget the graph promised
+        if share > max_float or weighted <= set(q.last_float):
             log(f"{q.preset_name}: mixed precision k={k} (+{name}) floats {share:.0%} of the weights with the "
                 f"groups ONNX Runtime forces float too (at most {max_float:.0%}): not a candidate")
             result.mixed_precision_steps.append({"k": k, "float": name, "left_out": left_out, "over_budget": True})
             return False
-        s = val.wait(scored)
+        # Scored now, its batches shared out over the scoring workers (Evaluator.score). Making both next probes
+        # while this one was scored (rules 10-12's making) wasted one of them per step: 0.34 CPU-s a quickstart
+        # bundle, for no shorter wall time on 2 cores.
+        s = val.score(path, q.preset.score_as_written)
         result.mixed_precision_steps.append({"k": k, "float": name, "left_out": left_out, **s.to_dict(),
                                              "flips_pts": s.flips * 100, **guard.bounds(s)})
         log(f"{q.preset_name}: mixed precision k={k} (+{name}): val {s.accuracy:.4f}, "
@@ -341,12 +327,7 @@ def _mixed_precision(q: Quantizer, images: np.ndarray, recipe: Recipe, full: Sco
             best = (candidate, s)
         return False
 
-    # The next probes are made while one is judged only where a second core scores them: on one, making them
-    # (quantize_static, in this thread) would cost what it saves.
-    smallest_holding(len(prefixes), judge, make if scoring_workers() > 1 else lambda i: None)
-    for *_, scored in made.values():  # made for an outcome that did not happen
-        if scored is not None:
-            scored.cancel()
+    smallest_holding(len(prefixes), judge)
     return smallest or best
 
 
