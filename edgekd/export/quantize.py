@@ -6,11 +6,11 @@ quantization). The FP32 graph goes through ORT's quantization pre-processing fir
 exporter shares through Identity nodes leave convolutions unquantised and the "INT8" model runs slower than FP32.
 
 Every model starts from ONNX Runtime's quantizer (quantize_static), once per calibration and placement. A model with
-float groups is that fully quantized model with a float region cut back in (`float_region`): the groups' nodes as
+float groups is that fully quantized model with a float region cut back in (`FloatRegions`): the groups' nodes as
 the FP32 graph has them, together with every group that would still put a Q/DQ on one of their activations (the
 "closure": leaving out one node leaves its tensors quantized by its neighbours and gains nothing, measured). Inside
 the region tensors flow in float; what enters it from INT8 neighbours is their dequantized output, what leaves it is
-quantized as before. That takes ~0.02 s where a quantize_static call with `nodes_to_exclude` took ~1.5 s (most of an
+quantized as before. That takes ~3 ms where a quantize_static call with `nodes_to_exclude` took ~1.5 s (most of an
 export's time: a sensitivity analysis makes one model per group). Two runtime facts shape this:
 - ORT's session-time WeightBiasQuantization pass re-quantizes a float Conv/Gemm that sits between a
   DequantizeLinear and a QuantizeLinear with *per-tensor* INT8 weights; on a depthwise conv that took a digits
@@ -24,8 +24,9 @@ such layers rather than failing them. The `trt` preset's `inputs` placement (OpT
 Conv/Gemm/MatMul: Q/DQ on the inputs of weighted ops, TensorRT's recommended placement) is a candidate the search
 weighs against the default one.
 
-Calibration is ORT's own (`create_calibrator`), run once per (method, images) and kept in ORT's calibration-cache
-format, so the dozens of quantizations of a search or a sensitivity analysis calibrate once.
+Calibration gives ORT's own ranges (its `create_calibrator`; min/max ones computed faster, to the bit), once per
+(method, images), kept in ORT's calibration-cache format, so the dozens of quantizations of a search or a
+sensitivity analysis calibrate once.
 
 Split from edgekd.export.int8 (which keeps the policy: which methods exist and how ptq-search chooses) so that
 edgekd.export.sensitivity, which int8's search calls, needs this module only and never int8.
@@ -303,7 +304,7 @@ def node_groups(model) -> list[NodeGroup]:
 
 class Quantizer:
     """One FP32 model and one preset: pre-processed once, calibrated once per (method, images), quantized by ORT
-    once per calibration and placement, and cut into (float_region) as often as a search or a sensitivity analysis
+    once per calibration and placement, and cut into (FloatRegions) as often as a search or a sensitivity analysis
     needs. Use as a context manager (it owns a temporary directory)."""
 
     def __init__(self, fp32_onnx: Path, preset: str, watch: Stopwatch | None = None):
@@ -339,7 +340,7 @@ class Quantizer:
         grouped = {n for g in self.groups for n in g.nodes}
         self._ungrouped = {n.name for n in model.graph.node if n.name not in grouped}
         self._full: dict[tuple[Path, str], Path] = {}  # (calibration cache, placement) -> the fully quantized model
-        self._full_bytes: dict[Path, bytes] = {}
+        self._regions: dict[Path, FloatRegions] = {}  # per fully quantized model
 
     def __enter__(self):
         return self
@@ -411,12 +412,11 @@ class Quantizer:
         if full is None:
             full = self._full[(cache, recipe.placement)] = ort_quantize(self.scratch("full"), None)
         with self.watch("int8 float regions"):
-            if full not in self._full_bytes:  # parsed from bytes per cut: faster than onnx.load of the file
-                self._full_bytes[full] = full.read_bytes()
+            if full not in self._regions:
+                self._regions[full] = FloatRegions(self._pre_model, full.read_bytes())
             for _ in range(8):
-                model = float_region(self._pre_model, self._full_bytes[full], {n for g in left_out for n in g.nodes},
-                                     self._ungrouped, {t for g in self.groups if g not in left_out for t in g.tensors})
-                trapped = ort_requantized(model)
+                model, trapped = self._regions[full].cut({n for g in left_out for n in g.nodes}, self._ungrouped,
+                                                         {t for g in self.groups if g not in left_out for t in g.tensors})
                 if not trapped:
                     Path(out).write_bytes(model.SerializeToString())  # onnx.save scans for external data: 5 ms
                     self.last_float = [g.name for g in left_out]
@@ -513,95 +513,164 @@ class Quantizer:
         return self.dir / f"{tag}-{self._count}.onnx"
 
 
-def float_region(pre, full: bytes, region: set[str], ungrouped: set[str], still_quantized: set[str]):
-    """`full` (a fully quantized Q/DQ model, serialized) as a ModelProto with the nodes named in `region` computing
-    in float as `pre` (the pre-processed FP32 model it was quantized from) has them: float weights and biases, float
-    tensors between region nodes, their INT8 neighbours' dequantized outputs where they enter, and the Q/DQ that
-    quantizes their outputs for INT8 consumers kept. Nodes ORT folded away (a Relu into its conv's Q range) come
-    back with their group. `ungrouped`: nodes that belong to no group (ORT has no INT8 kernel for them: HardSwish)
-    and read a Q/DQ only for a neighbour's sake; they read the float tensor instead where no tensor of
-    `still_quantized` (the INT8 groups' activations) is involved. Node and tensor names are the ones ORT keeps from
-    `pre`."""
-    import onnx
+@dataclass
+class _Node:
+    """A node as float_region reads it: names as plain Python values (reading them off protobuf messages is most of
+    the time of a cut), and where its NodeProto comes from: the full model's node `index`, or the FP32 one's."""
 
-    model = onnx.ModelProto.FromString(full)
-    graph = model.graph
-    quantized = {n.name: n for n in graph.node}
-    pre_inits = {t.name: t for t in pre.graph.initializer}
-    made_in_region = {o for n in pre.graph.node if n.name in region for o in n.output}
-    produced = {o for n in graph.node for o in n.output}
-    have = {t.name for t in graph.initializer}
-    restored = []
-    for p in pre.graph.node:
-        if p.name not in region:
-            continue
-        node = onnx.NodeProto()
-        node.CopyFrom(p)
-        for i, name in enumerate(p.input):
-            if name in pre_inits:  # the float weight or bias; ORT may have reused its name for a bias DQ's output
-                alias = f"{name}_float" if name in produced else name
-                if alias not in have:
-                    tensor = onnx.TensorProto()
-                    tensor.CopyFrom(pre_inits[name])
-                    tensor.name = alias
-                    graph.initializer.append(tensor)
-                    have.add(alias)
-                node.input[i] = alias
-            elif name in still_quantized and name not in made_in_region and p.name in quantized:
-                node.input[i] = quantized[p.name].input[i]  # from an INT8 neighbour: what the quantized node read
-        restored.append(node)
-    outputs = {o for n in restored for o in n.output}
-    kept = [n for n in graph.node if n.name not in region
-            and not (n.op_type == "DequantizeLinear" and set(n.output) & outputs)]  # the region makes it in float
-    producer = {o: n for n in graph.node for o in n.output}
-    for n in kept:
-        if n.name not in ungrouped:
-            continue
-        for i, name in enumerate(n.input):
-            dq = producer.get(name)
-            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
-            if q is not None and q.op_type == "QuantizeLinear" and q.input[0] not in still_quantized:
-                n.input[i] = q.input[0]
-    nodes = _live(kept + restored, {o.name for o in graph.output})
-    del graph.node[:]
-    graph.node.extend(_topological(nodes, {i.name for i in graph.input} | have))
-    used = {i for n in graph.node for i in n.input}
-    inits = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(inits)
-    return model
+    name: str
+    op_type: str
+    inputs: list[str]
+    outputs: tuple[str, ...]
+    index: int  # in its source graph
+    from_pre: bool = False
+    changed: bool = False  # inputs differ from its source's
 
 
-def _live(nodes: list, outputs: set[str]) -> list:
+def _nodes(graph, from_pre: bool = False) -> list[_Node]:
+    return [_Node(n.name, n.op_type, list(n.input), tuple(n.output), i, from_pre) for i, n in enumerate(graph.node)]
+
+
+class FloatRegions:
+    """Cuts float regions into one fully quantized Q/DQ model (`full`, serialized), made from `pre` (the
+    pre-processed FP32 model): the graphs read once, each cut then a parse of `full` and a reordering of its nodes.
+    Node and tensor names are the ones ORT keeps from `pre`."""
+
+    def __init__(self, pre, full: bytes):
+        import onnx
+
+        self.pre, self.full = pre, full
+        template = onnx.ModelProto.FromString(full)
+        self.pre_nodes = _nodes(pre.graph, from_pre=True)
+        self.full_nodes = _nodes(template.graph)
+        self.by_name = {n.name: n for n in self.full_nodes}
+        self.producer = {o: n for n in self.full_nodes for o in n.outputs}
+        self.pre_inits = {t.name: t for t in pre.graph.initializer}
+        self.full_inits = [t.name for t in template.graph.initializer]
+        # elements per initializer (a Q/DQ scale's tells per-tensor from per-channel): ort_requantized's test
+        self.sizes = {t.name: math.prod(t.dims) for t in (*pre.graph.initializer, *template.graph.initializer)}
+        self.inputs = {i.name for i in template.graph.input}
+        self.outputs = {o.name for o in template.graph.output}
+
+    def cut(self, region: set[str], ungrouped: set[str], still_quantized: set[str]):
+        """`full` with the nodes named in `region` computing in float as `pre` has them: float weights and biases,
+        float tensors between region nodes, their INT8 neighbours' dequantized outputs where they enter, and the
+        Q/DQ that quantizes their outputs for INT8 consumers kept. Nodes ORT folded away (a Relu into its conv's Q
+        range) come back with their group. `ungrouped`: nodes that belong to no group (ORT has no INT8 kernel for
+        them: HardSwish) and read a Q/DQ only for a neighbour's sake; they read the float tensor instead where no
+        tensor of `still_quantized` (the INT8 groups' activations) is involved. Returns (the ModelProto, its
+        ort_requantized nodes)."""
+        import onnx
+
+        made_in_region = {o for n in self.pre_nodes if n.name in region for o in n.outputs}
+        have, added, restored = set(self.full_inits), [], []
+        for p in self.pre_nodes:
+            if p.name not in region:
+                continue
+            node = _Node(p.name, p.op_type, list(p.inputs), p.outputs, p.index, from_pre=True, changed=True)
+            for i, name in enumerate(p.inputs):
+                if name in self.pre_inits:  # the float weight or bias; ORT may have reused its name for a bias DQ's
+                    alias = f"{name}_float" if name in self.producer else name
+                    if alias not in have:
+                        added.append((alias, name))
+                        have.add(alias)
+                    node.inputs[i] = alias
+                elif name in still_quantized and name not in made_in_region and p.name in self.by_name:
+                    node.inputs[i] = self.by_name[p.name].inputs[i]  # from an INT8 neighbour: what it read
+            restored.append(node)
+        outputs = {o for n in restored for o in n.outputs}
+        kept = [n for n in self.full_nodes if n.name not in region
+                and not (n.op_type == "DequantizeLinear" and outputs.intersection(n.outputs))]  # made in float
+        for k, n in enumerate(kept):
+            if n.name not in ungrouped:
+                continue
+            for i, name in enumerate(n.inputs):
+                dq = self.producer.get(name)
+                q = self.producer.get(dq.inputs[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+                if q is not None and q.op_type == "QuantizeLinear" and q.inputs[0] not in still_quantized:
+                    if not n.changed:
+                        n = kept[k] = _Node(n.name, n.op_type, list(n.inputs), n.outputs, n.index, changed=True)
+                    n.inputs[i] = q.inputs[0]
+        nodes = _topological(_live(kept + restored, self.outputs), self.inputs | have)
+        model = onnx.ModelProto.FromString(self.full)
+        graph = model.graph
+        source = {False: list(graph.node), True: self.pre.graph.node}
+        protos = []
+        for n in nodes:
+            proto = source[n.from_pre][n.index]
+            if n.changed:
+                proto = onnx.NodeProto()
+                proto.CopyFrom(source[n.from_pre][n.index])
+                del proto.input[:]
+                proto.input.extend(n.inputs)
+            protos.append(proto)
+        del graph.node[:]
+        graph.node.extend(protos)
+        for alias, name in added:
+            tensor = graph.initializer.add()
+            tensor.CopyFrom(self.pre_inits[name])
+            tensor.name = alias
+        used = {i for n in nodes for i in n.inputs}
+        inits = [t for t in graph.initializer if t.name in used]
+        del graph.initializer[:]
+        graph.initializer.extend(inits)
+        sizes = {**self.sizes, **{alias: self.sizes[name] for alias, name in added}}
+        return model, _requantized(nodes, {t for t in have if t in used}, sizes)
+
+
+def _live(nodes: list[_Node], outputs: set[str]) -> list[_Node]:
     """The nodes the graph outputs depend on."""
-    producer = {o: n for n in nodes for o in n.output}
+    producer = {o: n for n in nodes for o in n.outputs}
     stack, seen = list(outputs), set()
     while stack:
         n = producer.get(stack.pop())
         if n is None or id(n) in seen:
             continue
         seen.add(id(n))
-        stack.extend(i for i in n.input if i)
+        stack.extend(i for i in n.inputs if i)
     return [n for n in nodes if id(n) in seen]
 
 
-def _topological(nodes: list, available: set[str]) -> list:
+def _topological(nodes: list[_Node], available: set[str]) -> list[_Node]:
     """`nodes` in an order where each node comes after the producers of its inputs (ONNX requires it)."""
     done, ready = set(available), []
-    pending = [(n, [i for i in n.input if i]) for n in nodes]  # each node's inputs read once: protobuf reads are slow
+    pending = [(n, [i for i in n.inputs if i]) for n in nodes]
     while pending:
         waiting = []
         for n, inputs in pending:
             if done.issuperset(inputs):
                 ready.append(n)
-                done.update(n.output)
+                done.update(n.outputs)
             else:
                 waiting.append((n, inputs))
         if len(waiting) == len(pending):
             n = waiting[0][0]
-            raise EdgeKDError(f"float region: {n.name} reads a tensor no node makes ({', '.join(n.input)})")
+            raise EdgeKDError(f"float region: {n.name} reads a tensor no node makes ({', '.join(n.inputs)})")
         pending = waiting
     return ready
+
+
+def _requantized(nodes: list[_Node], inits: set[str], sizes: dict[str, int]) -> list[tuple[str, str]]:
+    """ort_requantized's test, on a graph's nodes, initializer names and sizes."""
+    producers = {o: n for n in nodes for o in n.outputs}
+    consumers: dict[str, list[_Node]] = {}
+    for n in nodes:
+        for i in n.inputs:
+            consumers.setdefault(i, []).append(n)
+    found = []
+    for n in nodes:
+        if n.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(n.inputs) < 2 or n.inputs[1] not in inits:
+            continue
+        dq = producers.get(n.inputs[0])
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.inputs[1] not in inits or sizes[dq.inputs[1]] != 1:
+            continue
+        tensor, users = n.outputs[0], consumers.get(n.outputs[0], [])
+        while len(users) == 1 and users[0].op_type in REMOVABLE_ACTIVATIONS:
+            tensor, users = users[0].outputs[0], consumers.get(users[0].outputs[0], [])
+        if len(users) == 1 and users[0].op_type == "QuantizeLinear":
+            q = producers.get(dq.inputs[0])
+            found.append((q.inputs[0] if q is not None and q.op_type == "QuantizeLinear" else n.inputs[0], tensor))
+    return found
 
 
 def ort_requantized(model) -> list[tuple[str, str]]:
@@ -613,24 +682,8 @@ def ort_requantized(model) -> list[tuple[str, str]]:
 
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model), load_external_data=False)
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    producers, consumers = graph_links(graph)
-    found = []
-    for n in graph.node:
-        if n.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(n.input) < 2 or n.input[1] not in inits:
-            continue
-        dq = producers.get(n.input[0])
-        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[1] not in inits \
-                or math.prod(inits[dq.input[1]].dims) != 1:
-            continue
-        tensor, users = n.output[0], consumers.get(n.output[0], [])
-        while len(users) == 1 and users[0].op_type in REMOVABLE_ACTIVATIONS:
-            tensor, users = users[0].output[0], consumers.get(users[0].output[0], [])
-        if len(users) == 1 and users[0].op_type == "QuantizeLinear":
-            q = producers.get(dq.input[0])
-            found.append((q.input[0] if q is not None and q.op_type == "QuantizeLinear" else n.input[0], tensor))
-    return found
+    sizes = {t.name: math.prod(t.dims) for t in model.graph.initializer}
+    return _requantized(_nodes(model.graph), set(sizes), sizes)
 
 
 @dataclass(frozen=True)
