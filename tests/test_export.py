@@ -230,3 +230,17 @@ def test_parity_is_judged_against_the_logits_scale_and_still_catches_a_wrong_exp
     swapped = reference.copy()
     swapped[:, [0, 1]] = swapped[:, [1, 0]]  # tiny scale, but other answers
     assert not logit_parity(swapped / 1000, reference / 1000, options)["ok"]
+
+
+def test_a_bundle_is_keyed_by_how_its_normalization_constants_are_computed(tiny_study, monkeypatch):
+    """The bundle normalises its evaluation, calibration and validation images with constants computed from the data
+    (NORMALIZATION_REVISION): computed another way, the INT8 models differ (a Fashion-MNIST study's, by the change to
+    numpy float64), so a bundle made the old way is not reused as if it were this one."""
+    import edgekd.export.bundle as bundle
+    from edgekd.export.bundle import ExportOptions, export_key
+
+    run = tiny_study / "synthetic" / "base" / "kd" / "seed0"
+    key = export_key(run, ExportOptions(targets=("onnx", "int8")))
+    assert key["data"]["normalization"] == bundle.NORMALIZATION_REVISION
+    monkeypatch.setattr(bundle, "NORMALIZATION_REVISION", bundle.NORMALIZATION_REVISION + 1)
+    assert export_key(run, ExportOptions(targets=("onnx", "int8"))) != key

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from edgekd.config import DatasetConfig
-from edgekd.data.describe import settings_in_key
+from edgekd.data.describe import NORMALIZATION_REVISION, settings_in_key
 from edgekd.envinfo import package_versions
 from edgekd.errors import EdgeKDError
 from edgekd.export.int8 import (
@@ -137,7 +137,9 @@ def export_key(run: Path, options: ExportOptions) -> dict:
                          **({"int8_compare": sorted(options.int8_compare)} if options.int8_compare else {})},
               "export": {"atol": options.atol, "rtol": options.rtol, "min_agreement": options.min_agreement,
                          "opset": OPSET, "onnx_exporter": options.onnx_exporter}}
-    data = {f"datasets.{name}": settings_in_key(dataset)}
+    # the constants every image of the bundle is normalised with (eval.npz's scoring, calibration, validation) are
+    # computed from the data: a bundle made under another way of computing them is another bundle
+    data = {f"datasets.{name}": settings_in_key(dataset), "normalization": NORMALIZATION_REVISION}
     inputs = {"student": sha256(run / WEIGHTS)}
     if "qat-kd" in (options.int8_method, *options.int8_compare):  # the fine-tune learns from the run's teacher and data
         inputs["training"] = read_json(run / METRICS).get("fingerprint")

@@ -1,0 +1,110 @@
+"""Export alone: every bundle of a finished study made again, one after another in one process, as a study's bundle
+job makes it (at its threads: a bundle job is given one), timed per phase, and each model checked against the
+study's own by sha256 (the same run and options must make the same files; a bundle made under another key, by
+another INT8 rules or normalization revision, is not compared).
+
+    python benchmarks/export_speed.py --study DIR [--threads 1] [--name export_speed-quickstart]
+    python benchmarks/export_speed.py            # trains the quickstart first (edgekd study, ~3-4 min on 2 cores)
+    PYTHONPATH=OLD_CHECKOUT python benchmarks/export_speed.py --study DIR --keep OLD  # an older edgekd's bundles,
+    python benchmarks/export_speed.py --study OLD                                    # then this one's against them
+
+Why beside study_speed.py: a study runs its bundles beside its trainings, so their wall time there is the
+export's work plus its share of two busy cores; here the work alone, wall and CPU seconds, with the first bundle
+(imports, first-call warm-ups: what a fresh worker pays once) apart from the rest. The study is not changed: each
+run is copied without its bundle into a scratch directory and exported there with the study's own deploy options
+(its plan.json's profile); --keep writes them into a copy of the study instead, to compare another version against.
+
+Prints per bundle and per phase; writes benchmarks/results/NAME-cpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import save, show  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def trained_quickstart(out: Path) -> Path:
+    """A finished quickstart study in `out` (reused when it is there)."""
+    args = [sys.executable, "-m", "edgekd.cli", "study", "profiles/quickstart.toml", "--out", str(out)]
+    result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"the quickstart study failed (exit {result.returncode}):\n{result.stdout[-3000:]}")
+    return out / "quickstart"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--study", help="a finished study's directory (the one holding plan.json)")
+    parser.add_argument("--out", help="without --study: where the quickstart is trained (default: a temporary one)")
+    parser.add_argument("--threads", type=int, default=1, help="torch's threads, as the study gives a bundle job "
+                                                               "(the INT8 candidates are scored on as many)")
+    parser.add_argument("--keep", help="export into a copy of the study here (its bundles: this version's), kept")
+    parser.add_argument("--name", default="export_speed-quickstart")
+    args = parser.parse_args()
+
+    import torch
+
+    from edgekd.config import saved_profile
+    from edgekd.export.bundle import export_key, export_run, find_student_runs
+    from edgekd.export.stage import export_options
+    from edgekd.runio import BUNDLE, MANIFEST
+
+    torch.set_num_threads(args.threads)
+    study = Path(args.study) if args.study else trained_quickstart(Path(args.out or tempfile.mkdtemp(prefix="edgekd-")))
+    options = export_options(saved_profile(json.loads((study / "plan.json").read_text())["profile"]))
+    rows, records = [], []
+    with tempfile.TemporaryDirectory(prefix="edgekd-export-") as scratch:
+        into = Path(args.keep or scratch)
+        into.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(study / "plan.json", into / "plan.json")
+        for run in find_student_runs(study):
+            made = json.loads((run / BUNDLE / MANIFEST).read_text())
+            comparable = made.get("key") == export_key(run, options)  # made by the same rules, from the same data
+            copy = into / run.relative_to(study)
+            shutil.copytree(run, copy, ignore=shutil.ignore_patterns(BUNDLE), dirs_exist_ok=True)
+            wall, cpu = time.perf_counter(), time.process_time()
+            bundle = export_run(copy, options, log=lambda line: None)
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            manifest = json.loads((bundle / MANIFEST).read_text())
+            same = all(made["models"].get(k, {}).get("sha256") == m["sha256"] for k, m in manifest["models"].items())
+            records.append({"run": str(run.relative_to(study)), "wall_s": round(wall, 3), "cpu_s": round(cpu, 3),
+                            "export_s": manifest["export_s"], "phases": manifest["export_phases_s"],
+                            "same_files": same if comparable else None, "models": sorted(manifest["models"])})
+            rows.append([records[-1]["run"], wall, cpu,
+                         ("yes" if same else "NO") if comparable else "made under another key"])
+    later = records[1:] or records
+    phases: dict[str, float] = {}
+    for r in later:
+        for phase, s in r["phases"].items():
+            phases[phase] = phases.get(phase, 0.0) + s / len(later)
+    summary = {"threads": args.threads, "study": str(study), "bundles": len(records),
+               "first_bundle_wall_s": records[0]["wall_s"],
+               "wall_s_per_bundle": round(statistics.fmean(r["wall_s"] for r in later), 3),
+               "cpu_s_per_bundle": round(statistics.fmean(r["cpu_s"] for r in later), 3),
+               "phases_s_per_bundle": {p: round(s, 3) for p, s in sorted(phases.items(), key=lambda kv: -kv[1])},
+               "same_files": all(r["same_files"] for r in records if r["same_files"] is not None),
+               "compared": sum(r["same_files"] is not None for r in records), "per_bundle": records}
+    show(f"Export alone at {args.threads} thread(s): {len(records)} bundles of {study}",
+         ["run", "wall s", "CPU s", "same files as the study's"], rows)
+    show("Per bundle after the first (seconds)", ["", "s"],
+         [["wall", summary["wall_s_per_bundle"]], ["CPU", summary["cpu_s_per_bundle"]],
+          ["first bundle (imports, warm-up)", summary["first_bundle_wall_s"]],
+          *[[f"  {p}", s] for p, s in summary["phases_s_per_bundle"].items()]])
+    print(f"wrote {save(args.name, summary)}")
+    return 0 if summary["same_files"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
