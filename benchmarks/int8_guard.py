@@ -13,6 +13,9 @@ against FP32 on test (the bundle's eval.npz), which played no part in the choice
 
 One --out for every seed list: the teacher and its caches are trained once and reused. Writes
 benchmarks/results/<name>-cpu.json.
+
+    # bundles already made (e.g. by export_speed.py --keep, another rules revision on the same students): read only
+    python benchmarks/int8_guard.py --study DIR --seeds 0,1,2 --name int8_guard-quickstart-rules13
 """
 
 from __future__ import annotations
@@ -92,24 +95,30 @@ def report(runs: list[dict]) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="profiles/quickstart.toml")
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", help="where the study runs (trained once, reused by every seed list)")
+    parser.add_argument("--study", help="instead of running one: a study directory whose bundles are read as they are")
     parser.add_argument("--seeds", action="append", help="comma-separated seeds, repeatable (default 0,1,2)")
     parser.add_argument("--name", default="int8_guard-quickstart")
     parser.add_argument("--set", action="append", default=[], help="profile override, as edgekd's --set")
     args = parser.parse_args()
     lists = [[int(s) for s in group.split(",")] for group in (args.seeds or ["0,1,2"])]
     runs = []
+    if not (args.out or args.study):
+        parser.error("give --out (run the study there) or --study (read a finished one)")
     for seeds in lists:
-        profile = load_profile(args.profile, [*args.set, f"study.seeds={seeds}"])
         start = time.perf_counter()
-        study(profile, Path(args.out))
-        rows = int8_models(Path(args.out).absolute() / profile.study.name, seeds)
+        if args.study:
+            rows = int8_models(Path(args.study).absolute(), seeds)
+        else:
+            profile = load_profile(args.profile, [*args.set, f"study.seeds={seeds}"])
+            study(profile, Path(args.out))
+            rows = int8_models(Path(args.out).absolute() / profile.study.name, seeds)
         runs.append({"seeds": seeds, "wall_s": round(time.perf_counter() - start, 1), "models": rows})
         # Saved after every seed list: one takes ~45 min on 2 cores, and a run cut off keeps what it measured.
         summary = report(runs)
         print(json.dumps(summary))
-        print(save(args.name, {"profile": args.profile, "overrides": args.set, "seed_lists": lists, "seed_lists_done": len(runs),
-                               "summary": summary, "runs": runs}))
+        print(save(args.name, {"profile": args.profile, "study": args.study, "overrides": args.set, "seed_lists": lists,
+                               "seed_lists_done": len(runs), "summary": summary, "runs": runs}))
     return 0
 
 

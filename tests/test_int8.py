@@ -528,16 +528,16 @@ def test_a_score_made_now_is_the_score_made_in_the_background(fragile, monkeypat
     assert split.score(path) is now and split.evaluations == 2  # the same content again: not scored again
 
 
-@pytest.mark.parametrize("n", [64, 300])  # 300: a second chunk of 44, whose last 12 images go unused as in ORT
+@pytest.mark.parametrize("n", [64, 300])  # 300: chunks of 256 and 32, then a batch of 12
 def test_min_max_calibration_gives_ort_calibrators_ranges_to_the_bit(tmp_path, n):
-    """Quantizer._minmax against ORT's own MinMaxCalibrater (create_calibrator, as calibrate() ran it before) on a
-    timm MobileNetV3 exported as a bundle exports it (its hard-swish, SE gates and adds): the same tensors, the
-    same min and max of each."""
+    """Quantizer._minmax against ORT's own MinMaxCalibrater (create_calibrator, as calibrate() ran it before) fed
+    the same chunks, on a timm MobileNetV3 exported as a bundle exports it (its hard-swish, SE gates and adds): the
+    same tensors, the same min and max of each."""
     import timm
     from onnxruntime.quantization.calibrate import create_calibrator, load_tensors_data
 
     from edgekd.export.bundle import _export_onnx
-    from edgekd.export.quantize import _Batches, _ort_method, quantizable_op_types
+    from edgekd.export.quantize import _Batches, _ort_method, calibration_chunks, quantizable_op_types
 
     path = tmp_path / "student.onnx"
     _export_onnx(timm.create_model("mobilenetv3_small_050", num_classes=10, in_chans=1).eval(), path, (1, 16, 16))
@@ -546,9 +546,28 @@ def test_min_max_calibration_gives_ort_calibrators_ranges_to_the_bit(tmp_path, n
         ours = load_tensors_data(q.calibrate(x, "minmax")).data
         theirs = create_calibrator(q.pre, sorted(quantizable_op_types()), augmented_model_path=str(tmp_path / "a.onnx"),
                                    calibrate_method=_ort_method("minmax"))
-        for i in range(0, n, 256):
-            theirs.collect_data(_Batches(q.input_name, x[i : i + 256]))
+        for chunk in calibration_chunks(x):
+            theirs.collect_data(_Batches(q.input_name, chunk))
         theirs = theirs.compute_data().data
     assert len(ours) > 100 and ours.keys() == theirs.keys()
     for name, data in theirs.items():
         assert [float(v[0]) for v in data.range_value] == [float(v[0]) for v in ours[name].range_value], name
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile"])
+def test_every_calibration_image_counts(fragile, method):
+    """The calibration draws n images and names n (the manifest's calibration.images): every one of them is seen,
+    the last of a count that is no multiple of the batch too. Until rules revision 12 the images past a chunk's last
+    whole batch of 32 were dropped (506 -> 480 on digits)."""
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    from edgekd.export.quantize import calibration_chunks
+
+    path, _ = fragile
+    assert [len(c) for c in calibration_chunks(np.zeros((300, 1)))] == [256, 32, 12]
+    assert [len(c) for c in calibration_chunks(np.zeros((64, 1)))] == [64]
+    x = images(45, 3)  # a batch of 32 and one of 13
+    x[-1] = 40.0  # the last image only (2% of the input's values: inside percentile's 99.999%): far out of the rest
+    with Quantizer(path, "cpu") as q:
+        high = float(np.ravel(load_tensors_data(q.calibrate(x, method)).data["input"].range_value[1])[0])
+    assert high > 39 and x[:-1].max() < 20

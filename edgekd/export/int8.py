@@ -48,8 +48,9 @@ PTQ_METHODS = ("ptq", "ptq-search")  # post-training, here
 # 7: the share changed judged by its upper bound, GUARD_Z; 8: the accuracy drop's upper bound certifies too, Guard;
 # 9: only where the split resolves it, DROP_RESOLUTION; 10: the configured calibration only, groups ranked by at
 # most RANK_UNITS runs and the groups of the top REFINE_UNITS, k found by galloping and bisection; 11: by bisection
-# alone, REFINE_UNITS 1; 12: the trt preset searches its calibration again, Preset.search_calibration).
-RULES_REVISION = 12
+# alone, REFINE_UNITS 1; 12: the trt preset searches its calibration again, Preset.search_calibration; 13: every
+# calibration image counts, quantize.calibration_chunks).
+RULES_REVISION = 13
 # Standard errors added to the share of answers changed before it is held against the limit. The share measured on
 # a small validation split (the quickstart's: 143 images) is itself a sample: judged by its point value (revision
 # 6), 1 of 31 deployed quickstart models changed 0.54% of validation answers and lost 1.11 points on test. Two
