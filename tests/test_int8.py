@@ -366,19 +366,24 @@ def test_a_small_validation_split_is_scored_on_its_augmentation_views_plain_view
     assert n == 1 and (big == x.numpy()).all()
 
 
-def test_rankings_score_the_plain_view_of_each_image_against_the_same_fp32(fragile):
-    """Evaluator.first_view: the first row of each image (validation_views puts the plain view first), scored
-    against the FP32 logits already computed; without views it is the evaluator itself."""
+def test_rankings_score_the_plain_view_of_at_most_so_many_images_against_the_same_fp32(fragile):
+    """Evaluator.ranking_view: the first row of each image (validation_views puts the plain view first), at most
+    `max_images` of them spread over the split, scored against the FP32 logits already computed; without views and
+    under the cap it is the evaluator itself."""
     path, val = fragile
-    assert val.first_view() is val
+    assert val.ranking_view(1000) is val
     x = images(40, 7)
     labels = predictions(path, x)
     views = Evaluator(path, np.concatenate([x, x[:, :, ::-1].copy()]), np.concatenate([labels, labels]),
                       clusters=np.tile(np.arange(40), 2))
-    plain = views.first_view()
+    plain = views.ranking_view(1000)
     assert plain.images_scored == 40 and len(plain.labels) == 40 and plain.evaluations == 0  # FP32 not run again
     np.testing.assert_array_equal(plain.reference, views.reference[:40])
     assert plain.fp32.accuracy == 1.0 and plain.score(path).flips == 0.0
+    few = views.ranking_view(5)  # rows 0, 10, 20, 29, 39 of the plain view: spread, not the first five
+    np.testing.assert_array_equal(few.images, x[[0, 10, 20, 29, 39]])
+    np.testing.assert_array_equal(few.reference, views.reference[[0, 10, 20, 29, 39]])
+    assert len(val.ranking_view(100).labels) == 100 and val.ranking_view(100).images_scored == 100
 
 
 def _collapsing_copy(tiny_study, root, factor: float = 1000):
