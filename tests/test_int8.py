@@ -559,6 +559,26 @@ def test_min_max_calibration_gives_ort_calibrators_ranges_to_the_bit(tmp_path, n
         assert [float(v[0]) for v in data.range_value] == [float(v[0]) for v in ours[name].range_value], name
 
 
+def test_min_max_calibration_past_its_memory_budget_is_ort_calibrators(fragile, monkeypatch):
+    """A model whose calibrated tensors would pass MINMAX_OUTPUT_BYTES a batch is calibrated by ORT's own
+    MinMaxCalibrater (which holds only their reductions): the same ranges either way."""
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    import edgekd.export.quantize as quantize
+
+    path, _ = fragile
+    x = images(45, 3)
+    with Quantizer(path, "cpu") as q:
+        fast = load_tensors_data(q.calibrate(x, "minmax")).data
+    monkeypatch.setattr(quantize, "MINMAX_OUTPUT_BYTES", 0)
+    with Quantizer(path, "cpu") as q:
+        assert q._minmax(x) is None
+        slow = load_tensors_data(q.calibrate(x, "minmax")).data
+    assert fast.keys() == slow.keys() and all(
+        [float(np.ravel(v)[0]) for v in fast[k].range_value] == [float(np.ravel(v)[0]) for v in slow[k].range_value]
+        for k in fast)
+
+
 @pytest.mark.parametrize("method", ["minmax", "percentile"])
 def test_every_calibration_image_counts(fragile, method):
     """The calibration draws n images and names n (the manifest's calibration.images): every one of them is seen,

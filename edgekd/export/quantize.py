@@ -107,6 +107,10 @@ PRESETS = {
 
 CALIB_BATCH = 32
 CALIB_CHUNK = 256  # images per collect_data call: the histogram calibrators hold every intermediate output of one
+# Quantizer._minmax holds a batch's calibrated tensors at once: at most this many bytes (the quickstart's students:
+# 3 MiB, Fashion-MNIST's 7-11 MiB; a 224x224 ResNet-50's: gigabytes), else ORT's own calibrator, which keeps only
+# their reductions
+MINMAX_OUTPUT_BYTES = 512 * 2**20
 
 
 def calibration_chunks(images: np.ndarray) -> list[np.ndarray]:
@@ -459,8 +463,10 @@ class Quantizer:
         if cache.is_file():
             return cache
         if method == "minmax":
-            save_tensors_data(self._minmax(calibration), cache)
-            return cache
+            ranges = self._minmax(calibration)
+            if ranges is not None:
+                save_tensors_data(ranges, cache)
+                return cache
         options = {"entropy": {"num_bins": ENTROPY_BINS, "num_quantized_bins": 128},
                    "percentile": {"num_bins": 2048, "percentile": PERCENTILE,
                                   "symmetric": self.preset.symmetric_activations}}.get(method, {})
@@ -480,7 +486,9 @@ class Quantizer:
         is not an initializer, from the same shape inference) made graph outputs of one session at its optimization
         level and threads, and their min and max taken here over the same batches (calibration_chunks), instead of
         ReduceMin/ReduceMax nodes that its Python inserts one by one into a copy of the graph it then writes and reads
-        back. A min or a max is exact whatever computes it."""
+        back. A min or a max is exact whatever computes it. None (ORT's calibrator then) where a batch's outputs
+        would pass MINMAX_OUTPUT_BYTES or their size is not known: ORT's graph keeps only the reductions, this one
+        every calibrated tensor of a batch at once (a 224x224 ResNet-50's are gigabytes)."""
         import itertools
 
         import onnx
@@ -499,6 +507,15 @@ class Quantizer:
             t for n in graph.node if n.op_type in ops for t in itertools.chain(n.input, n.output)
             if t in infos and t not in initializers and infos[t].type.HasField("tensor_type")
             and infos[t].type.tensor_type.elem_type in floats))
+        per_image = 0
+        for t in tensors:
+            dims = infos[t].type.tensor_type.shape.dim[1:]  # after the batch
+            if not all(d.HasField("dim_value") for d in dims):
+                return None
+            per_image += math.prod(d.dim_value for d in dims) * (2 if infos[t].type.tensor_type.elem_type ==
+                                                                  onnx.TensorProto.FLOAT16 else 4)
+        if per_image * CALIB_BATCH > MINMAX_OUTPUT_BYTES:
+            return None
         outputs = {o.name for o in graph.output}
         graph.output.extend(infos[t] for t in tensors if t not in outputs)
         options = ort.SessionOptions()
