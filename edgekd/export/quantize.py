@@ -545,7 +545,7 @@ class Quantizer:
 
 @dataclass
 class _Node:
-    """A node as float_region reads it: names as plain Python values (reading them off protobuf messages is most of
+    """A node as FloatRegions reads it: names as plain Python values (reading them off protobuf messages is most of
     the time of a cut), and where its NodeProto comes from: the full model's node `index`, or the FP32 one's."""
 
     name: str
