@@ -244,3 +244,28 @@ def test_a_bundle_is_keyed_by_how_its_normalization_constants_are_computed(tiny_
     assert key["data"]["normalization"] == bundle.NORMALIZATION_REVISION
     monkeypatch.setattr(bundle, "NORMALIZATION_REVISION", bundle.NORMALIZATION_REVISION + 1)
     assert export_key(run, ExportOptions(targets=("onnx", "int8"))) != key
+
+
+def test_a_run_exported_again_gives_the_same_files_at_any_threads(tiny_study, tmp_path):
+    """The same run and options make the same bundle, file for file, whatever the threads the export is given: at
+    one, the INT8 candidates are scored one at a time; at two, in the background and each bisection probe's batches
+    on two sessions at once (Evaluator.score). The guard searches here (a 0.1-point limit), so the ranking, the
+    bisection and both presets' calibrations all run."""
+    import torch
+
+    run = tiny_study / "synthetic" / "base" / "kd" / "seed0"
+    options = ExportOptions(targets=("onnx", "int8"), int8_presets=("cpu", "trt"), calib_size=40, int8_max_drop=0.1)
+    made, threads = [], torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            copy = tmp_path / f"threads{n}"
+            shutil.copytree(run, copy, ignore=shutil.ignore_patterns("bundle"))
+            manifest = json.loads((export_run(copy, options, log=lambda line: None) / "manifest.json").read_text())
+            made.append({k: m["sha256"] for k, m in manifest["models"].items()})
+    finally:
+        torch.set_num_threads(threads)
+    assert made[0] == made[1] and set(made[0]) == {"onnx-fp32", "onnx-int8-cpu", "onnx-int8-trt"}
+    steps = manifest["models"]["onnx-int8-cpu"]["guard"]["steps"]
+    assert [s["method"] for s in steps] == ["ptq", "ptq-search"]  # the search ran
+    assert manifest["models"]["onnx-int8-cpu"]["mixed_precision"]["steps"]  # and its bisection
