@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 import time
@@ -28,7 +29,9 @@ def show(title: str, columns: list[str], rows: list[list]) -> None:
 def save(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     # the command that measured it, so that every number in results/ can be made again
-    command = " ".join(["python", *(shlex.quote(a) for a in sys.argv)])
+    # with the environment that chose its data (EDGEKD_DATA: where Fashion-MNIST's files are)
+    env = [f"{k}={shlex.quote(os.environ[k])}" for k in ("EDGEKD_DATA",) if os.environ.get(k)]
+    command = " ".join([*env, "python", *(shlex.quote(a) for a in sys.argv)])
     record = {"benchmark": name, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": command,
               "environment": environment(), **payload}
     device = payload.get("device", "cpu").replace(":", "")

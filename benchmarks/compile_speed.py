@@ -68,11 +68,11 @@ def main() -> None:
         shape = (cfg.batch_size, data.channels, data.image_size, data.image_size)
         ex = Execution(**dict(ex_items))
         build = functools.partial(build_model, cfg, data)
-        entry = measure_compile(build, ex, shape, data.num_classes, total_steps=10**9)
         steps = [planned_steps(profile, j) for j in members]
+        entry = measure_compile(build, ex, shape, data.num_classes, total_steps=sum(steps), always=True)
         # what the plan does: it times compiling only for enough eager training in all (COMPILE_MIN_S)
         timed_in_plan = worth_timing_compile(sum(steps), entry["eager_step_s"])
-        untimed = {**entry, "for_steps": sum(steps), "modes": {}}
+        untimed = {**entry, "modes": {}}
         decisions = {n: compile_choice(entry if timed_in_plan else untimed, n) for n in sorted(set(steps))}
         for mode, timed in entry["modes"].items():
             if "failed" in timed:

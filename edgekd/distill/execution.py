@@ -224,19 +224,20 @@ def _compile_time(build, ex: Execution, shape: tuple[int, ...], classes: int) ->
 
 
 def measure_compile(build, ex: Execution, shape: tuple[int, ...], classes: int, total_steps: int,
-                    rounds: int = ROUNDS) -> dict:
+                    rounds: int = ROUNDS, always: bool = False) -> dict:
     """Eager against each torch.compile mode (compile_modes) for training `build()` under `ex` (its precision,
     layout and threads): seconds per step (best of `rounds` timings, each mode's interleaved with eager ones), the
     first compile's seconds (on a machine whose caches do not hold it yet: what this measurement pays once) and a
     later training's (`compile_s`). Only the eager step when `total_steps` of it (every training this timing is for)
-    take less than COMPILE_MIN_S; a mode that fails to compile or run is recorded with its error."""
+    take less than COMPILE_MIN_S, unless `always` (benchmarks/compile_speed.py: what compiling would give); a mode
+    that fails to compile or run is recorded with its error."""
     ex = replace(ex, compile="")
     with ex.cpu_threads():
         torch.manual_seed(0)
         eager_model = build()
         eager = _time_steps(eager_model, ex, shape, classes)
         entry: dict = {"eager_step_s": eager, "for_steps": total_steps, "modes": {}}
-        if not worth_timing_compile(total_steps, eager):
+        if not (always or worth_timing_compile(total_steps, eager)):
             return entry
         for mode in compile_modes(ex.device):
             compiled = replace(ex, compile=mode)
