@@ -23,7 +23,6 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,17 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import save, show  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def trained_quickstart(out: Path) -> Path:
-    """A finished quickstart study in `out` (reused when it is there)."""
-    args = [sys.executable, "-m", "edgekd.cli", "study", "profiles/quickstart.toml", "--out", str(out)]
-    result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"the quickstart study failed (exit {result.returncode}):\n{result.stdout[-3000:]}")
-    return out / "quickstart"
+from study_speed import run_study  # noqa: E402
 
 
 def main() -> int:
@@ -62,7 +51,12 @@ def main() -> int:
     from edgekd.runio import BUNDLE, MANIFEST
 
     torch.set_num_threads(args.threads)
-    study = Path(args.study) if args.study else trained_quickstart(Path(args.out or tempfile.mkdtemp(prefix="edgekd-")))
+    if args.study:
+        study = Path(args.study)
+    else:  # the quickstart, trained as study_speed.py trains it
+        out = Path(args.out or tempfile.mkdtemp(prefix="edgekd-"))
+        run_study("profiles/quickstart.toml", out, "auto", [])
+        study = out / "quickstart"
     options = export_options(saved_profile(json.loads((study / "plan.json").read_text())["profile"]))
     rows, records = [], []
     with tempfile.TemporaryDirectory(prefix="edgekd-export-") as scratch:
