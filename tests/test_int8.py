@@ -596,3 +596,28 @@ def test_every_calibration_image_counts(fragile, method):
     with Quantizer(path, "cpu") as q:
         high = float(np.ravel(load_tensors_data(q.calibrate(x, method)).data["input"].range_value[1])[0])
     assert high > 39 and x[:-1].max() < 20
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 9, 41])
+def test_past_the_top_judges_the_last_candidate_first(n):
+    """Where the top unit floated (prefix `top`) did not hold: the smallest holding prefix past it, by bisection
+    after the last one; one candidate judged when even the last does not hold (half the quickstart's students); a
+    last candidate over the float budget (None) leaves bisection to decide."""
+    from edgekd.export.int8 import past_the_top
+
+    for top in range(-1, n):
+        for first in [*range(top + 1, n), None]:
+            judged = []
+
+            def holds(i, first=first, judged=judged, top=top):
+                assert top < i < n and i not in judged
+                judged.append(i)
+                return first is not None and i >= first
+
+            assert past_the_top(n, top, holds) == first
+            assert len(judged) <= 1 + max(0, n - top - 2).bit_length()
+            if first is None and top < n - 1:
+                assert judged == [n - 1]
+        if top < n - 2:  # the last over the budget: found below it, or None
+            assert past_the_top(n, top, lambda i: None if i == n - 1 else i >= n - 2) == n - 2
+            assert past_the_top(n, top, lambda i: None if i == n - 1 else False) is None

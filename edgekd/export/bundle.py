@@ -251,8 +251,10 @@ def _export_onnx(model, path: Path, shape: tuple[int, ...], half: bool = False, 
             from onnxscript import optimizer
 
             # the optimizer the dynamo path runs: constants folded, timm's nn.Identity nodes gone, so the graph
-            # (and the node groups INT8 works on) is the same kind whichever exporter made it
-            onnx.save(optimizer.optimize(onnx.load(str(path))), str(path))
+            # (and the node groups INT8 works on) is the same kind whichever exporter made it. One pass: its
+            # default second one found nothing more on any quickstart or Fashion-MNIST student (the same bytes)
+            # and cost 0.035 of its 0.085 s
+            onnx.save(optimizer.optimize(onnx.load(str(path)), num_iterations=1), str(path))
     except Exception as exc:
         raise EdgeKDError(f"ONNX export of {path.name} failed ({type(exc).__name__}: {str(exc)[:200]}): "
                           "choose an export-friendly student or report the model name") from None

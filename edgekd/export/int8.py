@@ -5,7 +5,8 @@ Two methods (`ExportOptions.int8_method`, `--int8-method`, `deploy.int8_method`)
 - `ptq-search`: the calibration whose answers on the validation split are most often FP32's: for `trt` among
   methods, sizes and Q/DQ placements, for `cpu` the configured one (Preset.search_calibration); then mixed
   precision: node groups kept in float in the order of their leave-one-out sensitivity (edgekd.export.sensitivity),
-  k the smallest that holds (`Guard`), found by bisection over k. The test split never enters a choice.
+  k the smallest that holds (`Guard`), found by bisection over k (`_mixed_precision` says in which order). The test
+  split never enters a choice.
 
 What "holds" means (`Guard`, the deploy guard's rule too): the INT8 model loses at most `max_drop` of accuracy
 against FP32 on the validation images and views, as an upper bound (GUARD_Z standard errors, clustered by image, so
@@ -38,7 +39,7 @@ import numpy as np
 
 from edgekd.errors import EdgeKDError
 from edgekd.export.quantize import WEIGHTED_OPS, Evaluator, Quantizer, Recipe, Score
-from edgekd.export.sensitivity import analyse, float_order, unit_order
+from edgekd.export.sensitivity import analyse, contiguous_units, float_order, rank_units
 from edgekd.timing import Stopwatch
 
 PTQ_METHODS = ("ptq", "ptq-search")  # post-training, here
@@ -47,10 +48,12 @@ PTQ_METHODS = ("ptq", "ptq-search")  # post-training, here
 # model, the trt preset scored as written; 4: up to half the groups chosen; 6: up to half the weights float;
 # 7: the share changed judged by its upper bound, GUARD_Z; 8: the accuracy drop's upper bound certifies too, Guard;
 # 9: only where the split resolves it, DROP_RESOLUTION; 10: the configured calibration only, groups ranked by at
-# most RANK_UNITS runs and the groups of the top REFINE_UNITS, k found by galloping and bisection; 11: by bisection
-# alone, REFINE_UNITS 1; 12: the trt preset searches its calibration again, Preset.search_calibration; 13: every
-# calibration image counts, quantize.calibration_chunks; 14: rankings on at most RANK_IMAGES images).
-RULES_REVISION = 14
+# most RANK_UNITS runs and the groups of the top runs one by one, k found by galloping and bisection; 11: by
+# bisection alone, the top run's groups one by one; 12: the trt preset searches its calibration again, Preset.search_calibration; 13: every
+# calibration image counts, quantize.calibration_chunks; 14: rankings on at most RANK_IMAGES images; 15: the top
+# run's groups ranked one by one only where the answer lies inside it, and the most float candidate judged before
+# bisecting past it, _mixed_precision).
+RULES_REVISION = 15
 # Standard errors added to the share of answers changed before it is held against the limit. The share measured on
 # a small validation split (the quickstart's: 143 images) is itself a sample: judged by its point value (revision
 # 6), 1 of 31 deployed quickstart models changed 0.54% of validation answers and lost 1.11 points on test. Two
@@ -229,15 +232,31 @@ def search_ptq(q: Quantizer, out: Path, calibration: Callable[[int], np.ndarray]
         result.sensitivity = report.to_dict()
     chosen, chosen_score = recipe, full
     if not guard.holds(full):
+        refine = None
         if report is not None:
             order, result.ranking = float_order(report)
+            top = order[:1]
         else:
             ranker = val.ranking_view(RANK_IMAGES)  # a ranking needs no certificate's power
-            order, result.ranking, result.ranked_units = unit_order(q, images, recipe, ranker, log=log)
-            if ranker is not val:
-                result.ranking += (f", scored on the plain view of {len(ranker.labels)} of the "
-                                   f"{val.images_scored} validation images")
-        chosen, chosen_score = _mixed_precision(q, images, recipe, full, order, val, guard, max_float, result, log)
+            units = contiguous_units(q.groups)
+            result.ranked_units = rank_units(q, images, recipe, ranker, units)
+            order = [name for row in result.ranked_units for name in row["groups"]]
+            top = result.ranked_units[0]["groups"]
+            seen = "" if ranker is val else (f", scored on the plain view of {len(ranker.labels)} of the "
+                                             f"{val.images_scored} validation images")
+            how = "leave-one-out KL removed per group left out (largest first)"
+            if len(units) < len(q.groups):
+                how += f": {len(units)} runs of contiguous groups (graph order within a run)"
+            result.ranking = how + seen
+            if len(top) > 1:
+                def refine() -> list[str]:  # the top run's groups one by one, and the order they give it
+                    rows = rank_units(q, images, recipe, ranker, [[q.group(name)] for name in top])
+                    result.ranked_units += rows
+                    result.ranking = how + f", the top run's {len(rows)} groups one by one first" + seen
+                    log(f"{q.preset_name}: ranked the top run's {len(rows)} node groups one by one")
+                    return [row["groups"][0] for row in rows]
+        chosen, chosen_score = _mixed_precision(q, images, recipe, full, order, top, refine, val, guard, max_float,
+                                                result, log)
     result.recipe = chosen
     result.reached_target = guard.holds(chosen_score)
     result.val["int8"] = {**chosen_score.to_dict(), "drop_pts": chosen_score.drop(val.fp32) * 100,
@@ -294,20 +313,45 @@ def smallest_holding(n: int, holds: Callable[[int], bool]) -> int | None:
     return hi if hi < n else None
 
 
+def past_the_top(n: int, top: int, holds: Callable[[int], bool | None]) -> int | None:
+    """The smallest i in (top, n) for which `holds(i)`, where prefix `top` (the top unit floated; -1: none) did not
+    hold, taking holding as monotone: the last prefix judged first, since where even it does not hold nothing does
+    (1 candidate judged instead of bisection's ~6: half the quickstart's students hold nowhere), then bisection
+    between. `holds(i)` None: i is no candidate (over the float budget), and bisection decides without it."""
+    last = n - 1
+    if last <= top:
+        return None
+    verdict = holds(last)
+    if verdict is False:
+        return None
+    i = smallest_holding(last - top - 1, lambda m: bool(holds(top + 1 + m)))
+    return top + 1 + i if i is not None else (last if verdict else None)
+
+
 def _mixed_precision(q: Quantizer, images: np.ndarray, recipe: Recipe, full: Score, order: list[str],
-                     val: Evaluator, guard: Guard, max_float: float, result: SearchResult,
-                     log: Callable[[str], None]) -> tuple[Recipe, Score]:
-    """The fewest groups of `order` kept float (float_prefixes) for which the model holds, by bisection over k
-    (smallest_holding: taking holding as monotone in k, as more float is closer to FP32; log2 of the candidates'
-    count where a walk over k = 1, 2, 3, ... judged k of them, 25-39 on the quickstart's students). The smallest
-    holding k is chosen; when none holds, the best candidate judged (Guard.better), marked as missing the target."""
-    prefixes = float_prefixes(q, order, max_float, log)
+                     top: Sequence[str], refine: Callable[[], list[str]] | None, val: Evaluator, guard: Guard,
+                     max_float: float, result: SearchResult, log: Callable[[str], None]) -> tuple[Recipe, Score]:
+    """The fewest groups of `order` kept float (float_prefixes) for which the model holds, taking holding as
+    monotone in k (more float is closer to FP32). `top`: the groups of the first unit of the ranking (the top run,
+    or the first group where groups were ranked one by one); `refine()`: their order one by one, where only a run
+    was ranked. First judged: the prefix that floats all of `top`. Where it holds, the answer lies inside the top
+    run, which is then ranked one by one (refine) and bisected; where not, the order inside it does not matter (all
+    of it is float in every later prefix), and past_the_top searches the rest. On the quickstart's students the
+    answer lay past the top run (k 27-41 of ~41) or nowhere, which ranking the top run's 8 groups one by one (rules
+    10-14) and bisecting blindly spent ~12 of a bundle's ~27 ONNX Runtime sessions on; on Fashion-MNIST's it lies
+    inside (k 1-3). The smallest holding k is chosen; when none holds, the best candidate judged (Guard.better),
+    marked as missing the target."""
     weighted = {g.name for g in q.groups if g.op in WEIGHTED_OPS}
     best, smallest = (recipe, full), None
+    verdicts: dict[frozenset, bool | None] = {}  # by the float groups: a refined order can repeat a candidate
 
-    def judge(i: int) -> bool:  # prefix i: k = i + 1 groups float
+    def judge(prefixes: list[tuple[str, tuple[str, ...]]], i: int) -> bool | None:
+        """Prefix i (k = i + 1 groups float): holds, does not, or None: no candidate (over the budget)."""
         nonlocal best, smallest
         name, k = prefixes[i][0], i + 1
+        key = frozenset(prefixes[i][1])
+        if key in verdicts:
+            return verdicts[key]
         candidate = Recipe(recipe.method, recipe.images, recipe.placement, prefixes[i][1])
         path = q.quantize(q.scratch("mixed"), images, candidate)
         share, left_out = q.float_weight_share(q.last_float), len(q.last_float)
@@ -316,7 +360,8 @@ def _mixed_precision(q: Quantizer, images: np.ndarray, recipe: Recipe, full: Sco
             log(f"{q.preset_name}: mixed precision k={k} (+{name}) floats {share:.0%} of the weights with the "
                 f"groups ONNX Runtime forces float too (at most {max_float:.0%}): not a candidate")
             result.mixed_precision_steps.append({"k": k, "float": name, "left_out": left_out, "over_budget": True})
-            return False
+            verdicts[key] = None
+            return None
         # Scored now, its batches shared out over the scoring workers (Evaluator.score). Making both next probes
         # while this one was scored (rules 10-12's making) wasted one of them per step: 0.34 CPU-s a quickstart
         # bundle, for no shorter wall time on 2 cores.
@@ -325,15 +370,28 @@ def _mixed_precision(q: Quantizer, images: np.ndarray, recipe: Recipe, full: Sco
                                              "flips_pts": s.flips * 100, **guard.bounds(s)})
         log(f"{q.preset_name}: mixed precision k={k} (+{name}): val {s.accuracy:.4f}, "
             f"{s.flips * 100:.2f}% of answers changed (bound {flips_bound(s) * 100:.2f}%, KL {s.kl:.4f})")
-        if guard.holds(s):
+        verdicts[key] = guard.holds(s)
+        if verdicts[key]:
             if smallest is None or k < len(smallest[0].float_groups):
                 smallest = (candidate, s)
-            return True
-        if guard.better(s, best[1]):
+        elif guard.better(s, best[1]):
             best = (candidate, s)
-        return False
+        return verdicts[key]
 
-    smallest_holding(len(prefixes), judge)
+    def top_end(prefixes: list[tuple[str, tuple[str, ...]]]) -> int:
+        """The prefix that floats the last of `top` to fit the budget (-1: none of them fits)."""
+        return max((i for i, (name, _) in enumerate(prefixes) if name in top), default=-1)
+
+    prefixes = float_prefixes(q, order, max_float, log)
+    end = top_end(prefixes)
+    if end >= 0 and judge(prefixes, end):
+        if refine is not None:
+            inside = refine()
+            prefixes = float_prefixes(q, inside + [name for name in order if name not in inside], max_float, log)
+            end = top_end(prefixes)
+        smallest_holding(end + 1, lambda i: bool(judge(prefixes, i)))
+    else:
+        past_the_top(len(prefixes), end, lambda i: judge(prefixes, i))
     return smallest or best
 
 

@@ -103,17 +103,14 @@ def analyse(q: Quantizer, images: np.ndarray, recipe: Recipe, val: Evaluator,
 
 
 # At most this many leave-one-out candidates rank a model's groups when mixed precision needs an order and no full
-# analysis was asked for. Each candidate costs a float region and an ONNX Runtime session (~10 + ~30 ms on the
-# quickstart's students, more than scoring its 1,287 validation views): ranking all 91 groups one by one was ~40% of
-# a quickstart bundle's export (rules revision 9). A model with more groups is ranked by contiguous runs of them in
-# graph order, left out together: neighbours share their activations' Q/DQ (see Quantizer.closure), so a run floats
-# little beyond its own groups, and the ranking still finds the region that INT8 hurts.
+# analysis was asked for. Each candidate costs a float region and an ONNX Runtime session (~30-45 ms to open a
+# quickstart student's ~500-node Q/DQ graph, several times what running its 143 plain validation images costs):
+# ranking all 91 groups one by one was ~40% of a quickstart bundle's export (rules revision 9). A model with more
+# groups is ranked by contiguous runs of them in graph order, left out together: neighbours share their activations'
+# Q/DQ (see Quantizer.closure), so a run floats little beyond its own groups, and the ranking still finds the region
+# that INT8 hurts. The top run's groups are ranked one by one too, but only where the answer lies inside that run
+# (edgekd.export.int8's search).
 RANK_UNITS = 12
-# The groups of this many top runs are then ranked one by one, so that mixed precision floats the groups that matter
-# inside the region found, not the whole region. On the quickstart's 18 students 1 and 2 made the same choices
-# (with rules revision 10's galloping search: 10 deployed, median 42.7% of a deployed model's weights float); 1
-# makes 8 candidates fewer.
-REFINE_UNITS = 1
 
 
 def removal_key(kl_removed: float, left_out: int, accuracy: float) -> tuple[float, float]:
@@ -129,44 +126,25 @@ def contiguous_units(groups: Sequence[NodeGroup], max_units: int = RANK_UNITS) -
     return [list(groups[i : i + size]) for i in range(0, len(groups), size)]
 
 
-def unit_order(q: Quantizer, images: np.ndarray, recipe: Recipe, val: Evaluator, max_units: int = RANK_UNITS,
-               refine: int = REFINE_UNITS, log: Callable[[str], None] = lambda line: None,
-               ) -> tuple[list[str], str, list[dict]]:
-    """The order in which mixed precision keeps groups float, from few leave-one-out candidates: the runs of
-    contiguous_units by removal_key (float_order's); then the groups of the `refine` top runs one by one, ranked
-    among themselves by the same key, first; the other runs after them, in their order, graph order within each. A
-    model with at most `max_units` groups gets float_order's ranking exactly. Returns (order, how it was ranked, one
-    row per candidate: the runs, then the refined groups)."""
+def rank_units(q: Quantizer, images: np.ndarray, recipe: Recipe, val: Evaluator,
+               units: Sequence[Sequence[NodeGroup]]) -> list[dict]:
+    """Each unit (groups left float together) as a leave-one-out candidate of `recipe`, scored on `val`; one row
+    per unit (its groups, the groups its closure left out, the KL to FP32 it removed, its accuracy), most harmful
+    first by removal_key. A unit of one group is that group's leave-one-out, as float_order ranks it."""
     base = Recipe(recipe.method, recipe.images, recipe.placement)
     as_written = q.preset.score_as_written
     full = val.score(q.quantize(q.scratch("all"), images, base), as_written)
-
-    def ranked(units: list[list[NodeGroup]]) -> list[dict]:
-        pending = []
-        for unit in units:  # each scored in the background while the next one is made
-            left = Recipe(base.method, base.images, base.placement, tuple(g.name for g in unit))
-            path = q.quantize(q.scratch("unit"), images, left)
-            pending.append((unit, val.submit(path, as_written), len(q.last_float)))
-        rows = []
-        for unit, scored, left_out in pending:
-            s = val.wait(scored)
-            rows.append({"groups": [g.name for g in unit], "left_out": left_out, "kl_removed": full.kl - s.kl,
-                         "accuracy": s.accuracy})
-        return sorted(rows, key=lambda r: removal_key(r["kl_removed"], r["left_out"], r["accuracy"]))
-
-    units = contiguous_units(q.groups, max_units)
-    runs = ranked(units)
-    if len(units) == len(q.groups):
-        log(f"{q.preset_name}: ranked {len(q.groups)} node groups by leave-one-out")
-        return [r["groups"][0] for r in runs], "leave-one-out KL removed per group left out (largest first)", runs
-    top = [q.group(name) for r in runs[:refine] for name in r["groups"]]
-    groups = ranked([[g] for g in top])
-    order = [r["groups"][0] for r in groups] + [name for r in runs[refine:] for name in r["groups"]]
-    log(f"{q.preset_name}: ranked {len(q.groups)} node groups by {len(runs) + len(groups)} leave-one-out candidates "
-        f"({len(runs)} runs of contiguous groups, then the groups of the top {refine})")
-    how = (f"leave-one-out KL removed per group left out (largest first): {len(runs)} runs of contiguous groups, the "
-           f"groups of the top {refine} one by one first, the other runs after them (graph order within a run)")
-    return order, how, runs + groups
+    pending = []
+    for unit in units:  # each scored in the background while the next one is made
+        left = Recipe(base.method, base.images, base.placement, tuple(g.name for g in unit))
+        path = q.quantize(q.scratch("unit"), images, left)
+        pending.append((unit, val.submit(path, as_written), len(q.last_float)))
+    rows = []
+    for unit, scored, left_out in pending:
+        s = val.wait(scored)
+        rows.append({"groups": [g.name for g in unit], "left_out": left_out, "kl_removed": full.kl - s.kl,
+                     "accuracy": s.accuracy})
+    return sorted(rows, key=lambda r: removal_key(r["kl_removed"], r["left_out"], r["accuracy"]))
 
 
 def float_order(report: SensitivityReport) -> tuple[list[str], str]:
